@@ -1,0 +1,28 @@
+# Two entry points (see README): `make demo` and `make test`.
+# Both create the virtual environment in .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install; override for your CUDA, e.g. make TORCH_SPEC="torch torchvision" demo
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_DISABLE_TELEMETRY := 1
+OFFLINE_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
+
+.PHONY: env demo test bench
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: env
+	$(PY) -m eval.demo $(ARGS)
+
+test: env
+	$(OFFLINE_ENV) $(PY) -m pytest -q $(ARGS)
+
+bench: env
+	$(PY) -m eval.bench_quantizers $(ARGS)

@@ -1,0 +1,42 @@
+"""Launch a real 2-process CPU DDP run (gloo) with accelerate, for tests.
+
+`accelerate launch --cpu --num_processes 2` silently runs ONE process; the working recipe
+is --multi_gpu with ACCELERATE_USE_CPU=true (see ENVIRONMENT.md). Scripts launched this
+way should assert the world size they expect.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None):
+    """Run `script args` under `accelerate launch` with `nproc` CPU processes; raise with output on failure."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        str(script), *map(str, args),
+    ]
+    full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"DDP run failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc

@@ -1,0 +1,111 @@
+"""The one interface every quantizer implements.
+
+A quantizer maps latents z [B, C, H, W] to
+
+    QuantizerOutput(quantized [B, C, H, W], indices [B, H, W] int64, loss scalar, stats dict)
+
+and back from indices to latents with ``indices_to_latents``. It reports its codebook
+size as ``codebook_size`` (K) and its input channel count as ``dim`` (C).
+
+Training progress (a float in [0, 1], global step / total steps) reaches quantizers
+through ``set_progress``; quantizers with schedules (LGQ's temperature) use it, the others
+ignore it. Quantizers with data-driven initialisation implement ``init_from_latents``
+and report ``needs_init``.
+
+Quantizer math runs in fp32 even under autocast (``fp32_quantizer_math``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from eval.metrics import perplexity_from_counts
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # [B, C, H, W], forward value = hard codes
+    indices: torch.Tensor  # [B, H, W], int64 in [0, K)
+    loss: torch.Tensor  # scalar, already weighted, added to the generator loss
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
+
+
+class Quantizer(nn.Module):
+    """Base class: input validation, fp32 handling, shared statistics."""
+
+    def __init__(self, dim: int, codebook_size: int):
+        super().__init__()
+        if int(dim) < 1:
+            raise ValueError(f"latent dim must be >= 1, got {dim}")
+        if int(codebook_size) < 2:
+            raise ValueError(f"codebook_size K must be >= 2, got {codebook_size}")
+        self.dim = int(dim)
+        self.codebook_size = int(codebook_size)
+
+    # --- hooks -------------------------------------------------------------------
+    needs_init: bool = False
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1]; default: nothing depends on it."""
+
+    @torch.no_grad()
+    def init_from_latents(self, latents: torch.Tensor) -> None:
+        """Data-driven initialisation from latents [N, C]; default: nothing to do."""
+
+    def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """[B, H, W] int64 -> [B, C, H, W] quantized latents."""
+        raise NotImplementedError
+
+    # --- helpers for subclasses -----------------------------------------------------
+    def check_latents(self, z: torch.Tensor) -> None:
+        if z.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects latents [B, C, H, W], got shape {tuple(z.shape)}")
+        if z.shape[1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.dim} latent channels, got {z.shape[1]} (shape {tuple(z.shape)})"
+            )
+        if not torch.isfinite(z).all():
+            raise ValueError(f"{type(self).__name__} received NaN or Inf latents")
+
+    def check_indices(self, indices: torch.Tensor) -> None:
+        if indices.dim() != 3:
+            raise ValueError(f"indices must be [B, H, W], got shape {tuple(indices.shape)}")
+        if indices.dtype.is_floating_point:
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(
+                f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]"
+            )
+
+    def hard_stats(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch statistics of the hard indices: perplexity and number of distinct codes."""
+        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size)
+        return {
+            "perplexity": perplexity_from_counts(counts).float(),
+            "active_codes": (counts > 0).sum().float(),
+        }
+
+
+def fp32_quantizer_math(device_type: str):
+    """Context manager: disable autocast so quantizer math runs in fp32."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over processes (identity when not distributed).
+
+    The backward of an all-reduce-sum is again an all-reduce-sum, so with DDP's gradient
+    averaging each rank ends up with exactly the gradient of the global objective.
+    """
+    if not is_distributed():
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, op=dist.ReduceOp.SUM)
