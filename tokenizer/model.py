@@ -1,0 +1,275 @@
+"""`LGQTokenizer`: VQGAN-style encoder -> quantizer (LGQ / VQ / FSQ / SimVQ / LFQ) -> decoder.
+
+    z = E(x),  (q, indices) = Q(z),  x_hat = D(q)
+
+Images are float tensors in [-1, 1], [B, 3, H, W]; H and W must be divisible by
+``downsample_factor = 2 ** (len(channel_multipliers) - 1)``; token grids are int64 [B, H/f, W/f].
+
+The model is a diffusers ``ModelMixin`` + ``ConfigMixin``: ``save_pretrained(dir)`` writes
+``config.json`` + ``diffusion_pytorch_model.safetensors`` and ``LGQTokenizer.from_pretrained(dir)``
+rebuilds it offline. The module path ``tokenizer.model`` is recorded in pipeline checkpoints: do not move it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import BaseOutput
+
+from tokenizer.modules import Decoder, Encoder, resolve_attention_levels
+from tokenizer.quantizers import QuantizerOutput, build_quantizer
+from tokenizer.quantizers.base import fp32_quantizer_math
+
+
+@dataclass
+class TokenizerModelConfig:
+    """The one home of the tokenizer's architecture defaults (fields = `LGQTokenizer.__init__` arguments).
+
+    Defaults are the ImageNet-256 recipe: 16x downsampling (16x16 tokens), latent dim 64, K = 16384.
+    `attention_resolutions`: "lowest", "none" or a list of level indices (0 = full resolution).
+    """
+
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_multipliers: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    latent_dim: int = 64
+    attention_resolutions: Any = "lowest"
+    dropout: float = 0.0
+    quantizer: str = "lgq"
+    codebook_size: int = 16384
+    quantizer_options: dict = field(default_factory=dict)
+
+
+_DEFAULTS = TokenizerModelConfig()
+
+
+@dataclass
+class TokenizerOutput(BaseOutput):
+    """reconstruction: decoder output [B, 3, H, W] (not clamped); quantizer_output: `QuantizerOutput`."""
+
+    reconstruction: torch.Tensor
+    quantizer_output: QuantizerOutput
+
+
+class LGQTokenizer(ModelMixin, ConfigMixin):
+    """Discrete image tokenizer: VQGAN encoder/decoder around a quantizer chosen by name."""
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = _DEFAULTS.in_channels,
+        base_channels: int = _DEFAULTS.base_channels,
+        channel_multipliers: Sequence[int] = tuple(_DEFAULTS.channel_multipliers),
+        num_res_blocks: int = _DEFAULTS.num_res_blocks,
+        latent_dim: int = _DEFAULTS.latent_dim,
+        attention_resolutions: str | Sequence[int] | None = _DEFAULTS.attention_resolutions,
+        dropout: float = _DEFAULTS.dropout,
+        quantizer: str = _DEFAULTS.quantizer,
+        codebook_size: int = _DEFAULTS.codebook_size,
+        quantizer_options: dict | None = None,
+    ):
+        super().__init__()
+        channel_multipliers = [int(m) for m in channel_multipliers]
+        if not channel_multipliers or any(m < 1 for m in channel_multipliers):
+            raise ValueError(f"channel_multipliers must be a non-empty list of positive ints, got {channel_multipliers}")
+        for name, value in (("in_channels", in_channels), ("base_channels", base_channels),
+                            ("num_res_blocks", num_res_blocks), ("latent_dim", latent_dim)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        num_levels = len(channel_multipliers)
+        attention_levels = resolve_attention_levels(attention_resolutions, num_levels)
+        self.in_channels = int(in_channels)
+        self.downsample_factor = 2 ** (num_levels - 1)
+        self.encoder = Encoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
+                               attention_levels, dropout)
+        self.decoder = Decoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
+                               attention_levels, dropout)
+        self.quantizer = build_quantizer(quantizer, latent_dim, codebook_size, **dict(quantizer_options or {}))
+
+    # --- loading ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a tokenizer saved with `save_pretrained` (local folder) or a hub id (users with internet).
+
+        A local path that does not exist, or a folder without config.json, raises FileNotFoundError.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        folder = os.path.join(path, kwargs["subfolder"]) if kwargs.get("subfolder") else path
+        looks_local = _looks_like_local_path(path)
+        if looks_local:
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"no tokenizer checkpoint folder at {folder!r} (expected a save_pretrained output)")
+            if not os.path.isfile(os.path.join(folder, cls.config_name)):
+                raise FileNotFoundError(
+                    f"{folder!r} has no {cls.config_name}: not a folder written by LGQTokenizer.save_pretrained"
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # --- properties ------------------------------------------------------------------
+    @property
+    def codebook_size(self) -> int:
+        return int(self.quantizer.codebook_size)
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.quantizer.dim)
+
+    def last_layer_weight(self) -> torch.nn.Parameter:
+        """The decoder's final conv weight: the layer the VQGAN adaptive GAN weight differentiates against."""
+        return self.decoder.conv_out.weight
+
+    # --- validation ------------------------------------------------------------------
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise TypeError / ValueError unless images is a float tensor [B, in_channels, H, W], H, W % f == 0."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor [B, {self.in_channels}, H, W], got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"images must be 4-D [B, {self.in_channels}, H, W], got shape {tuple(images.shape)}")
+        if not images.dtype.is_floating_point:
+            raise TypeError(
+                f"images must be a floating point tensor in [-1, 1], got dtype {images.dtype} "
+                f"(shape {tuple(images.shape)}); convert uint8 with x.float() / 127.5 - 1"
+            )
+        if images.shape[1] != self.in_channels:
+            raise ValueError(f"images must have {self.in_channels} channels, got shape {tuple(images.shape)}")
+        f = self.downsample_factor
+        if images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(
+                f"image height and width must be divisible by the downsample factor {f}, got shape {tuple(images.shape)}"
+            )
+
+    # --- the three stages ------------------------------------------------------------------
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """z = E(x): [B, 3, H, W] -> [B, latent_dim, H/f, W/f] (continuous, before quantization)."""
+        self.check_images(images)
+        return self.encoder(images)
+
+    def quantize(self, latents: torch.Tensor) -> QuantizerOutput:
+        """Q(z) in fp32 with autocast disabled, whatever the surrounding precision."""
+        with fp32_quantizer_math(latents.device.type):
+            return self.quantizer(latents.float())
+
+    def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
+        """x_hat = D(q): [B, latent_dim, h, w] -> [B, 3, h*f, w*f] (unclamped; runs under ambient autocast)."""
+        if quantized.dim() != 4 or quantized.shape[1] != self.latent_dim:
+            raise ValueError(
+                f"decode_latents expects [B, {self.latent_dim}, h, w] latents, got shape {tuple(quantized.shape)}"
+            )
+        return self.decoder(quantized)
+
+    def forward(self, images: torch.Tensor, return_dict: bool = True) -> TokenizerOutput | tuple:
+        """Reconstruct: x_hat = D(Q(E(x))). Returns TokenizerOutput(reconstruction, quantizer_output)."""
+        quantizer_output = self.quantize(self.encode_latents(images))
+        reconstruction = self.decode_latents(quantizer_output.quantized)
+        if not return_dict:
+            return reconstruction, quantizer_output
+        return TokenizerOutput(reconstruction=reconstruction, quantizer_output=quantizer_output)
+
+    # --- token API -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> token grid [B, H/f, W/f] int64 in [0, K).
+
+        Runs in the module's current mode: call `.eval()` first (dropout; quantizers with EMA updates).
+        """
+        return self.quantize(self.encode_latents(images)).indices.long()
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Token grid [B, h, w] int in [0, K) -> images [B, 3, h*f, w*f] clamped to [-1, 1]."""
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a torch.Tensor [B, h, w], got {type(indices).__name__}")
+        self.quantizer.check_indices(indices)
+        latents = self.quantizer.indices_to_latents(indices.long().to(self.device))
+        return self.decode_latents(latents.to(self.dtype)).clamp(-1.0, 1.0)
+
+    # --- training hooks --------------------------------------------------------------------
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1] (step / max_steps), forwarded to the quantizer (LGQ anneals tau)."""
+        progress = float(progress)
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must lie in [0, 1], got {progress}")
+        self.quantizer.set_progress(progress)
+
+    @torch.no_grad()
+    def init_quantizer_from_images(self, images: torch.Tensor | Iterable[torch.Tensor]) -> bool:
+        """Data-driven quantizer init: encode the images, flatten latents to [N, C] and call
+        `quantizer.init_from_latents`. Accepts one batch or an iterable of batches.
+        Returns True if an initialisation happened, False if the quantizer does not need one.
+        """
+        if not getattr(self.quantizer, "needs_init", False):
+            return False
+        batches = [images] if isinstance(images, torch.Tensor) else list(images)
+        if not batches:
+            raise ValueError("init_quantizer_from_images needs at least one batch of images")
+        latents = []
+        for batch in batches:
+            z = self.encode_latents(batch.to(device=self.device))
+            latents.append(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+        self.quantizer.init_from_latents(torch.cat(latents, dim=0))
+        return True
+
+
+def build_tokenizer(cfg: TokenizerModelConfig | Mapping[str, Any] | None = None, **overrides: Any) -> LGQTokenizer:
+    """Build `LGQTokenizer` from a `TokenizerModelConfig`, an OmegaConf node or a plain dict (plus overrides)."""
+    if cfg is None:
+        values: dict[str, Any] = {}
+    elif dataclasses.is_dataclass(cfg):
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    else:
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"build_tokenizer expects a TokenizerModelConfig or a mapping, got {type(cfg).__name__}")
+        values = dict(cfg)
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(TokenizerModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown tokenizer model option(s) {unknown}; valid options: {sorted(known)}")
+    values = _plain(values)
+    return LGQTokenizer(**values)
+
+
+def _looks_like_local_path(path: str) -> bool:
+    """Anything but a bare hub id "owner/name" is treated as a local folder."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return True
+    posix = path.replace(os.sep, "/")
+    if posix.startswith((".", "~")):
+        return True
+    return len([part for part in posix.split("/") if part]) != 2 or posix.endswith("/")
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers / tuples -> plain Python (JSON-serialisable config)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+__all__ = ["LGQTokenizer", "TokenizerOutput", "TokenizerModelConfig", "build_tokenizer"]

@@ -1,0 +1,235 @@
+"""Building blocks of the VQGAN-style encoder and decoder (Esser et al., "Taming Transformers").
+
+Encoder (resolution H -> H / 2^(L-1) for L = len(channel_multipliers) levels):
+
+    conv_in -> [level l: num_res_blocks x (ResBlock [+ Attention]), Downsample unless last]
+            -> mid (ResBlock, Attention, ResBlock) -> GroupNorm -> SiLU -> conv_out (latent_dim)
+
+Decoder mirrors it: conv_in -> mid -> [level l = L-1..0: (num_res_blocks + 1) x (ResBlock [+ Attention]),
+Upsample (nearest x2 + conv) unless l = 0] -> GroupNorm -> SiLU -> conv_out (image channels).
+The decoder has one more ResBlock per level than the encoder, as in VQGAN.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def num_groups_for(channels: int, max_groups: int = 32) -> int:
+    """Largest g <= max_groups that divides `channels` (GroupNorm needs channels % g == 0)."""
+    for groups in range(min(max_groups, channels), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (VQGAN), or the largest divisor of `channels` below 32 for narrow layers."""
+    return nn.GroupNorm(num_groups=num_groups_for(channels), num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: y = skip(x) + conv2(dropout(SiLU(GN(conv1(SiLU(GN(x))))))).
+
+    skip is the identity when in_channels == out_channels, else a 1x1 convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head spatial self-attention with a residual: y = x + W_o softmax(Q K^T / sqrt(C)) V.
+
+    Q, K, V are 1x1 convolutions of GroupNorm(x) over the H*W positions; the attention itself is
+    `F.scaled_dot_product_attention` (flash / memory-efficient kernels where available).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width)
+        # [B, 1 head, HW, C] for each of q, k, v
+        q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in qkv.unbind(dim=1))
+        attended = F.scaled_dot_product_attention(q, k, v)
+        attended = attended.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+        return x + self.proj_out(attended)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: 3x3 convolution with stride 2 after asymmetric zero padding (right/bottom by 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: a stack of ResBlocks, each optionally followed by self-attention."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+        channels = in_channels
+        for _ in range(num_blocks):
+            self.blocks.append(ResBlock(channels, out_channels, dropout))
+            self.attentions.append(SelfAttention(out_channels) if attention else nn.Identity())
+            channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, attention in zip(self.blocks, self.attentions):
+            x = attention(block(x))
+        return x
+
+
+class MidBlock(nn.Module):
+    """ResBlock -> SelfAttention -> ResBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.block1 = ResBlock(channels, channels, dropout)
+        self.attention = SelfAttention(channels)
+        self.block2 = ResBlock(channels, channels, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.attention(self.block1(x)))
+
+
+def resolve_attention_levels(attention_resolutions: str | Sequence[int] | None, num_levels: int) -> list[int]:
+    """Which levels (0 = full resolution, num_levels - 1 = lowest) get self-attention after each ResBlock.
+
+    "lowest" -> [num_levels - 1] (VQGAN f16: attention at 16x16 for 256 px images); "none", None or []
+    -> no level attention (the mid block always has one); a list of level indices is used as given.
+    """
+    if attention_resolutions is None:
+        return []
+    if isinstance(attention_resolutions, str):
+        key = attention_resolutions.lower()
+        if key == "lowest":
+            return [num_levels - 1]
+        if key == "none":
+            return []
+        raise ValueError(
+            f"attention_resolutions must be 'lowest', 'none' or a list of level indices in [0, {num_levels}), "
+            f"got {attention_resolutions!r}"
+        )
+    levels = []
+    for level in attention_resolutions:
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < num_levels:
+            raise ValueError(
+                f"attention_resolutions entries must be level indices in [0, {num_levels}) "
+                f"(0 = full resolution), got {list(attention_resolutions)!r}"
+            )
+        levels.append(int(level))
+    return sorted(set(levels))
+
+
+class Encoder(nn.Module):
+    """Image [B, in_channels, H, W] -> latents [B, latent_dim, H / 2^(L-1), W / 2^(L-1)]."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        base_channels: int,
+        channel_multipliers: Sequence[int],
+        num_res_blocks: int,
+        latent_dim: int,
+        attention_levels: Sequence[int],
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        widths = [base_channels * m for m in channel_multipliers]
+        self.conv_in = nn.Conv2d(in_channels, base_channels, kernel_size=3, padding=1)
+        self.levels = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        channels = base_channels
+        for level, width in enumerate(widths):
+            self.levels.append(Level(channels, width, num_res_blocks, level in attention_levels, dropout))
+            channels = width
+            last = level == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else Downsample(channels))
+        self.mid = MidBlock(channels, dropout)
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, latent_dim, kernel_size=3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(images)
+        for level, downsample in zip(self.levels, self.downsamples):
+            h = downsample(level(h))
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents [B, latent_dim, h, w] -> images [B, out_channels, h * 2^(L-1), w * 2^(L-1)] (no output squashing)."""
+
+    def __init__(
+        self,
+        out_channels: int,
+        base_channels: int,
+        channel_multipliers: Sequence[int],
+        num_res_blocks: int,
+        latent_dim: int,
+        attention_levels: Sequence[int],
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        widths = [base_channels * m for m in channel_multipliers]
+        channels = widths[-1]
+        self.conv_in = nn.Conv2d(latent_dim, channels, kernel_size=3, padding=1)
+        self.mid = MidBlock(channels, dropout)
+        # stored from the lowest resolution (level L-1) up to full resolution (level 0)
+        self.levels = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            width = widths[level]
+            self.levels.append(Level(channels, width, num_res_blocks + 1, level in attention_levels, dropout))
+            channels = width
+            self.upsamples.append(nn.Identity() if level == 0 else Upsample(channels))
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(latents))
+        for level, upsample in zip(self.levels, self.upsamples):
+            h = upsample(level(h))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
