@@ -1,0 +1,481 @@
+"""Learnable Geometric Quantization (LGQ), METHOD.md section 1.
+
+Latents x_n in R^C (after an optional per-token LayerNorm) are softly assigned to K learnable
+centres c_k by the posterior responsibilities of an isotropic Gaussian mixture
+
+    l_nk = -||x_n - c_k||^2 / tau  =  (2 x_n.c_k - ||c_k||^2) / tau + const_n
+    p_n  = softmax_k(l_n)
+
+and quantized with the soft-to-hard straight-through estimator
+
+    q_soft,n = sum_k p_nk c_k
+    i_n      = argmax_k p_nk                 (= nearest centre for euclidean logits)
+    q_n      = q_soft,n + stopgrad(c_{i_n} - q_soft,n)
+
+so the forward value is the hard centre while gradients flow through q_soft to the latents
+*and* to the centres (d q_n / d x_n = (2/tau) Cov_{p_n}(c), not the identity).
+
+Losses (already weighted, summed into ``QuantizerOutput.loss``):
+
+    L_q     = MSE(q, x)                              weight ``quant_loss_weight`` (1.0)
+    L_peak  = mean_n (1 - sum_k p_nk^2)              weight ``peak_weight``       (0.005)
+    L_usage = K * sum_k u_k^2,  u = mean_n p_n       weight ``usage_weight``      (0.005)
+    L_floor = relu(p_min - exp H(u))^2               weight ``usage_floor_weight``, only if usage_floor=p_min
+
+u is the usage over the *global* batch: the per-process sums of p are all-reduced with the
+differentiable ``all_reduce_sum`` and divided by the global token count.
+
+Memory: nothing of size N x K is ever alive. The soft path (q_soft, sum_k p_nk^2, sum_n p_n) runs
+in chunks of tokens inside ``SoftAssignment`` (a custom autograd Function) whose backward
+recomputes each chunk's probabilities from the saved inputs and per-token log-normalisers, so
+peak memory grows with chunk * K.
+
+``lgq_dense_reference`` is the plain autograd implementation over full N x K tensors; the tests
+and ``eval/bench_quantizers.py`` compare the chunked module against it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tokenizer.quantizers.base import (
+    Quantizer,
+    QuantizerOutput,
+    all_reduce_sum,
+    fp32_quantizer_math,
+    is_distributed,
+)
+
+TAU_SCHEDULES = ("linear", "cosine", "constant")
+LOGIT_KINDS = ("euclidean", "cosine", "dot")
+INIT_METHODS = ("random", "kmeans++", "lloyd")
+CHUNK_BYTES_BUDGET = 64 * 2**20  # auto chunk: chunk * K fp32 values stay ~<= 64 MiB
+
+
+def auto_chunk_size(codebook_size: int, budget_bytes: int = CHUNK_BYTES_BUDGET) -> int:
+    """Tokens per chunk so that one [chunk, K] fp32 block fits in ``budget_bytes``."""
+    return max(1, budget_bytes // (4 * int(codebook_size)))
+
+
+def tau_at_progress(progress: float, tau_start: float, tau_end: float, schedule: str) -> float:
+    """Temperature at training progress p in [0, 1].
+
+    linear:   tau = tau_start + p (tau_end - tau_start)
+    cosine:   tau = tau_end + (tau_start - tau_end) (1 + cos(pi p)) / 2
+    constant: tau = tau_start
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    if schedule == "linear":
+        return tau_start + p * (tau_end - tau_start)
+    if schedule == "cosine":
+        return tau_end + 0.5 * (tau_start - tau_end) * (1.0 + math.cos(math.pi * p))
+    if schedule == "constant":
+        return tau_start
+    raise ValueError(f"unknown tau_schedule {schedule!r}; choose one of {TAU_SCHEDULES}")
+
+
+def logit_operands(x: torch.Tensor, centres: torch.Tensor, kind: str):
+    """Express every logit kind as l_nk = (query_n . key_k + bias_k) / tau with value_k = c_k.
+
+    euclidean: query = x,      key = 2 c,     bias = -||c||^2   (l = -||x - c||^2 / tau + const_n)
+    dot:       query = x,      key = c,       bias = 0
+    cosine:    query = x/|x|,  key = c/|c|,   bias = 0
+    The value (what q_soft averages) is always the raw centre c_k.
+    """
+    if kind == "euclidean":
+        return x, 2.0 * centres, -(centres * centres).sum(1), centres
+    zeros = centres.new_zeros(centres.shape[0])
+    if kind == "dot":
+        return x, centres, zeros, centres
+    if kind == "cosine":
+        return F.normalize(x, dim=1, eps=1e-6), F.normalize(centres, dim=1, eps=1e-6), zeros, centres
+    raise ValueError(f"unknown logits {kind!r}; choose one of {LOGIT_KINDS}")
+
+
+class SoftAssignment(torch.autograd.Function):
+    """Chunked soft path of LGQ with recomputation in backward.
+
+    Forward, with l_nk = (query_n . key_k + bias_k) * inv_tau and p_n = softmax_k(l_n), returns
+        q_soft [N, C'] = p @ values,  p_sq [N] = sum_k p_nk^2,  usage_sum [K] = sum_n p_nk,
+        indices [N] = argmax_k l_nk,  max_prob [N] = max_k p_nk      (last two non-differentiable).
+    Saved for backward: the inputs, the per-token log-normaliser lse_n and the (small) outputs
+    q_soft and p_sq -- never an N x K tensor.
+
+    Backward, for upstream gradients G_q [N, C'], g_s [N], g_u [K]:
+        g_nk  = G_q,n . v_k + g_u,k + 2 p_nk g_s,n                 (dL/dp_nk)
+        <p,g>_n = G_q,n . q_soft,n + p_n . g_u + 2 g_s,n p_sq,n
+        dl_nk = p_nk (g_nk - <p,g>_n)                               (softmax backward)
+        dL/dquery = inv_tau dl @ key,  dL/dkey = inv_tau dl^T @ query,
+        dL/dbias  = inv_tau sum_n dl_n,  dL/dvalues = p^T @ G_q.
+    """
+
+    @staticmethod
+    def forward(ctx, query, keys, bias, values, inv_tau: float, chunk_size: int):
+        num_tokens, num_codes = query.shape[0], keys.shape[0]
+        q_soft = query.new_empty(num_tokens, values.shape[1])
+        p_sq = query.new_empty(num_tokens)
+        usage_sum = query.new_zeros(num_codes)
+        indices = torch.empty(num_tokens, dtype=torch.long, device=query.device)
+        max_prob = query.new_empty(num_tokens)
+        lse = query.new_empty(num_tokens)
+        scaled_bias = bias * inv_tau
+        keys_t = keys.t()
+        for start in range(0, num_tokens, chunk_size):
+            stop = min(start + chunk_size, num_tokens)
+            block = torch.addmm(scaled_bias, query[start:stop], keys_t, alpha=inv_tau)  # logits [n, K]
+            row_max, row_arg = block.max(dim=1)
+            block.sub_(row_max[:, None]).exp_()
+            normaliser = block.sum(dim=1)
+            block.div_(normaliser[:, None])  # now p
+            torch.mm(block, values, out=q_soft[start:stop])
+            p_sq[start:stop] = torch.linalg.vecdot(block, block)
+            usage_sum += block.sum(dim=0)
+            indices[start:stop] = row_arg
+            max_prob[start:stop] = normaliser.reciprocal()
+            lse[start:stop] = row_max + normaliser.log()
+            del block
+        ctx.save_for_backward(query, keys, bias, values, lse, q_soft, p_sq)
+        ctx.inv_tau = float(inv_tau)
+        ctx.chunk_size = int(chunk_size)
+        ctx.mark_non_differentiable(indices, max_prob)
+        return q_soft, p_sq, usage_sum, indices, max_prob
+
+    @staticmethod
+    def backward(ctx, grad_q_soft, grad_p_sq, grad_usage, _grad_indices, _grad_max_prob):
+        query, keys, bias, values, lse, q_soft, p_sq = ctx.saved_tensors
+        inv_tau, chunk_size = ctx.inv_tau, ctx.chunk_size
+        need_query, need_keys, need_bias, need_values = ctx.needs_input_grad[:4]
+        num_tokens = query.shape[0]
+        grad_query = torch.empty_like(query) if need_query else None
+        grad_keys = torch.zeros_like(keys) if need_keys else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        grad_values = torch.zeros_like(values) if need_values else None
+        scaled_bias = bias * inv_tau
+        keys_t, values_t = keys.t(), values.t()
+        # <p, g>_n without an extra N x K pass for the G_q and g_s parts
+        inner_fixed = torch.linalg.vecdot(grad_q_soft, q_soft) + 2.0 * grad_p_sq * p_sq
+        for start in range(0, num_tokens, chunk_size):
+            stop = min(start + chunk_size, num_tokens)
+            query_chunk, grad_q_chunk = query[start:stop], grad_q_soft[start:stop]
+            prob = torch.addmm(scaled_bias, query_chunk, keys_t, alpha=inv_tau)
+            prob.sub_(lse[start:stop, None]).exp_()  # recomputed p [n, K]
+            grad_logits = torch.mm(grad_q_chunk, values_t)
+            grad_logits.add_(grad_usage[None, :])
+            grad_logits.addcmul_(prob, grad_p_sq[start:stop, None], value=2.0)  # g_nk
+            inner = inner_fixed[start:stop] + torch.mv(prob, grad_usage)
+            grad_logits.sub_(inner[:, None]).mul_(prob)  # dl_nk
+            if need_query:
+                torch.mm(grad_logits, keys, out=grad_query[start:stop])
+            if need_keys:
+                grad_keys.addmm_(grad_logits.t(), query_chunk)
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+            if need_values:
+                grad_values.addmm_(prob.t(), grad_q_chunk)
+            del prob, grad_logits
+        if need_query:
+            grad_query.mul_(inv_tau)
+        if need_keys:
+            grad_keys.mul_(inv_tau)
+        if need_bias:
+            grad_bias.mul_(inv_tau)
+        return grad_query, grad_keys, grad_bias, grad_values, None, None
+
+
+def lgq_dense_reference(x: torch.Tensor, centres: torch.Tensor, tau: float, logits: str = "euclidean") -> dict:
+    """Plain LGQ over full N x K tensors with ordinary autograd (reference for tests and benchmark).
+
+    x [N, C] are the (already normalised) latents, centres [K, C]. Returns the straight-through
+    output ``quantized``, ``q_soft``, ``indices``, the probabilities ``probs`` [N, K], the global
+    usage ``usage`` [K] and the unweighted losses ``loss_quant``, ``loss_peak``, ``loss_usage``.
+    Memory: several N x K fp32 tensors (1 GiB each at N = K = 16384).
+    """
+    if logits == "euclidean":
+        sq_dist = (x * x).sum(1, keepdim=True) - 2.0 * x @ centres.t() + (centres * centres).sum(1)[None, :]
+        scores = -sq_dist / tau
+    elif logits == "dot":
+        scores = x @ centres.t() / tau
+    elif logits == "cosine":
+        scores = F.normalize(x, dim=1, eps=1e-6) @ F.normalize(centres, dim=1, eps=1e-6).t() / tau
+    else:
+        raise ValueError(f"unknown logits {logits!r}; choose one of {LOGIT_KINDS}")
+    probs = torch.softmax(scores, dim=1)
+    indices = scores.argmax(dim=1)
+    q_soft = probs @ centres
+    quantized = q_soft + (centres[indices] - q_soft).detach()
+    usage = probs.mean(dim=0)
+    return {
+        "quantized": quantized,
+        "q_soft": q_soft,
+        "indices": indices,
+        "probs": probs,
+        "usage": usage,
+        "loss_quant": F.mse_loss(quantized, x),
+        "loss_peak": (1.0 - (probs * probs).sum(1)).mean(),
+        "loss_usage": centres.shape[0] * (usage * usage).sum(),
+    }
+
+
+class LGQuantizer(Quantizer):
+    """LGQ: soft-to-hard straight-through quantization with learnable geometry (see module doc).
+
+    Args:
+        dim: latent channels C.  codebook_size: K >= 2.
+        tau_start, tau_end, tau_schedule: temperature schedule over training progress
+            ("linear" default, "cosine", "constant"); ``set_progress(p)`` updates the ``tau`` buffer.
+        logits: "euclidean" (the method), "cosine" or "dot" (ablations).
+        pre_norm: per-token LayerNorm (no affine parameters) of the latents before quantization:
+            x_n <- (x_n - mean(x_n)) / std(x_n). The centres, ``quantized`` and ``indices_to_latents``
+            all live in this normalised space, which is what the decoder sees.
+        quant_loss_weight, peak_weight, usage_weight: loss weights (1.0, 0.005, 0.005).
+        usage_floor: p_min in codes; adds ``usage_floor_weight * relu(p_min - exp H(u))^2``
+            (off by default; note the term is in squared codes, so use a small weight).
+        init: data-driven initialisation used by ``init_from_latents``: "random" (K random
+            latents), "kmeans++" (D^2 sampling, O(N K C)) or "lloyd" (random + ``init_lloyd_steps``
+            k-means steps). Before it is called the centres are N(0, I) (the scale of LayerNormed latents).
+        reseed_dead, reseed_threshold, usage_ema_decay: optional dead-centre re-seeding (off by
+            default for fidelity): during training an EMA of the hard-code frequency (global batch)
+            is kept; a centre whose EMA falls below ``reseed_threshold / K`` is reset to a random
+            current latent (DDP: rank 0 picks the latents and broadcasts them). Optimizer moments of
+            re-seeded centres are not reset.
+        chunk_size: tokens per chunk of the soft path; None = auto (chunk * K fp32 <= 64 MiB).
+
+    The codebook is the parameter ``codebook`` [K, C]; keep it out of weight decay
+    (``no_weight_decay_parameter_names``): AdamW decay shrinks unused centres toward 0.
+    """
+
+    no_weight_decay_parameter_names = ("codebook",)
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        tau_start: float = 1.0,
+        tau_end: float = 0.1,
+        tau_schedule: str = "linear",
+        logits: str = "euclidean",
+        pre_norm: bool = True,
+        quant_loss_weight: float = 1.0,
+        peak_weight: float = 0.005,
+        usage_weight: float = 0.005,
+        usage_floor: float | None = None,
+        usage_floor_weight: float = 0.005,
+        init: str = "random",
+        init_lloyd_steps: int = 10,
+        reseed_dead: bool = False,
+        reseed_threshold: float = 0.01,
+        usage_ema_decay: float = 0.99,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(dim, codebook_size)
+        for name, value in (("tau_start", tau_start), ("tau_end", tau_end)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(f"unknown tau_schedule {tau_schedule!r}; choose one of {TAU_SCHEDULES}")
+        if logits not in LOGIT_KINDS:
+            raise ValueError(f"unknown logits {logits!r}; choose one of {LOGIT_KINDS}")
+        if init not in INIT_METHODS:
+            raise ValueError(f"unknown init {init!r}; choose one of {INIT_METHODS}")
+        for name, value in (("quant_loss_weight", quant_loss_weight), ("peak_weight", peak_weight),
+                            ("usage_weight", usage_weight), ("usage_floor_weight", usage_floor_weight),
+                            ("reseed_threshold", reseed_threshold)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if usage_floor is not None and not (math.isfinite(usage_floor) and usage_floor > 0):
+            raise ValueError(f"usage_floor must be None or a number > 0 (a perplexity in codes), got {usage_floor!r}")
+        if not 0.0 <= usage_ema_decay < 1.0:
+            raise ValueError(f"usage_ema_decay must lie in [0, 1), got {usage_ema_decay!r}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be None (auto) or >= 1, got {chunk_size!r}")
+        if int(init_lloyd_steps) < 0:
+            raise ValueError(f"init_lloyd_steps must be >= 0, got {init_lloyd_steps!r}")
+        self.tau_start, self.tau_end, self.tau_schedule = float(tau_start), float(tau_end), tau_schedule
+        self.logits = logits
+        self.pre_norm = bool(pre_norm)
+        self.quant_loss_weight, self.peak_weight, self.usage_weight = quant_loss_weight, peak_weight, usage_weight
+        self.usage_floor, self.usage_floor_weight = usage_floor, usage_floor_weight
+        self.init, self.init_lloyd_steps = init, int(init_lloyd_steps)
+        self.reseed_dead, self.reseed_threshold, self.usage_ema_decay = bool(reseed_dead), reseed_threshold, usage_ema_decay
+        self.chunk_size = int(chunk_size) if chunk_size is not None else auto_chunk_size(self.codebook_size)
+
+        self.codebook = torch.nn.Parameter(torch.randn(self.codebook_size, self.dim))
+        self.register_buffer("tau", torch.tensor(float(tau_start)))
+        self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("usage_ema", torch.full((self.codebook_size,), 1.0 / self.codebook_size))
+
+    # --- schedule / init hooks ----------------------------------------------------------------
+    @property
+    def needs_init(self) -> bool:  # type: ignore[override]
+        return not bool(self.initialised)
+
+    def set_progress(self, progress: float) -> None:
+        """Set tau from the schedule at training progress in [0, 1] (values outside are clamped)."""
+        if not math.isfinite(float(progress)):
+            raise ValueError(f"progress must be a finite float in [0, 1], got {progress!r}")
+        self.tau.fill_(tau_at_progress(progress, self.tau_start, self.tau_end, self.tau_schedule))
+
+    def normalise_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token LayerNorm without affine parameters (identity when pre_norm=False); x [N, C]."""
+        return F.layer_norm(x, (self.dim,), eps=1e-6) if self.pre_norm else x
+
+    @torch.no_grad()
+    def init_from_latents(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Initialise the centres from encoder latents [N, C] (normalised here like in forward).
+
+        Deterministic given the latents and ``generator`` (default: a fresh generator seeded
+        with 0 on the latents' device). In DDP, call it on every rank with the *same* latents
+        (e.g. ``accelerator.gather`` of each rank's first-batch latents) -- or on rank 0 only and
+        then broadcast the codebook and the ``initialised`` buffer. Marks the quantizer
+        initialised so a resumed run does not re-initialise (``needs_init`` becomes False).
+        With fewer latents than K it warns and samples with replacement plus small noise.
+        """
+        if latents.dim() != 2 or latents.shape[1] != self.dim:
+            raise ValueError(f"init_from_latents expects latents [N, {self.dim}], got shape {tuple(latents.shape)}")
+        if latents.shape[0] < 1:
+            raise ValueError("init_from_latents needs at least one latent")
+        if not torch.isfinite(latents).all():
+            raise ValueError("init_from_latents received NaN or Inf latents")
+        if generator is None:
+            generator = torch.Generator(device=latents.device).manual_seed(0)
+        x = self.normalise_latents(latents.detach().to(device=generator.device, dtype=torch.float32))
+        num_latents, num_codes = x.shape[0], self.codebook_size
+        if num_latents < num_codes:
+            warnings.warn(
+                f"LGQ init: only {num_latents} latents for K={num_codes} centres; sampling with replacement "
+                f"plus small noise (pass at least K latents for a proper {self.init!r} init)",
+                stacklevel=2,
+            )
+            picks = torch.randint(num_latents, (num_codes,), generator=generator, device=x.device)
+            noise_scale = 0.01 * float(x.std()) if num_latents > 1 else 0.01
+            centres = x[picks] + noise_scale * torch.randn(num_codes, self.dim, generator=generator, device=x.device)
+        elif self.init == "kmeans++":
+            centres = _kmeans_plus_plus(x, num_codes, generator)
+        else:
+            centres = x[torch.randperm(num_latents, generator=generator, device=x.device)[:num_codes]].clone()
+            if self.init == "lloyd":
+                centres = _lloyd_steps(x, centres, self.init_lloyd_steps, self.chunk_size)
+        self.codebook.data.copy_(centres.to(self.codebook.device, self.codebook.dtype))
+        self.usage_ema.fill_(1.0 / num_codes)
+        self.initialised.fill_(True)
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        self.check_latents(z)
+        batch, channels, height, width = z.shape
+        with fp32_quantizer_math(z.device.type):
+            x = self.normalise_latents(z.float().permute(0, 2, 3, 1).reshape(-1, channels))
+            if self.training and self.reseed_dead:
+                self._reseed_dead_centres(x.detach())
+            centres = self.codebook.float()
+            query, keys, bias, values = logit_operands(x, centres, self.logits)
+            tau = float(self.tau)
+            q_soft, p_sq, usage_sum, indices, max_prob = SoftAssignment.apply(
+                query, keys, bias, values, 1.0 / tau, self.chunk_size
+            )
+            hard = F.embedding(indices, centres.detach())
+            quantized = q_soft + (hard - q_soft).detach()
+
+            num_tokens = torch.tensor(float(x.shape[0]), device=x.device)
+            if is_distributed():
+                dist.all_reduce(num_tokens)
+            usage = all_reduce_sum(usage_sum) / num_tokens  # u_k over the global batch
+            loss_quant = F.mse_loss(quantized, x)
+            loss_peak = (1.0 - p_sq).mean()
+            loss_usage = self.codebook_size * (usage * usage).sum()
+            soft_entropy = -(usage * usage.clamp_min(1e-30).log()).sum()
+            soft_perplexity = soft_entropy.exp()
+            loss = self.quant_loss_weight * loss_quant + self.peak_weight * loss_peak + self.usage_weight * loss_usage
+            stats = {
+                "tau": self.tau.detach().clone().float(),
+                **self.hard_stats(indices),
+                "mean_max_prob": max_prob.mean().detach(),
+                "soft_perplexity": soft_perplexity.detach(),
+                "loss_quant": loss_quant.detach(),
+                "loss_peak": loss_peak.detach(),
+                "loss_usage": loss_usage.detach(),
+            }
+            if self.usage_floor is not None:
+                loss_floor = F.relu(self.usage_floor - soft_perplexity) ** 2
+                loss = loss + self.usage_floor_weight * loss_floor
+                stats["loss_usage_floor"] = loss_floor.detach()
+            if self.training and self.reseed_dead:
+                self._update_usage_ema(indices)
+                stats["dead_codes"] = (self.usage_ema * self.codebook_size < self.reseed_threshold).sum().float()
+
+        quantized = quantized.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
+        return QuantizerOutput(quantized, indices.reshape(batch, height, width), loss, stats)
+
+    def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """[B, H, W] int64 -> centres [B, C, H, W] (in the normalised latent space the decoder sees)."""
+        self.check_indices(indices)
+        return F.embedding(indices.long(), self.codebook).permute(0, 3, 1, 2).contiguous()
+
+    # --- dead-centre re-seeding (optional) ------------------------------------------------------
+    @torch.no_grad()
+    def _update_usage_ema(self, indices: torch.Tensor) -> None:
+        """usage_ema <- decay * usage_ema + (1 - decay) * (hard counts / tokens), global batch."""
+        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        if is_distributed():
+            dist.all_reduce(counts)
+        self.usage_ema.mul_(self.usage_ema_decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1 - self.usage_ema_decay)
+
+    @torch.no_grad()
+    def _reseed_dead_centres(self, x: torch.Tensor) -> None:
+        """Reset centres with usage_ema * K < reseed_threshold to random current latents."""
+        dead = (self.usage_ema * self.codebook_size < self.reseed_threshold).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return
+        picks = torch.randint(x.shape[0], (dead.numel(),), device=x.device)
+        replacements = x[picks].to(self.codebook.dtype)
+        if is_distributed():  # identical dead set on every rank (global EMA); rank 0 chooses
+            dist.broadcast(replacements, src=0)
+        self.codebook.data[dead] = replacements
+        self.usage_ema[dead] = 1.0 / self.codebook_size
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, logits={self.logits}, tau={float(self.tau):.4g} "
+                f"({self.tau_schedule} {self.tau_start:g}->{self.tau_end:g}), pre_norm={self.pre_norm}, "
+                f"chunk_size={self.chunk_size}")
+
+
+def _nearest_centre(x: torch.Tensor, centres: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """argmin_k ||x_n - c_k||^2 = argmax_k (2 x_n.c_k - ||c_k||^2), in chunks of tokens."""
+    bias = -(centres * centres).sum(1)
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        out[start:start + chunk_size] = torch.addmm(bias, x[start:start + chunk_size], centres.t(), alpha=2.0).argmax(1)
+    return out
+
+
+def _kmeans_plus_plus(x: torch.Tensor, num_codes: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each next centre drawn with probability proportional to D(x)^2."""
+    centres = x.new_empty(num_codes, x.shape[1])
+    first = int(torch.randint(x.shape[0], (1,), generator=generator, device=x.device))
+    centres[0] = x[first]
+    sq_dist = ((x - centres[0]) ** 2).sum(1)
+    for k in range(1, num_codes):
+        weights = sq_dist if float(sq_dist.sum()) > 0 else torch.ones_like(sq_dist)
+        pick = torch.multinomial(weights, 1, generator=generator)
+        centres[k] = x[pick[0]]
+        torch.minimum(sq_dist, ((x - centres[k]) ** 2).sum(1), out=sq_dist)
+    return centres
+
+
+def _lloyd_steps(x: torch.Tensor, centres: torch.Tensor, steps: int, chunk_size: int) -> torch.Tensor:
+    """``steps`` k-means (Lloyd) iterations; a centre with no assigned latent keeps its position."""
+    for _ in range(steps):
+        assign = _nearest_centre(x, centres, chunk_size)
+        counts = torch.bincount(assign, minlength=centres.shape[0]).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        filled = counts > 0
+        centres = torch.where(filled[:, None], sums / counts.clamp_min(1.0)[:, None], centres)
+    return centres
+
+
+__all__ = ["LGQuantizer", "SoftAssignment", "lgq_dense_reference", "tau_at_progress", "auto_chunk_size"]
