@@ -1,0 +1,226 @@
+"""MaskGIT prior: a bidirectional transformer over a class token and h*w image tokens.
+
+Backbone: transformers ``BertModel`` built from a ``BertConfig`` (no hub access), as in the
+original MaskGIT (a BERT-style post-norm encoder). One embedding table holds
+
+    ids 0..K-1            image tokens
+    id  K                 the mask token (input only: the output head has K entries, the mask is never predicted)
+    ids K+1 .. K+1+C      class tokens, C = num_classes, the last one (K+1+C) is the "null" class used for
+                          classifier-free guidance (label dropout trains it)
+
+The input sequence is [class token, t_1, ..., t_L] (L = h*w) with learned absolute positions;
+logits for t_i are read at position i: logits = F.linear(MLM(h_i), E[:K]) + b, i.e. the output
+layer shares the token embedding E without tying parameters (safetensors refuses tied weights).
+
+Training (``masking_loss``): per sample u ~ U(0, 1), mask ratio r = cos(pi u / 2),
+n = clamp(ceil(r L), 1, L) positions chosen uniformly at random are replaced by the mask id and
+the loss is the cross-entropy on those masked positions only:
+
+    loss = sum_{b,i} m_bi CE(logits_bi, x_bi) / sum_{b,i} m_bi.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from prior.scheduler import MaskGITScheduler, apply_guidance, guidance_scale_at
+from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
+
+
+def uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """u ~ U(0, 1) drawn on the generator's device (so a CPU generator drives CUDA models), moved to ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def drop_labels(labels: torch.Tensor, null_class: int, probability: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Label dropout: each label is replaced by ``null_class`` with the given probability."""
+    if probability <= 0:
+        return labels
+    drop = uniform(labels.shape, generator, labels.device) < probability
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+class MaskGITPrior(ModelMixin, ConfigMixin):
+    """Class-conditional MaskGIT over token grids [B, h, w] with values in [0, K).
+
+    Args:
+        codebook_size: K (the mask token id is K).
+        num_classes: C (the null class index is C).
+        grid_size: h (square) or (h, w).
+        hidden_size, num_layers, num_heads, mlp_ratio: transformer width / depth / heads / FFN ratio.
+        dropout: hidden and attention dropout.
+        label_dropout: probability of replacing a label by the null class during training (CFG).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        codebook_size: int = 1024,
+        num_classes: int = 1000,
+        grid_size: int | tuple[int, int] = 16,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        label_dropout: float = 0.1,
+    ):
+        super().__init__()
+        if int(codebook_size) < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+        self.codebook_size = int(codebook_size)
+        self.num_classes = int(num_classes)
+        self.grid_size = normalize_grid_size(grid_size)
+        self.seq_len = self.grid_size[0] * self.grid_size[1]
+        self.mask_token_id = self.codebook_size
+        self.null_class = self.num_classes
+        self.class_offset = self.codebook_size + 1
+        bert_config = BertConfig(
+            vocab_size=self.codebook_size + 1 + self.num_classes + 1,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=int(round(mlp_ratio * hidden_size)),
+            hidden_act="gelu",
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            max_position_embeddings=self.seq_len + 1,
+            type_vocab_size=1,
+            layer_norm_eps=1e-6,
+        )
+        self.transformer = BertModel(bert_config, add_pooling_layer=False)
+        self.mlm_dense = nn.Linear(hidden_size, hidden_size)
+        self.mlm_norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.output_bias = nn.Parameter(torch.zeros(self.codebook_size))
+
+    # ------------------------------------------------------------------ model
+    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L] or [B, h, w] in [0, K] (K = mask), class_labels [B] in [0, C] (C = null) -> logits [B, L, K]."""
+        tokens = check_token_grid(tokens, self.codebook_size, self.grid_size, allow_mask=True)
+        labels = torch.as_tensor(class_labels, device=tokens.device)
+        if labels.dtype.is_floating_point or labels.shape != (tokens.shape[0],):
+            raise ValueError(f"class_labels must be integer [B={tokens.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) > self.null_class:
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}) (or {self.null_class} = null class)")
+        tokens = tokens.to(self.device)
+        class_ids = (labels.long().to(self.device) + self.class_offset).unsqueeze(1)
+        input_ids = torch.cat([class_ids, tokens], dim=1)
+        hidden = self.transformer(input_ids=input_ids).last_hidden_state[:, 1:]
+        hidden = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
+        token_embedding = self.transformer.embeddings.word_embeddings.weight[: self.codebook_size]
+        return F.linear(hidden, token_embedding) + self.output_bias
+
+    # ------------------------------------------------------------------ training
+    def mask_tokens(self, tokens: torch.Tensor, generator: torch.Generator | None = None):
+        """Cosine masking: per sample r = cos(pi u / 2), u ~ U(0,1); n = clamp(ceil(r L), 1, L) random positions.
+
+        Returns (masked tokens [B, L] with the mask id at masked positions, mask [B, L] bool, r [B]).
+        """
+        B, L = tokens.shape
+        u = uniform((B,), generator, tokens.device)
+        ratio = torch.cos(math.pi / 2 * u)
+        num_masked = torch.ceil(ratio * L).long().clamp(1, L)
+        scores = uniform((B, L), generator, tokens.device)
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        mask = ranks < num_masked.unsqueeze(1)
+        masked = torch.where(mask, torch.full_like(tokens, self.mask_token_id), tokens)
+        return masked, mask, ratio
+
+    @staticmethod
+    def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                             label_smoothing: float = 0.0) -> torch.Tensor:
+        """sum_{masked} CE(logits, targets) / #masked (unmasked positions contribute nothing)."""
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none",
+                                    label_smoothing=label_smoothing)
+        weights = mask.float()
+        return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def masking_loss(self, tokens: torch.Tensor, class_labels, generator: torch.Generator | None = None,
+                     label_smoothing: float = 0.0):
+        """MaskGIT training loss (module docstring) -> (loss, logs). Label dropout applies in train mode."""
+        targets = check_token_grid(tokens, self.codebook_size, self.grid_size).to(self.device)
+        labels = check_class_labels(class_labels, self.num_classes, targets.device)
+        if labels.shape[0] != targets.shape[0]:
+            raise ValueError(f"got {labels.shape[0]} class labels for {targets.shape[0]} token grids")
+        masked, mask, ratio = self.mask_tokens(targets, generator)
+        if self.training:
+            labels = drop_labels(labels, self.null_class, self.config.label_dropout, generator)
+        logits = self(masked, labels)
+        loss = self.masked_cross_entropy(logits, targets, mask, label_smoothing)
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == targets) & mask
+            logs = {
+                "loss": loss.detach(),
+                "mask_ratio": mask.float().mean(),
+                "masked_accuracy": correct.sum().float() / mask.sum().clamp_min(1),
+            }
+        return loss, logs
+
+    def loss(self, tokens, class_labels, generator: torch.Generator | None = None, label_smoothing: float = 0.0):
+        """Training loss shared by both prior types: here ``masking_loss``."""
+        return self.masking_loss(tokens, class_labels, generator=generator, label_smoothing=label_smoothing)
+
+    # ------------------------------------------------------------------ sampling
+    def guided_logits(self, tokens: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """l = l_u + s (l_c - l_u): s = 1 -> conditional logits only, s = 0 -> unconditional (null class) only."""
+        if guidance_scale == 1.0:
+            return self(tokens, labels)
+        if guidance_scale == 0.0:
+            return self(tokens, torch.full_like(labels, self.null_class))
+        both = self(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, self.null_class)]))
+        cond, uncond = both.chunk(2)
+        return apply_guidance(cond, uncond, guidance_scale)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        class_labels,
+        num_inference_steps: int = 12,
+        guidance_scale: float = 1.0,
+        temperature: float = 1.0,
+        schedule: str | None = None,
+        generator: torch.Generator | None = None,
+        scheduler: MaskGITScheduler | None = None,
+        choice_temperature: float | None = None,
+        guidance_schedule: str = "constant",
+    ) -> torch.Tensor:
+        """Iterative parallel decoding -> tokens [B, h, w] int64 in [0, K).
+
+        guidance_scale s: logits = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional);
+        guidance_schedule "linear" ramps s_t = 1 + (s - 1)(t + 1)/T. schedule: mask schedule
+        ("cosine" default, "linear", "arccos", "square"; with an explicit ``scheduler`` its own
+        schedule is used unless given here). temperature divides the logits before sampling;
+        choice_temperature scales the annealed Gumbel noise of the confidence (scheduler default 4.5).
+        """
+        labels = check_class_labels(class_labels, self.num_classes, self.device)
+        if scheduler is None:
+            scheduler = MaskGITScheduler(codebook_size=self.codebook_size, mask_schedule=schedule or "cosine")
+        elif int(scheduler.config.codebook_size) != self.codebook_size or scheduler.mask_id != self.mask_token_id:
+            raise ValueError(
+                f"scheduler has codebook_size={scheduler.config.codebook_size}, mask id {scheduler.mask_id}; "
+                f"the prior has K={self.codebook_size}, mask id {self.mask_token_id}"
+            )
+        scheduler.set_timesteps(num_inference_steps, device=self.device, mask_schedule=schedule)
+        tokens = torch.full((labels.shape[0], self.seq_len), self.mask_token_id, dtype=torch.long, device=self.device)
+        for step in scheduler.timesteps.tolist():
+            scale = guidance_scale_at(step, num_inference_steps, guidance_scale, guidance_schedule)
+            logits = self.guided_logits(tokens, labels, scale)
+            tokens = scheduler.step(logits, step, tokens, generator=generator, temperature=temperature,
+                                    choice_temperature=choice_temperature).prev_sample
+        if (tokens == self.mask_token_id).any():  # cannot happen: the last step unmasks everything
+            raise RuntimeError("MaskGIT decoding left masked tokens")
+        return tokens.view(-1, *self.grid_size)

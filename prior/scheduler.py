@@ -1,0 +1,212 @@
+"""MaskGIT iterative parallel decoding as a diffusers scheduler.
+
+Decoding starts from a fully masked grid of L tokens and runs T steps. At step t
+(t = 0..T-1, ``ratio = (t + 1) / T``):
+
+1. sample a candidate x_i ~ Categorical(softmax(logits_i / temperature)) at every masked position i;
+2. confidence c_i = log p(x_i) + choice_temperature * (1 - ratio) * g_i, g_i ~ Gumbel(0, 1)
+   (the Gumbel noise is annealed to 0 over the steps); already fixed tokens get c_i = +inf;
+3. the number of tokens that stay masked after the step is
+   n_t = floor(L * gamma(ratio)), clipped to [1, n_unknown - 1] (so every step fixes at least one
+   token and, before the last step, at least one stays masked); n_{T-1} = 0;
+4. the n_t masked positions with the lowest confidence are masked again, all others are fixed.
+
+Mask schedules gamma: [0, 1] -> [0, 1], gamma(0) = 1, gamma(1) = 0:
+``cosine`` gamma(r) = cos(pi r / 2) (MaskGIT default), ``linear`` gamma(r) = 1 - r,
+``arccos`` gamma(r) = arccos(r) / (pi / 2), ``square`` gamma(r) = 1 - r^2.
+
+Why not diffusers' AmusedScheduler: it lets already fixed tokens be masked again (its confidence
+of known tokens is not +inf), has no arccos schedule, no annealed choice temperature and no
+logit temperature; the step rule above is MaskGIT's (Chang et al. 2022).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+MASK_SCHEDULES = ("cosine", "linear", "arccos", "square")
+
+
+def mask_schedule(ratio: torch.Tensor | float, schedule: str = "cosine") -> torch.Tensor:
+    """gamma(r): the fraction of tokens still masked at progress r in [0, 1] (see module docstring)."""
+    r = torch.as_tensor(ratio, dtype=torch.float64).clamp(0.0, 1.0)
+    if schedule == "cosine":
+        return torch.cos(r * math.pi / 2)
+    if schedule == "linear":
+        return 1.0 - r
+    if schedule == "arccos":
+        return torch.arccos(r) / (math.pi / 2)
+    if schedule == "square":
+        return 1.0 - r**2
+    raise ValueError(f"unknown mask schedule {schedule!r}; choose one of {MASK_SCHEDULES}")
+
+
+def gumbel_noise(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """g = -log(-log(u)), u ~ U(0, 1), drawn with ``generator`` (on the generator's device)."""
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    return -torch.log(-torch.log(u.clamp(1e-20, 1.0)).clamp_min(1e-20)).to(dtype)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """x ~ Categorical(probs) over the last dim with ``torch.multinomial`` and the seeded generator."""
+    flat = probs.reshape(-1, probs.shape[-1]).float()
+    if generator is not None and generator.device != flat.device:
+        flat = flat.to(generator.device)
+    drawn = torch.multinomial(flat, 1, generator=generator).to(probs.device)
+    return drawn.view(probs.shape[:-1])
+
+
+@dataclass
+class MaskGITSchedulerOutput(BaseOutput):
+    """prev_sample: tokens after the step ([B, L] or [B, h, w], mask id where still masked);
+    pred_original_sample: the sampled candidates at every position (fixed tokens kept)."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class MaskGITScheduler(SchedulerMixin, ConfigMixin):
+    """MaskGIT confidence-based unmasking (saved as ``scheduler_config.json``).
+
+    Args:
+        codebook_size: K; logits must have K entries and sampled tokens are always in [0, K).
+        mask_token_id: id of the mask token in the inputs (default K).
+        mask_schedule: "cosine" (default), "linear", "arccos" or "square".
+        choice_temperature: scale of the annealed Gumbel noise added to the confidence (MaskGIT 4.5).
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        codebook_size: int = 1024,
+        mask_token_id: int | None = None,
+        mask_schedule: str = "cosine",
+        choice_temperature: float = 4.5,
+    ):
+        if int(codebook_size) < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+        if mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(f"unknown mask schedule {mask_schedule!r}; choose one of {MASK_SCHEDULES}")
+        if choice_temperature < 0:
+            raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
+        self.timesteps: torch.Tensor | None = None
+        self.num_inference_steps: int | None = None
+
+    @property
+    def mask_id(self) -> int:
+        mid = self.config.mask_token_id
+        return int(self.config.codebook_size if mid is None else mid)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
+                      mask_schedule: str | None = None) -> None:
+        """Steps t = 0, 1, ..., T-1 (each one unmasks a share of tokens); optionally override the schedule."""
+        if int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if mask_schedule is not None:
+            if mask_schedule not in MASK_SCHEDULES:
+                raise ValueError(f"unknown mask schedule {mask_schedule!r}; choose one of {MASK_SCHEDULES}")
+            self.register_to_config(mask_schedule=mask_schedule)
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = torch.arange(self.num_inference_steps, device=device)
+
+    def num_masked_after(self, timestep: int, seq_len: int) -> int:
+        """floor(L * gamma((t + 1) / T)): tokens still masked after step t (before clipping)."""
+        if self.num_inference_steps is None:
+            raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
+        ratio = (int(timestep) + 1) / self.num_inference_steps
+        return int(math.floor(seq_len * float(mask_schedule(ratio, self.config.mask_schedule)) + 1e-9))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        choice_temperature: float | None = None,
+        return_dict: bool = True,
+    ) -> MaskGITSchedulerOutput | tuple:
+        """One MaskGIT step (module docstring). model_output: logits [B, L, K] or [B, h, w, K];
+        sample: tokens [B, L] or [B, h, w] with ``mask_id`` at masked positions."""
+        if self.num_inference_steps is None:
+            raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
+        t = int(timestep)
+        if not 0 <= t < self.num_inference_steps:
+            raise ValueError(f"timestep must lie in [0, {self.num_inference_steps}), got {t}")
+        K = int(self.config.codebook_size)
+        if model_output.shape[-1] != K:
+            raise ValueError(f"logits must have codebook_size={K} entries in the last dim, got {model_output.shape[-1]}")
+        if model_output.shape[:-1] != sample.shape:
+            raise ValueError(f"logits {tuple(model_output.shape)} do not match tokens {tuple(sample.shape)}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        choice_temperature = self.config.choice_temperature if choice_temperature is None else choice_temperature
+
+        shape = sample.shape
+        tokens = sample.reshape(shape[0], -1)
+        logits = model_output.reshape(shape[0], -1, K).float()
+        L = tokens.shape[1]
+        unknown = tokens == self.mask_id
+        bad = (~unknown) & ((tokens < 0) | (tokens >= K))
+        if bad.any():
+            raise ValueError(f"tokens must lie in [0, {K}) or equal the mask id {self.mask_id}")
+
+        log_probs = torch.log_softmax(logits / temperature, dim=-1)
+        candidates = sample_categorical(log_probs.exp(), generator)
+        candidates = torch.where(unknown, candidates, tokens)
+
+        n_unknown = unknown.sum(dim=1)
+        if t == self.num_inference_steps - 1:
+            keep_masked = torch.zeros_like(n_unknown)
+        else:
+            target = self.num_masked_after(t, L)
+            keep_masked = torch.clamp(torch.full_like(n_unknown, target), min=1)
+            keep_masked = torch.minimum(keep_masked, (n_unknown - 1).clamp_min(0))
+
+        chosen_log_prob = log_probs.gather(-1, candidates.clamp(0, K - 1).unsqueeze(-1)).squeeze(-1)
+        noise_scale = float(choice_temperature) * (1.0 - (t + 1) / self.num_inference_steps)
+        confidence = chosen_log_prob
+        if noise_scale > 0:
+            confidence = confidence + noise_scale * gumbel_noise(confidence.shape, generator, confidence.device)
+        confidence = torch.where(unknown, confidence, torch.full_like(confidence, float("inf")))
+        # rank 0 = least confident; re-mask the keep_masked least confident (all of them unknown)
+        ranks = confidence.argsort(dim=1, stable=True).argsort(dim=1)
+        remask = ranks < keep_masked.unsqueeze(1)
+        prev = torch.where(remask, torch.full_like(candidates, self.mask_id), candidates)
+
+        prev = prev.view(shape)
+        candidates = candidates.view(shape)
+        if not return_dict:
+            return (prev, candidates)
+        return MaskGITSchedulerOutput(prev_sample=prev, pred_original_sample=candidates)
+
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule: str = "constant") -> float:
+    """Classifier-free guidance scale for step ``step`` of ``num_steps``.
+
+    Guided logits are l = l_u + s (l_c - l_u) (the diffusers / MUSE convention): s = 1 is the
+    conditional model alone, s = 0 the unconditional one, s > 1 extrapolates away from l_u.
+    ``constant``: s_t = s; ``linear``: s_t = 1 + (s - 1) (t + 1) / T (ramps from ~conditional to s).
+    """
+    if schedule == "constant":
+        return float(guidance_scale)
+    if schedule == "linear":
+        return 1.0 + (float(guidance_scale) - 1.0) * (step + 1) / num_steps
+    raise ValueError(f"unknown guidance schedule {schedule!r}; choose one of {GUIDANCE_SCHEDULES}")
+
+
+def apply_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """l = l_u + s (l_c - l_u)."""
+    return uncond_logits + scale * (cond_logits - uncond_logits)
