@@ -96,6 +96,14 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
                                attention_levels, dropout)
         self.quantizer = build_quantizer(quantizer, latent_dim, codebook_size, **dict(quantizer_options or {}))
 
+    def __getattr__(self, name: str) -> Any:
+        # diffusers' ModelMixin.__getattr__ answers config keys before submodules; the config key
+        # "quantizer" (a name) must not shadow the submodule `self.quantizer` (the module).
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:
+            return modules[name]
+        return super().__getattr__(name)
+
     # --- loading ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
