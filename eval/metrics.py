@@ -62,3 +62,148 @@ def codebook_statistics(counts: torch.Tensor, tokens_per_image: int | None = Non
     if tokens_per_image is not None:
         stats["bits_per_image"] = stats["bits_per_token"] * tokens_per_image
     return stats
+
+
+# ----------------------------------------------------------------------------- images
+#
+# Range convention for every image metric below: inputs are uint8 in [0, 255] or float
+# in [-1, 1] (the project's image convention; floats are clamped to [-1, 1] first, as
+# they would be when saved as pictures). Both are mapped to [0, 1] and the metric is
+# computed there, i.e. with peak value L = 1. ``data_range=R`` overrides this: the
+# inputs are then used as they are (no mapping, no clamping) with peak-to-peak range R.
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 = round(255 * (clamp(x, -1, 1) + 1) / 2) for float images in [-1, 1].
+
+    The single float -> uint8 conversion of the project (FID inputs, saved samples).
+    Rounding is to nearest (ties to even, torch.round); uint8 input is returned as is.
+    Non-finite values raise ValueError instead of becoming arbitrary bytes.
+    """
+    if not torch.is_tensor(images):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise TypeError(f"images must be float in [-1, 1] or uint8, got dtype {images.dtype}")
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        raise ValueError(f"images contain {int((~finite).sum())} non-finite values (NaN/inf)")
+    return ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def _paired_images(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float | None):
+    """Validate a pair of image batches and map them to float32 [B, C, H, W] plus the peak L."""
+    for name, images in (("images_a", images_a), ("images_b", images_b)):
+        if not torch.is_tensor(images):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() not in (3, 4):
+            raise ValueError(f"{name} must be [B, C, H, W] (or [C, H, W]), got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(f"{name} must be uint8 or float, got dtype {images.dtype}")
+    if images_a.shape != images_b.shape:
+        raise ValueError(f"image shapes differ: {tuple(images_a.shape)} vs {tuple(images_b.shape)}")
+    if data_range is not None and not float(data_range) > 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+
+    def convert(images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if data_range is not None:
+            return images.float()
+        if images.dtype == torch.uint8:
+            return images.float() / 255.0
+        return (images.float().clamp(-1.0, 1.0) + 1.0) / 2.0
+
+    peak = 1.0 if data_range is None else float(data_range)
+    return convert(images_a), convert(images_b).to(images_a.device), peak
+
+
+def psnr(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float | None = None,
+         max_db: float | None = None) -> torch.Tensor:
+    """Per-image PSNR_i = 10 log10(L^2 / MSE_i), MSE_i = mean over (C, H, W) of (a - b)^2.
+
+    Range convention above (default: computed on [0, 1], L = 1). Identical images give
+    MSE = 0 and PSNR = +inf (exact, not capped); pass ``max_db`` to cap. Returns float32
+    ``[B]``; average per-image values with :func:`mean_psnr` (not PSNR of a pooled MSE).
+    """
+    a, b, peak = _paired_images(images_a, images_b, data_range)
+    mse = (a - b).pow(2).flatten(1).mean(dim=1)
+    values = 10.0 * torch.log10(peak ** 2 / mse)  # mse = 0 -> +inf
+    if max_db is not None:
+        values = values.clamp(max=float(max_db))
+    return values
+
+
+def mean_psnr(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float | None = None,
+              max_db: float | None = None) -> float:
+    """Mean over images of :func:`psnr` (+inf if any pair is identical and max_db is None)."""
+    return float(psnr(images_a, images_b, data_range=data_range, max_db=max_db).double().mean())
+
+
+SSIM_SIGMA = 1.5
+SSIM_TRUNCATE = 3.5  # window radius = int(3.5 * 1.5 + 0.5) = 5 -> 11 x 11, as scikit-image
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def _gaussian_window_1d(sigma: float, truncate: float, device, dtype) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return weights / weights.sum()
+
+
+def ssim(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
+    """Per-image SSIM of Wang et al. (2004) with an 11x11 Gaussian window (sigma 1.5).
+
+    With local means mu, variances s^2 and covariance s_ab taken under the Gaussian
+    window w (population form), C1 = (0.01 L)^2, C2 = (0.03 L)^2:
+
+        SSIM(x) = (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2))
+
+    averaged over all window positions that fit inside the image (no padding) and over
+    channels. Matches ``skimage.metrics.structural_similarity(a, b, channel_axis=0,
+    data_range=L, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``
+    (tested to 1e-4). Range convention above. Runs on the inputs' device; returns float32 [B].
+    """
+    a, b, peak = _paired_images(images_a, images_b, data_range)
+    window = _gaussian_window_1d(SSIM_SIGMA, SSIM_TRUNCATE, a.device, torch.float32)
+    size = window.numel()
+    if a.shape[-1] < size or a.shape[-2] < size:
+        raise ValueError(f"SSIM needs images of at least {size}x{size}, got {tuple(a.shape[-2:])}")
+    channels = a.shape[1]
+    kernel_h = window.view(1, 1, size, 1).expand(channels, 1, size, 1)
+    kernel_w = window.view(1, 1, 1, size).expand(channels, 1, 1, size)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:  # separable Gaussian filter, 'valid' region
+        x = torch.nn.functional.conv2d(x, kernel_h, groups=channels)
+        return torch.nn.functional.conv2d(x, kernel_w, groups=channels)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a * mu_a
+    var_b = blur(b * b) - mu_b * mu_b
+    cov_ab = blur(a * b) - mu_a * mu_b
+    c1, c2 = (SSIM_K1 * peak) ** 2, (SSIM_K2 * peak) ** 2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov_ab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(dim=1)
+
+
+@torch.no_grad()
+def lpips_distance(images_a: torch.Tensor, images_b: torch.Tensor, lpips_model: torch.nn.Module) -> torch.Tensor:
+    """Per-image LPIPS d(a, b) with the project's perceptual network (``tokenizer.losses.LPIPS``).
+
+    Hook only: the network (and its ImageNet VGG weights) lives in tokenizer/losses.py; this
+    evaluates it in eval mode without gradients on float images in [-1, 1] and reduces its
+    output to one value per image (mean over any remaining dims). Returns float32 [B].
+    """
+    if images_a.shape != images_b.shape:
+        raise ValueError(f"image shapes differ: {tuple(images_a.shape)} vs {tuple(images_b.shape)}")
+    if images_a.dtype == torch.uint8 or images_b.dtype == torch.uint8:
+        raise TypeError("lpips_distance expects float images in [-1, 1], got uint8")
+    was_training = lpips_model.training
+    lpips_model.eval()
+    try:
+        distance = lpips_model(images_a, images_b)
+    finally:
+        lpips_model.train(was_training)
+    return distance.reshape(images_a.shape[0], -1).float().mean(dim=1)
