@@ -1,0 +1,279 @@
+"""Metrics: codebook statistics, PSNR, SSIM, to_uint8, LPIPS hook, FID / IS with local random Inception weights.
+
+The Inception weights are random (tests/inception_utils.py): the FID values test the
+plumbing (streaming statistics, torch-fidelity agreement, save/load, weight resolution),
+not image quality. Inception costs ~0.2-0.8 s per image here: a few images per side.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from eval import fid as fid_module
+from eval.fid import (
+    FEATURE_EXTRACTOR,
+    INCEPTION_WEIGHTS_FILENAME,
+    FIDStatistics,
+    InceptionFeatureAccumulator,
+    InceptionFeatureExtractor,
+    InceptionWeightsUnavailable,
+    calculate_fid,
+    frechet_distance,
+    inception_score,
+    inception_weights_available,
+    load_fid_statistics,
+    resolve_inception_weights,
+    save_fid_statistics,
+)
+from eval.metrics import code_histogram, codebook_statistics, lpips_distance, mean_psnr, psnr, ssim, to_uint8
+
+pytestmark = pytest.mark.filterwarnings("ignore:FID from:UserWarning")
+
+
+# ----------------------------------------------------------------------------- codebook statistics
+
+def test_codebook_statistics_from_histogram():
+    counts = code_histogram(torch.tensor([[0, 0], [1, 3]]), codebook_size=4)
+    assert counts.tolist() == [2, 1, 0, 1]
+    stats = codebook_statistics(counts, tokens_per_image=2)
+    assert stats["active_codes"] == 3 and stats["utilisation"] == 0.75
+    entropy = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert stats["perplexity"] == pytest.approx(math.exp(entropy))
+    assert stats["bits_per_image"] == pytest.approx(2 * entropy / math.log(2))
+
+
+# ----------------------------------------------------------------------------- to_uint8, PSNR, SSIM
+
+def test_to_uint8_rounds_and_clamps():
+    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0, -1.0 + 1.0 / 255, -1.0 + 0.9 / 127.5, -1.0 + 1.1 / 127.5])
+    # 0.0 -> 127.5 -> 128 and -1 + 1/255 -> 0.5 -> 0 (ties to even); 0.9 -> 1; 1.1 -> 1
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 0, 1, 1]
+    exact = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(exact.float() / 127.5 - 1.0), exact)  # round trip of every byte value
+    assert to_uint8(exact) is exact
+    with pytest.raises(ValueError, match="non-finite"):
+        to_uint8(torch.tensor([0.0, float("nan")]))
+    with pytest.raises(TypeError):
+        to_uint8(torch.zeros(3, dtype=torch.int32))
+
+
+def test_psnr_hand_computed_and_identical():
+    a = torch.zeros(2, 3, 4, 4)  # mid-grey in [-1, 1] = 0.5 in [0, 1]
+    b = a.clone()
+    b[0] += 0.2  # difference 0.1 in [0, 1] -> MSE 0.01 -> 20 dB
+    values = psnr(a, b)
+    assert values[0].item() == pytest.approx(20.0, abs=1e-4)
+    assert math.isinf(values[1].item()) and values[1] > 0  # identical: +inf, not capped
+    assert psnr(a, b, max_db=60.0)[1].item() == 60.0
+    assert math.isinf(mean_psnr(a, b))
+    # uint8 [0, 255]: one image differs by 255/10 everywhere -> 20 dB; same value as the float path
+    u = to_uint8(a)
+    v = u.clone()
+    v[0] = 128 + 25  # 25/255 off
+    assert psnr(u, v)[0].item() == pytest.approx(10 * math.log10(255 ** 2 / 25 ** 2), abs=1e-4)
+    # per image then averaged, not pooled MSE
+    c = a.clone()
+    c[1] += 0.02  # 0.01 in [0,1] -> 40 dB
+    assert mean_psnr(a, torch.stack([b[0], c[1]])) == pytest.approx(30.0, abs=1e-3)
+    assert psnr(a[0], b[0]).shape == (1,)
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(a, b[:1])
+    with pytest.raises(ValueError, match="data_range"):
+        psnr(a, b, data_range=0)
+
+
+def test_ssim_matches_skimage_and_is_one_for_identical():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 3, 40, 48, generator=generator) * 2 - 1
+    smooth = torch.nn.functional.avg_pool2d(a, 5, stride=1, padding=2)
+    b = (smooth + 0.2 * torch.randn(a.shape, generator=generator)).clamp(-1, 1)
+    ours = ssim(a, b)
+    reference = [
+        structural_similarity(((a[i] + 1) / 2).double().numpy(), ((b[i] + 1) / 2).double().numpy(),
+                              channel_axis=0, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False)
+        for i in range(3)
+    ]
+    assert ours.shape == (3,)
+    assert np.allclose(ours.numpy(), reference, atol=1e-4)
+    assert torch.allclose(ssim(a, a), torch.ones(3), atol=1e-5)
+    # uint8 path gives the same as the float path on the same picture
+    assert torch.allclose(ssim(to_uint8(a), to_uint8(b)), ssim(to_uint8(a).float() / 127.5 - 1, to_uint8(b).float() / 127.5 - 1), atol=1e-5)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(a[..., :8, :8], b[..., :8, :8])
+
+
+def test_lpips_hook_reduces_per_image_and_restores_mode():
+    class SquaredDistance(torch.nn.Module):
+        def forward(self, x, y):
+            return (x - y).pow(2).mean(dim=(1, 2, 3), keepdim=True)  # [B, 1, 1, 1] like LPIPS
+
+    model = SquaredDistance().train()
+    a, b = torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)
+    b[1] += 0.5
+    assert lpips_distance(a, b, model).tolist() == [0.0, 0.25]
+    assert model.training
+
+
+# ----------------------------------------------------------------------------- FID statistics (no Inception)
+
+def test_streaming_statistics_equal_numpy_mean_and_cov():
+    features = torch.rand(37, 2048, dtype=torch.float64) * 3 + 1
+    accumulator = InceptionFeatureAccumulator()
+    for chunk in features.split(10):
+        accumulator.update_features(chunk.float())
+    stats = accumulator.statistics()
+    reference = features.float().double().numpy()
+    assert np.allclose(stats.mu, reference.mean(axis=0), atol=1e-10)
+    assert np.allclose(stats.sigma, np.cov(reference, rowvar=False), atol=1e-9)
+    assert stats.num_images == 37
+
+
+# ----------------------------------------------------------------------------- weights resolution
+
+@pytest.fixture
+def no_local_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(fid_module.WEIGHTS_ENV_VAR, raising=False)
+    return tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+
+
+def test_missing_weights_offline_raise_clear_error(no_local_weights, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download offline"))
+    with pytest.raises(InceptionWeightsUnavailable, match="inception_weights_path") as info:
+        resolve_inception_weights()
+    assert str(no_local_weights) in str(info.value)
+    assert not inception_weights_available()
+    with pytest.raises(InceptionWeightsUnavailable, match="does not exist"):
+        resolve_inception_weights("/nonexistent/inception.pth")
+    with pytest.raises(InceptionWeightsUnavailable):
+        calculate_fid(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
+
+
+def test_failed_download_raises_and_hub_cache_is_found(no_local_weights, monkeypatch):
+    for name in fid_module.OFFLINE_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+
+    def failing_download(url, destination, *args, **kwargs):
+        calls.append((url, destination))
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", failing_download)
+    with pytest.raises(InceptionWeightsUnavailable, match="download failed"):
+        resolve_inception_weights()
+    assert calls == [(fid_module.INCEPTION_WEIGHTS_URL, str(no_local_weights))]
+    assert not inception_weights_available(allow_download=False)
+    # a file in $TORCH_HOME/hub/checkpoints/ is used without any download
+    no_local_weights.parent.mkdir(parents=True, exist_ok=True)
+    no_local_weights.write_bytes(b"placeholder")
+    weights = resolve_inception_weights()
+    assert weights.path == str(no_local_weights) and weights.source == "torch_hub_cache"
+    monkeypatch.setenv(fid_module.WEIGHTS_ENV_VAR, str(no_local_weights))
+    assert resolve_inception_weights().source == f"env:{fid_module.WEIGHTS_ENV_VAR}"
+    assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- FID / IS with random Inception
+
+NUM_PER_SIDE = 8
+
+
+def smooth_images(n, size=48, seed=0):
+    """Smooth colour gradients in [-1, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(-1, 1, size)
+    base = ramp.view(1, 1, 1, size) * torch.rand(n, 3, 1, 1, generator=generator) \
+        + ramp.view(1, 1, size, 1) * torch.rand(n, 3, 1, 1, generator=generator)
+    return (base * 0.5).clamp(-1, 1)
+
+
+def noise_images(n, size=48, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=generator) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def inception_features(inception_weights_path):
+    extractor = InceptionFeatureExtractor(inception_weights_path, device="cpu")
+    images = {"smooth": smooth_images(NUM_PER_SIDE), "noise": noise_images(NUM_PER_SIDE)}
+    features = {name: extractor(batch) for name, batch in images.items()}
+    return extractor, images, features
+
+
+def statistics_of(pool_features, extractor):
+    accumulator = InceptionFeatureAccumulator()
+    accumulator.update_features(pool_features)
+    return accumulator.statistics(extractor.protocol())
+
+
+def test_fid_identical_sets_near_zero_different_sets_large(inception_features, inception_weights_path, tmp_path):
+    extractor, images, features = inception_features
+    smooth, noise = (statistics_of(features[k][0], extractor) for k in ("smooth", "noise"))
+    different = frechet_distance(smooth, noise)
+    assert different > 0 and math.isfinite(different)
+    reference_file = save_fid_statistics(tmp_path / "smooth_reference.npz", smooth)
+    result = calculate_fid(images["smooth"], reference_file, inception_weights_path=inception_weights_path,
+                           isc=True, isc_splits=2, batch_size=5, device="cpu")
+    assert abs(result["fid"]) < 1e-3 * different
+    assert result["num_images"] == result["num_reference_images"] == NUM_PER_SIDE
+    assert result["resolution"] == ["48x48"] and result["reference_file"] == str(reference_file)
+    assert result["feature_extractor"] == FEATURE_EXTRACTOR and result["fid_feature_layer"] == "2048"
+    assert result["weights_source"] == "argument" and result["weights_path"] == str(inception_weights_path)
+    assert result["inception_input_size"] == 299 and result["isc_splits"] == 2
+    assert result["inception_score_mean"] >= 1.0 - 1e-6 and math.isfinite(result["inception_score_std"])
+    mean, std = inception_score(features["smooth"][1], splits=2)
+    assert mean == pytest.approx(result["inception_score_mean"], rel=1e-5)
+
+
+def test_reference_statistics_save_load_gives_same_fid(inception_features, tmp_path):
+    extractor, _, features = inception_features
+    smooth, noise = (statistics_of(features[k][0], extractor) for k in ("smooth", "noise"))
+    path = save_fid_statistics(tmp_path / "ref" / "noise.npz", noise)
+    loaded = load_fid_statistics(path)
+    assert loaded.num_images == NUM_PER_SIDE
+    assert loaded.metadata["feature_extractor"] == FEATURE_EXTRACTOR
+    assert np.array_equal(loaded.mu, noise.mu) and np.array_equal(loaded.sigma, noise.sigma)
+    assert frechet_distance(smooth, loaded) == frechet_distance(smooth, noise)
+    # a plain pytorch-fid / ADM style file with only mu and sigma loads too
+    np.savez(tmp_path / "plain.npz", mu=noise.mu.astype(np.float32), sigma=noise.sigma)
+    plain = load_fid_statistics(tmp_path / "plain.npz")
+    assert plain.mu.dtype == np.float64 and np.allclose(plain.mu, noise.mu, rtol=1e-6)
+    assert np.array_equal(plain.sigma, noise.sigma) and plain.metadata == {}
+    with pytest.raises(FileNotFoundError):
+        load_fid_statistics(tmp_path / "missing.npz")
+    np.savez(tmp_path / "bad.npz", mean=noise.mu)
+    with pytest.raises(ValueError, match="missing"):
+        load_fid_statistics(tmp_path / "bad.npz")
+    other = FIDStatistics(noise.mu, noise.sigma, 8, {"feature_extractor": "dinov2-vit-l-14"})
+    with pytest.raises(ValueError, match="feature extractor"):
+        frechet_distance(smooth, other)
+
+
+def test_streaming_fid_equals_torch_fidelity_calculate_metrics(inception_features, inception_weights_path):
+    import torch_fidelity
+
+    extractor, images, features = inception_features
+    n = 5
+
+    class Uint8Images(torch.utils.data.Dataset):
+        def __init__(self, batch):
+            self.batch = to_uint8(batch)
+
+        def __len__(self):
+            return self.batch.shape[0]
+
+        def __getitem__(self, index):
+            return self.batch[index]
+
+    expected = torch_fidelity.calculate_metrics(
+        input1=Uint8Images(images["smooth"][:n]), input2=Uint8Images(images["noise"][:n]), fid=True,
+        feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=str(inception_weights_path),
+        cuda=False, batch_size=n, cache=False, save_cpu_ram=True, verbose=False,
+    )["frechet_inception_distance"]
+    ours = frechet_distance(statistics_of(features["smooth"][0][:n], extractor),
+                            statistics_of(features["noise"][0][:n], extractor))
+    assert ours == pytest.approx(expected, rel=1e-4)
