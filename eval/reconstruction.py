@@ -1,0 +1,371 @@
+"""Reconstruction evaluation of a tokenizer: rFID, PSNR, SSIM, LPIPS and codebook statistics.
+
+    python -m eval.reconstruction --tokenizer OUT/tokenizer --data.name builtin --split val \
+        [--num-images N] [--batch-size 32] --output metrics.json [--inception-weights PATH]
+
+Protocol (every figure is written to the JSON together with it):
+
+* evaluation set: the ``--split`` of the data set built by ``lgq.data.build_image_dataset`` from the
+  ``--data.<field>`` options (``DataConfig`` fields, e.g. ``--data.root``, ``--data.image_size``);
+  all images, or with ``--num-images N`` a class-balanced subset (classes taken round robin, items
+  of each class in a seeded random order; exactly N / C per class when C divides N);
+* every image x is encoded to hard indices and decoded: x_hat = tokenizer.decode(tokenizer.encode(x));
+  both are converted once to uint8 (``eval.metrics.to_uint8``), the form images are stored and seen
+  by Inception;
+* rFID: FID(real images, reconstructions) with torch-fidelity's inception-v3-compat features
+  (``eval.fid``; streaming statistics). Without Inception weights rFID is ``null`` and the JSON
+  says why - never another network;
+* PSNR: per image on [0, 1] (uint8 / 255), PSNR_i = 10 log10(1 / MSE_i), averaged over images
+  (capped at 100 dB per image so identical images stay finite in JSON); SSIM: per image
+  (Gaussian 11x11, sigma 1.5), averaged; LPIPS-VGG when its weights are available;
+* codebook statistics over the WHOLE evaluation set from one bincount of the hard indices
+  (``eval.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from eval.metrics import code_histogram, codebook_statistics, lpips_distance, psnr, ssim, to_uint8
+
+PSNR_CAP_DB = 100.0
+
+
+# ----------------------------------------------------------------------------- subsets
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """The label of every item: ``dataset.targets`` when present (ImageFolder), else read item by item."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return [int(t) for t in targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def class_balanced_indices(labels: Sequence[int], num_images: int, seed: int = 0) -> list[int]:
+    """A class-balanced subset of ``num_images`` item indices.
+
+    Classes (sorted) are visited round robin; each class yields its items in a random order drawn
+    from ``numpy.random.default_rng((seed, class))``. Every class contributes floor(N / C) or
+    ceil(N / C) items (exactly N / C when C divides N) unless a class runs out, in which case the
+    remaining classes fill up. Returned indices are sorted (data set order).
+    """
+    labels = [int(v) for v in labels]
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    if num_images > len(labels):
+        raise ValueError(f"num_images={num_images} exceeds the {len(labels)} images of the evaluation set")
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    queues = {}
+    for label, items in sorted(by_class.items()):
+        order = np.random.default_rng((int(seed), label)).permutation(len(items))
+        queues[label] = [items[i] for i in order]
+    chosen: list[int] = []
+    position = 0
+    while len(chosen) < num_images:
+        for label in sorted(queues):
+            if position < len(queues[label]) and len(chosen) < num_images:
+                chosen.append(queues[label][position])
+        position += 1
+    return sorted(chosen)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _resolve_inception(inception_weights: str | os.PathLike | None, device: torch.device, allow_download: bool):
+    """(extractor, None) or (None, reason) - never a substitute network."""
+    from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable
+
+    try:
+        return InceptionFeatureExtractor(inception_weights, device=device, allow_download=allow_download), None
+    except InceptionWeightsUnavailable as err:
+        return None, str(err)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    tokenizer,
+    dataset: Dataset,
+    num_images: int | None = None,
+    batch_size: int = 32,
+    inception_weights: str | os.PathLike | None = None,
+    compute_fid: bool = True,
+    lpips_model: torch.nn.Module | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    allow_download: bool = True,
+    protocol: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Encode + decode the evaluation set and measure it (module docstring). Returns a JSON-ready dict:
+
+    ``{"rfid", "psnr", "ssim", "lpips", "codebook": {...}, "protocol": {...}, "notes": [...]}``;
+    figures that could not be computed are ``None`` with the reason in ``notes``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = torch.device(device) if device is not None else tokenizer.device
+    tokenizer = tokenizer.to(device).eval()
+    notes: list[str] = []
+
+    if num_images is None:
+        indices = list(range(len(dataset)))
+        balance = "all images of the split"
+        labels_used = None
+    else:
+        labels = dataset_labels(dataset)
+        indices = class_balanced_indices(labels, int(num_images), seed=seed)
+        labels_used = [labels[i] for i in indices]
+        balance = f"class-balanced subset (round robin over classes, seed {seed})"
+    if not indices:
+        raise ValueError("the evaluation set is empty")
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+    extractor = None
+    if compute_fid:
+        extractor, reason = _resolve_inception(inception_weights, device, allow_download)
+        if extractor is None:
+            notes.append(f"rFID not computed: {reason}")
+    else:
+        notes.append("rFID not computed: disabled (compute_fid=False)")
+    if lpips_model is None:
+        notes.append("LPIPS not computed: no LPIPS network given (weights unavailable or disabled)")
+    else:
+        lpips_model = lpips_model.to(device)
+
+    from eval.fid import InceptionFeatureAccumulator
+
+    real_features = InceptionFeatureAccumulator()
+    recon_features = InceptionFeatureAccumulator()
+    counts = torch.zeros(int(tokenizer.codebook_size), dtype=torch.int64)
+    psnr_values, ssim_values, lpips_values = [], [], []
+    grid_shape = None
+    resolution = None
+    start = time.time()
+    for images, _ in loader:
+        images = images.to(device=device, dtype=torch.float32)
+        tokens = tokenizer.encode(images.to(tokenizer.dtype))
+        reconstructions = tokenizer.decode(tokens).float()
+        grid_shape = tuple(tokens.shape[1:])
+        resolution = tuple(images.shape[-2:])
+        counts += code_histogram(tokens.cpu(), counts.numel())
+        real_u8, recon_u8 = to_uint8(images), to_uint8(reconstructions)
+        psnr_values.append(psnr(real_u8, recon_u8, max_db=PSNR_CAP_DB).double().cpu())
+        ssim_values.append(ssim(real_u8, recon_u8).double().cpu())
+        if lpips_model is not None:
+            lpips_values.append(lpips_distance(images, reconstructions, lpips_model).double().cpu())
+        if extractor is not None:
+            real_features.update(real_u8, extractor)
+            recon_features.update(recon_u8, extractor)
+
+    num_evaluated = int(sum(v.numel() for v in psnr_values))
+    tokens_per_image = int(grid_shape[0] * grid_shape[1])
+    result: dict[str, Any] = {
+        "rfid": None,
+        "psnr": float(torch.cat(psnr_values).mean()),
+        "ssim": float(torch.cat(ssim_values).mean()),
+        "lpips": float(torch.cat(lpips_values).mean()) if lpips_values else None,
+        "codebook": codebook_statistics(counts, tokens_per_image=tokens_per_image),
+    }
+    fid_protocol: dict[str, Any] = {"inception_weights": None}
+    if extractor is not None:
+        from eval.fid import FID_FEATURE_DIM_WARNING, frechet_distance
+
+        result["rfid"] = frechet_distance(real_features.statistics(extractor.protocol()),
+                                          recon_features.statistics(extractor.protocol()))
+        fid_protocol = {"inception_weights": extractor.protocol()}
+        if num_evaluated < FID_FEATURE_DIM_WARNING:
+            notes.append(f"rFID from {num_evaluated} images (< {FID_FEATURE_DIM_WARNING}) is biased upwards: "
+                         f"compare only with rFIDs over the same number of images")
+    images_per_class = None
+    if labels_used is not None:
+        values, frequency = np.unique(labels_used, return_counts=True)
+        images_per_class = {int(v): int(c) for v, c in zip(values, frequency)}
+    result["protocol"] = {
+        "num_images": num_evaluated,
+        "dataset_size": len(dataset),
+        "class_balancing": balance,
+        "images_per_class": images_per_class,
+        "num_classes": getattr(dataset, "num_classes", None),
+        "resolution": list(resolution),
+        "token_grid": list(grid_shape),
+        "tokens_per_image": tokens_per_image,
+        "codebook_size": int(counts.numel()),
+        "quantizer": getattr(tokenizer.config, "quantizer", None),
+        "reconstruction": "decode(encode(x)) from hard indices; uint8 for PSNR/SSIM/FID",
+        "psnr": f"per image on [0, 1] (uint8 / 255), capped at {PSNR_CAP_DB} dB, averaged over images",
+        "ssim": "per image, Gaussian window 11x11 sigma 1.5 (eval.metrics.ssim), averaged over images",
+        "lpips": ("published LPIPS-VGG" if getattr(lpips_model, "uses_lpips_heads", False)
+                  else "LPIPS-VGG-like (uniform heads, see tokenizer.losses.LPIPS)") if lpips_model is not None else None,
+        "codebook_statistics": "one bincount of hard indices over the whole evaluation set",
+        "seed": seed,
+        "seconds": round(time.time() - start, 2),
+        **fid_protocol,
+        **(protocol or {}),
+    }
+    result["notes"] = notes
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+def format_table(result: dict[str, Any]) -> str:
+    """A two-column text table of the headline figures."""
+    codebook = result["codebook"]
+
+    def fmt(value, digits=4):
+        if value is None:
+            return "n/a"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    rows = [
+        ("images", result["protocol"]["num_images"]),
+        ("resolution", "x".join(map(str, result["protocol"]["resolution"]))),
+        ("rFID", fmt(result["rfid"])),
+        ("PSNR (dB)", fmt(result["psnr"], 3)),
+        ("SSIM", fmt(result["ssim"])),
+        ("LPIPS", fmt(result["lpips"])),
+        ("active codes", f"{codebook['active_codes']} / {codebook['codebook_size']}"),
+        ("utilisation", fmt(codebook["utilisation"])),
+        ("perplexity", fmt(codebook["perplexity"], 2)),
+        ("bits / token", fmt(codebook["bits_per_token"], 3)),
+        ("log2 active", fmt(codebook["log2_active_codes"], 3)),
+        ("bits / image", fmt(codebook.get("bits_per_image"), 1)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines += [f"note: {note}" for note in result.get("notes", [])]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write JSON atomically (temporary file + rename); non-finite floats become null."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(payload), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- CLI
+def split_data_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--data.<field> value`` / ``--data.<field>=value`` options (-> ``field=value``) from the rest."""
+    rest, overrides = [], []
+    argv = [str(a) for a in argv]
+    i = 0
+    while i < len(argv):
+        item = argv[i]
+        if item.startswith("--data."):
+            key = item[len("--data."):]
+            if "=" in key:
+                overrides.append(key)
+            else:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"option {item} needs a value")
+                overrides.append(f"{key}={argv[i + 1]}")
+                i += 1
+        else:
+            rest.append(item)
+        i += 1
+    return rest, overrides
+
+
+def load_data_config(overrides: Sequence[str], **defaults: Any):
+    """``DataConfig`` from ``field=value`` overrides (typos and wrong types raise naming the key)."""
+    from lgq.config import load_config
+    from lgq.data import DataConfig
+
+    given = {item.split("=", 1)[0] for item in overrides}
+    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given and v is not None]
+    return load_config(DataConfig, None, [*extra, *overrides])
+
+
+def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
+    """(LPIPS network or None, note or None) for --lpips auto|on|off."""
+    if mode == "off":
+        return None, "disabled (--lpips off)"
+    from tokenizer.losses import LPIPS
+
+    try:
+        return LPIPS(pretrained=True, lpips_weights_path=lpips_weights, vgg_weights_path=vgg_weights), None
+    except (RuntimeError, FileNotFoundError) as err:
+        if mode == "on":
+            raise
+        return None, f"weights unavailable ({err})"
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    rest, data_overrides = split_data_options(argv)
+    parser = argparse.ArgumentParser(prog="python -m eval.reconstruction", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="LGQTokenizer folder (save_pretrained export)")
+    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="class-balanced subset of this size (default: every image of the split)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", required=True, help="metrics JSON to write")
+    parser.add_argument("--inception-weights", default=None, help="inception-v3-compat .pth (see eval/fid.py)")
+    parser.add_argument("--no-fid", action="store_true", help="skip rFID")
+    parser.add_argument("--lpips", default="auto", choices=("auto", "on", "off"),
+                        help="auto: LPIPS when its VGG weights load; on: fail if they do not; off")
+    parser.add_argument("--lpips-weights", default=None, help="LPIPS v0.1 linear heads (vgg.pth)")
+    parser.add_argument("--lpips-vgg-weights", default=None, help="torchvision vgg16-397923af.pth")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the class-balanced subset")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field (e.g. --data.root DIR)."
+    args = parser.parse_args(rest)
+    args.data_overrides = data_overrides
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from lgq.data import build_image_dataset
+    from tokenizer.model import LGQTokenizer
+
+    data_cfg = load_data_config(args.data_overrides)
+    if not Path(args.tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer!r} is not a folder (expected a save_pretrained export)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = LGQTokenizer.from_pretrained(args.tokenizer)
+    dataset = build_image_dataset(data_cfg, split=args.split)
+    lpips_model, lpips_note = build_lpips(args.lpips, args.lpips_weights, args.lpips_vgg_weights)
+    import dataclasses
+
+    result = evaluate_reconstruction(
+        tokenizer, dataset, num_images=args.num_images, batch_size=args.batch_size,
+        inception_weights=args.inception_weights, compute_fid=not args.no_fid, lpips_model=lpips_model,
+        device=device, seed=args.seed, num_workers=args.num_workers,
+        protocol={"tokenizer": str(Path(args.tokenizer).resolve()), "split": args.split,
+                  "data": dataclasses.asdict(data_cfg)},
+    )
+    if lpips_note:
+        result["notes"] = [n for n in result["notes"] if not n.startswith("LPIPS")] + [f"LPIPS not computed: {lpips_note}"]
+    write_json(args.output, result)
+    print(format_table(result))
+    print(f"metrics written to {args.output}")
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
