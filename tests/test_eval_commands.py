@@ -1,0 +1,198 @@
+"""eval.reconstruction and eval.gen_fid: protocol JSON, codebook statistics, FID plumbing, balance, sharding."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval import gen_fid, reconstruction
+from eval.metrics import code_histogram, codebook_statistics, psnr, to_uint8
+from lgq.data import DataConfig, build_image_dataset
+from pipelines import LGQPipeline
+from prior.maskgit import MaskGITPrior
+from prior.scheduler import MaskGITScheduler
+from tokenizer.model import LGQTokenizer
+
+K, NUM_CLASSES = 32, 4
+DATA_ARGS = ["--data.name", "synthetic", "--data.num_val_images", "24", "--data.num_classes", str(NUM_CLASSES),
+             "--data.image_size", "16"]
+
+
+def tiny_tokenizer() -> LGQTokenizer:
+    torch.manual_seed(0)
+    return LGQTokenizer(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, latent_dim=8,
+                        attention_resolutions="none", codebook_size=K)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    prior = MaskGITPrior(codebook_size=K, num_classes=NUM_CLASSES, grid_size=4, hidden_size=32, num_layers=1,
+                         num_heads=2)
+    pipe = LGQPipeline(tokenizer=tiny_tokenizer(), prior=prior, scheduler=MaskGITScheduler(codebook_size=K))
+    path = tmp_path_factory.mktemp("pipeline")
+    pipe.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- reconstruction
+def test_class_balanced_subset():
+    labels = [0] * 10 + [1] * 3 + [2] * 7
+    chosen = reconstruction.class_balanced_indices(labels, 9, seed=0)
+    assert len(set(chosen)) == 9
+    assert np.bincount([labels[i] for i in chosen]).tolist() == [3, 3, 3]
+    uneven = reconstruction.class_balanced_indices(labels, 15, seed=0)  # class 1 runs out -> others fill up
+    assert np.bincount([labels[i] for i in uneven]).tolist() == [6, 3, 6]
+    with pytest.raises(ValueError, match="exceeds"):
+        reconstruction.class_balanced_indices(labels, 21)
+
+
+def test_reconstruction_command_json_matches_hand_computation(tmp_path, tokenizer_dir, inception_weights_path, capsys):
+    out = tmp_path / "metrics.json"
+    reconstruction.main(["--tokenizer", tokenizer_dir, *DATA_ARGS, "--split", "val", "--num-images", "16",
+                         "--batch-size", "5", "--output", out, "--inception-weights", inception_weights_path,
+                         "--lpips", "off"])
+    table = capsys.readouterr().out
+    assert "rFID" in table and "active codes" in table
+    result = json.loads(out.read_text())
+    protocol = result["protocol"]
+    assert protocol["num_images"] == 16 and protocol["split"] == "val" and protocol["resolution"] == [16, 16]
+    assert protocol["images_per_class"] == {str(c): 4 for c in range(NUM_CLASSES)}
+    assert protocol["inception_weights"]["weights_source"] == "argument"
+    assert protocol["tokenizer"] == str(Path(tokenizer_dir).resolve())
+    assert protocol["data"]["name"] == "synthetic"
+    assert result["lpips"] is None and any("LPIPS" in n for n in result["notes"])
+
+    # by hand: same class-balanced subset, one bincount over all of it
+    dataset = build_image_dataset(DataConfig(name="synthetic", num_val_images=24, num_classes=NUM_CLASSES,
+                                             image_size=16), split="val")
+    chosen = reconstruction.class_balanced_indices([dataset[i][1] for i in range(len(dataset))], 16, seed=0)
+    images = torch.stack([dataset[i][0] for i in chosen])
+    tokenizer = LGQTokenizer.from_pretrained(tokenizer_dir).eval()
+    tokens = tokenizer.encode(images)
+    expected = codebook_statistics(torch.bincount(tokens.flatten(), minlength=K), tokens_per_image=64)
+    for key, value in expected.items():
+        assert result["codebook"][key] == pytest.approx(value, rel=1e-9), key
+    assert torch.equal(code_histogram(tokens, K), torch.bincount(tokens.flatten(), minlength=K))
+    recon = tokenizer.decode(tokens)
+    assert result["psnr"] == pytest.approx(float(psnr(to_uint8(images), to_uint8(recon)).double().mean()), rel=1e-6)
+    assert 0.0 < result["ssim"] <= 1.0
+
+    from eval.fid import calculate_fid
+
+    independent = calculate_fid(to_uint8(recon), to_uint8(images), inception_weights_path=inception_weights_path,
+                                allow_download=False)["fid"]
+    assert result["rfid"] == pytest.approx(independent, rel=1e-6)
+    assert result["rfid"] > 1.0
+
+
+def test_reconstruction_without_inception_weights_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LGQ_INCEPTION_WEIGHTS", raising=False)
+    dataset = build_image_dataset(DataConfig(name="synthetic", num_val_images=6, image_size=16), split="val")
+    result = reconstruction.evaluate_reconstruction(tiny_tokenizer(), dataset, batch_size=4)
+    assert result["rfid"] is None and result["protocol"]["inception_weights"] is None
+    assert any(n.startswith("rFID not computed") and "unavailable" in n for n in result["notes"])
+    assert result["codebook"]["num_tokens"] == 6 * 64
+
+
+# ----------------------------------------------------------------------------- generation
+def test_balanced_class_labels():
+    assert torch.bincount(gen_fid.balanced_class_labels(12, 4)).tolist() == [3, 3, 3, 3]
+    assert torch.bincount(gen_fid.balanced_class_labels(10, [1, 3]), minlength=4).tolist() == [0, 5, 0, 5]
+    counts = torch.bincount(gen_fid.balanced_class_labels(7, 3))
+    assert counts.sum() == 7 and counts.max() - counts.min() <= 1
+    with pytest.raises(ValueError):
+        gen_fid.balanced_class_labels(0, 3)
+
+
+def test_sharded_generation_equals_single_process(pipeline_dir):
+    pipe = LGQPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_samples=10, batch_size=3, num_inference_steps=3, seed=4)
+    single = gen_fid.generate_samples(pipe, **kwargs)
+    shards = [gen_fid.generate_samples(pipe, rank=r, world_size=2, **kwargs) for r in range(2)]
+    assert sorted(shards[0]["indices"].tolist() + shards[1]["indices"].tolist()) == list(range(10))
+    merged = gen_fid.merge_shards(shards, 10)
+    assert torch.equal(merged["images"], single["images"]) and torch.equal(merged["labels"], single["labels"])
+    assert single["images"].dtype == torch.uint8 and single["images"].shape == (10, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="exactly once"):
+        gen_fid.merge_shards([shards[0], shards[0]], 10)
+    other_seed = gen_fid.generate_samples(pipe, **{**kwargs, "seed": 5})
+    assert not torch.equal(other_seed["images"], single["images"])
+
+
+def test_gen_fid_command_references_and_outputs(tmp_path, pipeline_dir, inception_weights_path):
+    common = ["--pipeline", pipeline_dir, "--num-samples", "16", "--batch-size", "8", "--num-inference-steps", "3",
+              "--guidance-scale", "1.5", "--temperature", "0.9", "--seed", "1",
+              "--inception-weights", inception_weights_path]
+    data = ["--data.num_val_images", "16", "--data.num_classes", str(NUM_CLASSES)]
+    result = gen_fid.main([*common, "--reference", "synthetic:val", *data, "--output", tmp_path / "m.json",
+                           "--save-npz", tmp_path / "s.npz", "--save-grid", tmp_path / "grid.png"])
+    saved = json.loads((tmp_path / "m.json").read_text())
+    protocol = saved["protocol"]
+    assert protocol["num_samples"] == 16 and protocol["num_inference_steps"] == 3
+    assert protocol["guidance_scale"] == 1.5 and protocol["temperature"] == 0.9 and protocol["seed"] == 1
+    assert protocol["samples_per_class"] == {str(c): 4 for c in range(NUM_CLASSES)}
+    assert saved["reference"]["type"] == "data_split" and saved["reference"]["num_images"] == 16
+    assert saved["inception_weights"]["weights_source"] == "argument"
+    assert saved["inception_score_mean"] > 0
+    different = result["fid"]
+    with np.load(tmp_path / "s.npz") as npz:
+        samples, labels = npz["arr_0"], npz["labels"]
+    assert samples.dtype == np.uint8 and samples.shape == (16, 8, 8, 3)
+    assert np.bincount(labels).tolist() == [4, 4, 4, 4]
+    assert Image.open(tmp_path / "grid.png").size[0] > 8
+    assert not (tmp_path / "m.json.shards").exists()
+
+    # the same samples as reference: .npz images and an image folder -> FID ~ 0; the data split clearly larger
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, image in enumerate(samples):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    for reference in (tmp_path / "s.npz", folder):
+        same = gen_fid.main([*common, "--reference", reference, "--no-isc", "--output", tmp_path / "same.json"])
+        assert abs(same["fid"]) < 1e-3 * different, reference
+    assert different > 1.0
+    assert torch.equal(to_uint8(torch.from_numpy(samples).permute(0, 3, 1, 2)),
+                       torch.from_numpy(samples).permute(0, 3, 1, 2))
+
+
+def test_gen_fid_rejects_bad_reference(tmp_path, pipeline_dir, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("LGQ_INCEPTION_WEIGHTS", raising=False)
+    result = gen_fid.main(["--pipeline", pipeline_dir, "--num-samples", "4", "--batch-size", "4",
+                           "--num-inference-steps", "2", "--reference", tmp_path / "missing",
+                           "--output", tmp_path / "m.json"])
+    assert result["fid"] is None and any("not computed" in n for n in result["notes"])
+
+
+@pytest.mark.slow
+def test_two_process_gen_fid_generates_each_sample_once(tmp_path, pipeline_dir, inception_weights_path):
+    from ddp import run_ddp
+
+    args = ["--pipeline", pipeline_dir, "--num-samples", "12", "--batch-size", "4", "--num-inference-steps", "2",
+            "--seed", "3", "--inception-weights", inception_weights_path, "--reference", "synthetic:val",
+            "--data.num_val_images", "8"]
+    run_ddp(Path(gen_fid.__file__), *args, "--output", tmp_path / "ddp.json", "--save-npz", tmp_path / "ddp.npz",
+            "--expected-num-processes", "2")
+    single = gen_fid.main([*args, "--output", tmp_path / "one.json", "--save-npz", tmp_path / "one.npz"])
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    assert ddp["protocol"]["num_processes"] == 2 and single["protocol"]["num_processes"] == 1
+    with np.load(tmp_path / "ddp.npz") as a, np.load(tmp_path / "one.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert ddp["fid"] == pytest.approx(single["fid"], rel=1e-9)
+    assert ddp["inception_score_mean"] == pytest.approx(single["inception_score_mean"], rel=1e-9)
