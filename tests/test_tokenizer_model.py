@@ -177,9 +177,13 @@ def test_save_pretrained_round_trip(model, tmp_path):
     assert loaded.config.quantizer == model.config.quantizer
     assert list(loaded.config.channel_multipliers) == [1, 2]
     assert getattr(loaded.quantizer, "needs_init", False) == getattr(model.quantizer, "needs_init", False)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x).reconstruction, expected, atol=0, rtol=0)
+    for (key, saved), (_, restored) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(saved, restored), key
+    # identical weights; outputs agree to fp32 round-off (a reloaded tensor's memory alignment may
+    # pick a different SIMD matmul path), tokens exactly
     assert torch.equal(loaded.encode(x), expected_tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).reconstruction, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_from_pretrained_missing_folder_is_a_clear_error(tmp_path):
