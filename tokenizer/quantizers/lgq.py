@@ -102,15 +102,21 @@ class SoftAssignment(torch.autograd.Function):
     Forward, with l_nk = (query_n . key_k + bias_k) * inv_tau and p_n = softmax_k(l_n), returns
         q_soft [N, C'] = p @ values,  p_sq [N] = sum_k p_nk^2,  usage_sum [K] = sum_n p_nk,
         indices [N] = argmax_k l_nk,  max_prob [N] = max_k p_nk      (last two non-differentiable).
-    Saved for backward: the inputs, the per-token log-normaliser lse_n and the (small) outputs
-    q_soft and p_sq -- never an N x K tensor.
+    Saved for backward: the inputs and the (small) outputs q_soft and p_sq -- never an N x K tensor.
 
-    Backward, for upstream gradients G_q [N, C'], g_s [N], g_u [K]:
-        g_nk  = G_q,n . v_k + g_u,k + 2 p_nk g_s,n                 (dL/dp_nk)
+    Backward, for upstream gradients G_q [N, C'], g_s [N], g_u [K], per chunk of tokens:
+        p_nk  = softmax_k(l_nk)                                      (recomputed)
+        g_nk  = G_q,n . v_k + g_u,k + 2 p_nk g_s,n                  (dL/dp_nk)
         <p,g>_n = G_q,n . q_soft,n + p_n . g_u + 2 g_s,n p_sq,n
-        dl_nk = p_nk (g_nk - <p,g>_n)                               (softmax backward)
+        dl_nk = p_nk (g_nk - <p,g>_n)                                (softmax backward)
         dL/dquery = inv_tau dl @ key,  dL/dkey = inv_tau dl^T @ query,
         dL/dbias  = inv_tau sum_n dl_n,  dL/dvalues = p^T @ G_q.
+
+    CPU performance notes (the soft path is memory-bound): biases and per-token terms enter the
+    chunk matmuls as extra columns ([x, 1] . [k, b]) so each [chunk, K] block is written once by
+    the GEMM; p comes from the fused softmax kernel (aten ``exp`` is several times slower on the
+    very negative logits of a peaked softmax); the [chunk, K] work buffers are allocated once per
+    call and reused (fresh 64 MiB allocations per chunk cost page faults).
     """
 
     @staticmethod
@@ -121,24 +127,21 @@ class SoftAssignment(torch.autograd.Function):
         usage_sum = query.new_zeros(num_codes)
         indices = torch.empty(num_tokens, dtype=torch.long, device=query.device)
         max_prob = query.new_empty(num_tokens)
-        lse = query.new_empty(num_tokens)
-        scaled_bias = bias * inv_tau
-        keys_t = keys.t()
+        query_one, keys_bias_t = _augmented_logit_operands(query, keys, bias, inv_tau)
+        rows = min(chunk_size, num_tokens)
+        logits_buffer, prob_buffer = query.new_empty(rows, num_codes), query.new_empty(rows, num_codes)
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
-            block = torch.addmm(scaled_bias, query[start:stop], keys_t, alpha=inv_tau)  # logits [n, K]
-            row_max, row_arg = block.max(dim=1)
-            block.sub_(row_max[:, None]).exp_()
-            normaliser = block.sum(dim=1)
-            block.div_(normaliser[:, None])  # now p
-            torch.mm(block, values, out=q_soft[start:stop])
-            p_sq[start:stop] = torch.linalg.vecdot(block, block)
-            usage_sum += block.sum(dim=0)
+            logits = torch.mm(query_one[start:stop], keys_bias_t, out=logits_buffer[: stop - start])  # [n, K]
+            row_arg = logits.argmax(dim=1)
+            prob = torch.softmax(logits, dim=1, out=prob_buffer[: stop - start])
+            torch.mm(prob, values, out=q_soft[start:stop])
+            p_sq[start:stop] = torch.bmm(prob[:, None, :], prob[:, :, None]).reshape(-1)
+            usage_sum.addmv_(prob.t(), prob.new_ones(stop - start))
             indices[start:stop] = row_arg
-            max_prob[start:stop] = normaliser.reciprocal()
-            lse[start:stop] = row_max + normaliser.log()
-            del block
-        ctx.save_for_backward(query, keys, bias, values, lse, q_soft, p_sq)
+            max_prob[start:stop] = prob.gather(1, row_arg[:, None]).squeeze(1)
+        del logits_buffer, prob_buffer
+        ctx.save_for_backward(query, keys, bias, values, q_soft, p_sq)
         ctx.inv_tau = float(inv_tau)
         ctx.chunk_size = int(chunk_size)
         ctx.mark_non_differentiable(indices, max_prob)
@@ -146,44 +149,52 @@ class SoftAssignment(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q_soft, grad_p_sq, grad_usage, _grad_indices, _grad_max_prob):
-        query, keys, bias, values, lse, q_soft, p_sq = ctx.saved_tensors
+        query, keys, bias, values, q_soft, p_sq = ctx.saved_tensors
         inv_tau, chunk_size = ctx.inv_tau, ctx.chunk_size
         need_query, need_keys, need_bias, need_values = ctx.needs_input_grad[:4]
-        num_tokens = query.shape[0]
+        num_tokens, num_codes = query.shape[0], keys.shape[0]
         grad_query = torch.empty_like(query) if need_query else None
-        grad_keys = torch.zeros_like(keys) if need_keys else None
-        grad_bias = torch.zeros_like(bias) if need_bias else None
+        grad_keys_bias = query.new_zeros(num_codes, query.shape[1] + 1) if (need_keys or need_bias) else None
         grad_values = torch.zeros_like(values) if need_values else None
-        scaled_bias = bias * inv_tau
-        keys_t, values_t = keys.t(), values.t()
-        # <p, g>_n without an extra N x K pass for the G_q and g_s parts
+        query_one, keys_bias_t = _augmented_logit_operands(query, keys, bias, inv_tau)
+        # g_nk - <p,g>_n without its 2 p g_s part = [G_q,n, -<p,g>_n, 1] . [v_k, 1, g_u,k]
+        ones_column = values.new_ones(num_codes, 1)
+        values_aug_t = torch.cat([values, ones_column, grad_usage[:, None]], dim=1).t()
+        grad_rows = torch.cat([grad_q_soft, torch.zeros_like(p_sq)[:, None], torch.ones_like(p_sq)[:, None]], dim=1)
         inner_fixed = torch.linalg.vecdot(grad_q_soft, q_soft) + 2.0 * grad_p_sq * p_sq
+        two_grad_p_sq = 2.0 * grad_p_sq
+        peak_grad = bool(grad_p_sq.any())
+        rows = min(chunk_size, num_tokens)
+        work_buffer, prob_buffer = query.new_empty(rows, num_codes), query.new_empty(rows, num_codes)
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
-            query_chunk, grad_q_chunk = query[start:stop], grad_q_soft[start:stop]
-            prob = torch.addmm(scaled_bias, query_chunk, keys_t, alpha=inv_tau)
-            prob.sub_(lse[start:stop, None]).exp_()  # recomputed p [n, K]
-            grad_logits = torch.mm(grad_q_chunk, values_t)
-            grad_logits.add_(grad_usage[None, :])
-            grad_logits.addcmul_(prob, grad_p_sq[start:stop, None], value=2.0)  # g_nk
-            inner = inner_fixed[start:stop] + torch.mv(prob, grad_usage)
-            grad_logits.sub_(inner[:, None]).mul_(prob)  # dl_nk
+            logits = torch.mm(query_one[start:stop], keys_bias_t, out=work_buffer[: stop - start])
+            prob = torch.softmax(logits, dim=1, out=prob_buffer[: stop - start])  # recomputed p [n, K]
+            grad_rows_chunk = grad_rows[start:stop]
+            grad_rows_chunk[:, -2] = -(torch.mv(prob, grad_usage) + inner_fixed[start:stop])  # -<p,g>_n
+            grad_logits = torch.mm(grad_rows_chunk, values_aug_t, out=work_buffer[: stop - start])
+            if peak_grad:
+                grad_logits.addcmul_(prob, two_grad_p_sq[start:stop, None])
+            grad_logits.mul_(prob)  # dl_nk
             if need_query:
                 torch.mm(grad_logits, keys, out=grad_query[start:stop])
-            if need_keys:
-                grad_keys.addmm_(grad_logits.t(), query_chunk)
-            if need_bias:
-                grad_bias += grad_logits.sum(dim=0)
+            if grad_keys_bias is not None:  # [dL/dkey | dL/dbias] += dl^T @ [x, 1]
+                grad_keys_bias.addmm_(grad_logits.t(), query_one[start:stop])
             if need_values:
-                grad_values.addmm_(prob.t(), grad_q_chunk)
-            del prob, grad_logits
+                grad_values.addmm_(prob.t(), grad_q_soft[start:stop])
+        del work_buffer, prob_buffer
         if need_query:
             grad_query.mul_(inv_tau)
-        if need_keys:
-            grad_keys.mul_(inv_tau)
-        if need_bias:
-            grad_bias.mul_(inv_tau)
+        grad_keys = grad_keys_bias[:, :-1].mul(inv_tau) if need_keys else None
+        grad_bias = grad_keys_bias[:, -1].mul(inv_tau) if need_bias else None
         return grad_query, grad_keys, grad_bias, grad_values, None, None
+
+
+def _augmented_logit_operands(query, keys, bias, inv_tau: float):
+    """[x, 1] [N, C+1] and ([k, b] * inv_tau)^T [C+1, K]: one GEMM gives l = (x.k + b) * inv_tau."""
+    query_one = torch.cat([query, query.new_ones(query.shape[0], 1)], dim=1)
+    keys_bias_t = (torch.cat([keys, bias[:, None]], dim=1) * inv_tau).t()
+    return query_one, keys_bias_t
 
 
 def lgq_dense_reference(x: torch.Tensor, centres: torch.Tensor, tau: float, logits: str = "euclidean") -> dict:
