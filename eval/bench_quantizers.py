@@ -1,0 +1,195 @@
+"""Quantizer benchmark: forward+backward time and peak memory per quantizer and codebook size.
+
+    python -m eval.bench_quantizers [--K 4096 16384 65536] [--N 16384] [--dim 64]
+        [--device cpu|cuda] [--repeats 3] [--quantizers lgq vq fsq simvq lfq] [--include-dense]
+
+One training-like step = ``out = q(z)``, ``(out.loss + mean(out.quantized^2)).backward()`` on
+z [N/256, C, 16, 16] (N tokens; [N, C, 1, 1] if N is not a multiple of 256). ``lgq-dense`` is
+``lgq_dense_reference`` (plain autograd over full N x K tensors) on the same LayerNormed tokens.
+
+Time: median over ``--repeats`` steps after one warm-up step.
+Peak memory, measured in a fresh subprocess per configuration so configurations cannot
+inflate each other:
+  * CPU: ru_maxrss (the process's resident high-water mark) after the steps minus ru_maxrss
+    just before the first step (after imports, model and input construction). This counts every
+    byte the step touches (allocator, autograd graph, gradients, BLAS workspaces) without
+    instrumenting allocations; it cannot see memory that is allocated but never touched.
+  * CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the first step.
+The dense reference is skipped when 6 dense N x K fp32 tensors would exceed 12 GB.
+Timings depend on machine load: the table header records the load average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_QUANTIZERS = ("lgq", "vq", "fsq", "simvq", "lfq")
+DENSE_NAME = "lgq-dense"
+DENSE_LIMIT_BYTES = 12e9  # skip the dense reference when N*K*4 bytes*6 exceeds this
+
+
+def dense_bytes_estimate(num_tokens: int, codebook_size: int) -> float:
+    """~6 dense N x K fp32 tensors alive in the plain autograd LGQ."""
+    return num_tokens * codebook_size * 4 * 6
+
+
+def make_latents(num_tokens: int, dim: int, device: str):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    if num_tokens % 256 == 0:
+        shape = (num_tokens // 256, dim, 16, 16)
+    else:
+        shape = (num_tokens, dim, 1, 1)
+    return torch.randn(shape, generator=generator).to(device).requires_grad_(True)
+
+
+def build_step(name: str, codebook_size: int, num_tokens: int, dim: int, device: str):
+    """Return a zero-argument closure running one forward+backward step."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    z = make_latents(num_tokens, dim, device)
+    if name == DENSE_NAME:
+        from tokenizer.quantizers.lgq import lgq_dense_reference
+
+        centres = torch.randn(codebook_size, dim, device=device, requires_grad=True)
+
+        def step():
+            x = F.layer_norm(z.permute(0, 2, 3, 1).reshape(-1, dim), (dim,), eps=1e-6)
+            ref = lgq_dense_reference(x, centres, 1.0)
+            loss = ref["loss_quant"] + 0.005 * ref["loss_peak"] + 0.005 * ref["loss_usage"]
+            (loss + ref["quantized"].square().mean()).backward()
+            z.grad = centres.grad = None
+
+        return step
+    from tokenizer.quantizers import build_quantizer
+
+    quantizer = build_quantizer(name, dim=dim, codebook_size=codebook_size).to(device).train()
+
+    def step():
+        out = quantizer(z)
+        (out.loss + out.quantized.square().mean()).backward()
+        z.grad = None
+        quantizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_worker(name: str, codebook_size: int, num_tokens: int, dim: int, device: str, repeats: int) -> dict:
+    """One configuration in this (fresh) process; returns a JSON-able result row."""
+    import torch
+
+    row = {"quantizer": name, "K": codebook_size, "N": num_tokens, "dim": dim, "device": device}
+    try:
+        step = build_step(name, codebook_size, num_tokens, dim, device)
+    except (ImportError, AttributeError, ModuleNotFoundError) as err:
+        return {**row, "status": f"not available ({type(err).__name__}: {err})"}
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if device.startswith("cuda"):
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    times = []
+    for i in range(repeats + 1):  # first step is the warm-up
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {**row, "status": "ok", "seconds": statistics.median(times), "all_seconds": times,
+            "peak_bytes": peak, "threads": torch.get_num_threads()}
+
+
+def run_configuration(name: str, args, codebook_size: int) -> dict:
+    if name == DENSE_NAME and dense_bytes_estimate(args.N, codebook_size) > DENSE_LIMIT_BYTES:
+        need = dense_bytes_estimate(args.N, codebook_size) / 1e9
+        return {"quantizer": name, "K": codebook_size, "N": args.N,
+                "status": f"skipped (dense needs ~{need:.0f} GB > {DENSE_LIMIT_BYTES / 1e9:.0f} GB limit)"}
+    cmd = [sys.executable, "-m", "eval.bench_quantizers", "--worker", name, "--K", str(codebook_size),
+           "--N", str(args.N), "--dim", str(args.dim), "--device", args.device, "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"quantizer": name, "K": codebook_size, "N": args.N, "status": f"failed: {tail[:120]}"}
+    return json.loads(lines[-1])
+
+
+def markdown_table(rows: list[dict]) -> str:
+    out = ["| quantizer | K | N | fwd+bwd s (median) | peak memory MiB | status |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        secs = (f"{r['seconds']:.3f}" if r["seconds"] < 1 else f"{r['seconds']:.2f}") if "seconds" in r else "-"
+        mem = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-"
+        out.append(f"| {r['quantizer']} | {r['K']} | {r['N']} | {secs} | {mem} | {r['status']} |")
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--K", type=int, nargs="+", default=[4096, 16384, 65536], help="codebook sizes")
+    parser.add_argument("--N", type=int, default=16384, help="tokens per step (e.g. 64 images x 16x16)")
+    parser.add_argument("--dim", type=int, default=64, help="latent channels C")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--quantizers", nargs="+", default=list(DEFAULT_QUANTIZERS))
+    parser.add_argument("--include-dense", action="store_true", help=f"also run the dense reference ({DENSE_NAME})")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.N < 1 or args.dim < 1 or args.repeats < 1 or any(k < 2 for k in args.K):
+        parser.error("--N, --dim and --repeats must be >= 1 and every --K >= 2")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        parser.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(run_worker(args.worker, args.K[0], args.N, args.dim, args.device, args.repeats)), flush=True)
+        return 0
+    names = list(args.quantizers) + ([DENSE_NAME] if args.include_dense else [])
+    load_before = os.getloadavg()
+    rows = []
+    for codebook_size in args.K:
+        for name in names:
+            row = run_configuration(name, args, codebook_size)
+            rows.append(row)
+            print(f"# {name} K={codebook_size}: {row['status']}"
+                  + (f", {row['seconds']:.2f} s, {row['peak_bytes'] / 2**20:.0f} MiB" if "seconds" in row else ""),
+                  file=sys.stderr, flush=True)
+    load_after = os.getloadavg()
+    threads = next((r["threads"] for r in rows if "threads" in r), "?")
+    print(f"Quantizer fwd+bwd benchmark: N={args.N} tokens, C={args.dim}, device={args.device}, "
+          f"{threads} torch threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+          f"median of {args.repeats} after 1 warm-up; load average {load_before[0]:.1f} -> {load_after[0]:.1f}\n")
+    print(markdown_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
