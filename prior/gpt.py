@@ -1,0 +1,194 @@
+"""GPT prior: a causal transformer (transformers ``LlamaForCausalLM``) over raster-ordered tokens.
+
+Sequence: [c, t_1, ..., t_L] with c the class embedding (index C = num_classes is the "null"
+class for classifier-free guidance), fed through ``inputs_embeds``; the token embedding and the
+output head both have exactly K entries (Llama's vocab_size = K, untied: safetensors refuses
+tied weights). The logits at position i predict t_{i+1}:
+
+    p(t_1..t_L | c) = prod_i p(t_i | c, t_<i),   loss = mean_i CE(logits_i, t_i).
+
+Sampling (``generate``) runs its own decode loop with Llama's KV cache (``past_key_values``);
+CFG batches the conditional and the null-class sequences and combines
+l = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional), then samples
+t ~ Categorical(softmax(top_p(top_k(l / temperature)))) with ``torch.multinomial`` and the
+caller's generator.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prior.maskgit import drop_labels
+from prior.scheduler import apply_guidance, guidance_scale_at, sample_categorical
+from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: removed entries become -inf; the most likely entry always stays.
+
+    top-k keeps the k largest logits; top-p keeps the smallest prefix of the sorted distribution whose
+    probability mass reaches p (an entry is kept if the mass strictly before it is < p).
+    """
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        remove_sorted = mass_before >= top_p
+        remove_sorted[..., 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+class GPTPrior(ModelMixin, ConfigMixin):
+    """Class-conditional autoregressive prior over token grids [B, h, w] with values in [0, K).
+
+    Args:
+        codebook_size: K. num_classes: C (null class = C). grid_size: h or (h, w).
+        hidden_size, num_layers, num_heads, mlp_ratio: Llama width / depth / heads / FFN ratio.
+        num_kv_heads: grouped-query heads (default num_heads). dropout: attention and embedding dropout.
+        label_dropout: probability of replacing a label by the null class during training.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        codebook_size: int = 16384,
+        num_classes: int = 1000,
+        grid_size: int | tuple[int, int] = 16,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_kv_heads: int | None = None,
+        dropout: float = 0.0,
+        label_dropout: float = 0.1,
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        if int(codebook_size) < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+        self.codebook_size = int(codebook_size)
+        self.num_classes = int(num_classes)
+        self.grid_size = normalize_grid_size(grid_size)
+        self.seq_len = self.grid_size[0] * self.grid_size[1]
+        self.null_class = self.num_classes
+        llama_config = LlamaConfig(
+            vocab_size=self.codebook_size,
+            hidden_size=hidden_size,
+            intermediate_size=int(round(mlp_ratio * hidden_size)),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads or num_heads,
+            max_position_embeddings=self.seq_len + 1,
+            attention_dropout=dropout,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
+        self.transformer = LlamaForCausalLM(llama_config)
+        self.class_embedding = nn.Embedding(self.num_classes + 1, hidden_size)
+        nn.init.normal_(self.class_embedding.weight, std=0.02)
+        self.embedding_dropout = nn.Dropout(dropout)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.get_input_embeddings()
+
+    def _labels_for_model(self, class_labels, batch: int) -> torch.Tensor:
+        labels = torch.as_tensor(class_labels, device=self.device)
+        if labels.dtype.is_floating_point or labels.shape != (batch,):
+            raise ValueError(f"class_labels must be integer [B={batch}], got {labels.dtype} {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) > self.null_class:
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}) (or {self.null_class} = null class)")
+        return labels.long()
+
+    def _embed(self, class_labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[class embedding, token embeddings of ``tokens``] -> [B, 1 + tokens.shape[1], D]."""
+        prefix = self.class_embedding(class_labels).unsqueeze(1)
+        embeddings = torch.cat([prefix, self.token_embedding(tokens)], dim=1)
+        return self.embedding_dropout(embeddings)
+
+    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L] or [B, h, w] in [0, K), labels [B] in [0, C] -> logits [B, L, K]; logits[:, i] predicts t_i."""
+        tokens = check_token_grid(tokens, self.codebook_size, self.grid_size).to(self.device)
+        labels = self._labels_for_model(class_labels, tokens.shape[0])
+        embeddings = self._embed(labels, tokens[:, :-1])
+        return self.transformer(inputs_embeds=embeddings, use_cache=False).logits
+
+    def loss(self, tokens: torch.Tensor, class_labels, generator: torch.Generator | None = None,
+             label_smoothing: float = 0.0):
+        """Next-token cross-entropy over all L positions -> (loss, logs); label dropout in train mode."""
+        targets = check_token_grid(tokens, self.codebook_size, self.grid_size).to(self.device)
+        labels = check_class_labels(class_labels, self.num_classes, targets.device)
+        if labels.shape[0] != targets.shape[0]:
+            raise ValueError(f"got {labels.shape[0]} class labels for {targets.shape[0]} token grids")
+        if self.training:
+            labels = drop_labels(labels, self.null_class, self.config.label_dropout, generator)
+        logits = self(targets, labels)
+        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, label_smoothing=label_smoothing)
+        with torch.no_grad():
+            logs = {"loss": loss.detach(), "accuracy": (logits.argmax(-1) == targets).float().mean()}
+        return loss, logs
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        class_labels,
+        guidance_scale: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        guidance_schedule: str = "constant",
+    ) -> torch.Tensor:
+        """Sample tokens [B, h, w] in raster order (module docstring).
+
+        use_cache=False recomputes the whole prefix at every position (same tokens, slower; for
+        checking the cache). guidance_schedule "linear": s_i = 1 + (s - 1)(i + 1)/L over positions.
+        class_labels, guidance_scale, temperature, generator, guidance_schedule mean the same as in
+        ``MaskGITPrior.generate``.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        labels = check_class_labels(class_labels, self.num_classes, self.device)
+        B, L = labels.shape[0], self.seq_len
+        use_guidance = guidance_scale != 1.0 or guidance_schedule != "constant"
+        model_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if use_guidance else labels
+        tokens = torch.empty(B, 0, dtype=torch.long, device=self.device)
+        past = None
+        step_input = self._embed(model_labels, tokens.new_empty(model_labels.shape[0], 0))  # the class prefix
+        for i in range(L):
+            if use_cache:
+                out = self.transformer(inputs_embeds=step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
+                past = out.past_key_values
+            else:
+                context = tokens.repeat(2, 1) if use_guidance else tokens
+                out = self.transformer(inputs_embeds=self._embed(model_labels, context), use_cache=False, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            if use_guidance:
+                cond, uncond = logits.chunk(2)
+                logits = apply_guidance(cond, uncond, guidance_scale_at(i, L, guidance_scale, guidance_schedule))
+            logits = filter_logits(logits / temperature, top_k, top_p)
+            next_token = sample_categorical(logits.softmax(dim=-1), generator)
+            tokens = torch.cat([tokens, next_token.unsqueeze(1)], dim=1)
+            step_token = next_token.repeat(2) if use_guidance else next_token
+            step_input = self.embedding_dropout(self.token_embedding(step_token).unsqueeze(1))
+        return tokens.view(B, *self.grid_size)
