@@ -17,7 +17,9 @@ The implicit codebook is the grid of prod_j L_j points; indices are the mixed-ra
 There is no auxiliary loss (``loss`` is 0).
 
 Levels table (product must equal K exactly):
-    1024 -> [8, 5, 5, 5]          (FSQ paper)
+    1000 -> [8, 5, 5, 5]          the FSQ paper's ~2^10 entry (product 1000)
+    1024 -> [8, 8, 4, 4]          [8, 5, 5, 5] has product 1000, not 1024, so it cannot serve K = 1024;
+                                  [8, 8, 4, 4] keeps K exact with the 8/4 levels used for the larger K
     4096 -> [8, 8, 8, 8]          the paper suggests [7, 5, 5, 5, 5] for ~2^12, but its product is 4375,
                                   not 4096; we keep K exact so every baseline has the same K.
     8192 -> [8, 8, 8, 4, 4]       (alternative [16, 8, 8, 8]: pass levels=[16, 8, 8, 8])
@@ -35,7 +37,8 @@ from tokenizer.quantizers.base import Quantizer, QuantizerOutput, fp32_quantizer
 from tokenizer.quantizers.vq import latents_to_tokens, tokens_to_latents
 
 FSQ_LEVELS: dict[int, tuple[int, ...]] = {
-    1024: (8, 5, 5, 5),
+    1000: (8, 5, 5, 5),
+    1024: (8, 8, 4, 4),
     4096: (8, 8, 8, 8),
     8192: (8, 8, 8, 4, 4),
     16384: (8, 8, 8, 8, 4),
@@ -99,11 +102,16 @@ class FSQuantizer(Quantizer):
             rounded = torch.minimum(torch.round(bounded).detach().clamp_min(-self.half_width),
                                     self.level_counts - 1 - self.half_width)
             codes = (rounded + (bounded - bounded.detach())) / self.half_width
-            indices = ((rounded + self.half_width).long() * self.radix_basis).sum(1)
+            indices = self.codes_to_indices(rounded / self.half_width)
             quantized = self.project_out(codes)
             loss = quantized.new_zeros(())
             stats = self.hard_stats(indices)
         return QuantizerOutput(tokens_to_latents(quantized, batch, height, width), indices.reshape(batch, height, width), loss, stats)
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """i = sum_j (r_j + floor(L_j/2)) prod_{l<j} L_l with r = round(code * floor(L/2)); codes [N, d] -> [N]."""
+        digits = torch.round(codes.detach() * self.half_width).long() + self.half_width.long()
+        return (digits * self.radix_basis).sum(1)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Mixed-radix digits of i: r_j = (i // prod_{l<j} L_l) mod L_j - floor(L_j/2); code = r / floor(L/2)."""
