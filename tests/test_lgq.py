@@ -421,3 +421,13 @@ def test_memory_of_backward_saves_no_N_by_K_tensor():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         q(z).loss.backward()
     assert saved and all(math.prod(s) < 100 * 50 for s in saved), saved
+
+
+def test_soft_usage_matches_reference_and_is_a_distribution():
+    q = make_quantizer(tau_start=0.5)
+    z = latents()
+    u = q.soft_usage(z)
+    ref = lgq_dense_reference(q.normalise_latents(flat(z)), q.codebook.detach(), 0.5)["usage"]
+    assert u.shape == (37,) and torch.allclose(u, ref, atol=1e-6)
+    assert torch.allclose(u.sum(), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(q.codebook.shape[0] * (u * u).sum(), q(z).stats["loss_usage"], rtol=1e-5)

@@ -384,18 +384,10 @@ class LGQuantizer(Quantizer):
             if self.training and self.reseed_dead:
                 self._reseed_dead_centres(x.detach())
             centres = self.codebook.float()
-            query, keys, bias, values = logit_operands(x, centres, self.logits)
-            tau = float(self.tau)
-            q_soft, p_sq, usage_sum, indices, max_prob = SoftAssignment.apply(
-                query, keys, bias, values, 1.0 / tau, self.chunk_size
-            )
+            q_soft, p_sq, usage_sum, indices, max_prob = self._soft_assignment(x, centres)
             hard = F.embedding(indices, centres.detach())
             quantized = q_soft + (hard - q_soft).detach()
-
-            num_tokens = torch.tensor(float(x.shape[0]), device=x.device)
-            if is_distributed():
-                dist.all_reduce(num_tokens)
-            usage = all_reduce_sum(usage_sum) / num_tokens  # u_k over the global batch
+            usage = self._global_usage(usage_sum, x.shape[0])
             loss_quant = F.mse_loss(quantized, x)
             loss_peak = (1.0 - p_sq).mean()
             loss_usage = self.codebook_size * (usage * usage).sum()
@@ -421,6 +413,29 @@ class LGQuantizer(Quantizer):
 
         quantized = quantized.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
         return QuantizerOutput(quantized, indices.reshape(batch, height, width), loss, stats)
+
+    def _soft_assignment(self, x: torch.Tensor, centres: torch.Tensor):
+        query, keys, bias, values = logit_operands(x, centres, self.logits)
+        return SoftAssignment.apply(query, keys, bias, values, 1.0 / float(self.tau), self.chunk_size)
+
+    @staticmethod
+    def _global_usage(usage_sum: torch.Tensor, local_tokens: int) -> torch.Tensor:
+        """u_k = (sum over processes of sum_n p_nk) / global token count; differentiable."""
+        num_tokens = torch.tensor(float(local_tokens), device=usage_sum.device)
+        if is_distributed():
+            dist.all_reduce(num_tokens)
+        return all_reduce_sum(usage_sum) / num_tokens
+
+    def soft_usage(self, z: torch.Tensor) -> torch.Tensor:
+        """Soft usage u [K] = mean_n p_n over the global batch (all processes) for latents z [B, C, H, W].
+
+        Differentiable, like the u inside ``forward``; collective in DDP (call it on every rank).
+        """
+        self.check_latents(z)
+        with fp32_quantizer_math(z.device.type):
+            x = self.normalise_latents(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+            usage_sum = self._soft_assignment(x, self.codebook.float())[2]
+            return self._global_usage(usage_sum, x.shape[0])
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """[B, H, W] int64 -> centres [B, C, H, W] (in the normalised latent space the decoder sees)."""

@@ -1,0 +1,76 @@
+"""Quantizer batch statistics under real 2-process DDP (launched by tests/test_quantizer_ddp.py).
+
+Each rank quantizes its half of a fixed batch z [4, C, 4, 4] with an identically seeded LGQ
+quantizer. Rank 0 writes to ``argv[1]`` (torch.save):
+  usage         u [K] over the global batch (``soft_usage``: all-reduced sum of p / global count)
+  loss_usage    L_usage = K sum_k u_k^2 from the forward stats
+  grad_usage    d L_usage / d centres, rank grads all-reduced and averaged as DDP would
+  grad_total    d (weighted total loss) / d centres, averaged likewise
+  grad_input    d (total loss) / d z for the whole batch (both halves gathered, unscaled)
+The test compares these with a single process on the concatenated batch.
+
+TODO(lfq): tokenizer/quantizers/lfq.py did not exist when this script was written; once it
+does, add LFQ's batch-entropy statistic (all-reduced batch code distribution) here and in the
+test, the same way as LGQ's usage.
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+
+from tokenizer.quantizers.lgq import LGQuantizer
+
+DIM, K, TAU = 6, 11, 0.5
+
+
+def fixed_batch() -> torch.Tensor:
+    return torch.randn(4, DIM, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+def make_quantizer(**weights) -> LGQuantizer:
+    torch.manual_seed(1)
+    return LGQuantizer(DIM, K, tau_start=TAU, tau_end=TAU, chunk_size=5, **weights)
+
+
+def average_grad(grad: torch.Tensor, world: int) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad / world
+
+
+def main(out_path: str) -> None:
+    state = PartialState(cpu=True)  # gloo on CPU (ENVIRONMENT.md: --multi_gpu + ACCELERATE_USE_CPU)
+    world = state.num_processes
+    assert world == 2 and dist.is_initialized(), f"expected 2 DDP processes, got {world}"
+    rank = state.process_index
+    half = fixed_batch().chunk(world)[rank]
+
+    usage_only = make_quantizer(quant_loss_weight=0.0, peak_weight=0.0, usage_weight=1.0)
+    out = usage_only(half)
+    out.loss.backward()  # loss == L_usage
+    grad_usage = average_grad(usage_only.codebook.grad, world)
+    usage = usage_only.soft_usage(half).detach()
+
+    default = make_quantizer()
+    z = half.clone().requires_grad_(True)
+    total = default(z)
+    total.loss.backward()
+    grad_total = average_grad(default.codebook.grad, world)
+    grads = [torch.empty_like(z.grad) for _ in range(world)]
+    dist.all_gather(grads, z.grad)
+
+    if rank == 0:
+        torch.save({
+            "world_size": world,
+            "usage": usage,
+            "loss_usage": out.stats["loss_usage"],
+            "grad_usage": grad_usage,
+            "grad_total": grad_total,
+            "grad_input": torch.cat(grads),
+        }, out_path)
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
