@@ -18,7 +18,7 @@ def load_script():
 
 
 @pytest.mark.slow
-def test_lgq_usage_is_global_under_ddp(tmp_path):
+def test_batch_statistics_are_global_under_ddp(tmp_path):
     out_path = tmp_path / "ddp_usage.pt"
     run_ddp(SCRIPT, out_path, nproc=2)
     ddp = torch.load(out_path)
@@ -44,3 +44,14 @@ def test_lgq_usage_is_global_under_ddp(tmp_path):
     # a per-rank (non-global) usage would differ: make sure the check has teeth
     local = usage_only.soft_usage(batch[:2]).detach()
     assert not torch.allclose(local, usage, atol=1e-3)
+
+    # LFQ: batch (codebook) entropy from all-reduced code / bit probabilities, both modes
+    for mode in ("exact", "factorized"):
+        single = script.lfq_statistics(script.make_lfq(mode), batch)
+        ddp_lfq = ddp[f"lfq_{mode}"]
+        assert torch.allclose(ddp_lfq["entropy_codebook"], single["entropy_codebook"], rtol=1e-5), mode
+        local_entropy = script.lfq_statistics(script.make_lfq(mode), batch[:2])["entropy_codebook"]
+        assert not torch.allclose(local_entropy, single["entropy_codebook"], rtol=1e-3), mode
+        assert ddp_lfq["grads"].keys() == single["grads"].keys() and single["grads"]
+        for name, grad in single["grads"].items():
+            assert torch.allclose(ddp_lfq["grads"][name], grad, rtol=1e-4, atol=1e-6), (mode, name)

@@ -7,11 +7,9 @@ quantizer. Rank 0 writes to ``argv[1]`` (torch.save):
   grad_usage    d L_usage / d centres, rank grads all-reduced and averaged as DDP would
   grad_total    d (weighted total loss) / d centres, averaged likewise
   grad_input    d (total loss) / d z for the whole batch (both halves gathered, unscaled)
+  lfq_<mode>    for LFQ with entropy_mode "exact" and "factorized": the batch (codebook)
+                entropy H(pbar) over the global batch and d L / d params (averaged like DDP)
 The test compares these with a single process on the concatenated batch.
-
-TODO(lfq): tokenizer/quantizers/lfq.py did not exist when this script was written; once it
-does, add LFQ's batch-entropy statistic (all-reduced batch code distribution) here and in the
-test, the same way as LGQ's usage.
 """
 import sys
 
@@ -19,9 +17,11 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
+from tokenizer.quantizers.lfq import LFQuantizer
 from tokenizer.quantizers.lgq import LGQuantizer
 
 DIM, K, TAU = 6, 11, 0.5
+LFQ_K = 16
 
 
 def fixed_batch() -> torch.Tensor:
@@ -31,6 +31,22 @@ def fixed_batch() -> torch.Tensor:
 def make_quantizer(**weights) -> LGQuantizer:
     torch.manual_seed(1)
     return LGQuantizer(DIM, K, tau_start=TAU, tau_end=TAU, chunk_size=5, **weights)
+
+
+def make_lfq(mode: str) -> LFQuantizer:
+    """Soft (T = 0.25) LFQ whose loss is only the entropy term, so the batch entropy drives the grads."""
+    torch.manual_seed(2)
+    return LFQuantizer(DIM, LFQ_K, temperature=0.25, entropy_weight=1.0, commitment_weight=0.0,
+                       entropy_mode=mode, chunk_size=3)
+
+
+def lfq_statistics(quantizer: LFQuantizer, z: torch.Tensor, world: int = 1) -> dict:
+    """Global batch entropy and parameter gradients (DDP-averaged when world > 1)."""
+    out = quantizer(z)
+    out.loss.backward()
+    grads = {name: (average_grad(p.grad, world) if world > 1 else p.grad.clone())
+             for name, p in quantizer.named_parameters() if p.grad is not None}
+    return {"entropy_codebook": out.stats["entropy_codebook"], "grads": grads}
 
 
 def average_grad(grad: torch.Tensor, world: int) -> torch.Tensor:
@@ -60,8 +76,11 @@ def main(out_path: str) -> None:
     grads = [torch.empty_like(z.grad) for _ in range(world)]
     dist.all_gather(grads, z.grad)
 
+    lfq = {mode: lfq_statistics(make_lfq(mode), half, world) for mode in ("exact", "factorized")}
+
     if rank == 0:
         torch.save({
+            **{f"lfq_{mode}": stats for mode, stats in lfq.items()},
             "world_size": world,
             "usage": usage,
             "loss_usage": out.stats["loss_usage"],
