@@ -50,7 +50,7 @@ def gumbel_noise(shape, generator: torch.Generator | None, device, dtype=torch.f
     """g = -log(-log(u)), u ~ U(0, 1), drawn with ``generator`` (on the generator's device)."""
     gen_device = generator.device if generator is not None else device
     u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
-    return -torch.log(-torch.log(u.clamp(1e-20, 1.0)).clamp_min(1e-20)).to(dtype)
+    return -torch.log((-torch.log(u.clamp(1e-20, 1.0))).clamp_min(1e-20)).to(dtype)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,0 +1,343 @@
+"""Pre-extract token grids for prior training: ``python -m prior.extract`` (also under ``accelerate launch``).
+
+    accelerate launch -m prior.extract --tokenizer runs/tok/export --data.name imagefolder \
+        --data.root /data/imagenet --data.image_size 256 --output tokens/imagenet_train --flip
+
+Arguments are the fields of ``ExtractConfig`` as ``key=value`` (OmegaConf dotlist, like every
+other command of the project) or ``--key value`` / ``--flag`` (``--batch-size`` == ``batch_size=``);
+``--config FILE.yaml`` merges a YAML file first.
+
+How the work is split and resumed: the data set (deterministic transform, no random flip) is cut
+into fixed chunks of ``chunk_size`` consecutive images; chunk c belongs to process c mod W. Each
+finished chunk is written atomically (temporary file + rename) to ``OUTPUT/_chunks/``. A restarted
+run (any number of processes) skips the chunks that exist, so an interruption loses at most the
+chunk being encoded and never duplicates or drops an image. When all chunks exist the main
+process concatenates them in index order into the token directory format of ``prior/tokens.py``
+(``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes ``_chunks/``.
+``--flip`` stores the grid of the horizontally flipped image right after each image's grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+from torch.utils.data import DataLoader, Subset
+
+from lgq.data import DataConfig
+from prior.tokens import (
+    LABELS_FILE,
+    META_FILE,
+    TOKENS_FILE,
+    build_meta,
+    normalize_grid_size,
+    read_meta,
+    save_npy_atomic,
+    token_dtype,
+    tokenizer_fingerprint,
+    validate_token_directory,
+    write_meta,
+)
+
+CHUNK_DIR = "_chunks"
+JOB_FILE = "job.json"
+AUGMENTATIONS = {False: ["none"], True: ["none", "hflip"]}
+
+
+@dataclass
+class ExtractConfig:
+    """tokenizer: folder written by LGQTokenizer.save_pretrained. output: token directory to create.
+    split: "train" | "val". flip: also store horizontally flipped grids. batch_size: images per encode
+    call. chunk_size: images per resumable chunk. keep_chunks: keep OUTPUT/_chunks after merging.
+    overwrite: replace a complete token directory made with other settings."""
+
+    tokenizer: str = MISSING
+    output: str = MISSING
+    split: str = "train"
+    flip: bool = False
+    batch_size: int = 64
+    chunk_size: int = 1024
+    keep_chunks: bool = False
+    overwrite: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        if self.split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {self.split!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+# ----------------------------------------------------------------------------- chunks
+def chunk_path(output: Path, index: int) -> Path:
+    return output / CHUNK_DIR / f"chunk_{index:06d}.npz"
+
+
+def _save_chunk(path: Path, tokens: np.ndarray, labels: np.ndarray, first_image: int, rank: int) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, tokens=tokens, labels=labels, first_image=np.int64(first_image), rank=np.int64(rank))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_chunk(path: Path, expected_rows: int, grid: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path) as chunk:
+            tokens, labels = chunk["tokens"], chunk["labels"]
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"chunk {path} is unreadable ({err}); delete it and re-run to re-encode it") from err
+    if tokens.shape[0] != expected_rows or labels.shape != (expected_rows,):
+        raise ValueError(f"chunk {path} holds {tokens.shape[0]} grids, expected {expected_rows}; delete it and re-run")
+    if grid is not None and tuple(tokens.shape[1:]) != tuple(grid):
+        raise ValueError(f"chunk {path} has grid {tokens.shape[1:]}, expected {grid}")
+    return tokens, labels
+
+
+def _job_record(num_images: int, chunk_size: int, augmentations: list[str], tokenizer_hash: str,
+                extra: dict) -> dict:
+    return {"num_images": num_images, "chunk_size": chunk_size, "augmentations": augmentations,
+            "tokenizer_hash": tokenizer_hash, **extra}
+
+
+def _same_job(a: dict, b: dict) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- core
+@torch.no_grad()
+def encode_batch(tokenizer, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Grids [B*A, h, w]: for each image its grid, then (flip) the grid of images.flip(-1)."""
+    grids = [tokenizer.encode(images)]
+    if flip:
+        grids.append(tokenizer.encode(images.flip(-1)))
+    return torch.stack(grids, dim=1).flatten(0, 1)
+
+
+def extract_tokens(
+    tokenizer: torch.nn.Module,
+    dataset,
+    output: str | os.PathLike,
+    *,
+    accelerator=None,
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    flip: bool = False,
+    num_workers: int = 0,
+    tokenizer_path: str | None = None,
+    tokenizer_hash: str | None = None,
+    meta_extra: dict | None = None,
+    keep_chunks: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Encode every image of ``dataset`` once (plus its flip) into the token directory ``output``.
+
+    ``tokenizer`` needs ``encode(images) -> [B, h, w]`` and ``codebook_size``; ``dataset`` yields
+    (image [3, S, S] in [-1, 1], label). Works in one process or under accelerate (see module doc).
+    Returns the meta dictionary of the finished directory.
+    """
+    from accelerate import Accelerator  # imported here: cheap module import for the helpers above
+
+    accelerator = accelerator or Accelerator()
+    output = Path(output)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    augmentations = AUGMENTATIONS[bool(flip)]
+    num_images = len(dataset)
+    if num_images == 0:
+        raise ValueError("the data set is empty: nothing to extract")
+    if tokenizer_hash is None:
+        tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    K = int(tokenizer.codebook_size)
+    extra = dict(meta_extra or {})
+    job = _job_record(num_images, int(chunk_size), augmentations, tokenizer_hash, extra)
+
+    # --- a finished directory: done (same job) or refuse (different job, unless overwrite)
+    if (output / META_FILE).is_file():
+        meta = read_meta(output)
+        if _same_job(meta.get("job", {}), job):
+            accelerator.print(f"{output} is already complete ({meta['count']} grids); nothing to do")
+            return validate_token_directory(output)
+        if not overwrite:
+            raise ValueError(
+                f"{output} already holds tokens made with other settings or another tokenizer "
+                f"(tokenizer {meta.get('tokenizer_hash')}); choose another --output or pass overwrite=true"
+            )
+    chunk_dir = output / CHUNK_DIR
+    job_file = chunk_dir / JOB_FILE
+    previous = json.loads(job_file.read_text()) if job_file.is_file() else None
+    restart = previous is not None and not _same_job(previous, job)
+    if restart and not overwrite:  # every process decides alike: no process is left waiting
+        raise ValueError(
+            f"{chunk_dir} holds chunks of an interrupted extraction with other settings or another "
+            f"tokenizer (tokenizer {previous.get('tokenizer_hash')}, now {tokenizer_hash}); refusing "
+            "to mix them: delete the folder or pass overwrite=true"
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if overwrite and (output / META_FILE).is_file():
+            for name in (META_FILE, TOKENS_FILE, LABELS_FILE):
+                (output / name).unlink(missing_ok=True)
+        if restart:
+            shutil.rmtree(chunk_dir)
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+        for stale in chunk_dir.glob("*.tmp*"):  # half-written files of an interrupted run
+            stale.unlink(missing_ok=True)
+        job_file.write_text(json.dumps(job, indent=2, sort_keys=True, default=str))
+    accelerator.wait_for_everyone()
+
+    # --- this process's missing chunks
+    num_chunks = math.ceil(num_images / chunk_size)
+    mine = [c for c in range(rank, num_chunks, world) if not chunk_path(output, c).is_file()]
+    pending_images = sum(min(chunk_size, num_images - c * chunk_size) for c in mine)
+    progress = None
+    if show_progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=pending_images, desc=f"encode (process 0 of {world})", unit="img")
+    device = accelerator.device
+    for c in mine:
+        start, stop = c * chunk_size, min((c + 1) * chunk_size, num_images)
+        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers)
+        grids, labels = [], []
+        for images, batch_labels in loader:
+            batch_grids = encode_batch(tokenizer, images.to(device), flip)
+            if batch_grids.numel() and (int(batch_grids.min()) < 0 or int(batch_grids.max()) >= K):
+                raise ValueError(f"tokenizer returned indices outside [0, {K})")
+            grids.append(batch_grids.cpu().numpy().astype(token_dtype(K)))
+            labels.append(torch.as_tensor(batch_labels).long().repeat_interleave(len(augmentations)).numpy())
+            if progress is not None:
+                progress.update(images.shape[0])
+        _save_chunk(chunk_path(output, c), np.concatenate(grids), np.concatenate(labels), start, rank)
+    if progress is not None:
+        progress.close()
+    accelerator.wait_for_everyone()
+
+    # --- merge (main process), in chunk = image order
+    if accelerator.is_main_process:
+        meta = merge_chunks(output, num_images, chunk_size, augmentations, K, job,
+                            tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash,
+                            num_processes=world, **extra)
+        if not keep_chunks:
+            shutil.rmtree(chunk_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return validate_token_directory(output)
+
+
+def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: list[str], codebook_size: int,
+                 job: dict, **meta_fields: Any) -> dict:
+    """Concatenate chunk_000000 .. chunk_{C-1} into tokens.npy / labels.npy, then write meta.json."""
+    A = len(augmentations)
+    num_chunks = math.ceil(num_images / chunk_size)
+    missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
+    if missing:
+        raise RuntimeError(f"cannot merge: chunks {missing[:10]} of {num_chunks} are missing in {output / CHUNK_DIR}")
+    first_tokens, _ = _load_chunk(chunk_path(output, 0), min(chunk_size, num_images) * A, None)
+    grid = normalize_grid_size(first_tokens.shape[1:])
+    count = num_images * A
+    dtype = token_dtype(codebook_size)
+    tmp_tokens = output / (TOKENS_FILE + ".partial")
+    tokens_out = np.lib.format.open_memmap(tmp_tokens, mode="w+", dtype=dtype, shape=(count, *grid))
+    labels_out = np.empty(count, dtype=np.int64)
+    for c in range(num_chunks):
+        rows = (min((c + 1) * chunk_size, num_images) - c * chunk_size) * A
+        tokens, labels = _load_chunk(chunk_path(output, c), rows, grid)
+        offset = c * chunk_size * A
+        tokens_out[offset: offset + rows] = tokens
+        labels_out[offset: offset + rows] = labels
+    tokens_out.flush()
+    del tokens_out
+    os.replace(tmp_tokens, output / TOKENS_FILE)
+    save_npy_atomic(output / LABELS_FILE, labels_out)
+    meta = build_meta(codebook_size=codebook_size, grid_size=grid, count=count, num_images=num_images,
+                      augmentations=augmentations, job=job, **meta_fields)
+    write_meta(output, meta)
+    return meta
+
+
+# ----------------------------------------------------------------------------- command line
+def argv_to_dotlist(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--key value`` / ``--flag`` / ``key=value`` -> (config files, dotlist); dashes in keys become underscores."""
+    flags = {"flip", "keep_chunks", "overwrite"}
+    files, dotlist, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        item = argv[i]
+        if item.startswith("--"):
+            key = item[2:]
+            value = None
+            if "=" in key:
+                key, value = key.split("=", 1)
+            key = key.replace("-", "_")
+            if value is None:
+                if key in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--") or "=" in argv[i + 1]):
+                    value = "true"
+                elif i + 1 < len(argv):
+                    value = argv[i + 1]
+                    i += 1
+                else:
+                    raise ValueError(f"option {item} needs a value")
+            if key == "config":
+                files.append(value)
+            else:
+                dotlist.append(f"{key}={value}")
+        elif "=" in item:
+            key, value = item.split("=", 1)
+            dotlist.append(f"{key.replace('-', '_')}={value}")
+        else:
+            raise ValueError(f"cannot parse argument {item!r}: use key=value or --key value")
+        i += 1
+    return files, dotlist
+
+
+def parse_config(argv: Sequence[str]) -> ExtractConfig:
+    from lgq.config import load_config
+
+    files, dotlist = argv_to_dotlist(argv)
+    return load_config(ExtractConfig, files or None, dotlist)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from accelerate import Accelerator
+
+    from lgq.data import build_image_dataset
+    from tokenizer.model import LGQTokenizer
+
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    data_cfg = dataclasses.replace(cfg.data, random_flip=False)  # the only augmentation is the explicit flip
+    accelerator = Accelerator()
+    tokenizer = LGQTokenizer.from_pretrained(cfg.tokenizer).to(accelerator.device).eval()
+    dataset = build_image_dataset(data_cfg, split=cfg.split)
+    meta_extra = {
+        "image_size": data_cfg.image_size,
+        "split": cfg.split,
+        "data_config": dataclasses.asdict(data_cfg),
+        "num_classes": int(getattr(dataset, "num_classes")),
+        "downsample_factor": int(tokenizer.downsample_factor),
+    }
+    meta = extract_tokens(
+        tokenizer, dataset, cfg.output, accelerator=accelerator, batch_size=cfg.batch_size,
+        chunk_size=cfg.chunk_size, flip=cfg.flip, num_workers=data_cfg.num_workers,
+        tokenizer_path=os.path.abspath(cfg.tokenizer), meta_extra=meta_extra,
+        keep_chunks=cfg.keep_chunks, overwrite=cfg.overwrite,
+    )
+    accelerator.print(f"token directory {cfg.output}: {meta['count']} grids {meta['grid_size']} "
+                      f"(K={meta['codebook_size']}, augmentations {meta['augmentations']})")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
