@@ -1,0 +1,593 @@
+"""The training machinery shared by the tokenizer and the prior stage (accelerate-based).
+
+A stage builds its models, optimizers and DataLoader, then hands them to a ``Trainer`` together
+with a ``training_step(batch, step) -> dict`` function. The Trainer owns everything else:
+
+    trainer = Trainer(cfg.train, run_config=cfg)                # accelerator, seed, config.yaml, trackers
+    model, disc = trainer.setup(models={"model": m, "disc": d}, optimizers={"model": opt_g, "disc": opt_d},
+                                train_loader=loader, ema_model="model")    # prepare + LR schedules + EMA + resume
+    def training_step(batch, step):                              # one micro-batch; call trainer.backward(loss)
+        ...
+        return {"loss": loss, ...}
+    trainer.fit(training_step)                                   # the loop
+    trainer.export("tokenizer")                                  # EMA weights -> save_pretrained
+
+The loop (``Trainer.fit``), per optimisation step s = 0 .. max_steps-1:
+
+    seed all RNGs from (seed, s, process index)        -> dropout/augmentation independent of resume
+    model.set_progress(s / max_steps)                    -> schedules inside models (LGQ's tau)
+    grad_accum_steps x: next micro-batch, training_step (gradient sync on the last one only)
+    all-reduce the returned logs; stop on NaN/Inf      -> nothing is stepped or saved for a bad step
+    per optimizer: clip grad norm, step, LR schedule step, zero grads
+    EMA update; log / log images / atomic checkpoint
+
+Exact resume: a checkpoint (``accelerator.save_state``) holds models, optimizers, LR schedules,
+grad scaler, RNG states, EMA and the step. Data position: the data stream is a function of the
+number of consumed micro-batches (epoch = consumed // batches_per_epoch, seeded shuffling per
+epoch, ``accelerator.skip_first_batches`` for the rest), and the stream is restarted after every
+checkpoint in uninterrupted runs too, so that DataLoader prefetching / worker seeding happen at
+the same points with the same RNG state in a resumed run. Hence a run killed at any point and
+resumed ends with bit-identical weights on the same hardware and config (tested on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from lgq.config import TrainConfig, save_config
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
+NO_DECAY_NAME_PARTS = ("codebook", "centres", "centers", "embedding", "embed_tokens", "pos_embed")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss term (or gradient norm) becomes NaN/Inf; the last checkpoint stays intact."""
+
+
+# --------------------------------------------------------------------------------------------
+# small pure helpers (tested directly)
+# --------------------------------------------------------------------------------------------
+def resolve_mixed_precision(value: str) -> str:
+    """"auto" -> "bf16" when a CUDA device supports bf16, else "no"; other values pass through."""
+    if value != "auto":
+        return value
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "cosine", min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR at optimisation step s (0-based), W = warmup_steps, S = max_steps, r = min_lr_ratio:
+
+        s <  W : (s + 1) / W                                    (linear warm-up, reaches 1 at s = W - 1)
+        s >= W : constant -> 1
+                 cosine   -> r + (1 - r) * (1 + cos(pi * t)) / 2,   t = (s - W) / max(1, S - W - 1) clipped to [0, 1]
+
+    so the cosine reaches exactly r * lr at the last step s = S - 1.
+    (Own 10-line function rather than transformers' schedulers: importing transformers.optimization
+    costs ~5 s per process, and the equation is explicit here.)
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {schedule!r}")
+    t = min(1.0, max(0.0, (step - warmup_steps) / max(1, max_steps - warmup_steps - 1)))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with ``lr_factor``; stepped once per optimisation step."""
+    import functools
+
+    factor = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                               schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def excluded_from_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """No decay for biases / norm scales (ndim < 2), embeddings and codebooks (decay would shrink
+    unused centres toward 0), or any parameter tagged ``param.no_weight_decay = True``."""
+    lowered = name.lower()
+    return (param.ndim < 2 or getattr(param, "no_weight_decay", False)
+            or any(part in lowered for part in NO_DECAY_NAME_PARTS))
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: [{params with decay, weight_decay}, {params without decay, 0.0}] (trainable only)."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if excluded_from_weight_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig, lr: float | None = None,
+                    betas: tuple[float, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``module``'s trainable parameters with the weight-decay exclusions above."""
+    groups = parameter_groups(module, cfg.weight_decay)
+    if not groups:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters to optimise")
+    return torch.optim.AdamW(groups, lr=cfg.lr if lr is None else lr, betas=tuple(betas or cfg.betas))
+
+
+def seed_for_step(seed: int, step: int, process_index: int) -> int:
+    """Distinct seed per (run seed, step, process): ((seed * 1000003) + step) * 4096 + rank, mod 2^63."""
+    return (((int(seed) * 1_000_003) + int(step)) * 4096 + int(process_index)) % (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """Completed checkpoints ``step_XXXXXXX`` sorted by step (temporary ``.tmp_*`` dirs are ignored)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
+             if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume_path(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
+    """None -> None; "latest" -> newest checkpoint or None if there is none; else an existing path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(checkpoint_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint directory")
+    return path
+
+
+def flatten_for_tracker(values: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> flat {"train.lr": 3e-4, ...} with only int/float/str/bool values (tracker hparams)."""
+    if is_dataclass(values):
+        values = asdict(values)
+    flat: dict[str, Any] = {}
+    if isinstance(values, Mapping):
+        for key, value in values.items():
+            flat.update(flatten_for_tracker(value, f"{prefix}{key}."))
+        return flat
+    key = prefix[:-1]
+    flat[key] = values if isinstance(values, (int, float, str, bool)) else str(values)
+    return flat
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[3, H, W] float in [-1, 1] -> [H, W, 3] uint8: round((x + 1) * 127.5) clipped to [0, 255]."""
+    if images.dim() != 3 or images.shape[0] != 3:
+        raise ValueError(f"expected an image grid [3, H, W], got {tuple(images.shape)}")
+    array = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return array.permute(1, 2, 0).numpy()
+
+
+class TrainingProgress:
+    """The global optimisation step, saved in every checkpoint (``register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+class Trainer:
+    """Owns the accelerator, LR schedules, EMA, logging, checkpoints, resume, NaN guard and export.
+
+    Args:
+        cfg: the ``TrainConfig`` of the run.
+        run_config: the whole run config (saved as ``<output_dir>/config.yaml`` and sent to the tracker).
+        ddp_find_unused_parameters: forwarded to DDP (set True if some parameters get no gradient in a step).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_config: Any = None, *, ddp_find_unused_parameters: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
+
+        cfg.validate()
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.image_dir = self.output_dir / "images"
+        self.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+        self.accelerator = Accelerator(
+            mixed_precision=self.mixed_precision,
+            gradient_accumulation_steps=1,  # accumulation is done by fit() (several optimizers, exact step semantics)
+            step_scheduler_with_optimizer=False,  # schedules advance once per optimisation step, whatever the world size
+            log_with=None if cfg.tracker == "none" else cfg.tracker,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs"),
+                                                automatic_checkpoint_naming=False),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ddp_find_unused_parameters)],
+        )
+        accelerator = self.accelerator
+        if cfg.expected_num_processes is not None and accelerator.num_processes != cfg.expected_num_processes:
+            raise RuntimeError(
+                f"train.expected_num_processes={cfg.expected_num_processes} but accelerate started "
+                f"{accelerator.num_processes} process(es) (this is process {accelerator.process_index}). "
+                "Note: `accelerate launch --cpu --num_processes 2` silently runs ONE process. For CPU DDP use "
+                "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 "
+                "--mixed_precision no --dynamo_backend no script.py ...`; on GPUs use `accelerate config` or "
+                "`accelerate launch --multi_gpu --num_processes <N> ...`."
+            )
+        seed_everything(cfg.seed)
+        self.is_main = accelerator.is_main_process
+        self.progress = TrainingProgress()
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        self.ema_model_name: str | None = None
+        self.train_loader = None
+        self.resumed_from: Path | None = None
+        self._stream: Iterator | None = None
+
+        if cfg.resume is None and list_checkpoints(self.checkpoint_dir):
+            raise ValueError(
+                f"{self.checkpoint_dir} already holds checkpoints; pass train.resume=latest (or --resume latest) "
+                f"to continue that run, or choose a new train.output_dir"
+            )
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(run_config if run_config is not None else cfg, self.output_dir / "config.yaml")
+        if cfg.tracker != "none":
+            init_kwargs = {"wandb": {"dir": str(self.output_dir)}}
+            if cfg.run_name:
+                init_kwargs["wandb"]["name"] = cfg.run_name
+            accelerator.init_trackers(cfg.project_name, config=flatten_for_tracker(run_config or cfg),
+                                      init_kwargs=init_kwargs)
+        accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------------------------- setup
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def images_per_step(self) -> int:
+        """Global images per optimisation step = batch_size * grad_accum_steps * num_processes."""
+        return self.cfg.batch_size * self.cfg.grad_accum_steps * self.accelerator.num_processes
+
+    def setup(self, models: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+              train_loader: torch.utils.data.DataLoader, ema_model: str | None = None) -> list[nn.Module]:
+        """Prepare models/optimizers/loader, build one LR schedule per optimizer, the EMA of
+        ``models[ema_model]`` (if train.ema_decay > 0), and resume if train.resume asks for it.
+
+        Returns the prepared models in the order given (DDP-wrapped when distributed).
+        """
+        accelerator = self.accelerator
+        unknown = set(optimizers) - set(models)
+        if unknown:
+            raise ValueError(f"optimizers {sorted(unknown)} have no model of the same name in {sorted(models)}")
+        if ema_model is not None and ema_model not in models:
+            raise ValueError(f"ema_model={ema_model!r} is not one of the models {sorted(models)}")
+        names, opt_names = list(models), list(optimizers)
+        schedulers = [build_lr_scheduler(optimizers[n], self.cfg) for n in opt_names]
+        prepared = accelerator.prepare(*[models[n] for n in names], *[optimizers[n] for n in opt_names],
+                                       *schedulers, train_loader)
+        self.models = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(opt_names, prepared[len(names): len(names) + len(opt_names)]))
+        self.schedulers = dict(zip(opt_names, prepared[len(names) + len(opt_names): -1]))
+        self.train_loader = prepared[-1]
+        if len(self.train_loader) == 0:
+            raise ValueError(
+                f"the training set yields no full batch of {self.cfg.batch_size} per process "
+                f"({accelerator.num_processes} process(es)); lower train.batch_size or use more data"
+            )
+        if self.cfg.ema_decay > 0 and ema_model is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            source = accelerator.unwrap_model(self.models[ema_model])
+            # EMA_t = decay * EMA_{t-1} + (1 - decay) * theta_t (parameters and buffers), fp32, same device.
+            self.ema = AveragedModel(source, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+            self.ema_model_name = ema_model
+        accelerator.register_for_checkpointing(self.progress)
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
+        self._maybe_resume()
+        return [self.models[n] for n in names]
+
+    def _maybe_resume(self) -> None:
+        path = resolve_resume_path(self.cfg.resume, self.checkpoint_dir)
+        if path is None:
+            if self.cfg.resume == "latest":
+                self.print(f"train.resume=latest: no checkpoint in {self.checkpoint_dir}, starting from step 0")
+            return
+        self.accelerator.load_state(str(path))
+        self.resumed_from = path
+        self.print(f"resumed from {path} at step {self.progress.step}")
+
+    def unwrap(self, name: str = "model") -> nn.Module:
+        return self.accelerator.unwrap_model(self.models[name])
+
+    def print(self, *args: Any) -> None:
+        self.accelerator.print(*args)
+
+    # ---------------------------------------------------------------------------------- data
+    def _batch_stream(self, consumed: int) -> Iterator[Any]:
+        """Micro-batches from position ``consumed`` (micro-batches per process since step 0) onwards.
+
+        Epoch e = consumed // L (L = batches per epoch per process) shuffles with seed (train.seed + e);
+        the first (consumed mod L) batches of that epoch are skipped without loading them.
+        """
+        per_epoch = len(self.train_loader)
+        epoch, skip = divmod(consumed, per_epoch)
+        while True:
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch, skip = epoch + 1, 0
+
+    def first_batches(self, num_batches: int = 1) -> list[Any]:
+        """The first ``num_batches`` micro-batches of epoch 0 (for data-driven init); does not move the stream."""
+        batches = []
+        for batch in self._batch_stream(0):
+            batches.append(batch)
+            if len(batches) >= num_batches:
+                break
+        return batches
+
+    # ---------------------------------------------------------------------------------- per step
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch loss, scaled by 1 / grad_accum_steps (grad scaler handled)."""
+        self.accelerator.backward(loss / self.cfg.grad_accum_steps)
+
+    def _set_progress(self, step: int) -> None:
+        progress = min(1.0, step / self.cfg.max_steps)
+        for name in self.models:
+            module = self.unwrap(name)
+            if hasattr(module, "set_progress"):
+                module.set_progress(progress)
+
+    def _reduce_logs(self, step: int, micro_logs: list[Mapping[str, Any]]) -> dict[str, float]:
+        """Mean over micro-batches and processes (one all-reduce); stop on any non-finite value."""
+        keys = list(micro_logs[0])
+        rows = [[torch.as_tensor(logs[k], device=self.device).detach().float().reshape(()) for k in keys]
+                for logs in micro_logs]
+        values = torch.stack([torch.stack(row) for row in rows]).mean(0) if keys else torch.zeros(0, device=self.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        result = dict(zip(keys, values.tolist()))
+        bad = {k: v for k, v in result.items() if not math.isfinite(v)}
+        if bad:
+            self._raise_non_finite(step, bad)
+        return result
+
+    def _raise_non_finite(self, step: int, bad: Mapping[str, float]) -> None:
+        latest = list_checkpoints(self.checkpoint_dir)
+        raise NonFiniteLossError(
+            f"non-finite training values at step {step}: "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + ". Training stopped before the optimizer step; nothing was saved for this step. "
+            + f"Last good checkpoint: {latest[-1] if latest else 'none'}. "
+            + "Consider a lower train.lr, train.grad_clip > 0 or train.mixed_precision=bf16/no."
+        )
+
+    def _optimizer_steps(self, step: int) -> dict[str, float]:
+        """Clip, step and schedule every optimizer that received gradients; zero all grads."""
+        norms: dict[str, float] = {}
+        for name, optimizer in self.optimizers.items():
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if any(p.grad is not None for p in params):
+                if self.cfg.grad_clip > 0:
+                    norm = self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip)
+                    norms[f"grad_norm/{name}"] = float(norm)
+                optimizer.step()
+            self.schedulers[name].step()
+            optimizer.zero_grad(set_to_none=True)
+        if self.mixed_precision != "fp16":  # under fp16 the grad scaler skips inf steps by design
+            bad = {k: v for k, v in norms.items() if not math.isfinite(v)}
+            if bad:
+                self._raise_non_finite(step, bad)
+        return norms
+
+    # ---------------------------------------------------------------------------------- the loop
+    def fit(self, training_step: Callable[[Any, int], Mapping[str, Any]],
+            on_log: Callable[[int], Mapping[str, Any]] | None = None,
+            on_image_log: Callable[[int], Mapping[str, Any]] | None = None) -> dict[str, float]:
+        """Run optimisation steps from the current step to train.max_steps.
+
+        training_step(batch, step) -> logs: runs on one micro-batch and calls ``trainer.backward``;
+            every returned value (tensor or float) is averaged, checked for NaN/Inf and logged.
+        on_log(step) -> extra scalars, called on every process at log steps (may use collectives).
+        on_image_log(step) -> {name: image grid [3, H, W] in [-1, 1] or scalar}, every image_log_every steps.
+        Returns the last reduced logs.
+        """
+        from tqdm.auto import tqdm
+
+        cfg, accelerator = self.cfg, self.accelerator
+        step = self.progress.step
+        bar = tqdm(total=cfg.max_steps, initial=step, disable=not (self.is_main and cfg.progress_bar),
+                   dynamic_ncols=True, desc="train")
+        last_logs: dict[str, float] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        self._stream = None
+        while step < cfg.max_steps:
+            seed_everything(seed_for_step(cfg.seed, step, accelerator.process_index))
+            if self._stream is None:  # (re)started at step 0, on resume and after every checkpoint
+                self._stream = self._batch_stream(step * cfg.grad_accum_steps)
+            self._set_progress(step)
+
+            micro_logs = []
+            for micro in range(cfg.grad_accum_steps):
+                batch = next(self._stream)
+                sync = micro == cfg.grad_accum_steps - 1
+                with contextlib.ExitStack() as stack:
+                    if not sync:
+                        for model in self.models.values():
+                            stack.enter_context(accelerator.no_sync(model))
+                    micro_logs.append(dict(training_step(batch, step)))
+            logs = self._reduce_logs(step, micro_logs)  # raises on NaN/Inf before anything is stepped
+            logs.update(self._optimizer_steps(step))
+            if self.ema is not None:
+                self.ema.update_parameters(self.unwrap(self.ema_model_name))
+            step += 1
+            self.progress.step = step
+            window_steps += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logs["images_per_sec"] = window_steps * self.images_per_step / max(elapsed, 1e-9)
+                for name, scheduler in self.schedulers.items():
+                    logs[f"lr/{name}"] = scheduler.get_last_lr()[0]
+                if on_log is not None:
+                    logs.update({k: float(v) for k, v in on_log(step).items()})
+                accelerator.log(logs, step=step)
+                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
+                                img_s=f"{logs['images_per_sec']:.1f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if on_image_log is not None and cfg.image_log_every and step % cfg.image_log_every == 0:
+                self.log_media(on_image_log(step), step)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
+                self.save_checkpoint()
+                self._stream = None
+            last_logs = logs
+        bar.close()
+        return last_logs
+
+    # ---------------------------------------------------------------------------------- logging
+    def log_media(self, values: Mapping[str, Any], step: int) -> None:
+        """Log scalars and image grids ([3, H, W] in [-1, 1]): PNG under <output_dir>/images/ + tracker."""
+        scalars = {k: float(v) for k, v in values.items() if not (torch.is_tensor(v) and v.dim() == 3)}
+        if scalars:
+            self.accelerator.log(scalars, step=step)
+        if not self.is_main:
+            return
+        from PIL import Image
+
+        for name, grid in values.items():
+            if not (torch.is_tensor(grid) and grid.dim() == 3):
+                continue
+            array = images_to_uint8(grid)
+            self.image_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(self.image_dir / f"{name.replace('/', '_')}_step{step:07d}.png")
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_image(name, array, global_step=step, dataformats="HWC")
+                elif tracker.name == "wandb":
+                    tracker.log_images({name: [array]}, step=step)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint: save_state into checkpoints/.tmp_step_XXXXXXX, then rename to step_XXXXXXX;
+        keep the newest train.keep_checkpoints. A crash mid-save leaves only a .tmp_ dir (ignored, replaced)."""
+        accelerator = self.accelerator
+        step = self.progress.step
+        final = self.checkpoint_dir / f"step_{step:07d}"
+        temporary = self.checkpoint_dir / f".tmp_step_{step:07d}"
+        if self.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if temporary.exists():
+                shutil.rmtree(temporary)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if self.is_main:
+            (temporary / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "num_processes": accelerator.num_processes, "images_per_step": self.images_per_step}))
+            if final.exists():  # re-saving a step (e.g. resumed a finished run): swap out the old copy
+                stale = self.checkpoint_dir / f".old_step_{step:07d}"
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(final, stale)
+                os.replace(temporary, final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.replace(temporary, final)
+            for old in list_checkpoints(self.checkpoint_dir)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    # ---------------------------------------------------------------------------------- export
+    def export(self, name: str, model_name: str | None = None) -> Path:
+        """save_pretrained of the EMA weights (or the raw weights without EMA) to <output_dir>/<name>."""
+        model_name = model_name or self.ema_model_name or next(iter(self.models))
+        path = self.output_dir / name
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            if self.ema is not None and model_name == self.ema_model_name:
+                model = self.ema.module
+            else:
+                model = self.unwrap(model_name)
+            if hasattr(model, "set_progress"):
+                model.set_progress(1.0)
+            if not hasattr(model, "save_pretrained"):
+                raise TypeError(f"{type(model).__name__} has no save_pretrained (needs diffusers ModelMixin)")
+            model.save_pretrained(str(path))
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def end(self) -> None:
+        """Flush and close trackers."""
+        self.accelerator.end_training()
+
+
+# --------------------------------------------------------------------------------------------
+# quantizer helpers
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_quantizer_from_data(trainer: Trainer, model_name: str = "model", num_batches: int = 1,
+                             images_from_batch: Callable[[Any], torch.Tensor] = lambda batch: batch[0]) -> bool:
+    """Data-driven quantizer init before step 0, identical on every process.
+
+    Encodes the first ``num_batches`` micro-batches on each process, gathers the latents of all
+    processes (accelerator.gather -> the same [N_global, C] on every rank), then calls
+    ``quantizer.init_from_latents`` under the same seed everywhere. No-op when the quantizer does
+    not need init or when the run was resumed (the checkpoint holds the initialised codebook).
+    """
+    model = trainer.unwrap(model_name)
+    quantizer = getattr(model, "quantizer", None)
+    if quantizer is None or not getattr(quantizer, "needs_init", False) or trainer.step > 0 or trainer.resumed_from:
+        return False
+    latents = []
+    for batch in trainer.first_batches(num_batches):
+        z = model.encode_latents(images_from_batch(batch).to(trainer.device))
+        latents.append(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+    gathered = trainer.accelerator.gather(torch.cat(latents).contiguous())
+    seed_everything(trainer.cfg.seed)
+    quantizer.init_from_latents(gathered)
+    trainer.print(f"initialised the {type(quantizer).__name__} codebook from {gathered.shape[0]} encoder latents")
+    return True
+
+
+__all__ = [
+    "Trainer", "TrainingProgress", "NonFiniteLossError", "lr_factor", "build_lr_scheduler", "build_optimizer",
+    "parameter_groups", "excluded_from_weight_decay", "resolve_mixed_precision", "seed_for_step", "seed_everything",
+    "list_checkpoints", "resolve_resume_path", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
+]
