@@ -310,15 +310,34 @@ def parse_config(argv: Sequence[str]) -> ExtractConfig:
     return load_config(ExtractConfig, files or None, dotlist)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def make_accelerator():
+    """Accelerator on CUDA/MPS when present, else CPU (gloo for several processes).
+
+    Raises if the launcher started several processes that did not join one process group: they
+    would each extract everything into the same output folder.
+    """
     from accelerate import Accelerator
 
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not (
+        torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    )
+    accelerator = Accelerator(cpu=use_cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate sees {accelerator.num_processes}: "
+            "on CPU use `accelerate launch --multi_gpu --num_processes N` with ACCELERATE_USE_CPU=true"
+        )
+    return accelerator
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
     from lgq.data import build_image_dataset
     from tokenizer.model import LGQTokenizer
 
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     data_cfg = dataclasses.replace(cfg.data, random_flip=False)  # the only augmentation is the explicit flip
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     tokenizer = LGQTokenizer.from_pretrained(cfg.tokenizer).to(accelerator.device).eval()
     dataset = build_image_dataset(data_cfg, split=cfg.split)
     meta_extra = {

@@ -92,9 +92,10 @@ def tokenizer_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}  # not _name_or_path etc.
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
