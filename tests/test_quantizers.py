@@ -7,18 +7,20 @@ import torch.nn.functional as F
 
 from tokenizer.quantizers import build_quantizer
 from tokenizer.quantizers.fsq import FSQ_LEVELS, FSQuantizer
+from tokenizer.quantizers.ibq import IBQuantizer
 from tokenizer.quantizers.lfq import LFQuantizer, binary_entropy
 from tokenizer.quantizers.simvq import SimVQuantizer
 from tokenizer.quantizers.vq import VectorQuantizer, nearest_code_indices
 
 DIM, K = 8, 64
-NAMES = ["vq", "fsq", "simvq", "lfq", "lgq"]
+NAMES = ["vq", "fsq", "simvq", "lfq", "ibq", "lgq"]
 OPTIONS = {"fsq": {"levels": [4, 4, 4]}}  # K = 64 is not in the FSQ table
 LOSS_TERMS = {
     "vq": ("loss_codebook", "loss_commit"),
     "simvq": ("loss_codebook", "loss_commit"),
     "fsq": (),
     "lfq": ("entropy_per_sample", "entropy_codebook", "loss_entropy", "loss_commit"),
+    "ibq": ("loss_double", "loss_commit", "loss_entropy", "entropy_per_sample", "entropy_codebook"),
     "lgq": ("loss_quant", "loss_peak", "loss_usage"),
 }
 
@@ -114,9 +116,10 @@ def test_bf16_autocast_input_gives_finite_fp32_output(name):
     assert torch.equal(out.indices, q(z.detach().float()).indices)
 
 
-@pytest.mark.parametrize("name", ["vq", "fsq", "simvq", "lfq"])
+@pytest.mark.parametrize("name", ["vq", "fsq", "simvq", "lfq", "ibq"])
 def test_build_quantizer_returns_the_registered_class(name):
-    expected = {"vq": VectorQuantizer, "fsq": FSQuantizer, "simvq": SimVQuantizer, "lfq": LFQuantizer}[name]
+    expected = {"vq": VectorQuantizer, "fsq": FSQuantizer, "simvq": SimVQuantizer, "lfq": LFQuantizer,
+                "ibq": IBQuantizer}[name]
     assert type(make(name)) is expected
     assert type(build_quantizer(name.upper(), dim=DIM, codebook_size=K, **OPTIONS.get(name, {}))) is expected
 
@@ -134,6 +137,24 @@ def test_straight_through_gradient_is_identity_in_the_lookup_space(name):
         assert torch.allclose(flat(z.grad), expected.expand(30, DIM), atol=1e-5)
     else:
         assert z.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["vq", "simvq", "lfq", "ibq"])
+def test_backward_saves_no_tokens_by_codes_tensor(name):
+    """Memory: what is kept for backward is O(N (C + b) + K C), far below N x K (N = 120 tokens, K = 1024)."""
+    q = make(name, K=1024, chunk_size=8)
+    z = latents(B=2, H=6, W=10, requires_grad=True)
+    saved = {}  # distinct saved storages -> element count
+
+    def pack(tensor):
+        saved[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())] = tensor.numel()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = q(z)
+    (out.quantized.sum() + out.loss).backward()
+    assert saved and sum(saved.values()) < 120 * 1024 // 3, sorted(saved.values())
+    assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
 # ----------------------------------------------------------------------------- nearest neighbour
@@ -349,3 +370,47 @@ def test_lfq_option_errors():
         build_quantizer("lfq", dim=DIM, codebook_size=64, entropy_mode="approx")
     with pytest.raises(ValueError, match="temperature"):
         build_quantizer("lfq", dim=DIM, codebook_size=64, temperature=0.0)
+
+
+# ----------------------------------------------------------------------------- IBQ
+def dense_ibq_reference(x, codebook, beta=0.25, entropy_weight=0.05, temperature=0.01, gamma=1.0):
+    """Plain autograd over full N x K tensors, written as in the paper: (onehot + p - sg p) C."""
+    logits = x @ codebook.t()
+    p = torch.softmax(logits, dim=1)
+    indices = logits.argmax(1)
+    one_hot = F.one_hot(indices, codebook.shape[0]).float()
+    quantized = (one_hot + p - p.detach()) @ codebook
+    p_e = torch.softmax(logits / temperature, dim=1)
+    per_sample = -(p_e * p_e.clamp_min(1e-30).log()).sum(1).mean()
+    mean_p = p_e.mean(0)
+    codebook_entropy = -(mean_p * mean_p.clamp_min(1e-30).log()).sum()
+    loss = (F.mse_loss(quantized, x) + beta * F.mse_loss(x, codebook[indices].detach())
+            + entropy_weight * (per_sample - gamma * codebook_entropy))
+    return quantized, indices, loss
+
+
+@pytest.mark.parametrize("chunk_size", [4, None])
+def test_ibq_matches_dense_reference_values_and_gradients(chunk_size):
+    q = IBQuantizer(DIM, 16, chunk_size=chunk_size, entropy_temperature=0.5)
+    z = latents(requires_grad=True)
+    out = q(z)
+    x = flat(z)
+    ref_q, ref_idx, ref_loss = dense_ibq_reference(x, q.codebook, temperature=0.5)
+    assert torch.equal(out.indices.reshape(-1), ref_idx)
+    assert torch.allclose(flat(out.quantized), ref_q, atol=1e-6)
+    assert torch.allclose(out.loss, ref_loss, atol=1e-5)
+    weights = torch.randn_like(out.quantized)
+    objective = (out.quantized * weights).sum() + out.loss
+    ref_objective = (ref_q * flat(weights)).sum() + ref_loss
+    grads = torch.autograd.grad(objective, (z, q.codebook))
+    ref_grads = torch.autograd.grad(ref_objective, (z, q.codebook))
+    for grad, ref in zip(grads, ref_grads):
+        assert torch.allclose(grad, ref, atol=1e-5)
+
+
+def test_ibq_index_is_max_dot_product_and_option_errors():
+    q = IBQuantizer(DIM, 16)
+    z = latents()
+    assert torch.equal(q(z).indices.reshape(-1), (flat(z) @ q.codebook.t()).argmax(1))
+    with pytest.raises(ValueError, match="entropy_temperature"):
+        build_quantizer("ibq", dim=DIM, codebook_size=16, entropy_temperature=-1.0)

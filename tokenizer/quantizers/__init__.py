@@ -12,6 +12,7 @@ QUANTIZERS: dict[str, str] = {
     "fsq": "tokenizer.quantizers.fsq:FSQuantizer",
     "simvq": "tokenizer.quantizers.simvq:SimVQuantizer",
     "lfq": "tokenizer.quantizers.lfq:LFQuantizer",
+    "ibq": "tokenizer.quantizers.ibq:IBQuantizer",
 }
 
 
