@@ -333,6 +333,7 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--save-grid", default=None, help="write a PNG grid of the first 64 samples")
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--no-isc", action="store_true", help="skip the Inception Score")
+    parser.add_argument("--isc-splits", type=int, default=10, help="Inception Score splits (torch-fidelity default 10)")
     parser.add_argument("--torch-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--expected-num-processes", type=int, default=None,
                         help="fail unless launched with this many processes (catches silent 1-process launches)")
@@ -405,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     samples["resolution"] = list(pipeline.image_size)
     seconds = time.time() - start
     result = evaluate_generation(samples, args.reference, extractor, args.batch_size, args.data_overrides,
-                                 pipeline.image_size[0], isc=not args.no_isc, weights_note=weights_note)
+                                 pipeline.image_size[0], isc=not args.no_isc, isc_splits=args.isc_splits,
+                                 weights_note=weights_note)
     counts = torch.bincount(samples["labels"], minlength=pipeline.num_classes)
     result["protocol"] = {
         "pipeline": str(Path(args.pipeline).resolve()),

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from eval import gen_fid, reconstruction
-from eval.metrics import code_histogram, codebook_statistics, psnr, to_uint8
+from eval.metrics import code_histogram, codebook_statistics, psnr, ssim, to_uint8
 from lgq.data import DataConfig, build_image_dataset
 from pipelines import LGQPipeline
 from prior.maskgit import MaskGITPrior
@@ -60,15 +60,15 @@ def test_class_balanced_subset():
 
 def test_reconstruction_command_json_matches_hand_computation(tmp_path, tokenizer_dir, inception_weights_path, capsys):
     out = tmp_path / "metrics.json"
-    reconstruction.main(["--tokenizer", tokenizer_dir, *DATA_ARGS, "--split", "val", "--num-images", "16",
+    reconstruction.main(["--tokenizer", tokenizer_dir, *DATA_ARGS, "--split", "val", "--num-images", "8",
                          "--batch-size", "5", "--output", out, "--inception-weights", inception_weights_path,
                          "--lpips", "off"])
     table = capsys.readouterr().out
     assert "rFID" in table and "active codes" in table
     result = json.loads(out.read_text())
     protocol = result["protocol"]
-    assert protocol["num_images"] == 16 and protocol["split"] == "val" and protocol["resolution"] == [16, 16]
-    assert protocol["images_per_class"] == {str(c): 4 for c in range(NUM_CLASSES)}
+    assert protocol["num_images"] == 8 and protocol["split"] == "val" and protocol["resolution"] == [16, 16]
+    assert protocol["images_per_class"] == {str(c): 2 for c in range(NUM_CLASSES)}
     assert protocol["inception_weights"]["weights_source"] == "argument"
     assert protocol["tokenizer"] == str(Path(tokenizer_dir).resolve())
     assert protocol["data"]["name"] == "synthetic"
@@ -77,24 +77,19 @@ def test_reconstruction_command_json_matches_hand_computation(tmp_path, tokenize
     # by hand: same class-balanced subset, one bincount over all of it
     dataset = build_image_dataset(DataConfig(name="synthetic", num_val_images=24, num_classes=NUM_CLASSES,
                                              image_size=16), split="val")
-    chosen = reconstruction.class_balanced_indices([dataset[i][1] for i in range(len(dataset))], 16, seed=0)
+    chosen = reconstruction.class_balanced_indices([dataset[i][1] for i in range(len(dataset))], 8, seed=0)
     images = torch.stack([dataset[i][0] for i in chosen])
     tokenizer = LGQTokenizer.from_pretrained(tokenizer_dir).eval()
     tokens = tokenizer.encode(images)
     expected = codebook_statistics(torch.bincount(tokens.flatten(), minlength=K), tokens_per_image=64)
+    assert result["codebook"]["num_tokens"] == 8 * 64
     for key, value in expected.items():
         assert result["codebook"][key] == pytest.approx(value, rel=1e-9), key
     assert torch.equal(code_histogram(tokens, K), torch.bincount(tokens.flatten(), minlength=K))
     recon = tokenizer.decode(tokens)
     assert result["psnr"] == pytest.approx(float(psnr(to_uint8(images), to_uint8(recon)).double().mean()), rel=1e-6)
-    assert 0.0 < result["ssim"] <= 1.0
-
-    from eval.fid import calculate_fid
-
-    independent = calculate_fid(to_uint8(recon), to_uint8(images), inception_weights_path=inception_weights_path,
-                                allow_download=False)["fid"]
-    assert result["rfid"] == pytest.approx(independent, rel=1e-6)
-    assert result["rfid"] > 1.0
+    assert result["ssim"] == pytest.approx(float(ssim(to_uint8(images), to_uint8(recon)).double().mean()), rel=1e-6)
+    assert result["rfid"] > 1.0  # an untrained tokenizer reconstructs badly (identical sets -> ~0: gen_fid test)
 
 
 def test_reconstruction_without_inception_weights_says_so(tmp_path, monkeypatch):
@@ -135,39 +130,44 @@ def test_sharded_generation_equals_single_process(pipeline_dir):
 
 
 def test_gen_fid_command_references_and_outputs(tmp_path, pipeline_dir, inception_weights_path):
-    common = ["--pipeline", pipeline_dir, "--num-samples", "16", "--batch-size", "8", "--num-inference-steps", "3",
-              "--guidance-scale", "1.5", "--temperature", "0.9", "--seed", "1",
+    common = ["--pipeline", pipeline_dir, "--num-samples", "8", "--batch-size", "4", "--num-inference-steps", "3",
+              "--guidance-scale", "1.5", "--temperature", "0.9", "--seed", "1", "--isc-splits", "4",
               "--inception-weights", inception_weights_path]
-    data = ["--data.num_val_images", "16", "--data.num_classes", str(NUM_CLASSES)]
+    data = ["--data.num_val_images", "8", "--data.num_classes", str(NUM_CLASSES)]
     result = gen_fid.main([*common, "--reference", "synthetic:val", *data, "--output", tmp_path / "m.json",
                            "--save-npz", tmp_path / "s.npz", "--save-grid", tmp_path / "grid.png"])
     saved = json.loads((tmp_path / "m.json").read_text())
     protocol = saved["protocol"]
-    assert protocol["num_samples"] == 16 and protocol["num_inference_steps"] == 3
+    assert protocol["num_samples"] == 8 and protocol["num_inference_steps"] == 3
     assert protocol["guidance_scale"] == 1.5 and protocol["temperature"] == 0.9 and protocol["seed"] == 1
-    assert protocol["samples_per_class"] == {str(c): 4 for c in range(NUM_CLASSES)}
-    assert saved["reference"]["type"] == "data_split" and saved["reference"]["num_images"] == 16
+    assert protocol["samples_per_class"] == {str(c): 2 for c in range(NUM_CLASSES)}
+    assert saved["reference"]["type"] == "data_split" and saved["reference"]["num_images"] == 8
     assert saved["inception_weights"]["weights_source"] == "argument"
-    assert saved["inception_score_mean"] > 0
-    different = result["fid"]
+    assert saved["inception_score_mean"] > 0 and saved["isc_splits"] == 4
     with np.load(tmp_path / "s.npz") as npz:
         samples, labels = npz["arr_0"], npz["labels"]
-    assert samples.dtype == np.uint8 and samples.shape == (16, 8, 8, 3)
-    assert np.bincount(labels).tolist() == [4, 4, 4, 4]
+    assert samples.dtype == np.uint8 and samples.shape == (8, 8, 8, 3)
+    assert np.bincount(labels).tolist() == [2, 2, 2, 2]
     assert Image.open(tmp_path / "grid.png").size[0] > 8
     assert not (tmp_path / "m.json.shards").exists()
 
-    # the same samples as reference: .npz images and an image folder -> FID ~ 0; the data split clearly larger
+    # the same samples as reference (.npz images, image folder of PNGs) -> FID ~ 0; the data split: clearly larger
+    from eval.fid import InceptionFeatureExtractor, compute_inception_features, frechet_distance
+
+    extractor = InceptionFeatureExtractor(inception_weights_path, device="cpu")
+    sample_stats = compute_inception_features(torch.from_numpy(samples).permute(0, 3, 1, 2), extractor).statistics()
     folder = tmp_path / "folder"
     folder.mkdir()
     for i, image in enumerate(samples):
         Image.fromarray(image).save(folder / f"{i:03d}.png")
-    for reference in (tmp_path / "s.npz", folder):
-        same = gen_fid.main([*common, "--reference", reference, "--no-isc", "--output", tmp_path / "same.json"])
-        assert abs(same["fid"]) < 1e-3 * different, reference
-    assert different > 1.0
-    assert torch.equal(to_uint8(torch.from_numpy(samples).permute(0, 3, 1, 2)),
-                       torch.from_numpy(samples).permute(0, 3, 1, 2))
+    npz_stats, description = gen_fid.reference_statistics(str(tmp_path / "s.npz"), extractor)
+    assert description["type"] == "npz_images" and npz_stats.num_images == 8
+    assert abs(frechet_distance(sample_stats, npz_stats)) < 1e-3 * result["fid"]
+    folder_stats, description = gen_fid.reference_statistics(str(folder), extractor)  # same statistics -> same FID
+    assert description["type"] == "image_folder" and folder_stats.num_images == 8
+    np.testing.assert_allclose(folder_stats.mu, sample_stats.mu, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(folder_stats.sigma, sample_stats.sigma, rtol=0, atol=1e-9)
+    assert result["fid"] > 1.0
 
 
 def test_gen_fid_rejects_bad_reference(tmp_path, pipeline_dir, monkeypatch):
@@ -183,16 +183,21 @@ def test_gen_fid_rejects_bad_reference(tmp_path, pipeline_dir, monkeypatch):
 def test_two_process_gen_fid_generates_each_sample_once(tmp_path, pipeline_dir, inception_weights_path):
     from ddp import run_ddp
 
-    args = ["--pipeline", pipeline_dir, "--num-samples", "12", "--batch-size", "4", "--num-inference-steps", "2",
-            "--seed", "3", "--inception-weights", inception_weights_path, "--reference", "synthetic:val",
-            "--data.num_val_images", "8"]
+    args = ["--pipeline", pipeline_dir, "--num-samples", "8", "--batch-size", "3", "--num-inference-steps", "2",
+            "--seed", "3", "--inception-weights", inception_weights_path, "--isc-splits", "4"]
     run_ddp(Path(gen_fid.__file__), *args, "--output", tmp_path / "ddp.json", "--save-npz", tmp_path / "ddp.npz",
             "--expected-num-processes", "2")
-    single = gen_fid.main([*args, "--output", tmp_path / "one.json", "--save-npz", tmp_path / "one.npz"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the DDP workers (OMP_NUM_THREADS=1): bit-identical float reductions
+    try:
+        single = gen_fid.main([*args, "--output", tmp_path / "one.json", "--save-npz", tmp_path / "one.npz"])
+    finally:
+        torch.set_num_threads(threads)
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert ddp["protocol"]["num_processes"] == 2 and single["protocol"]["num_processes"] == 1
     with np.load(tmp_path / "ddp.npz") as a, np.load(tmp_path / "one.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
-    assert ddp["fid"] == pytest.approx(single["fid"], rel=1e-9)
+    assert ddp["fid"] is None and any("no --reference" in n for n in ddp["notes"])  # FID itself: test above
+    # Inception features were extracted on each rank and gathered: the same IS as one process
     assert ddp["inception_score_mean"] == pytest.approx(single["inception_score_mean"], rel=1e-9)
