@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -249,8 +250,10 @@ class Trainer:
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
         self.ema_model_name: str | None = None
         self.train_loader = None
+        self.without_ddp: set[str] = set()
         self.resumed_from: Path | None = None
         self._stream: Iterator | None = None
+        self.history: list[tuple[int, dict[str, float]]] = []  # (step, logs) of every log step of this process
 
         if cfg.resume is None and list_checkpoints(self.checkpoint_dir):
             raise ValueError(
@@ -283,11 +286,18 @@ class Trainer:
         return self.cfg.batch_size * self.cfg.grad_accum_steps * self.accelerator.num_processes
 
     def setup(self, models: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-              train_loader: torch.utils.data.DataLoader, ema_model: str | None = None) -> list[nn.Module]:
+              train_loader: torch.utils.data.DataLoader, ema_model: str | None = None,
+              without_ddp: Iterable[str] = ()) -> list[nn.Module]:
         """Prepare models/optimizers/loader, build one LR schedule per optimizer, the EMA of
         ``models[ema_model]`` (if train.ema_decay > 0), and resume if train.resume asks for it.
 
-        Returns the prepared models in the order given (DDP-wrapped when distributed).
+        ``optimizers[name]`` optimises ``models[name]``. Models listed in ``without_ddp`` are placed on
+        the device but not DDP-wrapped; their gradients are averaged over processes right before their
+        optimizer step instead (one all-reduce per step). Use it for a GAN discriminator: its module can
+        then be called in the generator pass (with frozen parameters) and in its own pass without DDP's
+        "one forward per backward" constraints.
+
+        Returns the prepared models in the order given (DDP-wrapped when distributed, except ``without_ddp``).
         """
         accelerator = self.accelerator
         unknown = set(optimizers) - set(models)
@@ -295,13 +305,19 @@ class Trainer:
             raise ValueError(f"optimizers {sorted(unknown)} have no model of the same name in {sorted(models)}")
         if ema_model is not None and ema_model not in models:
             raise ValueError(f"ema_model={ema_model!r} is not one of the models {sorted(models)}")
-        names, opt_names = list(models), list(optimizers)
+        self.without_ddp = set(without_ddp)
+        if self.without_ddp - set(models):
+            raise ValueError(f"without_ddp names {sorted(self.without_ddp - set(models))} are not models {sorted(models)}")
+        opt_names = list(optimizers)
+        for name, model in models.items():  # one by one, in the given order (= order inside checkpoints)
+            if name in self.without_ddp:
+                self.models[name] = accelerator.prepare_model(model, evaluation_mode=True)
+            else:
+                self.models[name] = accelerator.prepare(model)
         schedulers = [build_lr_scheduler(optimizers[n], self.cfg) for n in opt_names]
-        prepared = accelerator.prepare(*[models[n] for n in names], *[optimizers[n] for n in opt_names],
-                                       *schedulers, train_loader)
-        self.models = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(opt_names, prepared[len(names): len(names) + len(opt_names)]))
-        self.schedulers = dict(zip(opt_names, prepared[len(names) + len(opt_names): -1]))
+        prepared = accelerator.prepare(*[optimizers[n] for n in opt_names], *schedulers, train_loader)
+        self.optimizers = dict(zip(opt_names, prepared[: len(opt_names)]))
+        self.schedulers = dict(zip(opt_names, prepared[len(opt_names): -1]))
         self.train_loader = prepared[-1]
         if len(self.train_loader) == 0:
             raise ValueError(
@@ -320,7 +336,7 @@ class Trainer:
         if self.ema is not None:
             accelerator.register_for_checkpointing(self.ema)
         self._maybe_resume()
-        return [self.models[n] for n in names]
+        return [self.models[n] for n in models]
 
     def _maybe_resume(self) -> None:
         path = resolve_resume_path(self.cfg.resume, self.checkpoint_dir)
@@ -404,17 +420,33 @@ class Trainer:
         for name, optimizer in self.optimizers.items():
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if any(p.grad is not None for p in params):
+                if name in self.without_ddp:
+                    self._average_gradients_over_processes(params)
                 if self.cfg.grad_clip > 0:
                     norm = self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip)
                     norms[f"grad_norm/{name}"] = float(norm)
                 optimizer.step()
-            self.schedulers[name].step()
+            with warnings.catch_warnings():  # an optimizer without grads yet (GAN warm-up) still follows the schedule
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.schedulers[name].step()
             optimizer.zero_grad(set_to_none=True)
         if self.mixed_precision != "fp16":  # under fp16 the grad scaler skips inf steps by design
             bad = {k: v for k, v in norms.items() if not math.isfinite(v)}
             if bad:
                 self._raise_non_finite(step, bad)
         return norms
+
+    def _average_gradients_over_processes(self, params: list[nn.Parameter]) -> None:
+        """g <- (1/P) sum_ranks g for every parameter with a gradient (one flat all-reduce)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     # ---------------------------------------------------------------------------------- the loop
     def fit(self, training_step: Callable[[Any, int], Mapping[str, Any]],
@@ -469,6 +501,7 @@ class Trainer:
                 if on_log is not None:
                     logs.update({k: float(v) for k, v in on_log(step).items()})
                 accelerator.log(logs, step=step)
+                self.history.append((step, dict(logs)))
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
                                 img_s=f"{logs['images_per_sec']:.1f}")
                 window_start, window_steps = time.perf_counter(), 0

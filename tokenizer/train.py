@@ -1,0 +1,150 @@
+"""Train an image tokenizer (LGQ / VQ / FSQ / SimVQ / LFQ under the same VQGAN backbone).
+
+    accelerate launch tokenizer/train.py --config configs/tokenizer/builtin.yaml [key=value ...]
+    accelerate launch tokenizer/train.py --config configs/tokenizer/imagenet_base.yaml \
+        --config configs/tokenizer/imagenet_fsq.yaml data.root=/data/imagenet --resume latest
+
+Per optimisation step (the loop itself lives in ``lgq.training.Trainer.fit``):
+  generator step     L_G = L1 (+L2) + LPIPS + w_gan * lambda * GAN + quantizer loss   (tokenizer.losses)
+  discriminator step hinge loss on (images, reconstructions.detach()), from loss.gan_start_step on
+Logged every train.log_every steps: every loss term, quantizer statistics (tau, ...), LR, images/s and
+codebook statistics (active codes / perplexity, eval.metrics.codebook_statistics) over a rolling window
+of the last eval.codebook_window batches of hard indices from all processes. Every
+train.image_log_every steps: validation PSNR + codebook statistics on eval.num_val_images images and a
+PNG grid (top: originals, bottom: reconstructions) in <output_dir>/images/ and the tracker.
+At the end the EMA weights (or raw weights if train.ema_decay=0) are exported with save_pretrained
+to <output_dir>/tokenizer (load with LGQTokenizer.from_pretrained).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from typing import Sequence
+
+import torch
+
+from eval.metrics import codebook_statistics, mean_psnr
+from lgq.config import load_config
+from lgq.data import build_image_dataset
+from lgq.training import Trainer, build_optimizer, init_quantizer_from_data
+from tokenizer.config import TokenizerRunConfig
+from tokenizer.losses import TokenizerLoss
+from tokenizer.model import build_tokenizer
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config file; repeat to merge several in order (later files win)")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory (= train.resume=...)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 model.quantizer=fsq")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    return args, overrides
+
+
+def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """[3, 2H + pad, N W + pad] grid in [-1, 1]: originals in the top row, reconstructions below."""
+    from torchvision.utils import make_grid
+
+    pairs = torch.cat([originals, reconstructions.clamp(-1, 1)]).float().cpu()
+    return make_grid(pairs, nrow=originals.shape[0], padding=2, pad_value=1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> Trainer:
+    """Run training; returns the Trainer (``.history`` holds the logged values, ``.output_dir`` the run)."""
+    args, overrides = parse_args(argv)
+    cfg = load_config(TokenizerRunConfig, args.config or None, overrides)
+    trainer = Trainer(cfg.train, run_config=cfg)
+    accelerator = trainer.accelerator
+
+    # --- build: model, loss (LPIPS + discriminator), optimizers, data --------------------------------------
+    model = build_tokenizer(cfg.model)
+    loss_fn = TokenizerLoss.from_config(cfg.loss)
+    models, optimizers = {"model": model}, {"model": build_optimizer(model, cfg.train)}
+    discriminator = loss_fn.discriminator
+    if discriminator is not None:
+        models["discriminator"] = discriminator
+        optimizers["discriminator"] = build_optimizer(discriminator, cfg.train)
+    train_set = build_image_dataset(cfg.data, "train")
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=cfg.train.num_workers,
+                                         persistent_workers=False, pin_memory=torch.cuda.is_available())
+    prepared = trainer.setup(models, optimizers, loader, ema_model="model", without_ddp=["discriminator"])
+    model = prepared[0]
+    tokenizer = trainer.unwrap("model")
+    loss_fn.to(trainer.device)  # LPIPS; the discriminator is already placed (and shared)
+    trainer.print(f"tokenizer: {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M parameters, quantizer "
+                  f"{cfg.model.quantizer} K={tokenizer.codebook_size}, {len(train_set)} training images, "
+                  f"{accelerator.num_processes} process(es), global batch {trainer.images_per_step}")
+    init_quantizer_from_data(trainer, "model", num_batches=cfg.eval.quantizer_init_batches)
+
+    # --- one micro-batch: generator step, then discriminator step ----------------------------------------
+    recent_counts: collections.deque[torch.Tensor] = collections.deque(maxlen=cfg.eval.codebook_window)
+
+    def training_step(batch, step: int) -> dict[str, torch.Tensor]:
+        images = batch[0]
+        if discriminator is not None:
+            discriminator.requires_grad_(False)  # the GAN term trains the generator only
+        with accelerator.autocast():
+            output = model(images)
+            quantizer_output = output.quantizer_output
+            loss, logs = loss_fn.generator_loss(images, output.reconstruction, quantizer_output.loss, step,
+                                                last_layer=tokenizer.last_layer_weight())
+        trainer.backward(loss)
+        logs.update({f"quantizer/{k}": v for k, v in quantizer_output.stats.items()})
+        recent_counts.append(torch.bincount(quantizer_output.indices.reshape(-1), minlength=tokenizer.codebook_size))
+
+        if loss_fn.gan_active(step):
+            discriminator.requires_grad_(True)
+            with accelerator.autocast():
+                disc_loss, disc_logs = loss_fn.discriminator_loss(images, output.reconstruction, step)
+            trainer.backward(disc_loss)
+            logs.update(disc_logs)
+        return logs
+
+    # --- logging hooks ----------------------------------------------------------------------------------
+    tokens_per_image = (cfg.data.image_size // tokenizer.downsample_factor) ** 2
+
+    def on_log(step: int) -> dict[str, float]:
+        counts = accelerator.reduce(torch.stack(list(recent_counts)).sum(0), reduction="sum")
+        stats = codebook_statistics(counts, tokens_per_image)
+        return {f"codebook/{k}": stats[k] for k in ("active_codes", "utilisation", "perplexity", "bits_per_token")}
+
+    val_images = None
+    if cfg.eval.num_val_images:
+        val_set = build_image_dataset(cfg.data, "val")
+        count = min(cfg.eval.num_val_images, len(val_set))
+        val_images = torch.stack([val_set[i][0] for i in range(count)]).to(trainer.device)
+
+    @torch.no_grad()
+    def on_image_log(step: int) -> dict[str, object]:
+        if val_images is None:
+            return {}
+        tokenizer.eval()
+        with accelerator.autocast():
+            output = tokenizer(val_images)
+        tokenizer.train()
+        reconstruction = output.reconstruction.float().clamp(-1, 1)
+        stats = codebook_statistics(torch.bincount(output.quantizer_output.indices.reshape(-1),
+                                                   minlength=tokenizer.codebook_size), tokens_per_image)
+        return {"val/psnr": mean_psnr(val_images, reconstruction, max_db=100.0),
+                "val/active_codes": stats["active_codes"], "val/perplexity": stats["perplexity"],
+                "val/reconstructions": image_grid(val_images, reconstruction)}
+
+    # --- run, export -----------------------------------------------------------------------------------
+    logs = trainer.fit(training_step, on_log=on_log, on_image_log=on_image_log)
+    path = trainer.export("tokenizer")
+    trainer.print(f"final step {trainer.step}: loss {logs.get('loss', float('nan')):.4f}; "
+                  f"exported the {'EMA ' if trainer.ema is not None else ''}tokenizer to {path} "
+                  f"(load with LGQTokenizer.from_pretrained('{path}'))")
+    trainer.end()
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
