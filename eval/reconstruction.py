@@ -302,8 +302,13 @@ def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
     """(LPIPS network or None, note or None) for --lpips auto|on|off."""
     if mode == "off":
         return None, "disabled (--lpips off)"
+    from eval.fid import is_offline
     from tokenizer.losses import LPIPS
 
+    cached_vgg = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+    if mode == "auto" and vgg_weights is None and not cached_vgg.is_file() and is_offline():
+        return None, (f"weights unavailable (offline mode and no VGG16 weights at {cached_vgg}; "
+                      f"pass --lpips-vgg-weights PATH)")
     try:
         return LPIPS(pretrained=True, lpips_weights_path=lpips_weights, vgg_weights_path=vgg_weights), None
     except (RuntimeError, FileNotFoundError) as err:

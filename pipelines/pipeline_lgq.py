@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -167,7 +168,15 @@ class LGQPipeline(DiffusionPipeline):
             for name, tensor in list(quantizer.named_parameters()) + list(quantizer.named_buffers()):
                 if tensor.dtype == torch.float32:
                     saved[name] = tensor.detach().clone()
-        result = super().to(*args, **kwargs)
+        # diffusers' ModelMixin.to warns about fp32 modules on every dtype cast (even with none declared);
+        # the quantizer is handled here, so that warning is muted for the duration of the cast.
+        modeling_logger = logging.getLogger("diffusers.models.modeling_utils")
+        level = modeling_logger.level
+        modeling_logger.setLevel(logging.ERROR)
+        try:
+            result = super().to(*args, **kwargs)
+        finally:
+            modeling_logger.setLevel(level)
         if saved:
             tensors = dict(quantizer.named_parameters())
             tensors.update(dict(quantizer.named_buffers()))

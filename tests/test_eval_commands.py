@@ -103,6 +103,17 @@ def test_reconstruction_without_inception_weights_says_so(tmp_path, monkeypatch)
     assert result["codebook"]["num_tokens"] == 6 * 64
 
 
+def test_reconstruction_cli_errors_name_the_problem(tmp_path, tokenizer_dir):
+    with pytest.raises(ValueError, match="nmae"):  # typo in a data option
+        reconstruction.main(["--tokenizer", tokenizer_dir, "--data.nmae", "synthetic", "--output", tmp_path / "m.json"])
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        reconstruction.main(["--tokenizer", tmp_path / "none", "--data.name", "synthetic",
+                             "--output", tmp_path / "m.json"])
+    with pytest.raises(ValueError, match="exceeds"):
+        reconstruction.main(["--tokenizer", tokenizer_dir, *DATA_ARGS, "--num-images", "1000", "--no-fid",
+                             "--lpips", "off", "--output", tmp_path / "m.json"])
+
+
 # ----------------------------------------------------------------------------- generation
 def test_balanced_class_labels():
     assert torch.bincount(gen_fid.balanced_class_labels(12, 4)).tolist() == [3, 3, 3, 3]
