@@ -33,8 +33,8 @@ import math
 import torch
 from torch import nn
 
-from tokenizer.quantizers.base import Quantizer, QuantizerOutput, fp32_quantizer_math
-from tokenizer.quantizers.vq import latents_to_tokens, tokens_to_latents
+from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
+from tokenizer.quantizers.vq import latents_to_tokens, quantizer_output, tokens_to_latents
 
 FSQ_LEVELS: dict[int, tuple[int, ...]] = {
     1000: (8, 5, 5, 5),
@@ -95,7 +95,6 @@ class FSQuantizer(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self.check_latents(z)
-        batch, _, height, width = z.shape
         with fp32_quantizer_math(z.device.type):
             bounded = self.bound(self.project_in(latents_to_tokens(z)))
             # the clamp only matters for huge L with eps >= 1/(L-1); it keeps every index in [0, K)
@@ -104,9 +103,7 @@ class FSQuantizer(Quantizer):
             codes = (rounded + (bounded - bounded.detach())) / self.half_width
             indices = self.codes_to_indices(rounded / self.half_width)
             quantized = self.project_out(codes)
-            loss = quantized.new_zeros(())
-            stats = self.hard_stats(indices)
-        return QuantizerOutput(tokens_to_latents(quantized, batch, height, width), indices.reshape(batch, height, width), loss, stats)
+        return quantizer_output(self, quantized, indices, quantized.new_zeros(()), z.shape)
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
         """i = sum_j (r_j + floor(L_j/2)) prod_{l<j} L_l with r = round(code * floor(L/2)); codes [N, d] -> [N]."""

@@ -29,8 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer.quantizers.base import Quantizer, QuantizerOutput, all_reduce_sum, fp32_quantizer_math, is_distributed
-from tokenizer.quantizers.vq import check_weight, latents_to_tokens, nearest_neighbour_chunk_size, tokens_to_latents
+from tokenizer.quantizers.base import Quantizer, all_reduce_sum, fp32_quantizer_math, is_distributed
+from tokenizer.quantizers.lfq import entropy
+from tokenizer.quantizers.vq import (
+    check_weight,
+    latents_to_tokens,
+    nearest_neighbour_chunk_size,
+    quantizer_output,
+    tokens_to_latents,
+)
 
 
 def _soft_path_chunk(x: torch.Tensor, codebook: torch.Tensor, entropy_temperature: float):
@@ -83,7 +90,6 @@ class IBQuantizer(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self.check_latents(z)
-        batch, _, height, width = z.shape
         with fp32_quantizer_math(z.device.type):
             x = latents_to_tokens(z)
             codebook = self.codebook.float()
@@ -102,22 +108,15 @@ class IBQuantizer(Quantizer):
             num_tokens = torch.tensor(float(x.shape[0]), device=x.device)
             if is_distributed():
                 dist.all_reduce(num_tokens)
-            mean_probs = all_reduce_sum(prob_sum) / num_tokens
             entropy_per_sample = entropy_sum / x.shape[0]
-            entropy_codebook = -(mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
+            entropy_codebook = entropy(all_reduce_sum(prob_sum) / num_tokens)
             loss_entropy = entropy_per_sample - self.diversity_gamma * entropy_codebook
             loss_double = F.mse_loss(quantized, x)
             loss_commit = F.mse_loss(x, hard.detach())
             loss = self.double_weight * loss_double + self.beta * loss_commit + self.entropy_weight * loss_entropy
-            stats = {
-                **self.hard_stats(indices),
-                "loss_double": loss_double.detach(),
-                "loss_commit": loss_commit.detach(),
-                "loss_entropy": loss_entropy.detach(),
-                "entropy_per_sample": entropy_per_sample.detach(),
-                "entropy_codebook": entropy_codebook.detach(),
-            }
-        return QuantizerOutput(tokens_to_latents(quantized, batch, height, width), indices.reshape(batch, height, width), loss, stats)
+        return quantizer_output(self, quantized, indices, loss, z.shape, loss_double=loss_double, loss_commit=loss_commit,
+                                loss_entropy=loss_entropy, entropy_per_sample=entropy_per_sample,
+                                entropy_codebook=entropy_codebook)
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """[B, H, W] -> c_i [B, C, H, W], the forward value of ``quantized``."""

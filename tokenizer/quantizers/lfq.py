@@ -34,8 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer.quantizers.base import Quantizer, QuantizerOutput, all_reduce_sum, fp32_quantizer_math, is_distributed
-from tokenizer.quantizers.vq import check_weight, latents_to_tokens, nearest_neighbour_chunk_size, tokens_to_latents
+from tokenizer.quantizers.base import Quantizer, all_reduce_sum, fp32_quantizer_math, is_distributed
+from tokenizer.quantizers.vq import (
+    check_weight,
+    latents_to_tokens,
+    nearest_neighbour_chunk_size,
+    quantizer_output,
+    tokens_to_latents,
+)
 
 ENTROPY_MODES = ("exact", "factorized")
 
@@ -46,9 +52,14 @@ def binary_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
 
 
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_k p_k log p_k over the last dimension (nats), 0 log 0 := 0."""
+    return -(p * p.clamp_min(1e-30).log()).sum(-1)
+
+
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
-    """H_b(p) = -p log p - (1 - p) log(1 - p) (nats), 0 log 0 := 0."""
-    return -(p * p.clamp_min(1e-30).log() + (1 - p) * (1 - p).clamp_min(1e-30).log())
+    """H_b(p) = -p log p - (1 - p) log(1 - p) (nats), elementwise, 0 log 0 := 0."""
+    return entropy(torch.stack((p, 1 - p), dim=-1))
 
 
 def _code_probability_sum(log_p_plus: torch.Tensor, log_p_minus: torch.Tensor, code_bits: torch.Tensor) -> torch.Tensor:
@@ -113,12 +124,10 @@ class LFQuantizer(Quantizer):
                                                  code_bits, use_reentrant=False)
             else:
                 prob_sum = prob_sum + _code_probability_sum(log_p_plus[chunk], log_p_minus[chunk], code_bits)
-        mean_probs = all_reduce_sum(prob_sum) / num_tokens
-        return -(mean_probs * mean_probs.clamp_min(1e-30).log()).sum()
+        return entropy(all_reduce_sum(prob_sum) / num_tokens)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self.check_latents(z)
-        batch, _, height, width = z.shape
         with fp32_quantizer_math(z.device.type):
             u = self.project_in(latents_to_tokens(z))
             positive = u > 0
@@ -133,14 +142,8 @@ class LFQuantizer(Quantizer):
             loss_entropy = entropy_per_sample - self.diversity_gamma * entropy_codebook
             loss_commit = F.mse_loss(u, signs)
             loss = self.entropy_weight * loss_entropy + self.commitment_weight * loss_commit
-            stats = {
-                **self.hard_stats(indices),
-                "entropy_per_sample": entropy_per_sample.detach(),
-                "entropy_codebook": entropy_codebook.detach(),
-                "loss_entropy": loss_entropy.detach(),
-                "loss_commit": loss_commit.detach(),
-            }
-        return QuantizerOutput(tokens_to_latents(quantized, batch, height, width), indices.reshape(batch, height, width), loss, stats)
+        return quantizer_output(self, quantized, indices, loss, z.shape, entropy_per_sample=entropy_per_sample,
+                                entropy_codebook=entropy_codebook, loss_entropy=loss_entropy, loss_commit=loss_commit)
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """[B, H, W] -> P_out(2 bits - 1) [B, C, H, W], the forward value of ``quantized``."""
@@ -155,4 +158,4 @@ class LFQuantizer(Quantizer):
                 f"temperature={self.temperature}, entropy_mode={self.entropy_mode}")
 
 
-__all__ = ["LFQuantizer", "binary_entropy", "binary_entropy_from_logits"]
+__all__ = ["LFQuantizer", "entropy", "binary_entropy", "binary_entropy_from_logits"]

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.quantizers.base import Quantizer, QuantizerOutput, fp32_quantizer_math
+from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
 from tokenizer.quantizers.vq import (
     check_weight,
     latents_to_tokens,
     nearest_code_indices,
     nearest_neighbour_chunk_size,
+    quantizer_output,
     tokens_to_latents,
 )
 
@@ -57,7 +58,6 @@ class SimVQuantizer(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self.check_latents(z)
-        batch, _, height, width = z.shape
         with fp32_quantizer_math(z.device.type):
             x = latents_to_tokens(z)
             codes = self.codes()
@@ -67,8 +67,7 @@ class SimVQuantizer(Quantizer):
             loss_commit = F.mse_loss(x, hard.detach())
             quantized = hard.detach() + (x - x.detach())
             loss = self.codebook_weight * loss_codebook + self.beta * loss_commit
-            stats = {**self.hard_stats(indices), "loss_codebook": loss_codebook.detach(), "loss_commit": loss_commit.detach()}
-        return QuantizerOutput(tokens_to_latents(quantized, batch, height, width), indices.reshape(batch, height, width), loss, stats)
+        return quantizer_output(self, quantized, indices, loss, z.shape, loss_codebook=loss_codebook, loss_commit=loss_commit)
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """[B, H, W] -> c_i = W b_i [B, C, H, W], the forward value of ``quantized``."""

@@ -67,6 +67,15 @@ def tokens_to_latents(x: torch.Tensor, batch: int, height: int, width: int) -> t
     return x.reshape(batch, height, width, x.shape[1]).permute(0, 3, 1, 2).contiguous()
 
 
+def quantizer_output(quantizer: Quantizer, quantized: torch.Tensor, indices: torch.Tensor, loss: torch.Tensor,
+                     latent_shape: torch.Size, **loss_terms: torch.Tensor) -> QuantizerOutput:
+    """Package token-level results: quantized [N, C] -> [B, C, H, W], indices [N] -> [B, H, W];
+    stats = hard-index statistics (perplexity, active codes) + the detached ``loss_terms``."""
+    batch, _, height, width = latent_shape
+    stats = {**quantizer.hard_stats(indices), **{name: value.detach() for name, value in loss_terms.items()}}
+    return QuantizerOutput(tokens_to_latents(quantized, batch, height, width), indices.reshape(batch, height, width), loss, stats)
+
+
 def check_weight(name: str, value: float) -> float:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -198,7 +207,6 @@ class VectorQuantizer(Quantizer):
     # --- forward --------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self.check_latents(z)
-        batch, _, height, width = z.shape
         with fp32_quantizer_math(z.device.type):
             e = self.lookup_latents(latents_to_tokens(z))
             if self.training and self.reseed_dead:
@@ -212,13 +220,13 @@ class VectorQuantizer(Quantizer):
             loss = self.beta * loss_commit
             if not self.ema:
                 loss = loss + self.codebook_weight * loss_codebook
-            stats = {**self.hard_stats(indices), "loss_codebook": loss_codebook.detach(), "loss_commit": loss_commit.detach()}
+            terms = {"loss_codebook": loss_codebook, "loss_commit": loss_commit}
             if self.training and self.ema:
                 self._ema_update(e.detach(), indices)
             if self.training and self.reseed_dead:
                 self._update_usage_ema(indices)
-                stats["dead_codes"] = (self.usage_ema * self.codebook_size < self.reseed_threshold).sum().float()
-        return QuantizerOutput(tokens_to_latents(quantized, batch, height, width), indices.reshape(batch, height, width), loss, stats)
+                terms["dead_codes"] = (self.usage_ema * self.codebook_size < self.reseed_threshold).sum().float()
+        return quantizer_output(self, quantized, indices, loss, z.shape, **terms)
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """[B, H, W] -> P_out(c_i) [B, C, H, W], the forward value of ``quantized``."""
@@ -271,4 +279,5 @@ class VectorQuantizer(Quantizer):
                 f"l2_normalize={self.l2_normalize}, ema={self.ema}, beta={self.beta}, reseed_dead={self.reseed_dead}")
 
 
-__all__ = ["VectorQuantizer", "nearest_code_indices", "nearest_neighbour_chunk_size", "latents_to_tokens", "tokens_to_latents"]
+__all__ = ["VectorQuantizer", "nearest_code_indices", "nearest_neighbour_chunk_size", "latents_to_tokens", "tokens_to_latents",
+           "quantizer_output"]
