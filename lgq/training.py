@@ -427,7 +427,7 @@ class Trainer:
                     norms[f"grad_norm/{name}"] = float(norm)
                 optimizer.step()
             with warnings.catch_warnings():  # an optimizer without grads yet (GAN warm-up) still follows the schedule
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 self.schedulers[name].step()
             optimizer.zero_grad(set_to_none=True)
         if self.mixed_precision != "fp16":  # under fp16 the grad scaler skips inf steps by design

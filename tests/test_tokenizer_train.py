@@ -1,0 +1,152 @@
+"""`tokenizer/train.py` end to end on tiny synthetic data (CPU): learning, exact resume after SIGKILL,
+export, configs, and a real 2-process DDP run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lgq.config import load_config
+from ddp import run_ddp  # tests/ddp.py (pytest puts tests/ on sys.path)
+from tokenizer.config import TokenizerRunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tokenizer" / "tiny.yaml"
+# smaller than tiny.yaml: 16 px, 2x downsampling, GAN from step 2, EMA, grad accumulation
+FAST = ["data.image_size=16", "data.num_images=32", "model.channel_multipliers=[1,2]", "model.base_channels=8",
+        "model.latent_dim=4", "model.codebook_size=64", "loss.gan_start_step=2", "loss.disc_channels=8",
+        "train.batch_size=4", "train.grad_accum_steps=2", "train.max_steps=8", "train.warmup_steps=2",
+        "train.checkpoint_every=4", "train.log_every=2", "train.image_log_every=4", "train.progress_bar=false",
+        "eval.num_val_images=4", "eval.quantizer_init_batches=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+       "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def train_command(script: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(script), "--config", str(TINY), *FAST, f"train.output_dir={output_dir}", *extra]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def final_state(output_dir: Path) -> dict[str, torch.Tensor]:
+    """Weights of the final checkpoint (generator, discriminator) and the exported EMA tokenizer."""
+    checkpoint = output_dir / "checkpoints" / "step_0000008"
+    tensors = {}
+    for name in ("model.safetensors", "model_1.safetensors"):
+        tensors.update({f"{name}/{k}": v for k, v in load_file(str(checkpoint / name)).items()})
+    export = load_file(str(output_dir / "tokenizer" / "diffusion_pytorch_model.safetensors"))
+    tensors.update({f"export/{k}": v for k, v in export.items()})
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run(train_command(ROOT / "tokenizer" / "train.py", output_dir))
+    return output_dir
+
+
+def test_kill_and_resume_equals_uninterrupted_run(uninterrupted_run, tmp_path):
+    output_dir = tmp_path / "run"
+    script = ROOT / "tests" / "scripts" / "train_tokenizer_pause_after_checkpoint.py"
+    proc = subprocess.Popen(train_command(script, output_dir), cwd=ROOT, env={**ENV, "LGQ_PAUSE_AFTER_STEP": "4"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("PAUSED"):
+                break
+        else:
+            raise AssertionError(f"run ended before the checkpoint: {proc.stderr.read()[-4000:]}")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_0000004"]
+
+    resumed = run(train_command(ROOT / "tokenizer" / "train.py", output_dir, "--resume", "latest"))
+    assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+    reference, result = final_state(uninterrupted_run), final_state(output_dir)
+    assert reference.keys() == result.keys()
+    different = [k for k in reference if not torch.equal(reference[k], result[k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
+
+
+def test_uninterrupted_run_learns_logs_and_exports(uninterrupted_run):
+    from tokenizer.model import LGQTokenizer
+
+    tokenizer = LGQTokenizer.from_pretrained(str(uninterrupted_run / "tokenizer")).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    indices = tokenizer.encode(images)
+    assert indices.shape == (2, 8, 8) and indices.dtype == torch.int64
+    assert tokenizer.decode(indices).shape == (2, 3, 16, 16)
+    assert sorted(p.name for p in (uninterrupted_run / "images").glob("*.png")) == [
+        "val_reconstructions_step0000004.png", "val_reconstructions_step0000008.png"]
+    saved = load_config(TokenizerRunConfig, uninterrupted_run / "config.yaml")
+    assert saved.train.max_steps == 8 and saved.model.codebook_size == 64
+
+
+def test_tiny_training_lowers_reconstruction_loss(tmp_path):
+    from tokenizer.train import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same as the subprocess runs; the 2 cores are shared
+    try:
+        trainer = main(["--config", str(TINY), *FAST, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=20",
+                        "train.grad_accum_steps=1", "train.log_every=1", "train.checkpoint_every=0",
+                        "train.image_log_every=0", "loss.gan_start_step=100", "eval.num_val_images=0"])
+    finally:
+        torch.set_num_threads(threads)
+    history = dict(trainer.history)
+    assert sorted(history) == list(range(1, 21))
+    l1 = [history[s]["l1"] for s in range(1, 21)]
+    assert sum(l1[-4:]) < 0.85 * sum(l1[:4]), [round(v, 4) for v in l1]
+    for key in ("loss", "quantizer", "quantizer/tau", "lr/model", "codebook/active_codes", "codebook/perplexity",
+                "images_per_sec"):
+        assert key in history[20], key
+    assert history[20]["quantizer/tau"] < history[1]["quantizer/tau"]  # LGQ temperature anneals with the step
+    assert 1 <= history[20]["codebook/active_codes"] <= 64
+
+
+def test_all_tokenizer_configs_load_and_imagenet_recipes_differ_only_in_quantizer():
+    configs = sorted((ROOT / "configs" / "tokenizer").glob("*.yaml"))
+    names = {p.stem for p in configs}
+    assert {"tiny", "builtin", "imagenet_base", "imagenet_lgq", "imagenet_vq", "imagenet_fsq", "imagenet_simvq",
+            "imagenet_lfq"} <= names
+    base = ROOT / "configs" / "tokenizer" / "imagenet_base.yaml"
+    recipes = {}
+    for name in ("lgq", "vq", "fsq", "simvq", "lfq"):
+        cfg = load_config(TokenizerRunConfig, [base, ROOT / "configs" / "tokenizer" / f"imagenet_{name}.yaml"],
+                          ["data.root=/data/imagenet"])
+        assert cfg.model.quantizer == name and cfg.model.codebook_size == 16384
+        assert cfg.train.output_dir.endswith(name)
+        cfg.model.quantizer, cfg.model.quantizer_options, cfg.train.output_dir = "-", {}, "-"
+        recipes[name] = cfg
+    assert all(cfg == recipes["lgq"] for cfg in recipes.values())
+    builtin = load_config(TokenizerRunConfig, ROOT / "configs" / "tokenizer" / "builtin.yaml")
+    assert builtin.data.name == "builtin" and builtin.loss.perceptual_weight == 0.0
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run(tmp_path):
+    output_dir = tmp_path / "ddp"
+    proc = run_ddp(ROOT / "tokenizer" / "train.py", "--config", str(TINY), *FAST, f"train.output_dir={output_dir}",
+                   "train.max_steps=4", "train.expected_num_processes=2", "train.image_log_every=0")
+    assert "2 process(es), global batch 16" in proc.stdout
+    assert (output_dir / "checkpoints" / "step_0000004" / "random_states_1.pkl").is_file()
+    from tokenizer.model import LGQTokenizer
+
+    tokenizer = LGQTokenizer.from_pretrained(str(output_dir / "tokenizer"))
+    assert all(torch.isfinite(p).all() for p in tokenizer.parameters())
