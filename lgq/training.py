@@ -573,13 +573,13 @@ class Trainer:
         model_name = model_name or self.ema_model_name or next(iter(self.models))
         path = self.output_dir / name
         self.accelerator.wait_for_everyone()
+        if self.ema is not None and model_name == self.ema_model_name:
+            model = self.ema.module
+        else:
+            model = self.unwrap(model_name)
+        if hasattr(model, "set_progress"):  # end-of-training schedule values (e.g. LGQ's final tau), on every rank
+            model.set_progress(1.0)
         if self.is_main:
-            if self.ema is not None and model_name == self.ema_model_name:
-                model = self.ema.module
-            else:
-                model = self.unwrap(model_name)
-            if hasattr(model, "set_progress"):
-                model.set_progress(1.0)
             if not hasattr(model, "save_pretrained"):
                 raise TypeError(f"{type(model).__name__} has no save_pretrained (needs diffusers ModelMixin)")
             model.save_pretrained(str(path))
