@@ -52,7 +52,7 @@ class ToyModel(ModelMixin, ConfigMixin):
 class NoisyDataset(torch.utils.data.Dataset):
     """Fixed points; random sign flip from torch's global RNG (like a random-flip augmentation)."""
 
-    def __init__(self, n: int = 24, dim: int = 4):
+    def __init__(self, n: int = 28, dim: int = 4):  # 7 batches per epoch: checkpoints fall mid-epoch
         g = torch.Generator().manual_seed(123)
         self.x = torch.randn(n, dim, generator=g)
 
