@@ -151,3 +151,17 @@ def test_two_process_cpu_ddp_run(tmp_path):
 
     tokenizer = LGQTokenizer.from_pretrained(str(output_dir / "tokenizer"))
     assert all(torch.isfinite(p).all() for p in tokenizer.parameters())
+
+
+@pytest.mark.parametrize("name", ["lgq", "vq", "fsq", "simvq", "lfq"])
+@pytest.mark.parametrize("codebook_size", [4096, 65536])
+def test_imagenet_recipes_change_codebook_size_with_one_override(name, codebook_size):
+    """`model.codebook_size=K` alone must give a valid quantizer of size K for every recipe."""
+    from tokenizer.quantizers import build_quantizer
+
+    base = ROOT / "configs" / "tokenizer" / "imagenet_base.yaml"
+    cfg = load_config(TokenizerRunConfig, [base, ROOT / "configs" / "tokenizer" / f"imagenet_{name}.yaml"],
+                      ["data.root=/data/imagenet", f"model.codebook_size={codebook_size}"])
+    quantizer = build_quantizer(cfg.model.quantizer, dim=8, codebook_size=cfg.model.codebook_size,
+                                **dict(cfg.model.quantizer_options))
+    assert quantizer.codebook_size == codebook_size
