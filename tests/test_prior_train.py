@@ -1,0 +1,210 @@
+"""`prior/train.py` end to end on tiny token grids (CPU, in-process): learning, export, exact resume,
+sample grids decoded through a tokenizer, and the data/config consistency errors."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lgq.config import ConfigError, load_config
+from prior.config import PriorRunConfig
+from prior.tokens import save_token_directory, tokenizer_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "prior" / "tiny.yaml"
+K, CLASSES, GRID = 16, 4, 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 cores are shared; also makes float reductions reproducible
+    yield
+    torch.set_num_threads(previous)
+
+
+def class_patterned_tokens(num_grids: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Grids [N, 4, 4] in [0, K): one fixed random pattern per class with 10% of the tokens resampled."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, K, size=(CLASSES, GRID, GRID))
+    labels = np.arange(num_grids) % CLASSES
+    tokens = patterns[labels].copy()
+    noisy = rng.random(tokens.shape) < 0.1
+    tokens[noisy] = rng.integers(0, K, size=int(noisy.sum()))
+    return tokens, labels
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tokens") / "train"
+    tokens, labels = class_patterned_tokens()
+    save_token_directory(directory, tokens, labels, codebook_size=K, num_classes=CLASSES)
+    return directory
+
+
+def train(output_dir: Path, tokens: Path, *overrides: str):
+    from prior.train import main
+
+    return main(["--config", str(TINY), f"data.tokens={tokens}", f"train.output_dir={output_dir}",
+                 "train.progress_bar=false", *overrides])
+
+
+def mean_of(history, key: str, steps) -> float:
+    values = dict(history)
+    return sum(values[s][key] for s in steps) / len(steps)
+
+
+@pytest.mark.parametrize("prior_type", ["maskgit", "gpt"])
+def test_tiny_prior_learns_and_exports(prior_type, token_dir, tmp_path):
+    trainer = train(tmp_path / "run", token_dir, f"model.prior_type={prior_type}", "train.max_steps=30",
+                    "train.log_every=1", "train.checkpoint_every=0", "train.image_log_every=15")
+    history = trainer.history
+    assert [s for s, _ in history] == list(range(1, 31))
+    accuracy = "masked_accuracy" if prior_type == "maskgit" else "accuracy"
+    for key in ("loss", accuracy, "lr/model", "grad_norm/model", "images_per_sec"):
+        assert key in history[-1][1], key
+    first, last = mean_of(history, "loss", range(1, 6)), mean_of(history, "loss", range(26, 31))
+    assert last < 0.9 * first, (first, last)
+    assert mean_of(history, accuracy, range(26, 31)) > mean_of(history, accuracy, range(1, 6))
+    # token grids shown as grey levels (no data.tokenizer)
+    assert sorted(p.name for p in (tmp_path / "run" / "images").glob("*.png")) == [
+        "samples_step0000015.png", "samples_step0000030.png"]
+
+    if prior_type == "maskgit":
+        from prior.maskgit import MaskGITPrior as Prior
+
+        options = {"num_inference_steps": 4}
+    else:
+        from prior.gpt import GPTPrior as Prior
+
+        options = {}
+    prior = Prior.from_pretrained(str(tmp_path / "run" / "prior")).eval()
+    assert (prior.codebook_size, prior.num_classes, prior.grid_size) == (K, CLASSES, (GRID, GRID))
+    samples = prior.generate([0, 1, 2, 3], guidance_scale=2.0, generator=torch.Generator().manual_seed(0), **options)
+    assert samples.shape == (4, GRID, GRID) and samples.dtype == torch.int64
+    assert 0 <= int(samples.min()) and int(samples.max()) < K
+    # the export is the EMA of the training weights, not the raw weights
+    exported = load_file(str(tmp_path / "run" / "prior" / "diffusion_pytorch_model.safetensors"))
+    raw = trainer.unwrap("model").prior.state_dict()
+    assert any(not torch.equal(exported[k], raw[k]) for k in exported)
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = output_dir / "checkpoints" / "step_0000008"
+    tensors = {f"checkpoint/{k}": v for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
+    export = load_file(str(output_dir / "prior" / "diffusion_pytorch_model.safetensors"))
+    tensors.update({f"export/{k}": v for k, v in export.items()})
+    return tensors
+
+
+def test_resume_from_a_checkpoint_equals_uninterrupted_run(token_dir, tmp_path):
+    # dropout, label dropout, grad accumulation, EMA and sample grids between steps all consume or touch RNG
+    settings = ["model.dropout=0.1", "train.max_steps=8", "train.batch_size=4", "train.grad_accum_steps=2",
+                "train.checkpoint_every=4", "train.image_log_every=2", "train.log_every=2"]
+    reference = tmp_path / "uninterrupted"
+    train(reference, token_dir, *settings)
+    # the state of an interrupted run: the step-4 checkpoint only
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(reference, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "step_0000008")
+    shutil.rmtree(interrupted / "prior")
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step_0000004"]
+
+    trainer = train(interrupted, token_dir, *settings, "--resume", "latest")
+    assert trainer.resumed_from is not None and trainer.resumed_from.name == "step_0000004"
+    assert [s for s, _ in trainer.history] == [6, 8]
+    expected, result = final_weights(reference), final_weights(interrupted)
+    assert expected.keys() == result.keys()
+    different = [k for k in expected if not torch.equal(expected[k], result[k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A random 2x-downsampling tokenizer with K = 16 (4x4 grids <-> 8x8 images), saved with save_pretrained."""
+    from tokenizer.model import LGQTokenizer
+
+    torch.manual_seed(0)
+    model = LGQTokenizer(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, latent_dim=4,
+                         attention_resolutions="none", quantizer="vq", codebook_size=K)
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_samples_are_decoded_by_the_tokenizer_the_tokens_came_from(tiny_tokenizer, tmp_path):
+    from PIL import Image
+    from tokenizer.model import LGQTokenizer
+
+    fingerprint = tokenizer_fingerprint(LGQTokenizer.from_pretrained(str(tiny_tokenizer)))
+    tokens, labels = class_patterned_tokens()
+    save_token_directory(tmp_path / "tokens", tokens, labels, codebook_size=K, num_classes=CLASSES,
+                         tokenizer_path=str(tiny_tokenizer), tokenizer_hash=fingerprint)
+    train(tmp_path / "run", tmp_path / "tokens", f"data.tokenizer={tiny_tokenizer}", "train.max_steps=2",
+          "train.warmup_steps=0", "train.image_log_every=2", "train.checkpoint_every=0", "sample.num_images=3")
+    grid = Image.open(tmp_path / "run" / "images" / "samples_step0000002.png")
+    assert grid.size == (3 * (8 + 2) + 2, 8 + 2 * 2)  # three decoded 8x8 images with make_grid padding 2
+
+
+def test_tokens_from_another_tokenizer_are_refused(tiny_tokenizer, tmp_path):
+    tokens, labels = class_patterned_tokens()
+    save_token_directory(tmp_path / "tokens", tokens, labels, codebook_size=K, num_classes=CLASSES,
+                         tokenizer_path="elsewhere", tokenizer_hash="0" * 64)
+    with pytest.raises(ValueError, match="do not come from data.tokenizer"):
+        train(tmp_path / "run", tmp_path / "tokens", f"data.tokenizer={tiny_tokenizer}")
+    assert not (tmp_path / "run").exists()  # refused before a run directory is created
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.codebook_size=1024", "model.codebook_size=1024 conflicts with the token data"),
+    ("model.grid_size=16", "model.grid_size=16 conflicts with the token data"),
+    ("model.num_classes=1000", "model.num_classes=1000 conflicts with the token data"),
+])
+def test_config_that_contradicts_the_token_data_is_refused(override, message, token_dir, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path / "run", token_dir, override)
+    assert not (tmp_path / "run").exists()
+
+
+def test_matching_data_shape_in_the_config_is_accepted_and_num_classes_can_come_from_the_config(tmp_path):
+    from prior.config import resolve_data_shape
+
+    cfg = load_config(PriorRunConfig, TINY, ["data.tokens=x", f"model.codebook_size={K}", f"model.grid_size={GRID}"])
+    meta = {"codebook_size": K, "grid_size": [GRID, GRID], "num_classes": None}
+    with pytest.raises(ConfigError, match="does not record num_classes; set model.num_classes"):
+        resolve_data_shape(cfg.model, meta, "x")
+    cfg.model.num_classes = 7
+    assert resolve_data_shape(cfg.model, meta, "x") == {"codebook_size": K, "grid_size": (GRID, GRID), "num_classes": 7}
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="data.tokens"):
+        load_config(PriorRunConfig, TINY)  # data.tokens is required (??? in tiny.yaml)
+    with pytest.raises(ValueError, match="model.prior_type must be one of"):
+        load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.prior_type=diffusion"])
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.num_kv_heads=1"])
+    with pytest.raises(ConfigError, match="Did you mean 'model.label_dropout'"):
+        load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.label_dropuot=0.2"])
+    cfg = load_config(PriorRunConfig, TINY, ["data.tokens=[a,b]"])
+    assert cfg.data.token_paths == ["a", "b"]
+
+
+def test_all_prior_configs_load_with_the_paper_recipes():
+    names = {p.stem for p in (ROOT / "configs" / "prior").glob("*.yaml")}
+    assert {"tiny", "builtin", "imagenet_maskgit_b", "imagenet_gpt_b"} <= names
+    maskgit = load_config(PriorRunConfig, ROOT / "configs" / "prior" / "imagenet_maskgit_b.yaml", ["data.tokens=t"])
+    assert (maskgit.model.prior_type, maskgit.model.num_layers, maskgit.model.num_heads, maskgit.model.hidden_size,
+            maskgit.model.hidden_size * maskgit.model.mlp_ratio) == ("maskgit", 24, 16, 768, 3072)
+    assert (maskgit.train.lr, maskgit.train.betas, maskgit.train.weight_decay) == (1e-4, (0.9, 0.96), 0.045)
+    assert maskgit.train.batch_size * maskgit.train.expected_num_processes == 256
+    assert (maskgit.model.codebook_size, maskgit.model.grid_size, maskgit.model.label_dropout) == (16384, 16, 0.1)
+    gpt = load_config(PriorRunConfig, ROOT / "configs" / "prior" / "imagenet_gpt_b.yaml", ["data.tokens=t"])
+    assert (gpt.model.prior_type, gpt.model.num_layers, gpt.model.num_heads, gpt.model.hidden_size) == ("gpt", 12, 12, 768)
+    assert (gpt.train.lr, gpt.train.betas, gpt.train.weight_decay, gpt.model.label_dropout) == (1e-4, (0.9, 0.95), 0.05, 0.1)
+    builtin = load_config(PriorRunConfig, ROOT / "configs" / "prior" / "builtin.yaml")
+    assert builtin.data.tokenizer and builtin.model.prior_type == "maskgit"
