@@ -1,0 +1,145 @@
+"""Sampling throughput of the priors: MaskGIT (8 and 16 steps) vs GPT (with / without KV cache).
+
+    python -m eval.bench_sampling [--device cpu|cuda] [--batch-size 8] [--grid 16] [--codebook-size 16384]
+        [--size small|base] [--num-classes 1000] [--guidance-scale 2.0] [--repeats 3] [--no-kv-free-gpt]
+
+Randomly initialised priors (sampling cost does not depend on the weights):
+  small  MaskGIT and GPT: 4 layers, 256 hidden, 4 heads, MLP 1024   (CPU-sized)
+  base   MaskGIT-B: 24 layers, 768 hidden, 16 heads, MLP 3072; GPT-B (LlamaGen): 12 layers, 768 hidden, 12 heads
+Every configuration uses classifier-free guidance (guidance scale != 1 -> conditional and null-class
+sequences batched together: 2 x batch sequences per forward pass). Throughput = batch / time of one
+``generate`` call, tokens only: decoding the tokens to pixels is excluded (it is the same tokenizer
+cost for every prior). Time: median of --repeats calls after one warm-up call.
+Timings depend on machine load: the header records the load average and thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+SIZES = {
+    "small": {"maskgit": dict(hidden_size=256, num_layers=4, num_heads=4),
+              "gpt": dict(hidden_size=256, num_layers=4, num_heads=4)},
+    "base": {"maskgit": dict(hidden_size=768, num_layers=24, num_heads=16),
+             "gpt": dict(hidden_size=768, num_layers=12, num_heads=12)},
+}
+
+
+def build_priors(size: str, codebook_size: int, grid: int, num_classes: int, device: str):
+    """{"maskgit": MaskGITPrior, "gpt": GPTPrior}, randomly initialised (seed 0), eval mode, on ``device``."""
+    import torch
+
+    from prior.gpt import GPTPrior
+    from prior.maskgit import MaskGITPrior
+
+    torch.manual_seed(0)
+    common = dict(codebook_size=codebook_size, num_classes=num_classes, grid_size=grid, mlp_ratio=4.0, dropout=0.0)
+    return {"maskgit": MaskGITPrior(**common, **SIZES[size]["maskgit"]).to(device).eval(),
+            "gpt": GPTPrior(**common, **SIZES[size]["gpt"]).to(device).eval()}
+
+
+def time_generate(generate, device: str, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of generate() after one warm-up call (CUDA synchronised)."""
+    import torch
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    times = []
+    for i in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        generate()
+        sync()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def benchmark(args) -> list[dict]:
+    import torch
+
+    priors = build_priors(args.size, args.codebook_size, args.grid, args.num_classes, args.device)
+    labels = [i * args.num_classes // args.batch_size for i in range(args.batch_size)]
+    tokens_per_image = args.grid * args.grid
+    configurations = [
+        ("maskgit", f"{steps} steps", steps, lambda steps=steps: priors["maskgit"].generate(
+            labels, num_inference_steps=steps, guidance_scale=args.guidance_scale,
+            generator=torch.Generator(device=args.device).manual_seed(0)))
+        for steps in (8, 16)
+    ]
+    configurations.append(("gpt", "KV cache", tokens_per_image, lambda: priors["gpt"].generate(
+        labels, guidance_scale=args.guidance_scale, use_cache=True,
+        generator=torch.Generator(device=args.device).manual_seed(0))))
+    if not args.no_kv_free_gpt:
+        configurations.append(("gpt", "no KV cache", tokens_per_image, lambda: priors["gpt"].generate(
+            labels, guidance_scale=args.guidance_scale, use_cache=False,
+            generator=torch.Generator(device=args.device).manual_seed(0))))
+    rows = []
+    for name, method, passes, generate in configurations:
+        times = time_generate(generate, args.device, args.repeats)
+        seconds = statistics.median(times)
+        params = sum(p.numel() for p in priors[name].parameters())
+        rows.append({"prior": name, "method": method, "forward_passes": passes, "params": params,
+                     "seconds": seconds, "all_seconds": times, "images_per_sec": args.batch_size / seconds})
+        print(f"# {name} {method}: {seconds:.3f} s per batch of {args.batch_size}", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    out = ["| prior | decoding | forward passes | params (M) | s / batch (median) | images/s |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['prior']} | {r['method']} | {r['forward_passes']} | {r['params'] / 1e6:.1f} | "
+                   f"{r['seconds']:.3f} | {r['images_per_sec']:.2f} |")
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (CFG doubles the sequences)")
+    parser.add_argument("--grid", type=int, default=16, help="token grid side h = w")
+    parser.add_argument("--codebook-size", type=int, default=16384, help="K")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale s (must be != 1: CFG is on)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up call")
+    parser.add_argument("--no-kv-free-gpt", action="store_true",
+                        help="skip GPT without KV cache (O(L^2) forward tokens: slow on CPU)")
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.grid, args.repeats, args.num_classes) < 1 or args.codebook_size < 2:
+        parser.error("--batch-size, --grid, --repeats, --num-classes must be >= 1 and --codebook-size >= 2")
+    if args.guidance_scale == 1.0:
+        parser.error("--guidance-scale 1.0 switches CFG off; the benchmark measures CFG sampling (2x batch)")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        parser.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    load_before = os.getloadavg()
+    rows = benchmark(args)
+    load_after = os.getloadavg()
+    sizes = SIZES[args.size]
+    describe = lambda s: f"{s['num_layers']} layers x {s['hidden_size']} hidden, {s['num_heads']} heads"  # noqa: E731
+    print(f"Prior sampling throughput, size '{args.size}' (MaskGIT {describe(sizes['maskgit'])}; "
+          f"GPT {describe(sizes['gpt'])}; random weights), K={args.codebook_size}, {args.grid}x{args.grid} tokens, "
+          f"batch {args.batch_size} with CFG s={args.guidance_scale} (2 x {args.batch_size} sequences per pass), "
+          f"device={args.device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}; tokens only (tokenizer decoding excluded); median of "
+          f"{args.repeats} after 1 warm-up; load average {load_before[0]:.1f} -> {load_after[0]:.1f}\n")
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
