@@ -1,0 +1,94 @@
+"""eval.study: the quantizer x K x seed sweep on a tiny synthetic config (two quantizers, one K, a few steps)."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from eval import study
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tokenizer" / "tiny.yaml"
+RUN_OVERRIDES = ["train.max_steps=4", "train.warmup_steps=1", "train.log_every=2", "train.checkpoint_every=0",
+                 "train.image_log_every=0", "train.tracker=none", "train.progress_bar=false", "data.num_images=16",
+                 "data.num_val_images=8", "eval.quantizer_init_batches=1", "model.base_channels=8"]
+
+
+def write_study(tmp_path, **fields):
+    payload = {"tokenizer_configs": [str(TINY)], "quantizers": ["vq", "fsq"], "codebook_sizes": [1024],
+               "seeds": [0], "overrides": RUN_OVERRIDES, "measure_memory": False,
+               "evaluation": {"split": "val", "batch_size": 8}, "output_dir": str(tmp_path / "out"), **fields}
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(payload))  # JSON is YAML
+    return path
+
+
+def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys):
+    config = write_study(tmp_path)
+    out = tmp_path / "out"
+    results = study.main(["--config", str(config), "--output-dir", str(out)])
+    assert [r["run"] for r in results] == ["vq_K1024_s0", "fsq_K1024_s0"]
+
+    for name in ("vq_K1024_s0", "fsq_K1024_s0"):
+        run_dir = out / "runs" / name
+        result = json.loads((run_dir / "result.json").read_text())
+        assert (run_dir / "tokenizer").is_dir()
+        assert result["steps"] == 4 and result["K"] == 1024 and result["seed"] == 0
+        for key in ("psnr", "ssim", "utilisation", "perplexity", "bits_per_token", "log2_active_codes",
+                    "images_per_sec", "final_loss", "train_seconds"):
+            assert math.isfinite(result[key]), key
+        assert 1 <= result["active_codes"] <= 1024
+        assert result["rfid"] is None and any("rFID" in note for note in result["notes"])
+        assert result["effective_rate"]["log2_perplexity"] == pytest.approx(math.log2(result["perplexity"]))
+        counts = json.loads((run_dir / "code_counts.json").read_text())["counts"]
+        assert len(counts) == 1024 and sum(c > 0 for c in counts) == result["active_codes"]
+        history = json.loads((run_dir / "history.json").read_text())["history"]
+        assert [row["step"] for row in history] == [2, 4]
+        assert result["config"]["model"]["quantizer"] == name.split("_")[0]
+        assert result["config"]["train"]["max_steps"] == 4  # identical recipe for both runs
+
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["quantizer"] for row in rows] == ["vq", "fsq"]
+    assert all(math.isfinite(float(row["psnr"])) and math.isfinite(float(row["perplexity"])) for row in rows)
+    table = (out / "results.md").read_text().strip().splitlines()
+    assert len([line for line in table if line.startswith("| vq") or line.startswith("| fsq")]) == 2
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+    for plot in ("rate_distortion", "utilisation_vs_K", "code_usage", "training_curves"):
+        png = out / "plots" / f"{plot}.png"
+        assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+    # second invocation: finished runs are reused, nothing is retrained
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/tokenizer/*")}
+    capsys.readouterr()
+    again = study.main(["--config", str(config), "--output-dir", str(out)])
+    log = capsys.readouterr().out
+    assert log.count("[study] reusing finished run") == 2 and "[study] training" not in log
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/tokenizer/*")} == stamps
+    assert [r["psnr"] for r in again] == [r["psnr"] for r in results]
+
+
+def test_invalid_combinations_are_skipped_with_a_reason(tmp_path):
+    spec = study.load_study_config(write_study(tmp_path))
+    runs, skipped = study.plan_runs(spec, tmp_path / "out", ["lfq", "fsq", "vq"], [1000, 2048], [0, 1])
+    assert sorted(r.name for r in runs) == ["fsq_K1000_s0", "fsq_K1000_s1", "lfq_K2048_s0", "lfq_K2048_s1",
+                                            "vq_K1000_s0", "vq_K1000_s1", "vq_K2048_s0", "vq_K2048_s1"]
+    reasons = dict(skipped)
+    assert "power of two" in reasons["lfq_K1000_s0"] and "levels" in reasons["fsq_K2048_s1"]
+    run = next(r for r in runs if r.name == "vq_K2048_s1")
+    assert {"model.quantizer=vq", "model.codebook_size=2048", "train.seed=1"} <= set(run.overrides)
+    assert study.accelerate_command(run, ["--multi_gpu"], resume=True)[:5] == [
+        "accelerate", "launch", "--multi_gpu", "tokenizer/train.py", "--config"]
+    assert "--resume" in study.accelerate_command(run, [], resume=True)
+
+
+def test_bad_study_config_names_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown keys"):
+        study.load_study_config(write_study(tmp_path, steps=3))
+    with pytest.raises(ValueError, match="launcher"):
+        study.load_study_config(write_study(tmp_path, launcher="slurm"))
+    with pytest.raises(FileNotFoundError):
+        study.load_study_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="unknown quantizer"):
+        study.plan_runs(study.load_study_config(write_study(tmp_path)), tmp_path, ["nope"], [1024], [0])
