@@ -80,6 +80,41 @@ class Quantizer(nn.Module):
                 f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]"
             )
 
+    # --- dead-code re-seeding (VQ, LGQ) ---------------------------------------------------
+    # Subclasses that use these keep a ``codebook`` parameter [K, D], a ``usage_ema`` buffer [K]
+    # (initialised to 1/K) and the floats ``reseed_threshold`` and ``usage_ema_decay``.
+    def dead_code_mask(self) -> torch.Tensor:
+        """Codes whose usage EMA fell below the threshold: usage_ema_k * K < reseed_threshold, bool [K]."""
+        return self.usage_ema * self.codebook_size < self.reseed_threshold
+
+    @torch.no_grad()
+    def update_usage_ema(self, indices: torch.Tensor) -> None:
+        """usage_ema <- decay * usage_ema + (1 - decay) * (hard counts / tokens), over the global batch."""
+        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).float()
+        if is_distributed():
+            dist.all_reduce(counts)
+        self.usage_ema.mul_(self.usage_ema_decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1 - self.usage_ema_decay)
+
+    @torch.no_grad()
+    def reseed_dead_codes(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reset every dead code (``dead_code_mask``) to a random row of ``latents`` [N, D].
+
+        codebook[k] <- latents[n_k] with n_k ~ U{0..N-1}, and usage_ema[k] <- 1/K, for each dead k.
+        In DDP the dead set is identical on every rank (the usage EMA is global) and rank 0's
+        draws are broadcast, so codebooks stay in sync. Returns (dead indices [M] int64,
+        replacements [M, D]) so subclasses can reset their own per-code state too.
+        """
+        dead = self.dead_code_mask().nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return dead, latents.new_zeros(0, latents.shape[1], dtype=self.codebook.dtype)
+        picks = torch.randint(latents.shape[0], (dead.numel(),), device=latents.device)
+        replacements = latents[picks].to(self.codebook.dtype)
+        if is_distributed():
+            dist.broadcast(replacements, src=0)
+        self.codebook.data[dead] = replacements
+        self.usage_ema[dead] = 1.0 / self.codebook_size
+        return dead, replacements
+
     def hard_stats(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Batch statistics of the hard indices: perplexity and number of distinct codes."""
         counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size)

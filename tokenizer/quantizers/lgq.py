@@ -382,7 +382,7 @@ class LGQuantizer(Quantizer):
         with fp32_quantizer_math(z.device.type):
             x = self.normalise_latents(z.float().permute(0, 2, 3, 1).reshape(-1, channels))
             if self.training and self.reseed_dead:
-                self._reseed_dead_centres(x.detach())
+                self.reseed_dead_codes(x.detach())
             centres = self.codebook.float()
             q_soft, p_sq, usage_sum, indices, max_prob = self._soft_assignment(x, centres)
             hard = F.embedding(indices, centres.detach())
@@ -408,8 +408,8 @@ class LGQuantizer(Quantizer):
                 loss = loss + self.usage_floor_weight * loss_floor
                 stats["loss_usage_floor"] = loss_floor.detach()
             if self.training and self.reseed_dead:
-                self._update_usage_ema(indices)
-                stats["dead_codes"] = (self.usage_ema * self.codebook_size < self.reseed_threshold).sum().float()
+                self.update_usage_ema(indices)
+                stats["dead_codes"] = self.dead_code_mask().sum().float()
 
         quantized = quantized.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
         return QuantizerOutput(quantized, indices.reshape(batch, height, width), loss, stats)
@@ -441,28 +441,6 @@ class LGQuantizer(Quantizer):
         """[B, H, W] int64 -> centres [B, C, H, W] (in the normalised latent space the decoder sees)."""
         self.check_indices(indices)
         return F.embedding(indices.long(), self.codebook).permute(0, 3, 1, 2).contiguous()
-
-    # --- dead-centre re-seeding (optional) ------------------------------------------------------
-    @torch.no_grad()
-    def _update_usage_ema(self, indices: torch.Tensor) -> None:
-        """usage_ema <- decay * usage_ema + (1 - decay) * (hard counts / tokens), global batch."""
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
-        if is_distributed():
-            dist.all_reduce(counts)
-        self.usage_ema.mul_(self.usage_ema_decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1 - self.usage_ema_decay)
-
-    @torch.no_grad()
-    def _reseed_dead_centres(self, x: torch.Tensor) -> None:
-        """Reset centres with usage_ema * K < reseed_threshold to random current latents."""
-        dead = (self.usage_ema * self.codebook_size < self.reseed_threshold).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return
-        picks = torch.randint(x.shape[0], (dead.numel(),), device=x.device)
-        replacements = x[picks].to(self.codebook.dtype)
-        if is_distributed():  # identical dead set on every rank (global EMA); rank 0 chooses
-            dist.broadcast(replacements, src=0)
-        self.codebook.data[dead] = replacements
-        self.usage_ema[dead] = 1.0 / self.codebook_size
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, logits={self.logits}, tau={float(self.tau):.4g} "

@@ -224,8 +224,8 @@ class VectorQuantizer(Quantizer):
             if self.training and self.ema:
                 self._ema_update(e.detach(), indices)
             if self.training and self.reseed_dead:
-                self._update_usage_ema(indices)
-                terms["dead_codes"] = (self.usage_ema * self.codebook_size < self.reseed_threshold).sum().float()
+                self.update_usage_ema(indices)
+                terms["dead_codes"] = self.dead_code_mask().sum().float()
         return quantizer_output(self, quantized, indices, loss, z.shape, **terms)
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
@@ -252,27 +252,12 @@ class VectorQuantizer(Quantizer):
         self.codebook.data.copy_(self.ema_code_sum / smoothed[:, None])
 
     @torch.no_grad()
-    def _update_usage_ema(self, indices: torch.Tensor) -> None:
-        """usage_ema <- decay * usage_ema + (1 - decay) * (hard counts / tokens), global batch."""
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
-        if is_distributed():
-            dist.all_reduce(counts)
-        self.usage_ema.mul_(self.usage_ema_decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1 - self.usage_ema_decay)
-
-    @torch.no_grad()
     def _reseed_dead_codes(self, e: torch.Tensor) -> None:
-        """Reset codes with usage_ema * K < reseed_threshold to random current lookup latents."""
-        dead = (self.usage_ema * self.codebook_size < self.reseed_threshold).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return
-        replacements = e[torch.randint(e.shape[0], (dead.numel(),), device=e.device)].to(self.codebook.dtype)
-        if is_distributed():  # the dead set is identical on every rank (global EMA); rank 0 draws
-            dist.broadcast(replacements, src=0)
-        self.codebook.data[dead] = replacements
-        if self.ema:
+        """Shared re-seeding (``Quantizer.reseed_dead_codes``) plus the EMA codebook state of the new codes."""
+        dead, replacements = self.reseed_dead_codes(e)
+        if self.ema and dead.numel():
             self.ema_cluster_size[dead] = 1.0
             self.ema_code_sum[dead] = replacements
-        self.usage_ema[dead] = 1.0 / self.codebook_size
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, lookup_dim={self.lookup_dim}, "
