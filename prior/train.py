@@ -105,7 +105,7 @@ def token_images(tokens: torch.Tensor, codebook_size: int, min_size: int = 64) -
 
 def main(argv: Sequence[str] | None = None) -> Trainer:
     """Run training; returns the Trainer (``.history`` holds the logged values, ``.output_dir`` the run)."""
-    args, overrides = parse_args(argv)
+    args, overrides = parse_args(argv, description=__doc__.split("\n\n")[0])
     cfg = load_config(PriorRunConfig, args.config or None, overrides)
     train_set, shape, tokenizer = load_token_data(cfg)  # before the Trainer: data errors leave no run directory
     trainer = Trainer(cfg.train, run_config=cfg)

@@ -33,8 +33,9 @@ from tokenizer.losses import TokenizerLoss
 from tokenizer.model import build_tokenizer
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv: Sequence[str] | None = None, description: str | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """--config (repeatable), --resume, key=value overrides (shared by the tokenizer and prior scripts)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[],
                         help="YAML config file; repeat to merge several in order (later files win)")
@@ -74,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                                          num_workers=cfg.train.num_workers,
                                          persistent_workers=False, pin_memory=torch.cuda.is_available())
-    prepared = trainer.setup(models, optimizers, loader, ema_model="model", without_ddp=["discriminator"])
+    prepared = trainer.setup(models, optimizers, loader, ema_model="model",
+                             without_ddp=[name for name in models if name == "discriminator"])  # none when GAN off
     model = prepared[0]
     tokenizer = trainer.unwrap("model")
     loss_fn.to(trainer.device)  # LPIPS; the discriminator is already placed (and shared)
