@@ -9,7 +9,7 @@ Randomly initialised priors (sampling cost does not depend on the weights):
 Every configuration uses classifier-free guidance (guidance scale != 1 -> conditional and null-class
 sequences batched together: 2 x batch sequences per forward pass). Throughput = batch / time of one
 ``generate`` call, tokens only: decoding the tokens to pixels is excluded (it is the same tokenizer
-cost for every prior). Time: median of --repeats calls after one warm-up call.
+cost for every prior). Time: median of --repeats calls after a one-image warm-up call.
 Timings depend on machine load: the header records the load average and thread count.
 """
 from __future__ import annotations
@@ -42,22 +42,27 @@ def build_priors(size: str, codebook_size: int, grid: int, num_classes: int, dev
             "gpt": GPTPrior(**common, **SIZES[size]["gpt"]).to(device).eval()}
 
 
-def time_generate(generate, device: str, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of generate() after one warm-up call (CUDA synchronised)."""
+def time_generate(generate, device: str, repeats: int, label: str = "") -> list[float]:
+    """Seconds of ``repeats`` calls of generate(batch) after one warm-up call generate(1) (CUDA synchronised).
+
+    The warm-up uses one image (same model, code path and options): it pays the one-off costs (lazy
+    initialisation, kernel selection, allocator growth) without a full-batch call; the median of the
+    repeats absorbs what is left."""
     import torch
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    generate(1)
     times = []
-    for i in range(repeats + 1):
+    for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        generate()
+        generate(None)
         sync()
-        if i > 0:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+        print(f"# {label}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
     return times
 
 
@@ -65,29 +70,29 @@ def benchmark(args) -> list[dict]:
     import torch
 
     priors = build_priors(args.size, args.codebook_size, args.grid, args.num_classes, args.device)
-    labels = [i * args.num_classes // args.batch_size for i in range(args.batch_size)]
+    all_labels = [i * args.num_classes // args.batch_size for i in range(args.batch_size)]
     tokens_per_image = args.grid * args.grid
-    configurations = [
-        ("maskgit", f"{steps} steps", steps, lambda steps=steps: priors["maskgit"].generate(
-            labels, num_inference_steps=steps, guidance_scale=args.guidance_scale,
-            generator=torch.Generator(device=args.device).manual_seed(0)))
-        for steps in (8, 16)
-    ]
-    configurations.append(("gpt", "KV cache", tokens_per_image, lambda: priors["gpt"].generate(
-        labels, guidance_scale=args.guidance_scale, use_cache=True,
-        generator=torch.Generator(device=args.device).manual_seed(0))))
+
+    def sampler(name: str, **options):
+        """generate(n) samples the first n class labels (all of them for n=None) with a fresh seeded generator."""
+        def generate(count: int | None):
+            generator = torch.Generator(device=args.device).manual_seed(0)
+            return priors[name].generate(all_labels[:count], guidance_scale=args.guidance_scale, generator=generator,
+                                         **options)
+        return generate
+
+    configurations = [("maskgit", f"{steps} steps", steps, sampler("maskgit", num_inference_steps=steps))
+                      for steps in (8, 16)]
+    configurations.append(("gpt", "KV cache", tokens_per_image, sampler("gpt", use_cache=True)))
     if not args.no_kv_free_gpt:
-        configurations.append(("gpt", "no KV cache", tokens_per_image, lambda: priors["gpt"].generate(
-            labels, guidance_scale=args.guidance_scale, use_cache=False,
-            generator=torch.Generator(device=args.device).manual_seed(0))))
+        configurations.append(("gpt", "no KV cache", tokens_per_image, sampler("gpt", use_cache=False)))
     rows = []
     for name, method, passes, generate in configurations:
-        times = time_generate(generate, args.device, args.repeats)
+        times = time_generate(generate, args.device, args.repeats, f"{name} {method}")
         seconds = statistics.median(times)
         params = sum(p.numel() for p in priors[name].parameters())
         rows.append({"prior": name, "method": method, "forward_passes": passes, "params": params,
                      "seconds": seconds, "all_seconds": times, "images_per_sec": args.batch_size / seconds})
-        print(f"# {name} {method}: {seconds:.3f} s per batch of {args.batch_size}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
           f"batch {args.batch_size} with CFG s={args.guidance_scale} (2 x {args.batch_size} sequences per pass), "
           f"device={args.device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}; tokens only (tokenizer decoding excluded); median of "
-          f"{args.repeats} after 1 warm-up; load average {load_before[0]:.1f} -> {load_after[0]:.1f}\n")
+          f"{args.repeats} after a 1-image warm-up; load average {load_before[0]:.1f} -> {load_after[0]:.1f}\n")
     print(markdown_table(rows))
     return 0
 
