@@ -18,6 +18,9 @@ Study config (YAML, see configs/study/*.yaml):
     evaluation: {split, num_images, batch_size, inception_weights}
     measure_memory: true                      quick: {quantizers, codebook_sizes, seeds, overrides}
 
+The training seed ``train.seed`` (initialisation, batch order) is swept; the data (``data.seed``: builtin
+crop boxes, synthetic images) stays that of the recipe, so every run sees the same images.
+
 Per run ``<output-dir>/runs/<quantizer>_K<K>_s<seed>/``: the trainer's folder (checkpoints, config.yaml,
 ``tokenizer/`` export), ``history.json`` (logged values), ``code_counts.json`` (evaluation bincount) and
 ``result.json``. A run whose export and result.json exist is reused; a run with checkpoints but no export
@@ -200,8 +203,18 @@ def has_checkpoints(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir / "checkpoints"))
 
 
+def train_script_path() -> str:
+    """tokenizer/train.py, relative to the working directory when it lies below it (readable commands)."""
+    script = Path(__file__).resolve().parents[1] / "tokenizer" / "train.py"
+    try:
+        return str(script.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(script)
+
+
 def accelerate_command(spec: RunSpec, accelerate_args: Sequence[str], resume: bool) -> list[str]:
-    return ["accelerate", "launch", *accelerate_args, "tokenizer/train.py", *spec.train_argv(resume)]
+    """``accelerate launch [args] tokenizer/train.py --config ... [--resume latest] key=value ...``"""
+    return ["accelerate", "launch", *accelerate_args, train_script_path(), *spec.train_argv(resume)]
 
 
 def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (), dry_run: bool = False) -> dict:

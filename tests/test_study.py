@@ -92,3 +92,15 @@ def test_bad_study_config_names_the_problem(tmp_path):
         study.load_study_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="unknown quantizer"):
         study.plan_runs(study.load_study_config(write_study(tmp_path)), tmp_path, ["nope"], [1024], [0])
+
+
+def test_dry_run_with_accelerate_prints_one_launch_per_run_and_resumes_interrupted_runs(tmp_path, capsys):
+    config = write_study(tmp_path, launcher="accelerate", accelerate_args=["--num_processes", "2"])
+    out = tmp_path / "out"
+    (out / "runs" / "fsq_K1024_s0" / "checkpoints" / "step_0000002").mkdir(parents=True)  # an interrupted run
+    assert study.main(["--config", str(config), "--output-dir", str(out), "--dry-run"]) == []
+    launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ accelerate launch")]
+    assert len(launches) == 2
+    assert "--num_processes 2" in launches[0] and "train.py" in launches[0] and "model.quantizer=vq" in launches[0]
+    assert "--resume latest" not in launches[0] and "--resume latest" in launches[1]
+    assert not (out / "results.csv").exists()
