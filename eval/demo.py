@@ -1,0 +1,535 @@
+"""The one-command demo: the whole system on the built-in scikit-image photos (``make demo``).
+
+    python -m eval.demo [--output-dir outputs/demo] [--quick] [--device auto] [--inception-weights PATH]
+                        [--steps-scale F] [--threads N] [--force]
+
+Stages (a line per stage; the training/extraction stages show their own tqdm bars), all written to ONE
+output folder ``OUT``:
+
+1. ``tokenizer``  train a small LGQ tokenizer (configs/tokenizer/builtin.yaml, ``tokenizer.train.main``)
+                  -> ``OUT/tokenizer_run/tokenizer`` (save_pretrained export)
+2. ``tokens``     token grids of the train split, each image plus its horizontal flip (``prior.extract``)
+                  -> ``OUT/tokens``
+3. ``prior``      a small class-conditional MaskGIT prior on them (configs/prior/builtin.yaml,
+                  ``prior.train.main``) -> ``OUT/prior_run/prior``
+4. ``pipeline``   ``pipelines.assemble.build_pipeline`` -> ``OUT/pipeline`` (LGQPipeline folder)
+5. ``samples``    one row of samples per training class -> ``OUT/samples.png``
+6. ``evaluation`` reconstruction (PSNR, SSIM, codebook statistics on the val split; rFID with Inception
+                  weights) and generation (gFID / IS vs the train split with Inception weights)
+                  -> ``OUT/reconstructions.png`` (top: originals, bottom: reconstructions)
+7. ``report``     ``OUT/metrics.json`` (every figure + protocol + settings + timings) and ``OUT/report.md``.
+
+FID needs torch-fidelity's Inception weights (``eval.fid``). When they cannot be found or downloaded the
+FID/IS figures are ``null`` in metrics.json and the report says why - no other network is substituted.
+
+Resuming: a stage whose export already exists in ``OUT`` is reused (printed), unless ``--force``; an
+interrupted tokenizer / prior training resumes from its latest checkpoint, an interrupted extraction
+from its finished chunks. Samples and evaluation always run (they are quick).
+
+Sizes: default = the builtin configs (64 px crops, 8x8 tokens, K = 1024; aimed at < 20 min on 2 CPU
+cores); ``--quick`` = fewer steps and a smaller model (a few minutes); ``--tiny`` = 32 px, a handful of
+steps (the end-to-end test). ``--steps-scale F`` multiplies every training length.
+
+Threads: on CPU, torch uses ``--threads`` intra-op threads, default = the cores this process may use
+(``os.sched_getaffinity``). More threads than cores (oversubscription) made in-process training many
+times slower here; on a machine shared with other jobs pass a smaller ``--threads``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+TOKENIZER_CONFIG = "configs/tokenizer/builtin.yaml"
+PRIOR_CONFIG = "configs/prior/builtin.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Overrides of each size on top of the builtin configs (steps are then multiplied by --steps-scale).
+SIZES: dict[str, dict[str, Any]] = {
+    "default": {
+        "data": [],
+        "tokenizer": [],
+        "prior": [],
+        "samples_per_class": 8,
+        "generation_samples": 240,
+        "sample_steps": 12,
+    },
+    "quick": {
+        "data": ["data.crops_per_photo=32", "data.val_crops_per_photo=16"],
+        "tokenizer": ["train.max_steps=80", "train.warmup_steps=10", "model.codebook_size=256",
+                      "train.image_log_every=40", "train.checkpoint_every=40"],
+        "prior": ["train.max_steps=150", "train.warmup_steps=10"],
+        "samples_per_class": 6,
+        "generation_samples": 60,
+        "sample_steps": 8,
+    },
+    "tiny": {
+        "data": ["data.image_size=32", "data.crops_per_photo=4", "data.val_crops_per_photo=4"],
+        "tokenizer": ["train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4", "model.base_channels=8",
+                      "model.channel_multipliers=[1,2,2]", "model.latent_dim=8", "model.codebook_size=64",
+                      "train.image_log_every=0", "train.checkpoint_every=0", "train.log_every=1",
+                      "eval.num_val_images=2", "eval.quantizer_init_batches=1"],
+        "prior": ["train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4", "model.hidden_size=32",
+                  "model.num_layers=1", "model.num_heads=2", "train.image_log_every=0",
+                  "train.checkpoint_every=0", "train.log_every=1"],
+        "samples_per_class": 2,
+        "generation_samples": 12,
+        "sample_steps": 2,
+    },
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def banner(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu; anything else must be available."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device auto or cpu)")
+    return resolved
+
+
+def scaled_steps(config_file: Path, overrides: Sequence[str], scale: float) -> list[str]:
+    """Overrides with ``train.max_steps`` (and warm-up, logging/checkpoint periods) multiplied by ``scale``."""
+    if scale == 1.0:
+        return list(overrides)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(list(overrides)))
+    train = cfg.get("train", {})
+    max_steps = max(2, round(int(train.get("max_steps", 1000)) * scale))
+    result = [o for o in overrides if not o.startswith(("train.max_steps=", "train.warmup_steps="))]
+    result.append(f"train.max_steps={max_steps}")
+    warmup = int(train.get("warmup_steps", 0))
+    result.append(f"train.warmup_steps={min(max_steps - 1, round(warmup * scale))}")
+    return result
+
+
+def find_export(run_dir: Path, class_names: Sequence[str]) -> Path | None:
+    """The sub-folder of ``run_dir`` holding a save_pretrained export of one of ``class_names``."""
+    if not run_dir.is_dir():
+        return None
+    for child in sorted(run_dir.iterdir()):
+        config = child / "config.json"
+        if config.is_file():
+            try:
+                if json.loads(config.read_text()).get("_class_name") in class_names:
+                    return child
+            except (OSError, json.JSONDecodeError):
+                continue
+    return None
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    from lgq.training import list_checkpoints
+
+    return bool(list_checkpoints(run_dir / "checkpoints"))
+
+
+def last_logged(history: Sequence[tuple[int, dict]], key: str) -> float | None:
+    for _, logs in reversed(history or []):
+        if key in logs:
+            return float(logs[key])
+    return None
+
+
+def uint8_grid(images_u8: torch.Tensor, nrow: int) -> torch.Tensor:
+    from torchvision.utils import make_grid
+
+    return make_grid(images_u8, nrow=nrow, padding=2, pad_value=255)
+
+
+def save_png(grid_u8: torch.Tensor, path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(grid_u8.permute(1, 2, 0).contiguous().numpy()).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the demo
+class Demo:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.size = "tiny" if args.tiny else ("quick" if args.quick else "default")
+        self.preset = SIZES[self.size]
+        self.out = Path(args.output_dir)
+        self.device = resolve_device(args.device)
+        self.timings: dict[str, dict[str, Any]] = {}
+        self.notes: list[str] = []
+        self.results: dict[str, Any] = {}
+        self.tokenizer_dir = self.out / "tokenizer_run"
+        self.tokens_dir = self.out / "tokens"
+        self.prior_dir = self.out / "prior_run"
+        self.pipeline_dir = self.out / "pipeline"
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def stage(self, number: int, name: str, description: str, run: Callable[[], Any], reused: bool = False):
+        banner(f"[{number}/7] {name}: {description}" + (" (reusing the existing export)" if reused else ""))
+        start = time.time()
+        value = run()
+        seconds = round(time.time() - start, 2)
+        self.timings[name] = {"seconds": seconds, "reused": bool(reused)}
+        print(f"    {name}: {'reused' if reused else 'done'} in {seconds:.1f} s", flush=True)
+        return value
+
+    def data_overrides(self) -> list[str]:
+        return list(self.preset["data"])
+
+    def data_config(self):
+        from lgq.config import load_config
+        from lgq.data import DataConfig
+
+        from omegaconf import OmegaConf
+
+        builtin = OmegaConf.load(PROJECT_ROOT / TOKENIZER_CONFIG).get("data", {})
+        dotlist = [f"{k}={v}" for k, v in builtin.items()] + [o[len("data."):] for o in self.data_overrides()]
+        return load_config(DataConfig, None, dotlist + ["random_flip=false"])
+
+    # -- stages --------------------------------------------------------------------------------
+    def train_tokenizer(self) -> Path:
+        from tokenizer.train import main as train_tokenizer
+
+        overrides = [*self.data_overrides(), *self.preset["tokenizer"], f"train.output_dir={self.tokenizer_dir}"]
+        overrides = scaled_steps(PROJECT_ROOT / TOKENIZER_CONFIG, overrides, self.args.steps_scale)
+        if has_checkpoints(self.tokenizer_dir):
+            print(f"    resuming the interrupted tokenizer run in {self.tokenizer_dir}")
+            overrides.append("train.resume=latest")
+        self.results["tokenizer_overrides"] = overrides
+        trainer = train_tokenizer(["--config", str(PROJECT_ROOT / TOKENIZER_CONFIG), *overrides])
+        self.results["tokenizer_training"] = {
+            "steps": trainer.step,
+            "final_loss": last_logged(trainer.history, "loss"),
+            "final_val_psnr_during_training": last_logged(trainer.history, "val/psnr"),
+        }
+        return trainer.output_dir / "tokenizer"
+
+    def extract(self, tokenizer_path: Path) -> dict:
+        from prior.extract import main as extract_main
+
+        argv = [f"tokenizer={tokenizer_path}", f"output={self.tokens_dir}", "split=train", "flip=true",
+                "data.name=builtin", *[o for o in self.data_overrides()]]
+        cfg = self.data_config()
+        argv.append(f"data.image_size={cfg.image_size}")
+        return extract_main(argv)
+
+    def train_prior(self, tokenizer_path: Path) -> Path:
+        try:
+            from prior.train import main as train_prior
+        except ImportError as err:
+            raise RuntimeError(f"prior/train.py is not available ({err}): the prior stage cannot run") from err
+        config = PROJECT_ROOT / PRIOR_CONFIG
+        if not config.is_file():
+            raise FileNotFoundError(f"prior config {config} does not exist")
+        overrides = [*self.preset["prior"], f"data.tokens={self.tokens_dir}", f"data.tokenizer={tokenizer_path}",
+                     f"train.output_dir={self.prior_dir}"]
+        overrides = scaled_steps(config, overrides, self.args.steps_scale)
+        if has_checkpoints(self.prior_dir):
+            print(f"    resuming the interrupted prior run in {self.prior_dir}")
+            overrides.append("train.resume=latest")
+        self.results["prior_overrides"] = overrides
+        trainer = train_prior(["--config", str(config), *overrides])
+        self.results["prior_training"] = {"steps": trainer.step, "final_loss": last_logged(trainer.history, "loss")}
+        export = find_export(self.prior_dir, ("MaskGITPrior", "GPTPrior"))
+        if export is None:
+            raise FileNotFoundError(f"prior.train finished but no prior export was found in {self.prior_dir}")
+        return export
+
+    def assemble(self, tokenizer_path: Path, prior_path: Path):
+        from pipelines.assemble import build_pipeline
+
+        pipeline = build_pipeline(tokenizer_path, prior_path)
+        self.pipeline_dir.mkdir(parents=True, exist_ok=True)
+        pipeline.save_pretrained(self.pipeline_dir, safe_serialization=True)
+        return pipeline
+
+    def sample_grid(self, pipeline, train_classes: list[int], class_names: list[str]) -> Path:
+        from eval.metrics import to_uint8
+
+        columns = int(self.preset["samples_per_class"])
+        labels = torch.tensor([c for c in train_classes for _ in range(columns)])
+        generator = torch.Generator(device="cpu").manual_seed(self.args.seed)
+        with torch.no_grad():
+            images = pipeline(labels, num_inference_steps=int(self.preset["sample_steps"]),
+                              guidance_scale=self.args.guidance_scale, generator=generator, output_type="pt").images
+        grid = uint8_grid(to_uint8(images.cpu() * 2 - 1), nrow=columns)
+        self.results["samples"] = {"rows": [class_names[c] for c in train_classes], "per_class": columns,
+                                   "num_inference_steps": int(self.preset["sample_steps"]),
+                                   "guidance_scale": self.args.guidance_scale, "seed": self.args.seed}
+        return save_png(grid, self.out / "samples.png")
+
+    def evaluate(self, pipeline, tokenizer, train_classes: list[int]) -> dict:
+        from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
+        from eval.gen_fid import evaluate_generation, generate_samples
+        from eval.metrics import to_uint8
+        from eval.reconstruction import evaluate_reconstruction
+        from lgq.data import build_image_dataset
+        from tokenizer.train import image_grid
+
+        data_cfg = self.data_config()
+        val_set = build_image_dataset(data_cfg, "val")
+        extractor, fid_reason = None, None
+        try:
+            weights = resolve_inception_weights(self.args.inception_weights, allow_download=True)
+            extractor = InceptionFeatureExtractor(weights.path, device=self.device, allow_download=False)
+        except InceptionWeightsUnavailable as err:
+            fid_reason = str(err).splitlines()[0]
+            self.notes.append(f"FID skipped: {fid_reason} rFID, gFID and IS are null. Pass --inception-weights "
+                              f"PATH (pt_inception-2015-12-05 weights) to compute them.")
+            print(f"    NOTE: FID/IS skipped - {fid_reason}", flush=True)
+
+        # reconstruction
+        tokenizer = tokenizer.to(self.device).eval()
+        reconstruction = evaluate_reconstruction(
+            tokenizer, val_set, batch_size=32, inception_weights=extractor.weights.path if extractor else None,
+            compute_fid=extractor is not None, device=self.device, allow_download=False,
+            protocol={"split": "val", "data": dataclasses.asdict(data_cfg)})
+        if fid_reason is not None:
+            reconstruction["notes"] = [n if "compute_fid=False" not in n else f"rFID not computed: {fid_reason}"
+                                       for n in reconstruction["notes"]]
+        # originals vs reconstructions: up to 8 val images spread over the val photos
+        count = min(8, len(val_set))
+        step = max(1, len(val_set) // count)
+        originals = torch.stack([val_set[i * step][0] for i in range(count)]).to(self.device)
+        with torch.no_grad():
+            recon = tokenizer.decode(tokenizer.encode(originals))
+        grid = image_grid(originals.cpu(), recon.cpu())
+        save_png(to_uint8(grid), self.out / "reconstructions.png")
+
+        # generation
+        num_samples = int(self.preset["generation_samples"])
+        if extractor is not None:
+            samples = generate_samples(pipeline, num_samples, batch_size=32, classes=train_classes,
+                                       num_inference_steps=int(self.preset["sample_steps"]),
+                                       guidance_scale=self.args.guidance_scale, seed=self.args.seed,
+                                       generator_device="cpu", feature_extractor=extractor, keep_images=False,
+                                       progress=True)
+            samples["resolution"] = list(pipeline.image_size)
+            data_options = [o[len("data."):] for o in self.data_overrides()]
+            generation = evaluate_generation(samples, "builtin:train", extractor, batch_size=32,
+                                             data_overrides=data_options, image_size=data_cfg.image_size,
+                                             isc_splits=min(10, num_samples))
+        else:
+            generation = evaluate_generation({}, "builtin:train", None, weights_note=fid_reason)
+        generation["protocol"] = {"num_samples": num_samples if extractor is not None else 0,
+                                  "classes": train_classes, "reference": "builtin train split (all crops)",
+                                  "num_inference_steps": int(self.preset["sample_steps"]),
+                                  "guidance_scale": self.args.guidance_scale, "seed": self.args.seed}
+        return {"reconstruction": reconstruction, "generation": generation}
+
+    # -- driver --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from pipelines.pipeline_lgq import LGQPipeline
+
+        start = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.args.force:
+            for folder in (self.tokenizer_dir, self.tokens_dir, self.prior_dir, self.pipeline_dir):
+                if folder.exists():
+                    print(f"--force: removing {folder}")
+                    shutil.rmtree(folder)
+        threads = torch.get_num_threads()
+        print(f"LGQ demo ({self.size}) -> {self.out.resolve()} on {self.device}, {threads} torch threads, "
+              f"steps x{self.args.steps_scale}", flush=True)
+
+        tokenizer_export = find_export(self.tokenizer_dir, ("LGQTokenizer",))
+        tokenizer_path = self.stage(1, "tokenizer", "train the LGQ tokenizer on the built-in photos",
+                                    self.train_tokenizer if tokenizer_export is None else lambda: tokenizer_export,
+                                    reused=tokenizer_export is not None)
+        tokens_done = (self.tokens_dir / "meta.json").is_file()
+        meta = self.stage(2, "tokens", "extract token grids (train split + flips)",
+                          lambda: self.extract(tokenizer_path), reused=tokens_done)
+        prior_export = find_export(self.prior_dir, ("MaskGITPrior", "GPTPrior"))
+        prior_path = self.stage(3, "prior", "train the class-conditional MaskGIT prior",
+                                (lambda: self.train_prior(tokenizer_path)) if prior_export is None
+                                else (lambda: prior_export), reused=prior_export is not None)
+        pipeline_done = (self.pipeline_dir / "model_index.json").is_file()
+        pipeline = self.stage(3 + 1, "pipeline", "assemble the LGQPipeline",
+                              (lambda: LGQPipeline.from_pretrained(self.pipeline_dir)) if pipeline_done
+                              else (lambda: self.assemble(tokenizer_path, prior_path)), reused=pipeline_done)
+        pipeline = pipeline.to(self.device)
+
+        from lgq.data import build_image_dataset
+
+        train_set = build_image_dataset(self.data_config(), "train")
+        train_classes = list(train_set.split_labels)
+        class_names = list(train_set.class_names)
+        self.stage(5, "samples", "class-conditional sample grid (one row per training class)",
+                   lambda: self.sample_grid(pipeline, train_classes, class_names))
+        evaluation = self.stage(6, "evaluation", "reconstruction + generation metrics",
+                                lambda: self.evaluate(pipeline, pipeline.tokenizer, train_classes))
+        self.timings["total"] = {"seconds": round(time.time() - start, 2), "reused": False}
+        metrics = self.metrics(meta, evaluation, threads, tokenizer_path, prior_path)
+        self.stage(7, "report", "metrics.json + report.md", lambda: self.write_outputs(metrics))
+        print(f"\nDemo finished in {self.timings['total']['seconds']:.0f} s: {self.out / 'report.md'}")
+        return metrics
+
+    def metrics(self, meta: dict, evaluation: dict, threads: int, tokenizer_path: Path, prior_path: Path) -> dict:
+        previous = {}
+        metrics_file = self.out / "metrics.json"
+        if metrics_file.is_file():  # keep the training times of the run that actually trained
+            try:
+                previous = json.loads(metrics_file.read_text()).get("timings", {})
+            except (OSError, json.JSONDecodeError):
+                previous = {}
+        timings = dict(self.timings)
+        for name, entry in timings.items():
+            if entry["reused"] and name in previous and not previous[name].get("reused", True):
+                entry["seconds_when_run"] = previous[name]["seconds"]
+            elif entry["reused"] and name in previous and "seconds_when_run" in previous[name]:
+                entry["seconds_when_run"] = previous[name]["seconds_when_run"]
+        try:
+            load = os.getloadavg()
+        except OSError:
+            load = None
+        return {
+            "settings": {
+                "size": self.size, "steps_scale": self.args.steps_scale, "device": str(self.device),
+                "torch_threads": threads, "usable_cores": usable_cores(), "load_average_at_end": load,
+                "seed": self.args.seed, "guidance_scale": self.args.guidance_scale,
+                "tokenizer_config": TOKENIZER_CONFIG, "prior_config": PRIOR_CONFIG,
+                "size_overrides": {k: v for k, v in self.preset.items()},
+                "tokenizer_overrides": self.results.get("tokenizer_overrides"),
+                "prior_overrides": self.results.get("prior_overrides"),
+                "torch": torch.__version__, "python": platform.python_version(),
+            },
+            "paths": {"tokenizer": str(tokenizer_path), "tokens": str(self.tokens_dir), "prior": str(prior_path),
+                      "pipeline": str(self.pipeline_dir)},
+            "tokens": {k: meta.get(k) for k in ("count", "grid_size", "codebook_size", "augmentations")},
+            "tokenizer_training": self.results.get("tokenizer_training"),
+            "prior_training": self.results.get("prior_training"),
+            "samples": self.results.get("samples"),
+            "reconstruction": evaluation["reconstruction"],
+            "generation": evaluation["generation"],
+            "timings": timings,
+            "notes": self.notes,
+        }
+
+    def write_outputs(self, metrics: dict) -> None:
+        from eval.reconstruction import write_json
+
+        write_json(self.out / "metrics.json", metrics)
+        (self.out / "report.md").write_text(render_report(metrics))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_report(metrics: dict) -> str:
+    """A short markdown report of a finished demo (what ran, settings, timings, figures, images)."""
+    s, rec, gen = metrics["settings"], metrics["reconstruction"], metrics["generation"]
+    codebook = rec["codebook"]
+    lines = [
+        "# LGQ demo report", "",
+        f"Size **{s['size']}** (steps x{s['steps_scale']}) on **{s['device']}** with {s['torch_threads']} torch "
+        f"threads ({s['usable_cores']} usable cores; load average at the end: "
+        f"{', '.join(f'{x:.1f}' for x in s['load_average_at_end']) if s['load_average_at_end'] else 'n/a'}), "
+        f"torch {s['torch']}.", "",
+        "What ran: an LGQ tokenizer trained on crops of the built-in scikit-image photos "
+        f"(`{s['tokenizer_config']}`), token grids of its train split (+ horizontal flips), a class-conditional "
+        f"MaskGIT prior (`{s['prior_config']}`), assembled into an `LGQPipeline` (`{metrics['paths']['pipeline']}`).",
+        "",
+        "## Timings", "", "| stage | seconds | |", "|---|---:|---|",
+    ]
+    for name, entry in metrics["timings"].items():
+        extra = "reused existing export" if entry.get("reused") else ""
+        if "seconds_when_run" in entry:
+            extra += f" (trained in {entry['seconds_when_run']:.0f} s in an earlier run)"
+        lines.append(f"| {name} | {entry['seconds']:.1f} | {extra} |")
+    rp = rec["protocol"]
+    lines += [
+        "", "## Reconstruction (val split: held-out photos)", "",
+        f"{rp['num_images']} images at {'x'.join(map(str, rp['resolution']))}, token grid "
+        f"{'x'.join(map(str, rp['token_grid']))}, K = {rp['codebook_size']}.", "",
+        "| metric | value |", "|---|---:|",
+        f"| rFID | {_fmt(rec['rfid'], 2)} |",
+        f"| PSNR (dB) | {_fmt(rec['psnr'], 2)} |",
+        f"| SSIM | {_fmt(rec['ssim'], 4)} |",
+        f"| active codes | {codebook['active_codes']} / {codebook['codebook_size']} |",
+        f"| utilisation | {_fmt(codebook['utilisation'], 4)} |",
+        f"| perplexity | {_fmt(codebook['perplexity'], 1)} |",
+        f"| bits / token | {_fmt(codebook['bits_per_token'], 3)} |",
+        "", "![originals (top) vs reconstructions (bottom)](reconstructions.png)", "",
+        "## Generation", "",
+        f"| metric | value |", "|---|---:|",
+        f"| gFID vs train split | {_fmt(gen['fid'], 2)} |",
+        f"| Inception Score | {_fmt(gen['inception_score_mean'], 2)} ± {_fmt(gen['inception_score_std'], 2)} |",
+        f"| samples | {gen['protocol']['num_samples']} |",
+        "",
+    ]
+    if metrics.get("samples"):
+        lines += [f"Sample grid: one row per training class ({', '.join(metrics['samples']['rows'])}), "
+                  f"{metrics['samples']['num_inference_steps']} MaskGIT steps, guidance "
+                  f"{metrics['samples']['guidance_scale']}, seed {metrics['samples']['seed']}.", "",
+                  "![class-conditional samples](samples.png)", ""]
+    notes = [*metrics.get("notes", []), *rec.get("notes", []), *gen.get("notes", [])]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    lines += ["Every figure with its protocol: `metrics.json`. Tiny data, few steps: these numbers show the "
+              "system works end to end; they are not comparable with published ImageNet figures.", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="outputs/demo", help="the one folder everything is written to")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer steps, smaller data (a few minutes on CPU)")
+    size.add_argument("--tiny", action="store_true", help="32 px, a handful of steps (smoke test, ~1 min)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 weights file for FID/IS")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training length by F")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads on CPU (default: the usable cores)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance of sampling")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--force", action="store_true", help="retrain every stage instead of reusing exports")
+    args = parser.parse_args(argv)
+    if not args.steps_scale > 0:
+        parser.error(f"--steps-scale must be > 0, got {args.steps_scale}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # the in-process trainers follow --device cpu
+        torch.set_num_threads(args.threads or usable_cores())
+    return Demo(args).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,77 @@
+"""The one-command demo end to end at a tiny size (32 px, a handful of steps), then resumed from its exports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eval import demo
+
+
+@pytest.fixture()
+def offline_cpu(monkeypatch):
+    # FID must be skipped (no Inception download in tests) and the trainers must stay on the CPU.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LGQ_OFFLINE", "1")
+    monkeypatch.delenv("LGQ_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home-for-demo-test")
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)
+
+
+def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys):
+    out = tmp_path / "demo"
+    argv = ["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", str(offline_cpu)]
+    metrics = demo.main(argv)
+    first_log = capsys.readouterr().out
+
+    for name in ("metrics.json", "report.md", "samples.png", "reconstructions.png"):
+        assert (out / name).is_file(), name
+    assert (out / "pipeline" / "model_index.json").is_file()
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("settings", "timings", "tokens", "reconstruction", "generation", "notes"):
+        assert key in saved, key
+    for stage in ("tokenizer", "tokens", "prior", "pipeline", "samples", "evaluation", "total"):
+        assert stage in saved["timings"], stage
+        assert saved["timings"][stage]["reused"] is False
+    rec = saved["reconstruction"]
+    assert 0.0 < rec["psnr"] < 100.0 and -1.0 <= rec["ssim"] <= 1.0
+    assert 1 <= rec["codebook"]["active_codes"] <= 64 and rec["codebook"]["codebook_size"] == 64
+    assert rec["protocol"]["resolution"] == [32, 32]
+    # without Inception weights FID is null and said so, never silently replaced
+    assert rec["rfid"] is None and saved["generation"]["fid"] is None
+    assert any("FID skipped" in note for note in saved["notes"])
+    report = (out / "report.md").read_text()
+    assert "FID skipped" in report and "samples.png" in report and "reconstructions.png" in report
+    # the sample grid: one row per training class (6 photos), 2 columns of 32 px + 2 px padding
+    from PIL import Image
+
+    width, height = Image.open(out / "samples.png").size
+    rows = len(saved["samples"]["rows"])
+    assert rows == 6 and (width, height) == (2 + 2 * 34, 2 + rows * 34)
+    assert saved["tokens"]["count"] == 2 * 6 * 4  # 6 train photos x 4 crops, each + its flip
+    assert metrics["reconstruction"]["psnr"] == pytest.approx(rec["psnr"])
+    assert first_log.count("==> [") == 7
+
+    # second run: every training export is reused, the figures of the same tokenizer are identical
+    demo.main(argv)
+    second_log = capsys.readouterr().out
+    assert second_log.count("reusing the existing export") == 4
+    again = json.loads((out / "metrics.json").read_text())
+    for stage in ("tokenizer", "tokens", "prior", "pipeline"):
+        assert again["timings"][stage]["reused"] is True
+        assert again["timings"][stage]["seconds_when_run"] == saved["timings"][stage]["seconds"]
+    assert again["reconstruction"]["psnr"] == pytest.approx(rec["psnr"])
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--steps-scale", "0"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--quick", "--tiny"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            demo.resolve_device("cuda")
