@@ -208,3 +208,19 @@ def test_all_prior_configs_load_with_the_paper_recipes():
     assert (gpt.train.lr, gpt.train.betas, gpt.train.weight_decay, gpt.model.label_dropout) == (1e-4, (0.9, 0.95), 0.05, 0.1)
     builtin = load_config(PriorRunConfig, ROOT / "configs" / "prior" / "builtin.yaml")
     assert builtin.data.tokenizer and builtin.model.prior_type == "maskgit"
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run(token_dir, tmp_path):
+    from ddp import run_ddp  # tests/ddp.py: the working 2-process CPU launch recipe
+    from prior.maskgit import MaskGITPrior
+
+    output_dir = tmp_path / "ddp"
+    proc = run_ddp(ROOT / "prior" / "train.py", "--config", str(TINY), f"data.tokens={token_dir}",
+                   f"train.output_dir={output_dir}", "train.max_steps=4", "train.batch_size=4",
+                   "train.expected_num_processes=2", "train.image_log_every=2", "train.progress_bar=false")
+    assert "2 process(es), global batch 8" in proc.stdout
+    assert (output_dir / "checkpoints" / "step_0000004" / "random_states_1.pkl").is_file()
+    assert (output_dir / "images" / "samples_step0000004.png").is_file()
+    prior = MaskGITPrior.from_pretrained(str(output_dir / "prior"))
+    assert prior.codebook_size == K and prior.num_classes == CLASSES
