@@ -295,14 +295,44 @@ def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str
     return metrics
 
 
+def _comparable(config: dict) -> dict:
+    """A run config without the keys that may differ between invocations of the same run."""
+    config = json.loads(json.dumps(config))
+    for key in ("resume", "progress_bar"):
+        config.get("train", {}).pop(key, None)
+    return config
+
+
+def check_same_recipe(spec: RunSpec, run_cfg) -> None:
+    """Refuse to reuse or resume a run folder that was made with a different recipe (ValueError)."""
+    from omegaconf import OmegaConf
+
+    current = _comparable(_config_dict(run_cfg))
+    result_path, saved_path = spec.run_dir / "result.json", spec.run_dir / "config.yaml"
+    if result_path.is_file():
+        previous = json.loads(result_path.read_text()).get("config")
+    elif saved_path.is_file():
+        previous = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    else:
+        return
+    previous = _comparable(previous or {})
+    if previous != current:
+        changed = sorted(f"{section}.{key}" for section in set(current) | set(previous)
+                         for key in set(current.get(section, {})) | set(previous.get(section, {}))
+                         if current.get(section, {}).get(key) != previous.get(section, {}).get(key))
+        raise ValueError(f"{spec.run_dir} holds run {spec.name} with a different recipe (changed: {changed}); "
+                         f"choose another --output-dir or delete that folder")
+
+
 def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bool, dry_run: bool = False) -> dict | None:
     """Reuse, resume or train one run, then evaluate it; returns its result dict (None on a dry run)."""
     result_path = spec.run_dir / "result.json"
     export = spec.run_dir / "tokenizer"
+    run_cfg = load_run_config(spec)
+    check_same_recipe(spec, run_cfg)
     if result_path.is_file() and export.is_dir():
         print(f"[study] reusing finished run {spec.name} ({result_path})", flush=True)
         return json.loads(result_path.read_text())
-    run_cfg = load_run_config(spec)
     history_path = spec.run_dir / "history.json"
     if export.is_dir() and history_path.is_file():
         print(f"[study] {spec.name}: export exists, evaluating only", flush=True)

@@ -68,6 +68,10 @@ def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/tokenizer/*")} == stamps
     assert [r["psnr"] for r in again] == [r["psnr"] for r in results]
 
+    # a different recipe in the same folder is refused, not silently reused
+    with pytest.raises(ValueError, match=r"different recipe.*train\.max_steps"):
+        study.main(["--config", str(config), "--output-dir", str(out), "train.max_steps=5"])
+
 
 def test_invalid_combinations_are_skipped_with_a_reason(tmp_path):
     spec = study.load_study_config(write_study(tmp_path))
