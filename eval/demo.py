@@ -384,7 +384,7 @@ class Demo:
                                 (lambda: self.train_prior(tokenizer_path)) if prior_export is None
                                 else (lambda: prior_export), reused=prior_export is not None)
         pipeline_done = (self.pipeline_dir / "model_index.json").is_file()
-        pipeline = self.stage(3 + 1, "pipeline", "assemble the LGQPipeline",
+        pipeline = self.stage(4, "pipeline", "assemble the LGQPipeline",
                               (lambda: LGQPipeline.from_pretrained(self.pipeline_dir)) if pipeline_done
                               else (lambda: self.assemble(tokenizer_path, prior_path)), reused=pipeline_done)
         pipeline = pipeline.to(self.device)

@@ -18,13 +18,13 @@ def offline_cpu(monkeypatch):
     monkeypatch.delenv("LGQ_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home-for-demo-test")
     threads = torch.get_num_threads()
-    yield threads
-    torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)  # the demo sets the process-wide thread count
 
 
 def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys):
     out = tmp_path / "demo"
-    argv = ["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", str(offline_cpu)]
+    argv = ["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1"]  # tiny models: 1 thread is enough
     metrics = demo.main(argv)
     first_log = capsys.readouterr().out
 
@@ -55,6 +55,7 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
     assert saved["tokens"]["count"] == 2 * 6 * 4  # 6 train photos x 4 crops, each + its flip
     assert metrics["reconstruction"]["psnr"] == pytest.approx(rec["psnr"])
     assert first_log.count("==> [") == 7
+    assert saved["settings"]["torch_threads"] == 1 and saved["settings"]["size"] == "tiny"
 
     # second run: every training export is reused, the figures of the same tokenizer are identical
     demo.main(argv)
@@ -75,3 +76,13 @@ def test_bad_arguments_are_named():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             demo.resolve_device("cuda")
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(demo, "usable_cores", lambda: 4)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert demo.default_threads() == 4
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert demo.default_threads() == 1
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (11.0, 0.0, 0.0))
+    assert demo.default_threads() == 1
