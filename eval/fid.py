@@ -10,9 +10,12 @@ defaults). Statistics are accumulated in streaming form (float64 sums on the CPU
     mu = S1 / N,   Sigma = (S2 - N mu mu^T) / (N - 1)     (S1 = sum_i f_i, S2 = sum_i f_i f_i^T)
 
 which equals ``np.cov`` (unbiased) as torch-fidelity computes it, and the distance is
-torch-fidelity's own ``fid_statistics_to_metric``:
 
-    FID = |mu_a - mu_b|^2 + tr(Sigma_a) + tr(Sigma_b) - 2 sum_j sqrt(lambda_j(Sigma_a Sigma_b))
+    FID = |mu_a - mu_b|^2 + tr(Sigma_a) + tr(Sigma_b) - 2 tr(sqrt(Sigma_a Sigma_b))
+
+with the trace term computed exactly from two symmetric eigendecompositions (``frechet_distance``,
+same value as torch-fidelity's ``fid_statistics_to_metric`` to ~1e-6 relative, several times faster
+than its general ``eigvals(Sigma_a Sigma_b)`` at D = 2048).
 
 Inception weights (never silently replaced by other weights), first match wins:
   1. ``weights_path=`` argument (offline clusters: copy the .pth there);
@@ -306,19 +309,76 @@ def compute_fid_statistics(images: ImageSource, weights_path: str | os.PathLike 
     return accumulator.statistics({**extractor.protocol(), **metadata})
 
 
-def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
-    """FID between two sets of statistics, computed by torch-fidelity's ``fid_statistics_to_metric``."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+def covariance_factor(sigma: np.ndarray) -> np.ndarray:
+    """A factor F [D, r] with Sigma = F F^T (to rounding) for a symmetric positive semi-definite Sigma (float64).
 
+    Cholesky (Sigma = L L^T, r = D; cheap and backward stable whenever it completes) for positive
+    definite Sigma. Otherwise (singular, e.g. fewer images than feature dimensions) a diagonally
+    pivoted Cholesky: step k picks p = argmax_i d_i of the residual diagonal d = diag(Sigma - F F^T),
+    appends the column f = (Sigma[:, p] - F F[p]^T) / sqrt(d_p), and stops once max_i d_i <= D * eps * max_i Sigma_ii
+    (the residual is PSD, so it is then at rounding level). Its cost is O(D r^2) for rank r.
+    """
+    try:
+        return np.linalg.cholesky(sigma)
+    except np.linalg.LinAlgError:
+        pass
+    dim = sigma.shape[0]
+    residual_diagonal = np.diag(sigma).copy()
+    tolerance = dim * np.finfo(np.float64).eps * max(float(residual_diagonal.max()), 0.0)
+    factor = np.zeros((dim, dim), dtype=np.float64)
+    rank = 0
+    while rank < dim:
+        pivot = int(np.argmax(residual_diagonal))
+        if residual_diagonal[pivot] <= tolerance:
+            break
+        column = sigma[:, pivot] - factor[:, :rank] @ factor[pivot, :rank]
+        column /= np.sqrt(residual_diagonal[pivot])
+        factor[:, rank] = column
+        residual_diagonal -= column * column
+        residual_diagonal[pivot] = 0.0
+        rank += 1
+    return factor[:, :rank]
+
+
+def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+    """tr(sqrt(Sigma_a Sigma_b)) for symmetric positive semi-definite Sigma_a, Sigma_b [D, D], in float64.
+
+    With any factor Sigma_a = F F^T (``covariance_factor``; F = sqrt(Sigma_a) or its Cholesky factor),
+    Sigma_a Sigma_b = F (F^T Sigma_b F) F^-1 is similar to the symmetric PSD matrix M = F^T Sigma_b F
+    (for singular Sigma_a the eigenvalues still agree: F F^T Sigma_b and F^T Sigma_b F share their
+    non-zero eigenvalues), hence
+
+        tr(sqrt(Sigma_a Sigma_b)) = sum_j sqrt(lambda_j(F^T Sigma_b F))
+
+    computed with the symmetric ``eigvalsh`` instead of the general non-symmetric
+    ``eigvals(Sigma_a Sigma_b)`` torch-fidelity uses (same value, several times faster at D = 2048).
+    Tiny negative eigenvalues from rounding are clipped to 0 (torch-fidelity takes the real part of
+    their complex square root: also 0).
+    """
+    sigma_a = np.asarray(sigma_a, dtype=np.float64)
+    sigma_b = np.asarray(sigma_b, dtype=np.float64)
+    if sigma_a.ndim != 2 or sigma_a.shape != sigma_b.shape or sigma_a.shape[0] != sigma_a.shape[1]:
+        raise ValueError(f"covariances must be square and of equal shape, got {sigma_a.shape} and {sigma_b.shape}")
+    factor = covariance_factor((sigma_a + sigma_a.T) / 2)
+    middle = factor.T @ sigma_b @ factor
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+
+
+def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
+    """FID = |mu_a - mu_b|^2 + tr(Sigma_a) + tr(Sigma_b) - 2 tr(sqrt(Sigma_a Sigma_b)) (see ``trace_sqrt_product``).
+
+    Equal to torch-fidelity's ``fid_statistics_to_metric`` up to float64 rounding.
+    """
     if stats_a.mu.shape != stats_b.mu.shape:
         raise ValueError(f"feature dimensions differ: {stats_a.mu.shape[0]} vs {stats_b.mu.shape[0]}")
     for stats in (stats_a, stats_b):
         extractor = stats.metadata.get("feature_extractor")
         if extractor not in (None, FEATURE_EXTRACTOR):
             raise ValueError(f"statistics computed with feature extractor {extractor!r}, expected {FEATURE_EXTRACTOR!r}")
-    result = fid_statistics_to_metric({"mu": stats_a.mu, "sigma": stats_a.sigma},
-                                      {"mu": stats_b.mu, "sigma": stats_b.sigma}, verbose=False)
-    return float(result[KEY_METRIC_FID])
+    mean_difference = stats_a.mu - stats_b.mu
+    return float(mean_difference @ mean_difference + np.trace(stats_a.sigma) + np.trace(stats_b.sigma)
+                 - 2.0 * trace_sqrt_product(stats_a.sigma, stats_b.sigma))
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:

@@ -133,6 +133,38 @@ def test_streaming_statistics_equal_numpy_mean_and_cov():
 
 # ----------------------------------------------------------------------------- weights resolution
 
+def random_covariance(generator, dim, num_samples):
+    """Unbiased sample covariance of num_samples correlated Gaussian vectors (singular when num_samples <= dim)."""
+    mixing = generator.standard_normal((dim, dim)) / math.sqrt(dim)
+    samples = generator.standard_normal((num_samples, dim)) @ mixing + generator.standard_normal(dim)
+    return samples.mean(0), np.cov(samples, rowvar=False)
+
+
+@pytest.mark.parametrize("num_samples", [200, 20], ids=["full_rank", "rank_deficient"])
+def test_frechet_distance_equals_torch_fidelity_on_small_statistics(num_samples):
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    from eval.fid import trace_sqrt_product
+
+    generator = np.random.default_rng(num_samples)
+    dim = 48
+    for _ in range(3):
+        stats_a = FIDStatistics(*random_covariance(generator, dim, num_samples), num_samples)
+        stats_b = FIDStatistics(*random_covariance(generator, dim, num_samples), num_samples)
+        expected = fid_statistics_to_metric({"mu": stats_a.mu, "sigma": stats_a.sigma},
+                                            {"mu": stats_b.mu, "sigma": stats_b.sigma}, verbose=False)[KEY_METRIC_FID]
+        assert frechet_distance(stats_a, stats_b) == pytest.approx(expected, rel=1e-6)
+        assert frechet_distance(stats_b, stats_a) == pytest.approx(expected, rel=1e-6)  # symmetric
+        # tr(sqrt(Sigma Sigma)) = tr(Sigma): the distance of a set to itself vanishes
+        assert trace_sqrt_product(stats_a.sigma, stats_a.sigma) == pytest.approx(np.trace(stats_a.sigma), rel=1e-6)
+        assert abs(frechet_distance(stats_a, stats_a)) < 1e-6 * np.trace(stats_a.sigma)
+    # exact on a case with a closed form: diagonal covariances, tr sqrt(A B) = sum sqrt(a_i b_i)
+    diag_a, diag_b = generator.uniform(0.1, 2.0, dim), generator.uniform(0.0, 2.0, dim)
+    assert trace_sqrt_product(np.diag(diag_a), np.diag(diag_b)) == pytest.approx(np.sqrt(diag_a * diag_b).sum(), rel=1e-12)
+    with pytest.raises(ValueError, match="equal shape"):
+        trace_sqrt_product(np.eye(3), np.eye(4))
+
+
 @pytest.fixture
 def no_local_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
