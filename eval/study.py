@@ -366,6 +366,7 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "images_per_sec": summary["images_per_sec"], "final_losses": summary["final_losses"],
         "final_loss": summary["final_losses"].get("loss"),
         "train_seconds": record.get("train_seconds"),
+        "torch_threads": _torch_threads(),
         "quantizer_memory": memory,
         "quantizer_peak_mib": (memory["peak_bytes"] / 2**20) if memory and memory["peak_bytes"] is not None else None,
         "evaluation": metrics["protocol"], "notes": notes,
@@ -376,6 +377,12 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
     print(f"[study] {spec.name}: PSNR {result['psnr']:.2f} dB, active {result['active_codes']}/{spec.codebook_size}, "
           f"perplexity {result['perplexity']:.1f}", flush=True)
     return result
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _config_dict(run_cfg) -> dict:
@@ -551,6 +558,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="inprocess (CPU default) or accelerate (one `accelerate launch` subprocess per run)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan / commands, train nothing")
     parser.add_argument("--no-memory", action="store_true", help="skip the quantizer peak-memory measurement")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
+                             "than 2 on a machine whose cores are busy with other work")
     parser.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
     args = parser.parse_args(argv)
     for item in args.overrides:
@@ -577,6 +587,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if not runs:
         raise ValueError("no valid quantizer x K combination to run (see the skip reasons above)")
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     results = []
     start = time.time()
     for spec in runs:

@@ -15,6 +15,17 @@ RUN_OVERRIDES = ["train.max_steps=4", "train.warmup_steps=1", "train.log_every=2
                  "data.num_val_images=8", "eval.quantizer_init_batches=1", "model.base_channels=8"]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a 2-core machine shared with other jobs, 2 threads can be 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_study(tmp_path, **fields):
     payload = {"tokenizer_configs": [str(TINY)], "quantizers": ["vq", "fsq"], "codebook_sizes": [1024],
                "seeds": [0], "overrides": RUN_OVERRIDES, "measure_memory": False,
@@ -34,6 +45,7 @@ def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys
         run_dir = out / "runs" / name
         result = json.loads((run_dir / "result.json").read_text())
         assert (run_dir / "tokenizer").is_dir()
+        assert result["torch_threads"] == 1
         assert result["steps"] == 4 and result["K"] == 1024 and result["seed"] == 0
         for key in ("psnr", "ssim", "utilisation", "perplexity", "bits_per_token", "log2_active_codes",
                     "images_per_sec", "final_loss", "train_seconds"):
