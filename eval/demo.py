@@ -327,10 +327,9 @@ class Demo:
         if fid_reason is not None:
             reconstruction["notes"] = [n if "compute_fid=False" not in n else f"rFID not computed: {fid_reason}"
                                        for n in reconstruction["notes"]]
-        # originals vs reconstructions: up to 8 val images spread over the val photos
+        # originals vs reconstructions: the first 8 val images (consecutive items cycle through the val photos)
         count = min(8, len(val_set))
-        step = max(1, len(val_set) // count)
-        originals = torch.stack([val_set[i * step][0] for i in range(count)]).to(self.device)
+        originals = torch.stack([val_set[i][0] for i in range(count)]).to(self.device)
         with torch.no_grad():
             recon = tokenizer.decode(tokenizer.encode(originals))
         grid = image_grid(originals.cpu(), recon.cpu())
