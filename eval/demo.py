@@ -404,13 +404,18 @@ class Demo:
         return metrics
 
     def metrics(self, meta: dict, evaluation: dict, threads: int, tokenizer_path: Path, prior_path: Path) -> dict:
-        previous = {}
+        previous, previous_metrics = {}, {}
         metrics_file = self.out / "metrics.json"
-        if metrics_file.is_file():  # keep the training times of the run that actually trained
+        if metrics_file.is_file():  # keep the training times / figures of the run that actually trained
             try:
-                previous = json.loads(metrics_file.read_text()).get("timings", {})
+                previous_metrics = json.loads(metrics_file.read_text())
+                previous = previous_metrics.get("timings", {})
             except (OSError, json.JSONDecodeError):
-                previous = {}
+                previous, previous_metrics = {}, {}
+        for key in ("tokenizer_training", "prior_training", "tokenizer_overrides", "prior_overrides"):
+            if key not in self.results:
+                source = previous_metrics if key.endswith("training") else previous_metrics.get("settings", {})
+                self.results[key] = source.get(key)
         timings = dict(self.timings)
         for name, entry in timings.items():
             if entry["reused"] and name in previous and not previous[name].get("reused", True):
@@ -478,7 +483,7 @@ def render_report(metrics: dict) -> str:
     for name, entry in metrics["timings"].items():
         extra = "reused existing export" if entry.get("reused") else ""
         if "seconds_when_run" in entry:
-            extra += f" (trained in {entry['seconds_when_run']:.0f} s in an earlier run)"
+            extra += f" (ran in {entry['seconds_when_run']:.0f} s in an earlier run)"
         lines.append(f"| {name} | {entry['seconds']:.1f} | {extra} |")
     rp = rec["protocol"]
     lines += [

@@ -66,6 +66,7 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
         assert again["timings"][stage]["reused"] is True
         assert again["timings"][stage]["seconds_when_run"] == saved["timings"][stage]["seconds"]
     assert again["reconstruction"]["psnr"] == pytest.approx(rec["psnr"])
+    assert again["tokenizer_training"] == saved["tokenizer_training"] is not None
 
 
 def test_bad_arguments_are_named():
