@@ -105,11 +105,13 @@ def evaluate_reconstruction(
     num_workers: int = 0,
     allow_download: bool = True,
     protocol: dict[str, Any] | None = None,
+    return_code_counts: bool = False,
 ) -> dict[str, Any]:
     """Encode + decode the evaluation set and measure it (module docstring). Returns a JSON-ready dict:
 
     ``{"rfid", "psnr", "ssim", "lpips", "codebook": {...}, "protocol": {...}, "notes": [...]}``;
     figures that could not be computed are ``None`` with the reason in ``notes``.
+    ``return_code_counts=True`` adds ``"code_counts"``: the bincount c_k of hard indices (list of K ints).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -213,6 +215,8 @@ def evaluate_reconstruction(
         **(protocol or {}),
     }
     result["notes"] = notes
+    if return_code_counts:
+        result["code_counts"] = counts.tolist()
     return result
 
 
