@@ -368,7 +368,8 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "train_seconds": record.get("train_seconds"),
         "torch_threads": _torch_threads(),
         "quantizer_memory": memory,
-        "quantizer_peak_mib": (memory["peak_bytes"] / 2**20) if memory and memory["peak_bytes"] is not None else None,
+        # ru_maxrss cannot resolve the tiny steps of laptop-scale runs: a zero reading is "not measurable", not 0
+        "quantizer_peak_mib": (memory["peak_bytes"] / 2**20) if memory and memory["peak_bytes"] else None,
         "evaluation": metrics["protocol"], "notes": notes,
         "config": _config_dict(run_cfg),
         "train_argv": spec.train_argv(False),
