@@ -22,7 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prior.maskgit import drop_labels
+from prior.maskgit import check_prior_hyperparameters, drop_labels
 from prior.scheduler import apply_guidance, guidance_scale_at, sample_categorical
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
 
@@ -73,14 +73,7 @@ class GPTPrior(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
     ):
         super().__init__()
-        if int(codebook_size) < 2:
-            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+        check_prior_hyperparameters(codebook_size, num_classes, hidden_size, num_heads, label_dropout)
         self.codebook_size = int(codebook_size)
         self.num_classes = int(num_classes)
         self.grid_size = normalize_grid_size(grid_size)

@@ -39,6 +39,19 @@ def uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
+
+def check_prior_hyperparameters(codebook_size: int, num_classes: int, hidden_size: int, num_heads: int,
+                                label_dropout: float) -> None:
+    """Constructor checks shared by the MaskGIT and GPT priors (clear ValueError naming the bad value)."""
+    if int(codebook_size) < 2:
+        raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    if not 0.0 <= label_dropout < 1.0:
+        raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+
 def drop_labels(labels: torch.Tensor, null_class: int, probability: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Label dropout: each label is replaced by ``null_class`` with the given probability."""
@@ -74,14 +87,7 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         label_dropout: float = 0.1,
     ):
         super().__init__()
-        if int(codebook_size) < 2:
-            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+        check_prior_hyperparameters(codebook_size, num_classes, hidden_size, num_heads, label_dropout)
         self.codebook_size = int(codebook_size)
         self.num_classes = int(num_classes)
         self.grid_size = normalize_grid_size(grid_size)
