@@ -8,13 +8,15 @@ z [N/256, C, 16, 16] (N tokens; [N, C, 1, 1] if N is not a multiple of 256). ``l
 ``lgq_dense_reference`` (plain autograd over full N x K tensors) on the same LayerNormed tokens.
 
 Time: median over ``--repeats`` steps after one warm-up step.
-Peak memory, measured in a fresh subprocess per configuration so configurations cannot
-inflate each other:
-  * CPU: ru_maxrss (the process's resident high-water mark) after the steps minus ru_maxrss
-    just before the first step (after imports, model and input construction). This counts every
-    byte the step touches (allocator, autograd graph, gradients, BLAS workspaces) without
-    instrumenting allocations; it cannot see memory that is allocated but never touched.
+Peak memory (``peak_bytes``), measured in a fresh subprocess per configuration so configurations
+cannot inflate each other: the high-water mark of tensor memory allocated by the step above what
+was allocated before it (inputs, parameters), on both devices:
+  * CPU: replay of the allocator's events recorded by ``torch.profiler`` (profile_memory=True)
+    during one extra, untimed step (``cpu_allocated_peak_bytes``);
   * CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the first step.
+On CPU the table also keeps ``rss_growth_bytes``: ru_maxrss after the steps minus ru_maxrss before
+them, which adds allocator caching and BLAS workspaces but cannot resolve steps smaller than memory
+the process already touched (it reads 0 for small steps).
 The dense reference is skipped when 6 dense N x K fp32 tensors would exceed 12 GB.
 Timings depend on machine load: the table header records the load average.
 """
@@ -84,6 +86,23 @@ def build_step(name: str, codebook_size: int, num_tokens: int, dim: int, device:
     return step
 
 
+def cpu_allocated_peak_bytes(step) -> int:
+    """Peak of the running sum of CPU allocations (+) and frees (-) recorded by torch.profiler
+    while ``step()`` runs: max_t sum_{events e <= t} nbytes(e), i.e. the most tensor memory the step
+    held at once beyond what was allocated before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")), key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
 def run_worker(name: str, codebook_size: int, num_tokens: int, dim: int, device: str, repeats: int) -> dict:
     """One configuration in this (fresh) process; returns a JSON-able result row."""
     import torch
@@ -113,11 +132,12 @@ def run_worker(name: str, codebook_size: int, num_tokens: int, dim: int, device:
         if i > 0:
             times.append(time.perf_counter() - start)
     if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() - baseline
+        memory = {"peak_bytes": torch.cuda.max_memory_allocated() - baseline}
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+        rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+        memory = {"peak_bytes": cpu_allocated_peak_bytes(step), "rss_growth_bytes": rss_growth}
     return {**row, "status": "ok", "seconds": statistics.median(times), "all_seconds": times,
-            "peak_bytes": peak, "threads": torch.get_num_threads()}
+            **memory, "threads": torch.get_num_threads()}
 
 
 def run_configuration(name: str, args, codebook_size: int) -> dict:
@@ -136,11 +156,13 @@ def run_configuration(name: str, args, codebook_size: int) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    out = ["| quantizer | K | N | fwd+bwd s (median) | peak memory MiB | status |", "|---|---|---|---|---|---|"]
+    out = ["| quantizer | K | N | fwd+bwd s (median) | peak allocated MiB | RSS growth MiB | status |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         secs = (f"{r['seconds']:.3f}" if r["seconds"] < 1 else f"{r['seconds']:.2f}") if "seconds" in r else "-"
         mem = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-"
-        out.append(f"| {r['quantizer']} | {r['K']} | {r['N']} | {secs} | {mem} | {r['status']} |")
+        rss = f"{r['rss_growth_bytes'] / 2**20:.0f}" if "rss_growth_bytes" in r else "-"
+        out.append(f"| {r['quantizer']} | {r['K']} | {r['N']} | {secs} | {mem} | {rss} | {r['status']} |")
     return "\n".join(out)
 
 

@@ -22,7 +22,8 @@ The training seed ``train.seed`` (initialisation, batch order) is swept; the dat
 crop boxes, synthetic images) stays that of the recipe, so every run sees the same images.
 
 Per run ``<output-dir>/runs/<quantizer>_K<K>_s<seed>/``: the trainer's folder (checkpoints, config.yaml,
-``tokenizer/`` export), ``history.json`` (logged values), ``code_counts.json`` (evaluation bincount) and
+``tokenizer/`` export, ``history.jsonl`` written by the trainer under either launcher), ``history.json``
+(that history plus the training wall time), ``code_counts.json`` (evaluation bincount) and
 ``result.json``. A run whose export and result.json exist is reused; a run with checkpoints but no export
 is resumed with ``--resume latest``. Invalid combinations (FSQ without a levels table entry for K, LFQ
 with K not a power of two) are skipped with the reason printed.
@@ -31,8 +32,9 @@ Figures per run (eval.reconstruction on the evaluation split): rFID (when Incept
 PSNR, SSIM, codebook statistics from one bincount c over the evaluation set: active codes
 A = #{k: c_k > 0}, utilisation A / K, perplexity exp(H(c / sum c)), bits per token = log2 perplexity,
 log2 A; training throughput = median images/s over the logged windows (the first window, which holds
-start-up, is dropped when there are several); quantizer peak memory of one forward+backward step on
-N = batch_size x tokens_per_image tokens of dimension latent_dim (eval.bench_quantizers, fresh subprocess).
+start-up, is dropped when there are several); quantizer peak memory = the most tensor memory one
+forward+backward step of the quantizer alone holds at once, on N = batch_size x tokens_per_image tokens
+of dimension latent_dim (eval.bench_quantizers: allocator events on CPU, max_memory_allocated on CUDA).
 
 Outputs in ``<output-dir>``: results.json / results.csv / results.md (one row per run) and plots/*.png
 (rate-distortion, utilisation vs K, sorted code-usage histograms, training curves).
@@ -213,12 +215,19 @@ def train_script_path() -> str:
 
 
 def accelerate_command(spec: RunSpec, accelerate_args: Sequence[str], resume: bool) -> list[str]:
-    """``accelerate launch [args] tokenizer/train.py --config ... [--resume latest] key=value ...``"""
-    return ["accelerate", "launch", *accelerate_args, train_script_path(), *spec.train_argv(resume)]
+    """``accelerate launch [args] tokenizer/train.py --config ... [--resume latest] key=value ...``, spelled
+    ``<this python> -m accelerate.commands.launch`` so that it runs in this environment whatever PATH says."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, train_script_path(),
+            *spec.train_argv(resume)]
 
 
 def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (), dry_run: bool = False) -> dict:
-    """Train (or resume) one run; returns {"train_seconds", "resumed", "history" (or None)}."""
+    """Train (or resume) one run; returns {"train_seconds", "resumed", "history"}.
+
+    The history is the run's ``history.jsonl`` (written by the Trainer's main process under either
+    launcher; a resumed run's file covers the whole run, see ``lgq.training.truncate_history``)."""
+    from lgq.training import read_history
+
     resume = has_checkpoints(spec.run_dir)
     start = time.time()
     if launcher == "accelerate":
@@ -227,7 +236,6 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
         if dry_run:
             return {"train_seconds": None, "resumed": resume, "history": None}
         subprocess.run(cmd, check=True)
-        history = None  # the training process keeps its logs in its tracker
     else:
         from tokenizer.train import main as train_main
 
@@ -235,9 +243,8 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
               flush=True)
         if dry_run:
             return {"train_seconds": None, "resumed": resume, "history": None}
-        trainer = train_main(spec.train_argv(resume))
-        history = [{"step": int(step), **{k: float(v) for k, v in logs.items()}} for step, logs in trainer.history]
-    record = {"train_seconds": time.time() - start, "resumed": resume, "history": history}
+        train_main(spec.train_argv(resume))
+    record = {"train_seconds": time.time() - start, "resumed": resume, "history": read_history(spec.run_dir) or None}
     write_json(spec.run_dir / "history.json", record)
     return record
 
@@ -351,9 +358,9 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
     summary = training_summary(record.get("history"))
     notes = list(metrics.get("notes", []))
     if record.get("history") is None:
-        notes.append("training history not available (accelerate launcher): throughput and final losses are null")
+        notes.append(f"no training history in {spec.run_dir / 'history.jsonl'}: throughput and final losses are null")
     if record.get("resumed"):
-        notes.append("run was resumed: throughput and history cover the resumed part only")
+        notes.append("run was resumed from a checkpoint: train_seconds covers the resumed part only")
     result = {
         "run": spec.name, "quantizer": spec.quantizer, "K": spec.codebook_size, "seed": spec.seed,
         "steps": run_cfg.train.max_steps, "batch_size": run_cfg.train.batch_size,
@@ -368,8 +375,7 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "train_seconds": record.get("train_seconds"),
         "torch_threads": _torch_threads(),
         "quantizer_memory": memory,
-        # ru_maxrss cannot resolve the tiny steps of laptop-scale runs: a zero reading is "not measurable", not 0
-        "quantizer_peak_mib": (memory["peak_bytes"] / 2**20) if memory and memory["peak_bytes"] else None,
+        "quantizer_peak_mib": (memory["peak_bytes"] / 2**20) if memory and memory["peak_bytes"] is not None else None,
         "evaluation": metrics["protocol"], "notes": notes,
         "config": _config_dict(run_cfg),
         "train_argv": spec.train_argv(False),

@@ -51,6 +51,7 @@ from torch import nn
 from lgq.config import TrainConfig, save_config
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
+HISTORY_FILE = "history.jsonl"  # <output_dir>/history.jsonl: one {"step": s, **logs} line per log step
 NO_DECAY_NAME_PARTS = ("codebook", "centres", "centers", "embedding", "embed_tokens", "pos_embed")
 
 
@@ -161,6 +162,35 @@ def resolve_resume_path(resume: str | None, checkpoint_dir: str | os.PathLike) -
     if not path.is_dir():
         raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint directory")
     return path
+
+
+def read_history(output_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """The logged values of a run, from <output_dir>/history.jsonl (written by the main process at every
+    log step, whatever the launcher or tracker). A line cut short by a crash is skipped; [] if no file."""
+    path = Path(output_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def truncate_history(output_dir: str | os.PathLike, last_step: int) -> None:
+    """Keep the history rows with step <= last_step (atomic rewrite): a resumed run re-logs the steps after
+    its checkpoint, so the file of an interrupted + resumed run equals that of an uninterrupted one."""
+    path = Path(output_dir) / HISTORY_FILE
+    if not path.is_file():
+        return
+    kept = [row for row in read_history(output_dir) if row["step"] <= last_step]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(temporary, path)
 
 
 def flatten_for_tracker(values: Any, prefix: str = "") -> dict[str, Any]:
@@ -341,11 +371,15 @@ class Trainer:
     def _maybe_resume(self) -> None:
         path = resolve_resume_path(self.cfg.resume, self.checkpoint_dir)
         if path is None:
+            if self.is_main:  # a new run from step 0 starts a new history
+                truncate_history(self.output_dir, 0)
             if self.cfg.resume == "latest":
                 self.print(f"train.resume=latest: no checkpoint in {self.checkpoint_dir}, starting from step 0")
             return
         self.accelerator.load_state(str(path))
         self.resumed_from = path
+        if self.is_main:
+            truncate_history(self.output_dir, self.progress.step)
         self.print(f"resumed from {path} at step {self.progress.step}")
 
     def unwrap(self, name: str = "model") -> nn.Module:
@@ -502,6 +536,7 @@ class Trainer:
                     logs.update({k: float(v) for k, v in on_log(step).items()})
                 accelerator.log(logs, step=step)
                 self.history.append((step, dict(logs)))
+                self._append_history(step, logs)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
                                 img_s=f"{logs['images_per_sec']:.1f}")
                 window_start, window_steps = time.perf_counter(), 0
@@ -515,6 +550,14 @@ class Trainer:
         return last_logs
 
     # ---------------------------------------------------------------------------------- logging
+    def _append_history(self, step: int, logs: Mapping[str, Any]) -> None:
+        """One JSON line per log step in <output_dir>/history.jsonl (main process; see ``read_history``)."""
+        if not self.is_main:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in logs.items()}}
+        with open(self.output_dir / HISTORY_FILE, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
     def log_media(self, values: Mapping[str, Any], step: int) -> None:
         """Log scalars and image grids ([3, H, W] in [-1, 1]): PNG under <output_dir>/images/ + tracker."""
         scalars = {k: float(v) for k, v in values.items() if not (torch.is_tensor(v) and v.dim() == 3)}

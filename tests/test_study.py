@@ -2,10 +2,14 @@
 import csv
 import json
 import math
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
+from ddp import free_port  # tests/ddp.py
 from eval import study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +98,8 @@ def test_invalid_combinations_are_skipped_with_a_reason(tmp_path):
     assert "power of two" in reasons["lfq_K1000_s0"] and "levels" in reasons["fsq_K2048_s1"]
     run = next(r for r in runs if r.name == "vq_K2048_s1")
     assert {"model.quantizer=vq", "model.codebook_size=2048", "train.seed=1"} <= set(run.overrides)
-    assert study.accelerate_command(run, ["--multi_gpu"], resume=True)[:5] == [
-        "accelerate", "launch", "--multi_gpu", "tokenizer/train.py", "--config"]
+    assert study.accelerate_command(run, ["--multi_gpu"], resume=True)[:6] == [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "tokenizer/train.py", "--config"]
     assert "--resume" in study.accelerate_command(run, [], resume=True)
 
 
@@ -115,8 +119,45 @@ def test_dry_run_with_accelerate_prints_one_launch_per_run_and_resumes_interrupt
     out = tmp_path / "out"
     (out / "runs" / "fsq_K1024_s0" / "checkpoints" / "step_0000002").mkdir(parents=True)  # an interrupted run
     assert study.main(["--config", str(config), "--output-dir", str(out), "--dry-run"]) == []
-    launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ accelerate launch")]
+    launches = [line for line in capsys.readouterr().out.splitlines() if "-m accelerate.commands.launch" in line]
     assert len(launches) == 2
     assert "--num_processes 2" in launches[0] and "train.py" in launches[0] and "model.quantizer=vq" in launches[0]
     assert "--resume latest" not in launches[0] and "--resume latest" in launches[1]
     assert not (out / "results.csv").exists()
+
+
+def test_accelerate_launcher_two_processes_records_history_and_resumes_an_interrupted_run(tmp_path, monkeypatch,
+                                                                                          capfd):
+    """A real 2-process CPU DDP run through ``--launcher accelerate`` (the GPU path), then the state of a run
+    killed after its step-2 checkpoint: the next invocation resumes it and ends with the same result."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # --multi_gpu on CPU: see tests/ddp.py
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.chdir(ROOT)
+    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    config = write_study(tmp_path, quantizers=["lgq"], launcher="accelerate", accelerate_args=launch,
+                         measure_memory=True, overrides=[*RUN_OVERRIDES, "train.checkpoint_every=2", "train.batch_size=2"])
+    out = tmp_path / "out"
+    (finished,) = study.main(["--config", str(config), "--output-dir", str(out)])
+    assert "2 process(es), global batch 4" in capfd.readouterr().out
+    assert math.isfinite(finished["images_per_sec"]) and math.isfinite(finished["final_loss"])
+    # LGQ's soft path holds two [chunk, K] fp32 buffers; chunk = all 2 x 8 x 8 tokens of a process's step here
+    assert finished["quantizer_memory"]["num_tokens"] == 128
+    assert finished["quantizer_peak_mib"] * 2**20 >= 2 * 128 * 1024 * 4
+    run_dir = out / "runs" / "lgq_K1024_s0"
+    history = json.loads((run_dir / "history.json").read_text())["history"]
+    assert [row["step"] for row in history] == [2, 4]
+
+    # interrupted after the step-2 checkpoint (its history.jsonl already holds step 4)
+    for name in ("result.json", "history.json"):
+        (run_dir / name).unlink()
+    shutil.rmtree(run_dir / "tokenizer")
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    (resumed,) = study.main(["--config", str(config), "--output-dir", str(out)])
+    log = capfd.readouterr().out
+    assert "--resume latest" in log and "resumed from" in log and "step 2" in log
+    assert [row["step"] for row in json.loads((run_dir / "history.json").read_text())["history"]] == [2, 4]
+    for key in ("psnr", "ssim", "active_codes", "perplexity", "final_loss"):
+        assert resumed[key] == pytest.approx(finished[key], rel=1e-5, abs=1e-6), key
+    assert any("resumed" in note for note in resumed["notes"])

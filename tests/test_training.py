@@ -12,7 +12,7 @@ from torch import nn
 
 from lgq.config import TrainConfig
 from lgq.training import (
-    NonFiniteLossError, Trainer, build_optimizer, list_checkpoints, lr_factor, parameter_groups,
+    NonFiniteLossError, Trainer, build_optimizer, list_checkpoints, lr_factor, parameter_groups, read_history,
 )
 
 
@@ -136,6 +136,14 @@ def test_resume_after_crash_is_bit_identical(tmp_path):
         assert torch.equal(value, state(resumed.ema.module)[key]), key
     # the EMA differs from the raw weights and the training really moved them
     assert not torch.equal(ref_model["out.weight"], ref_ema["out.weight"])
+    # history.jsonl: the crashed run had logged step 4 after its step-3 checkpoint; the resumed run drops that
+    # row and logs it again, so the file equals the uninterrupted run's (timings aside)
+    def logged(run_dir):
+        return [(row["step"], row["loss"], row["lr/model"]) for row in read_history(run_dir / "run")]
+
+    assert [s for s, _, _ in logged(tmp_path / "a")] == [2, 4, 6, 8]
+    assert logged(tmp_path / "b") == logged(tmp_path / "a")
+    assert [s for s, _ in resumed.history] == [4, 6, 8]
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
