@@ -633,6 +633,17 @@ class Trainer:
         """Flush and close trackers."""
         self.accelerator.end_training()
 
+    def finish(self, name: str, logs: Mapping[str, float], description: str | None = None) -> Path:
+        """The end of a train script: ``export(name)``, print the closing line, close the trackers."""
+        path = self.export(name)
+        model_name = self.ema_model_name or next(iter(self.models))
+        cls = type(self.unwrap(model_name)).__name__
+        self.print(f"final step {self.step}: loss {logs.get('loss', float('nan')):.4f}; exported the "
+                   f"{'EMA ' if self.ema is not None else ''}{description or name} to {path} "
+                   f"(load with {cls}.from_pretrained('{path}'))")
+        self.end()
+        return path
+
 
 # --------------------------------------------------------------------------------------------
 # quantizer helpers

@@ -157,11 +157,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
 
     # --- run, export ---------------------------------------------------------------------------------------
     logs = trainer.fit(training_step, on_image_log=on_image_log)
-    path = trainer.export("prior")
-    trainer.print(f"final step {trainer.step}: loss {logs.get('loss', float('nan')):.4f}; exported the "
-                  f"{'EMA ' if trainer.ema is not None else ''}{cfg.model.prior_type} prior to {path} (load with "
-                  f"{type(prior).__name__}.from_pretrained('{path}'))")
-    trainer.end()
+    trainer.finish("prior", logs, f"{cfg.model.prior_type} prior")
     return trainer
 
 

@@ -140,11 +140,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
 
     # --- run, export -----------------------------------------------------------------------------------
     logs = trainer.fit(training_step, on_log=on_log, on_image_log=on_image_log)
-    path = trainer.export("tokenizer")
-    trainer.print(f"final step {trainer.step}: loss {logs.get('loss', float('nan')):.4f}; "
-                  f"exported the {'EMA ' if trainer.ema is not None else ''}tokenizer to {path} "
-                  f"(load with LGQTokenizer.from_pretrained('{path}'))")
-    trainer.end()
+    trainer.finish("tokenizer", logs)
     return trainer
 
 
