@@ -503,7 +503,7 @@ def render_report(metrics: dict) -> str:
         f"| metric | value |", "|---|---:|",
         f"| gFID vs train split | {_fmt(gen['fid'], 2)} |",
         f"| Inception Score | {_fmt(gen['inception_score_mean'], 2)} ± {_fmt(gen['inception_score_std'], 2)} |",
-        f"| samples | {gen['protocol']['num_samples']} |",
+        f"| samples scored | {gen['protocol']['num_samples']} |",
         "",
     ]
     if metrics.get("samples"):
