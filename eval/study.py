@@ -526,18 +526,23 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(_save(fig, plot_dir / "code_usage.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # the total loss holds each quantizer's own terms (LFQ's entropy term is negative): not comparable, so plot
+    # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    curves = (("l2", "pixel MSE on training batches"), ("codebook/perplexity", "code perplexity on training batches"))
     for r in results:
         history_path = Path(r.get("run_dir", "")) / "history.json"
         history = json.loads(history_path.read_text()).get("history") if history_path.is_file() else None
-        points = [(row["step"], row["loss"]) for row in history or [] if "loss" in row]
-        if points:
-            ax.plot(*zip(*points), color=colours[r["quantizer"]], alpha=0.8, label=r["run"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (logged windows)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        for ax, (key, _) in zip(axes, curves):
+            points = [(row["step"], row[key]) for row in history or [] if key in row]
+            if points:
+                ax.plot(*zip(*points), color=colours[r["quantizer"]], alpha=0.8, label=r["run"])
+    for ax, (_, label) in zip(axes, curves):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, plot_dir / "training_curves.png"))
     return paths
