@@ -216,10 +216,12 @@ def test_two_process_cpu_ddp_run(token_dir, tmp_path):
     from prior.maskgit import MaskGITPrior
 
     output_dir = tmp_path / "ddp"
-    proc = run_ddp(ROOT / "prior" / "train.py", "--config", str(TINY), f"data.tokens={token_dir}",
+    proc = run_ddp(ROOT / "tests" / "scripts" / "train_check_ranks_in_sync.py", "prior", "--config", str(TINY),
+                   f"data.tokens={token_dir}",
                    f"train.output_dir={output_dir}", "train.max_steps=4", "train.batch_size=4",
                    "train.expected_num_processes=2", "train.image_log_every=2", "train.progress_bar=false")
     assert "2 process(es), global batch 8" in proc.stdout
+    assert "RANKS IN SYNC: ['ema', 'model']" in proc.stdout  # bit-identical weights on both ranks
     assert (output_dir / "checkpoints" / "step_0000004" / "random_states_1.pkl").is_file()
     assert (output_dir / "images" / "samples_step0000004.png").is_file()
     prior = MaskGITPrior.from_pretrained(str(output_dir / "prior"))

@@ -142,8 +142,8 @@ def test_all_tokenizer_configs_load_and_imagenet_recipes_differ_only_in_quantize
 @pytest.mark.slow
 def test_two_process_cpu_ddp_run(tmp_path):
     output_dir = tmp_path / "ddp"
-    proc = run_ddp(ROOT / "tests" / "scripts" / "train_tokenizer_check_ranks_in_sync.py", "--config", str(TINY), *FAST, f"train.output_dir={output_dir}",
-                   "train.max_steps=4", "train.expected_num_processes=2", "train.image_log_every=0")
+    proc = run_ddp(ROOT / "tests" / "scripts" / "train_check_ranks_in_sync.py", "tokenizer", "--config", str(TINY),
+                   *FAST, f"train.output_dir={output_dir}", "train.max_steps=4", "train.expected_num_processes=2", "train.image_log_every=0")
     assert "2 process(es), global batch 16" in proc.stdout
     assert "RANKS IN SYNC: ['discriminator', 'ema', 'model']" in proc.stdout
     assert (output_dir / "checkpoints" / "step_0000004" / "random_states_1.pkl").is_file()

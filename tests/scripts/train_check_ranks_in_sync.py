@@ -1,13 +1,19 @@
-"""`tokenizer/train.py`, then check (just before the process group is torn down) that every trained
-module (generator, discriminator, EMA) holds bit-identical weights on all ranks — DDP for the
-generator, the Trainer's gradient averaging for the discriminator (``without_ddp``), identical
-data-driven quantizer init."""
+"""`python train_check_ranks_in_sync.py tokenizer|prior <train args>`: run that stage's train script, then
+check (just before the process group is torn down) that every trained module (tokenizer: generator,
+discriminator, EMA; prior: prior, EMA) holds bit-identical weights on all ranks — DDP for the main model,
+the Trainer's gradient averaging for the discriminator (``without_ddp``), identical data-driven
+quantizer init."""
+import importlib
 import sys
 
 import torch
 
 from lgq.training import Trainer
-from tokenizer.train import main
+
+stage = sys.argv[1]
+if stage not in ("tokenizer", "prior"):
+    raise SystemExit(f"first argument must be tokenizer or prior, got {stage!r}")
+main = importlib.import_module(f"{stage}.train").main
 
 original_end = Trainer.end
 
@@ -29,4 +35,4 @@ def check_then_end(trainer):
 
 
 Trainer.end = check_then_end
-main(sys.argv[1:])
+main(sys.argv[2:])
