@@ -109,6 +109,8 @@ class PriorSampleConfig:
     num_images: class-conditional samples, labels spread evenly over the classes: y_i = floor(i C / n)
         (or the given class_labels). steps: MaskGIT decoding steps (GPT always takes h*w steps).
     guidance_scale s: logits l_u + s (l_c - l_u) (1 = no guidance). temperature divides the logits.
+    top_k / top_p (GPT priors only): keep the k most likely tokens / the smallest set whose probability
+        reaches p, renormalise, sample (None = off).
     seed: a dedicated generator, so sampling never touches the training RNG streams.
     Without data.tokenizer the grid shows the token ids as grey levels (id / (K - 1)).
     """
@@ -117,6 +119,8 @@ class PriorSampleConfig:
     steps: int = 12
     guidance_scale: float = 1.0
     temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
     seed: int = 0
     class_labels: Optional[list[int]] = None
 
@@ -129,6 +133,10 @@ class PriorSampleConfig:
             raise ValueError(f"sample.temperature must be > 0, got {self.temperature}")
         if self.guidance_scale < 0:
             raise ValueError(f"sample.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"sample.top_k must be >= 1 (or null), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sample.top_p must be in (0, 1] (or null), got {self.top_p}")
         if self.class_labels is not None and len(self.class_labels) != self.num_images:
             raise ValueError(f"sample.class_labels has {len(self.class_labels)} labels for "
                              f"sample.num_images={self.num_images}")
@@ -140,6 +148,11 @@ class PriorRunConfig:
     data: PriorDataConfig = field(default_factory=PriorDataConfig)
     sample: PriorSampleConfig = field(default_factory=PriorSampleConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/prior"))
+
+    def validate(self) -> None:
+        if self.model.prior_type != "gpt" and (self.sample.top_k is not None or self.sample.top_p is not None):
+            raise ValueError(f"sample.top_k / sample.top_p apply to GPT priors only (model.prior_type="
+                             f"{self.model.prior_type}); remove them or set model.prior_type=gpt")
 
 
 def resolve_data_shape(model: PriorModelConfig, meta: dict, source: str) -> dict[str, Any]:

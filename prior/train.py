@@ -148,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
                        generator=generator)
         if cfg.model.prior_type == "maskgit":
             options["num_inference_steps"] = cfg.sample.steps
+        else:
+            options.update(top_k=cfg.sample.top_k, top_p=cfg.sample.top_p)
         with accelerator.autocast():
             tokens = sampler.generate(labels, **options)
         sampler.train(was_training)

@@ -192,6 +192,24 @@ def test_config_errors_name_the_key():
         load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.label_dropuot=0.2"])
     cfg = load_config(PriorRunConfig, TINY, ["data.tokens=[a,b]"])
     assert cfg.data.token_paths == ["a", "b"]
+    with pytest.raises(ValueError, match="GPT priors only"):
+        load_config(PriorRunConfig, TINY, ["data.tokens=x", "sample.top_k=5"])  # tiny.yaml is MaskGIT
+    with pytest.raises(ValueError, match=r"sample.top_p must be in \(0, 1\]"):
+        load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.prior_type=gpt", "sample.top_p=0"])
+    with pytest.raises(ValueError, match="sample.top_k must be >= 1"):
+        load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.prior_type=gpt", "sample.top_k=0"])
+
+
+def test_gpt_sample_grid_uses_top_k(token_dir, tmp_path):
+    """sample.top_k=1 is greedy decoding: the logged grid no longer depends on the sampling seed."""
+    def grid(name, *options):
+        train(tmp_path / name, token_dir, "model.prior_type=gpt", "train.max_steps=2", "train.warmup_steps=0",
+              "train.image_log_every=2", "train.checkpoint_every=0", "sample.num_images=4", *options)
+        return (tmp_path / name / "images" / "samples_step0000002.png").read_bytes()
+
+    greedy = grid("greedy0", "sample.top_k=1", "sample.seed=0")
+    assert grid("greedy1", "sample.top_k=1", "sample.seed=1") == greedy
+    assert grid("sampled1", "sample.seed=1") != greedy
 
 
 def test_all_prior_configs_load_with_the_paper_recipes():
