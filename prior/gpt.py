@@ -10,7 +10,7 @@ tied weights). The logits at position i predict t_{i+1}:
 Sampling (``generate``) runs its own decode loop with Llama's KV cache (``past_key_values``);
 CFG batches the conditional and the null-class sequences and combines
 l = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional), then samples
-t ~ Categorical(softmax(top_p(top_k(l / temperature)))) with ``torch.multinomial`` and the
+t ~ Categorical(softmax(top_p(top_k(l / temperature)))) with ``sample_categorical`` (inverse CDF) and the
 caller's generator.
 """
 from __future__ import annotations

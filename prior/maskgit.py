@@ -114,8 +114,12 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         self.output_bias = nn.Parameter(torch.zeros(self.codebook_size))
 
     # ------------------------------------------------------------------ model
-    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L] or [B, h, w] in [0, K] (K = mask), class_labels [B] in [0, C] (C = null) -> logits [B, L, K]."""
+    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, L] or [B, h, w] in [0, K] (K = mask), class_labels [B] in [0, C] (C = null) -> logits [B, L, K].
+
+        positions: optional bool [B, L]; then only the selected positions go through the output head and
+        the logits are [M, K] (M = positions.sum(), row-major): decoding needs the masked positions only."""
         tokens = check_token_grid(tokens, self.codebook_size, self.grid_size, allow_mask=True)
         labels = torch.as_tensor(class_labels, device=tokens.device)
         if labels.dtype.is_floating_point or labels.shape != (tokens.shape[0],):
@@ -126,6 +130,11 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         class_ids = (labels.long().to(self.device) + self.class_offset).unsqueeze(1)
         input_ids = torch.cat([class_ids, tokens], dim=1)
         hidden = self.transformer(input_ids=input_ids).last_hidden_state[:, 1:]
+        if positions is not None:
+            if positions.dtype != torch.bool or positions.numel() != tokens.numel() or positions.shape[0] != tokens.shape[0]:
+                raise ValueError(f"positions must be a bool mask shaped like the tokens {tuple(tokens.shape)}, "
+                                 f"got {positions.dtype} {tuple(positions.shape)}")
+            hidden = hidden[positions.reshape(tokens.shape).to(hidden.device)]
         hidden = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
         token_embedding = self.transformer.embeddings.word_embeddings.weight[: self.codebook_size]
         return F.linear(hidden, token_embedding) + self.output_bias
@@ -181,13 +190,17 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         return self.masking_loss(tokens, class_labels, generator=generator, label_smoothing=label_smoothing)
 
     # ------------------------------------------------------------------ sampling
-    def guided_logits(self, tokens: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """l = l_u + s (l_c - l_u): s = 1 -> conditional logits only, s = 0 -> unconditional (null class) only."""
+    def guided_logits(self, tokens: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """l = l_u + s (l_c - l_u): s = 1 -> conditional logits only, s = 0 -> unconditional (null class) only.
+        ``positions`` as in ``forward`` (logits [M, K] of the selected positions)."""
+        null = torch.full_like(labels, self.null_class)
         if guidance_scale == 1.0:
-            return self(tokens, labels)
+            return self(tokens, labels, positions)
         if guidance_scale == 0.0:
-            return self(tokens, torch.full_like(labels, self.null_class))
-        both = self(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, self.null_class)]))
+            return self(tokens, null, positions)
+        both = self(torch.cat([tokens, tokens]), torch.cat([labels, null]),
+                    None if positions is None else torch.cat([positions, positions]))
         cond, uncond = both.chunk(2)
         return apply_guidance(cond, uncond, guidance_scale)
 
@@ -224,7 +237,8 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         tokens = torch.full((labels.shape[0], self.seq_len), self.mask_token_id, dtype=torch.long, device=self.device)
         for step in scheduler.timesteps.tolist():
             scale = guidance_scale_at(step, num_inference_steps, guidance_scale, guidance_schedule)
-            logits = self.guided_logits(tokens, labels, scale)
+            masked = tokens == self.mask_token_id
+            logits = self.guided_logits(tokens, labels, scale, positions=masked)  # [M, K]: masked positions only
             tokens = scheduler.step(logits, step, tokens, generator=generator, temperature=temperature,
                                     choice_temperature=choice_temperature).prev_sample
         if (tokens == self.mask_token_id).any():  # cannot happen: the last step unmasks everything

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from prior.maskgit import MaskGITPrior
-from prior.scheduler import MASK_SCHEDULES, MaskGITScheduler, mask_schedule
+from prior.scheduler import MASK_SCHEDULES, MaskGITScheduler, mask_schedule, sample_categorical
 
 K, C, GRID = 16, 4, 4
 
@@ -173,6 +173,55 @@ def test_scheduler_keeps_the_most_confident_tokens_without_noise():
     unmasked = (out[0] != K).nonzero().flatten().tolist()
     confidence_order = -support
     assert sorted(unmasked) == sorted(confidence_order.argsort(descending=True)[:3].tolist())
+
+
+def test_sample_categorical_draws_from_the_given_probabilities(monkeypatch):
+    import prior.scheduler
+
+    monkeypatch.setattr(prior.scheduler, "CDF_CHUNK_BYTES", 8 * 5 * 1000)  # several chunks of 1000 rows
+    p = torch.tensor([0.1, 0.0, 0.5, 0.15, 0.25])
+    n = 200_000
+    draws = sample_categorical(3.0 * p.expand(n, 5), gen(0))  # unnormalised rows: P(k) = p_k / sum p
+    assert draws.shape == (n,) and draws.dtype == torch.long
+    frequencies = torch.bincount(draws, minlength=5).double() / n
+    assert frequencies[1] == 0  # zero probability is never drawn
+    assert torch.allclose(frequencies, p.double(), atol=0.005)  # 5 standard deviations at n = 200k
+    assert torch.equal(draws, sample_categorical(p.expand(n, 5), gen(0)))  # seeded; the scale does not matter
+    last_only = torch.zeros(4, 3, K)
+    last_only[..., -1] = 1.0
+    assert (sample_categorical(last_only, gen(1)) == K - 1).all()
+    assert sample_categorical(torch.zeros(0, K), gen(1)).shape == (0,)
+
+
+def test_scheduler_step_with_masked_position_logits_equals_step_with_all_logits():
+    scheduler = MaskGITScheduler(codebook_size=K)
+    scheduler.set_timesteps(4)
+    tokens = torch.randint(0, K, (3, 8), generator=gen(1))
+    tokens[torch.rand(3, 8, generator=gen(2)) < 0.6] = K  # a partly decoded grid
+    unknown = tokens == K
+    logits = torch.randn(3, 8, K, generator=gen(3))
+    logits[~unknown] = float("nan")  # the fixed positions' logits must never be read
+    full = scheduler.step(logits, 1, tokens, generator=gen(4))
+    masked_only = scheduler.step(logits[unknown], 1, tokens, generator=gen(4))
+    assert torch.equal(full.prev_sample, masked_only.prev_sample)
+    assert torch.equal(full.pred_original_sample, masked_only.pred_original_sample)
+    assert torch.equal(full.pred_original_sample[~unknown], tokens[~unknown])  # fixed tokens are kept
+    with pytest.raises(ValueError, match="one row per masked token"):
+        scheduler.step(logits[unknown][1:], 1, tokens, generator=gen(4))
+
+
+def test_forward_on_selected_positions_equals_the_full_forward_at_those_positions():
+    model = tiny().eval()
+    tokens = torch.randint(0, K + 1, (2, GRID * GRID), generator=gen(5))
+    positions = tokens == K
+    assert 0 < int(positions.sum()) < positions.numel()
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.allclose(model(tokens, labels, positions), model(tokens, labels)[positions], atol=1e-6)
+        guided = model.guided_logits(tokens, labels, 2.5, positions)
+        assert torch.allclose(guided, model.guided_logits(tokens, labels, 2.5)[positions], atol=1e-5)
+    with pytest.raises(ValueError, match="bool mask"):
+        model(tokens, labels, positions.long())
 
 
 def test_scheduler_validates_inputs_and_round_trips(tmp_path):
