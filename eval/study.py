@@ -22,8 +22,8 @@ The training seed ``train.seed`` (initialisation, batch order) is swept; the dat
 crop boxes, synthetic images) stays that of the recipe, so every run sees the same images.
 
 Per run ``<output-dir>/runs/<quantizer>_K<K>_s<seed>/``: the trainer's folder (checkpoints, config.yaml,
-``tokenizer/`` export, ``history.jsonl`` written by the trainer under either launcher), ``history.json``
-(that history plus the training wall time), ``code_counts.json`` (evaluation bincount) and
+``tokenizer/`` export, ``history.jsonl``: the logged values, written by the trainer under either launcher),
+``train_record.json`` (training wall time, resumed or not), ``code_counts.json`` (evaluation bincount) and
 ``result.json``. A run whose export and result.json exist is reused; a run with checkpoints but no export
 is resumed with ``--resume latest``. Invalid combinations (FSQ without a levels table entry for K, LFQ
 with K not a power of two) are skipped with the reason printed.
@@ -222,19 +222,17 @@ def accelerate_command(spec: RunSpec, accelerate_args: Sequence[str], resume: bo
 
 
 def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (), dry_run: bool = False) -> dict:
-    """Train (or resume) one run; returns {"train_seconds", "resumed", "history"}.
+    """Train (or resume) one run; writes and returns its train_record.json {"train_seconds", "resumed"}.
 
-    The history is the run's ``history.jsonl`` (written by the Trainer's main process under either
+    The logged values stay in the run's ``history.jsonl`` (written by the Trainer's main process under either
     launcher; a resumed run's file covers the whole run, see ``lgq.training.truncate_history``)."""
-    from lgq.training import read_history
-
     resume = has_checkpoints(spec.run_dir)
     start = time.time()
     if launcher == "accelerate":
         cmd = accelerate_command(spec, accelerate_args, resume)
         print("$ " + shlex.join(cmd), flush=True)
         if dry_run:
-            return {"train_seconds": None, "resumed": resume, "history": None}
+            return {"train_seconds": None, "resumed": resume}
         subprocess.run(cmd, check=True)
     else:
         from tokenizer.train import main as train_main
@@ -242,10 +240,10 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
         print(f"[study] training {spec.name}" + (" (resuming from its latest checkpoint)" if resume else ""),
               flush=True)
         if dry_run:
-            return {"train_seconds": None, "resumed": resume, "history": None}
+            return {"train_seconds": None, "resumed": resume}
         train_main(spec.train_argv(resume))
-    record = {"train_seconds": time.time() - start, "resumed": resume, "history": read_history(spec.run_dir) or None}
-    write_json(spec.run_dir / "history.json", record)
+    record = {"train_seconds": time.time() - start, "resumed": resume}
+    write_json(spec.run_dir / "train_record.json", record)
     return record
 
 
@@ -340,10 +338,10 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
     if result_path.is_file() and export.is_dir():
         print(f"[study] reusing finished run {spec.name} ({result_path})", flush=True)
         return json.loads(result_path.read_text())
-    history_path = spec.run_dir / "history.json"
-    if export.is_dir() and history_path.is_file():
+    record_path = spec.run_dir / "train_record.json"
+    if export.is_dir() and record_path.is_file():
         print(f"[study] {spec.name}: export exists, evaluating only", flush=True)
-        record = json.loads(history_path.read_text())
+        record = json.loads(record_path.read_text())
     else:
         record = train_run(spec, launcher, study.accelerate_args, dry_run=dry_run)
         if dry_run:
@@ -355,9 +353,12 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
     if measure_memory:
         memory = quantizer_peak_memory(spec.quantizer, spec.codebook_size,
                                        run_cfg.train.batch_size * tokens_per_image, run_cfg.model.latent_dim)
-    summary = training_summary(record.get("history"))
+    from lgq.training import read_history
+
+    history = read_history(spec.run_dir)
+    summary = training_summary(history)
     notes = list(metrics.get("notes", []))
-    if record.get("history") is None:
+    if not history:
         notes.append(f"no training history in {spec.run_dir / 'history.jsonl'}: throughput and final losses are null")
     if record.get("resumed"):
         notes.append("run was resumed from a checkpoint: train_seconds covers the resumed part only")
@@ -457,6 +458,8 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lgq.training import read_history
+
     plot_dir = output_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     quantizers = sorted({r["quantizer"] for r in results})
@@ -531,10 +534,9 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     curves = (("l2", "pixel MSE on training batches"), ("codebook/perplexity", "code perplexity on training batches"))
     for r in results:
-        history_path = Path(r.get("run_dir", "")) / "history.json"
-        history = json.loads(history_path.read_text()).get("history") if history_path.is_file() else None
+        history = read_history(r.get("run_dir", ""))
         for ax, (key, _) in zip(axes, curves):
-            points = [(row["step"], row[key]) for row in history or [] if key in row]
+            points = [(row["step"], row[key]) for row in history if key in row]
             if points:
                 ax.plot(*zip(*points), color=colours[r["quantizer"]], alpha=0.8, label=r["run"])
     for ax, (_, label) in zip(axes, curves):

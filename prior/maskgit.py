@@ -39,7 +39,6 @@ def uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
-
 def check_prior_hyperparameters(codebook_size: int, num_classes: int, hidden_size: int, num_heads: int,
                                 label_dropout: float) -> None:
     """Constructor checks shared by the MaskGIT and GPT priors (clear ValueError naming the bad value)."""
@@ -51,6 +50,7 @@ def check_prior_hyperparameters(codebook_size: int, num_classes: int, hidden_siz
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+
 
 def drop_labels(labels: torch.Tensor, null_class: int, probability: float,
                 generator: torch.Generator | None) -> torch.Tensor:

@@ -175,8 +175,8 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
         bad = (~unknown) & ((tokens < 0) | (tokens >= K))
         if bad.any():
             raise ValueError(f"tokens must lie in [0, {K}) or equal the mask id {self.mask_id}")
-        num_masked = int(unknown.sum())
         if model_output.dim() == 2:
+            num_masked = int(unknown.sum())
             if model_output.shape[0] != num_masked:
                 raise ValueError(f"masked-position logits {tuple(model_output.shape)} need one row per masked "
                                  f"token; the tokens have {num_masked}")

@@ -11,6 +11,7 @@ import pytest
 
 from ddp import free_port  # tests/ddp.py
 from eval import study
+from lgq.training import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tokenizer" / "tiny.yaml"
@@ -59,8 +60,7 @@ def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys
         assert result["effective_rate"]["log2_perplexity"] == pytest.approx(math.log2(result["perplexity"]))
         counts = json.loads((run_dir / "code_counts.json").read_text())["counts"]
         assert len(counts) == 1024 and sum(c > 0 for c in counts) == result["active_codes"]
-        history = json.loads((run_dir / "history.json").read_text())["history"]
-        assert [row["step"] for row in history] == [2, 4]
+        assert [row["step"] for row in read_history(run_dir)] == [2, 4]
         assert result["config"]["model"]["quantizer"] == name.split("_")[0]
         assert result["config"]["train"]["max_steps"] == 4  # identical recipe for both runs
 
@@ -146,18 +146,17 @@ def test_accelerate_launcher_two_processes_records_history_and_resumes_an_interr
     assert finished["quantizer_memory"]["num_tokens"] == 128
     assert finished["quantizer_peak_mib"] * 2**20 >= 2 * 128 * 1024 * 4
     run_dir = out / "runs" / "lgq_K1024_s0"
-    history = json.loads((run_dir / "history.json").read_text())["history"]
-    assert [row["step"] for row in history] == [2, 4]
+    assert [row["step"] for row in read_history(run_dir)] == [2, 4]
 
     # interrupted after the step-2 checkpoint (its history.jsonl already holds step 4)
-    for name in ("result.json", "history.json"):
+    for name in ("result.json", "train_record.json"):
         (run_dir / name).unlink()
     shutil.rmtree(run_dir / "tokenizer")
     shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
     (resumed,) = study.main(["--config", str(config), "--output-dir", str(out)])
     log = capfd.readouterr().out
     assert "--resume latest" in log and "resumed from" in log and "step 2" in log
-    assert [row["step"] for row in json.loads((run_dir / "history.json").read_text())["history"]] == [2, 4]
+    assert [row["step"] for row in read_history(run_dir)] == [2, 4]
     for key in ("psnr", "ssim", "active_codes", "perplexity", "final_loss"):
         assert resumed[key] == pytest.approx(finished[key], rel=1e-5, abs=1e-6), key
     assert any("resumed" in note for note in resumed["notes"])
