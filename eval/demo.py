@@ -464,6 +464,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def baseline_markdown(rec: dict) -> list[str]:
+    """Markdown rows: the tokenizer against the trivial baselines of eval.reconstruction (PSNR lead in dB)."""
+    from eval.reconstruction import BASELINE_LABELS
+
+    bits = rec["protocol"].get("nominal_bits_per_image")
+    lines = ["The tokenizer against trivial baselines on the same images (bits per image: the tokenizer's nominal "
+             "rate tokens x log2 K; the thumbnails are 8-bit RGB, upsampled bicubically):", "",
+             "| reconstruction | PSNR (dB) | SSIM | bits / image | tokenizer PSNR lead (dB) |", "|---|---:|---:|---:|---:|",
+             f"| tokenizer | {_fmt(rec['psnr'], 2)} | {_fmt(rec['ssim'], 4)} | {_fmt(bits, 0)} | |"]
+    for name, entry in rec.get("baselines", {}).items():
+        size = entry["thumbnail_size"]
+        label = BASELINE_LABELS.get(name, name) + (f" {size[0]}x{size[1]}" if size else "")
+        lines.append(f"| {label} | {_fmt(entry['psnr'], 2)} | {_fmt(entry['ssim'], 4)} | {entry['bits_per_image']} | "
+                     f"{entry['psnr_gain_db']:+.2f} |")
+    return lines
+
+
 def render_report(metrics: dict) -> str:
     """A short markdown report of a finished demo (what ran, settings, timings, figures, images)."""
     s, rec, gen = metrics["settings"], metrics["reconstruction"], metrics["generation"]
@@ -498,6 +515,7 @@ def render_report(metrics: dict) -> str:
         f"| utilisation | {_fmt(codebook['utilisation'], 4)} |",
         f"| perplexity | {_fmt(codebook['perplexity'], 1)} |",
         f"| bits / token | {_fmt(codebook['bits_per_token'], 3)} |",
+        "", *baseline_markdown(rec),
         "", "![originals (top) vs reconstructions (bottom)](reconstructions.png)", "",
         "## Generation", "",
         f"| metric | value |", "|---|---:|",

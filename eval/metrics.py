@@ -207,3 +207,97 @@ def lpips_distance(images_a: torch.Tensor, images_b: torch.Tensor, lpips_model: 
     finally:
         lpips_model.train(was_training)
     return distance.reshape(images_a.shape[0], -1).float().mean(dim=1)
+
+
+# ----------------------------------------------------------------------------- trivial baselines
+#
+# What a reconstruction should beat: images rebuilt from a handful of bits per image with no
+# learning at all. Every baseline starts from the uint8 image (``to_uint8``, the form PSNR/SSIM
+# compare), stores 8-bit RGB values and returns uint8 images of the input's size.
+
+BITS_PER_RGB_PIXEL = 24  # 8-bit R, G and B
+
+
+def _unit_float(images: torch.Tensor) -> torch.Tensor:
+    """float32 [B, C, H, W] in [0, 1] from uint8 or float [-1, 1] images (via ``to_uint8``)."""
+    images = to_uint8(images)
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    return images.float() / 255.0
+
+
+def mean_colour_images(images: torch.Tensor) -> torch.Tensor:
+    """Each image replaced by its own mean colour (24 bits per image).
+
+    m_c = round(255 * mean over (H, W) of x_c) for x on [0, 1]; output pixel (c, y, x) = m_c (uint8).
+    """
+    unit = _unit_float(images)
+    mean = unit.mean(dim=(2, 3), keepdim=True)
+    return to_uint8(mean.expand_as(unit) * 2.0 - 1.0)
+
+
+def thumbnail_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upsampling of an 8-bit RGB thumbnail of ``size = (h, w)`` pixels (h * w * 24 bits).
+
+    thumbnail = round(255 * clamp(down(x), 0, 1)) with down = antialiased bicubic resize to (h, w)
+    (``F.interpolate(..., mode="bicubic", antialias=True)``, as an image library makes thumbnails);
+    output = round(255 * clamp(up(thumbnail / 255), 0, 1)) with up = bicubic resize back to (H, W)
+    (a = -0.75, align_corners=False). Returns uint8 [B, C, H, W].
+    """
+    unit = _unit_float(images)
+    h, w = (int(v) for v in size)
+    height, width = unit.shape[-2:]
+    if not (1 <= h <= height and 1 <= w <= width):
+        raise ValueError(f"thumbnail size must lie in [1, {height}] x [1, {width}], got {(h, w)}")
+    functional = torch.nn.functional
+    thumb = functional.interpolate(unit, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    thumb = (thumb.clamp(0.0, 1.0) * 255.0).round() / 255.0  # stored as 8-bit RGB
+    upsampled = functional.interpolate(thumb, size=(height, width), mode="bicubic", align_corners=False)
+    return to_uint8(upsampled.clamp(0.0, 1.0) * 2.0 - 1.0)
+
+
+def nominal_bits_per_image(tokens_per_image: int, codebook_size: int) -> float:
+    """Nominal rate of a token grid: bits per image = tokens per image * log2(K)."""
+    if tokens_per_image < 1 or codebook_size < 2:
+        raise ValueError(f"need tokens_per_image >= 1 and codebook_size >= 2, got {tokens_per_image}, {codebook_size}")
+    return tokens_per_image * math.log2(codebook_size)
+
+
+def equal_bits_thumbnail_size(bits_per_image: float, height: int, width: int) -> tuple[int, int]:
+    """The thumbnail (s, t) of an H x W image whose size s * t * 24 bits is closest to ``bits_per_image``.
+
+    Candidates keep the aspect ratio: s = 1..H, t = clamp(round(s * W / H), 1, W). Among equally close
+    candidates the smaller one wins (the thumbnail then never gets more bits than the tokenizer on a tie).
+    """
+    if not bits_per_image > 0:
+        raise ValueError(f"bits_per_image must be positive, got {bits_per_image}")
+    candidates = []
+    for s in range(1, int(height) + 1):
+        t = min(int(width), max(1, round(s * width / height)))
+        candidates.append((abs(s * t * BITS_PER_RGB_PIXEL - bits_per_image), s * t, (s, t)))
+    return min(candidates)[2]
+
+
+BASELINE_NAMES = ("mean_colour", "token_grid_thumbnail", "equal_bits_thumbnail")
+
+
+def baseline_plan(image_size: tuple[int, int], token_grid: tuple[int, int], bits_per_image: float) -> dict[str, dict]:
+    """Name -> {"thumbnail_size": (h, w) or None, "bits_per_image": bits} of the three trivial baselines.
+
+    mean_colour: 24 bits; token_grid_thumbnail: a thumbnail of the token-grid size (h x w tokens ->
+    h x w pixels); equal_bits_thumbnail: :func:`equal_bits_thumbnail_size` of ``bits_per_image``.
+    """
+    height, width = (int(v) for v in image_size)
+    grid = (int(token_grid[0]), int(token_grid[1]))
+    equal = equal_bits_thumbnail_size(bits_per_image, height, width)
+    return {
+        "mean_colour": {"thumbnail_size": None, "bits_per_image": BITS_PER_RGB_PIXEL},
+        "token_grid_thumbnail": {"thumbnail_size": grid, "bits_per_image": grid[0] * grid[1] * BITS_PER_RGB_PIXEL},
+        "equal_bits_thumbnail": {"thumbnail_size": equal, "bits_per_image": equal[0] * equal[1] * BITS_PER_RGB_PIXEL},
+    }
+
+
+def baseline_images(images: torch.Tensor, plan: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Name -> uint8 images of each baseline in ``plan`` (:func:`baseline_plan`) for one batch."""
+    return {name: mean_colour_images(images) if entry["thumbnail_size"] is None
+            else thumbnail_images(images, entry["thumbnail_size"]) for name, entry in plan.items()}

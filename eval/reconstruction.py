@@ -19,7 +19,13 @@ Protocol (every figure is written to the JSON together with it):
   (capped at 100 dB per image so identical images stay finite in JSON); SSIM: per image
   (Gaussian 11x11, sigma 1.5), averaged; LPIPS-VGG when its weights are available;
 * codebook statistics over the WHOLE evaluation set from one bincount of the hard indices
-  (``eval.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image).
+  (``eval.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image);
+* trivial baselines on the same images, PSNR and SSIM as above (``eval.metrics.baseline_plan``):
+  each image's own mean colour (24 bits), bicubic upsampling of an 8-bit RGB thumbnail of the
+  token-grid size (h x w pixels for h x w tokens) and of the thumbnail whose size in bits is closest
+  to the tokenizer's NOMINAL rate, tokens per image x log2 K ("equal-bits thumbnail"; the measured
+  rate, tokens x log2 perplexity, is at most this and is in ``codebook.bits_per_image``). Each baseline
+  records ``psnr_gain_db`` = tokenizer PSNR - baseline PSNR (positive: the tokenizer beats it).
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from eval.metrics import code_histogram, codebook_statistics, lpips_distance, psnr, ssim, to_uint8
+from eval.metrics import (BASELINE_NAMES, baseline_images, baseline_plan, code_histogram, codebook_statistics,
+                          lpips_distance, nominal_bits_per_image, psnr, ssim, to_uint8)
 
 PSNR_CAP_DB = 100.0
 
@@ -109,7 +116,7 @@ def evaluate_reconstruction(
 ) -> dict[str, Any]:
     """Encode + decode the evaluation set and measure it (module docstring). Returns a JSON-ready dict:
 
-    ``{"rfid", "psnr", "ssim", "lpips", "codebook": {...}, "protocol": {...}, "notes": [...]}``;
+    ``{"rfid", "psnr", "ssim", "lpips", "codebook": {...}, "baselines": {...}, "protocol": {...}, "notes": [...]}``;
     figures that could not be computed are ``None`` with the reason in ``notes``.
     ``return_code_counts=True`` adds ``"code_counts"``: the bincount c_k of hard indices (list of K ints).
     """
@@ -150,6 +157,8 @@ def evaluate_reconstruction(
     recon_features = InceptionFeatureAccumulator()
     counts = torch.zeros(int(tokenizer.codebook_size), dtype=torch.int64)
     psnr_values, ssim_values, lpips_values = [], [], []
+    plan = None
+    baseline_values: dict[str, dict[str, list]] = {name: {"psnr": [], "ssim": []} for name in BASELINE_NAMES}
     grid_shape = None
     resolution = None
     start = time.time()
@@ -163,6 +172,12 @@ def evaluate_reconstruction(
         real_u8, recon_u8 = to_uint8(images), to_uint8(reconstructions)
         psnr_values.append(psnr(real_u8, recon_u8, max_db=PSNR_CAP_DB).double().cpu())
         ssim_values.append(ssim(real_u8, recon_u8).double().cpu())
+        if plan is None:
+            plan = baseline_plan(resolution, grid_shape,
+                                 nominal_bits_per_image(grid_shape[0] * grid_shape[1], counts.numel()))
+        for name, images_u8 in baseline_images(real_u8, plan).items():
+            baseline_values[name]["psnr"].append(psnr(real_u8, images_u8, max_db=PSNR_CAP_DB).double().cpu())
+            baseline_values[name]["ssim"].append(ssim(real_u8, images_u8).double().cpu())
         if lpips_model is not None:
             lpips_values.append(lpips_distance(images, reconstructions, lpips_model).double().cpu())
         if extractor is not None:
@@ -178,6 +193,16 @@ def evaluate_reconstruction(
         "lpips": float(torch.cat(lpips_values).mean()) if lpips_values else None,
         "codebook": codebook_statistics(counts, tokens_per_image=tokens_per_image),
     }
+    result["baselines"] = {}
+    for name, entry in plan.items():
+        base_psnr = float(torch.cat(baseline_values[name]["psnr"]).mean())
+        base_ssim = float(torch.cat(baseline_values[name]["ssim"]).mean())
+        size = entry["thumbnail_size"]
+        result["baselines"][name] = {
+            "psnr": base_psnr, "ssim": base_ssim, "bits_per_image": entry["bits_per_image"],
+            "thumbnail_size": list(size) if size is not None else None,
+            "psnr_gain_db": result["psnr"] - base_psnr, "ssim_gain": result["ssim"] - base_ssim,
+        }
     fid_protocol: dict[str, Any] = {"inception_weights": None}
     if extractor is not None:
         from eval.fid import FID_FEATURE_DIM_WARNING, frechet_distance
@@ -209,6 +234,10 @@ def evaluate_reconstruction(
         "lpips": ("published LPIPS-VGG" if getattr(lpips_model, "uses_lpips_heads", False)
                   else "LPIPS-VGG-like (uniform heads, see tokenizer.losses.LPIPS)") if lpips_model is not None else None,
         "codebook_statistics": "one bincount of hard indices over the whole evaluation set",
+        "nominal_bits_per_image": nominal_bits_per_image(tokens_per_image, int(counts.numel())),
+        "baselines": ("mean colour (24 bits); bicubic upsampling of an 8-bit RGB thumbnail of the token-grid size; "
+                      "the thumbnail closest in bits to the nominal rate tokens x log2 K (equal_bits_thumbnail); "
+                      "psnr_gain_db = tokenizer PSNR - baseline PSNR"),
         "seed": seed,
         "seconds": round(time.time() - start, 2),
         **fid_protocol,
@@ -242,12 +271,33 @@ def format_table(result: dict[str, Any]) -> str:
         ("perplexity", fmt(codebook["perplexity"], 2)),
         ("bits / token", fmt(codebook["bits_per_token"], 3)),
         ("log2 active", fmt(codebook["log2_active_codes"], 3)),
-        ("bits / image", fmt(codebook.get("bits_per_image"), 1)),
+        ("bits / image", f"{fmt(codebook.get('bits_per_image'), 1)} measured (log2 perplexity per token)"),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines += ["", baseline_table(result)]
     lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
+
+
+BASELINE_LABELS = {"mean_colour": "mean colour", "token_grid_thumbnail": "token-grid thumbnail",
+                   "equal_bits_thumbnail": "equal-bits thumbnail"}
+
+
+def baseline_table(result: dict[str, Any]) -> str:
+    """Tokenizer vs the trivial baselines: PSNR, SSIM, bits per image and the tokenizer's PSNR lead (dB)."""
+    bits = result["protocol"].get("nominal_bits_per_image")
+    rows = [("tokenizer", f"{result['psnr']:.2f}", f"{result['ssim']:.4f}",
+             f"{bits:.0f} (nominal)" if bits is not None else "n/a", "")]
+    for name, entry in result.get("baselines", {}).items():
+        size = entry["thumbnail_size"]
+        label = BASELINE_LABELS.get(name, name) + (f" {size[0]}x{size[1]}" if size else "")
+        gain = entry["psnr_gain_db"]
+        rows.append((label, f"{entry['psnr']:.2f}", f"{entry['ssim']:.4f}", str(entry["bits_per_image"]),
+                     f"{'beats' if gain > 0 else 'trails'} by {abs(gain):.2f} dB"))
+    header = ("reconstruction vs", "PSNR dB", "SSIM", "bits/image", "tokenizer")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

@@ -61,7 +61,10 @@ LAUNCHERS = ("inprocess", "accelerate")
 STUDY_KEYS = {"tokenizer_configs", "quantizer_config", "quantizers", "codebook_sizes", "seeds", "overrides",
               "launcher", "accelerate_args", "evaluation", "measure_memory", "quick", "output_dir"}
 EVALUATION_KEYS = {"split", "num_images", "batch_size", "inception_weights"}
-TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", "ssim", "rfid", "active_codes", "utilisation",
+BASELINE_COLUMNS = ("psnr_mean_colour", "psnr_token_grid_thumbnail", "psnr_equal_bits_thumbnail",
+                    "psnr_lead_over_equal_bits_db")
+TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid", "active_codes",
+                 "utilisation",
                  "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec", "quantizer_peak_mib",
                  "final_loss", "train_seconds")
 
@@ -366,6 +369,9 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "run": spec.name, "quantizer": spec.quantizer, "K": spec.codebook_size, "seed": spec.seed,
         "steps": run_cfg.train.max_steps, "batch_size": run_cfg.train.batch_size,
         "rfid": metrics["rfid"], "psnr": metrics["psnr"], "ssim": metrics["ssim"], "lpips": metrics["lpips"],
+        "baselines": metrics["baselines"],
+        **{f"psnr_{name}": entry["psnr"] for name, entry in metrics["baselines"].items()},
+        "psnr_lead_over_equal_bits_db": metrics["baselines"]["equal_bits_thumbnail"]["psnr_gain_db"],
         "active_codes": codebook["active_codes"], "utilisation": codebook["utilisation"],
         "perplexity": codebook["perplexity"], "bits_per_token": codebook["bits_per_token"],
         "log2_active_codes": codebook["log2_active_codes"], "bits_per_image": codebook.get("bits_per_image"),
@@ -419,10 +425,11 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    header = ["quantizer", "K", "seed", "steps", "PSNR dB", "SSIM", "rFID", "active", "util.", "perplexity",
+    header = ["quantizer", "K", "seed", "steps", "PSNR dB", "mean-colour PSNR", "grid-thumb. PSNR",
+              "equal-bits PSNR", "lead over equal-bits dB", "SSIM", "rFID", "active", "util.", "perplexity",
               "bits/token", "log2 active", "img/s", "quant. peak MiB", "final loss", "train s"]
-    keys = ["quantizer", "K", "seed", "steps", "psnr", "ssim", "rfid", "active_codes", "utilisation", "perplexity",
-            "bits_per_token", "log2_active_codes", "images_per_sec", "quantizer_peak_mib", "final_loss",
+    keys = ["quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid", "active_codes", "utilisation",
+            "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec", "quantizer_peak_mib", "final_loss",
             "train_seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]

@@ -41,11 +41,16 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
     assert 0.0 < rec["psnr"] < 100.0 and -1.0 <= rec["ssim"] <= 1.0
     assert 1 <= rec["codebook"]["active_codes"] <= 64 and rec["codebook"]["codebook_size"] == 64
     assert rec["protocol"]["resolution"] == [32, 32]
+    for name in ("mean_colour", "token_grid_thumbnail", "equal_bits_thumbnail"):  # trivial baselines, same images
+        baseline = rec["baselines"][name]
+        assert 0.0 < baseline["psnr"] <= 100.0
+        assert baseline["psnr_gain_db"] == pytest.approx(rec["psnr"] - baseline["psnr"])
     # without Inception weights FID is null and said so, never silently replaced
     assert rec["rfid"] is None and saved["generation"]["fid"] is None
     assert any("FID skipped" in note for note in saved["notes"])
     report = (out / "report.md").read_text()
     assert "FID skipped" in report and "samples.png" in report and "reconstructions.png" in report
+    assert "| equal-bits thumbnail" in report and "tokenizer PSNR lead (dB)" in report
     # the sample grid: one row per training class (6 photos), 2 columns of 32 px + 2 px padding
     from PIL import Image
 

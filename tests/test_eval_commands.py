@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from eval import gen_fid, reconstruction
-from eval.metrics import code_histogram, codebook_statistics, psnr, ssim, to_uint8
+from eval.metrics import (code_histogram, codebook_statistics, mean_colour_images, psnr, ssim,
+                          thumbnail_images, to_uint8)
 from lgq.data import DataConfig, build_image_dataset
 from pipelines import LGQPipeline
 from prior.maskgit import MaskGITPrior
@@ -90,6 +91,22 @@ def test_reconstruction_command_json_matches_hand_computation(tmp_path, tokenize
     assert result["psnr"] == pytest.approx(float(psnr(to_uint8(images), to_uint8(recon)).double().mean()), rel=1e-6)
     assert result["ssim"] == pytest.approx(float(ssim(to_uint8(images), to_uint8(recon)).double().mean()), rel=1e-6)
     assert result["rfid"] > 1.0  # an untrained tokenizer reconstructs badly (identical sets -> ~0: gen_fid test)
+
+    # trivial baselines on the same images: 16x16 px, 8x8 tokens, K = 32 -> nominal 64 * 5 = 320 bits -> 4x4 (384)
+    assert protocol["nominal_bits_per_image"] == 320.0
+    baselines = result["baselines"]
+    assert baselines["equal_bits_thumbnail"]["thumbnail_size"] == [4, 4]
+    assert baselines["token_grid_thumbnail"]["thumbnail_size"] == [8, 8]
+    real = to_uint8(images)
+    expected_images = {"mean_colour": mean_colour_images(real), "token_grid_thumbnail": thumbnail_images(real, (8, 8)),
+                       "equal_bits_thumbnail": thumbnail_images(real, (4, 4))}
+    for name, baseline in expected_images.items():
+        expected_psnr = float(psnr(real, baseline, max_db=100.0).double().mean())
+        assert baselines[name]["psnr"] == pytest.approx(expected_psnr, rel=1e-6), name
+        assert baselines[name]["ssim"] == pytest.approx(float(ssim(real, baseline).double().mean()), rel=1e-6)
+        assert baselines[name]["psnr_gain_db"] == pytest.approx(result["psnr"] - expected_psnr, rel=1e-6)
+    assert baselines["token_grid_thumbnail"]["psnr"] > baselines["mean_colour"]["psnr"]
+    assert "equal-bits thumbnail 4x4" in table and ("trails by" in table or "beats by" in table)
 
 
 def test_reconstruction_without_inception_weights_says_so(tmp_path, monkeypatch):

@@ -27,9 +27,48 @@ from eval.fid import (
     resolve_inception_weights,
     save_fid_statistics,
 )
-from eval.metrics import code_histogram, codebook_statistics, lpips_distance, mean_psnr, psnr, ssim, to_uint8
+from eval.metrics import (baseline_plan, code_histogram, codebook_statistics, equal_bits_thumbnail_size, lpips_distance,
+                          mean_colour_images, mean_psnr, nominal_bits_per_image, psnr, ssim, thumbnail_images,
+                          to_uint8)
 
 pytestmark = pytest.mark.filterwarnings("ignore:FID from:UserWarning")
+
+
+# ----------------------------------------------------------------------------- trivial baselines
+def test_mean_colour_baseline_is_each_images_own_rounded_mean():
+    images = torch.randint(0, 256, (3, 3, 12, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    baseline = mean_colour_images(images)
+    assert baseline.dtype == torch.uint8 and baseline.shape == images.shape
+    expected = images.double().mean(dim=(2, 3)).round().to(torch.uint8)
+    assert torch.equal(baseline[:, :, 0, 0], expected)
+    assert torch.equal(baseline, expected[:, :, None, None].expand_as(images))
+    flat = torch.full((1, 3, 16, 16), -0.2)  # a flat image is its own mean colour: exact
+    assert torch.equal(mean_colour_images(flat), to_uint8(flat))
+
+
+def test_thumbnail_baseline_exact_on_smooth_content_and_better_with_more_pixels():
+    flat = to_uint8(torch.full((2, 3, 32, 32), 0.3))
+    assert torch.equal(thumbnail_images(flat, (4, 4)), flat)
+    assert torch.equal(thumbnail_images(flat, (32, 32)), flat)  # full size = identity (8-bit already)
+    ys, xs = torch.meshgrid(torch.linspace(0, 6.28, 32), torch.linspace(0, 6.28, 32), indexing="ij")
+    smooth = torch.stack([torch.sin(xs), torch.cos(ys), torch.sin(xs + ys)])[None] * 0.8
+    errors = [mean_psnr(smooth, thumbnail_images(smooth, (n, n))) for n in (2, 4, 8, 16)]
+    assert errors == sorted(errors) and errors[-1] > 35.0
+    with pytest.raises(ValueError, match="thumbnail size"):
+        thumbnail_images(smooth, (0, 4))
+
+
+def test_equal_bits_thumbnail_size_is_closest_in_bits_and_keeps_the_aspect():
+    assert nominal_bits_per_image(64, 1024) == 640.0
+    assert equal_bits_thumbnail_size(640, 64, 64) == (5, 5)      # 600 bits (6x6 = 864)
+    assert equal_bits_thumbnail_size(64 * 6.1, 64, 64) == (4, 4)  # the issue's ~390 bits -> 384
+    assert equal_bits_thumbnail_size(24 * 300, 32, 64) == (12, 24)  # 2:1 aspect -> 288 pixels
+    assert equal_bits_thumbnail_size(5, 32, 32) == (1, 1)
+    assert equal_bits_thumbnail_size(1e9, 16, 16) == (16, 16)
+    plan = baseline_plan((32, 32), (8, 8), nominal_bits_per_image(64, 16))
+    assert plan["mean_colour"] == {"thumbnail_size": None, "bits_per_image": 24}
+    assert plan["token_grid_thumbnail"] == {"thumbnail_size": (8, 8), "bits_per_image": 1536}
+    assert plan["equal_bits_thumbnail"] == {"thumbnail_size": (3, 3), "bits_per_image": 216}  # 256 bits
 
 
 # ----------------------------------------------------------------------------- codebook statistics

@@ -57,6 +57,10 @@ def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys
             assert math.isfinite(result[key]), key
         assert 1 <= result["active_codes"] <= 1024
         assert result["rfid"] is None and any("rFID" in note for note in result["notes"])
+        for baseline in ("mean_colour", "token_grid_thumbnail", "equal_bits_thumbnail"):
+            assert result[f"psnr_{baseline}"] == result["baselines"][baseline]["psnr"]
+            assert math.isfinite(result[f"psnr_{baseline}"])
+        assert result["psnr_lead_over_equal_bits_db"] == pytest.approx(result["psnr"] - result["psnr_equal_bits_thumbnail"])
         assert result["effective_rate"]["log2_perplexity"] == pytest.approx(math.log2(result["perplexity"]))
         counts = json.loads((run_dir / "code_counts.json").read_text())["counts"]
         assert len(counts) == 1024 and sum(c > 0 for c in counts) == result["active_codes"]
@@ -68,7 +72,9 @@ def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys
         rows = list(csv.DictReader(handle))
     assert [row["quantizer"] for row in rows] == ["vq", "fsq"]
     assert all(math.isfinite(float(row["psnr"])) and math.isfinite(float(row["perplexity"])) for row in rows)
+    assert all(math.isfinite(float(row["psnr_equal_bits_thumbnail"])) for row in rows)
     table = (out / "results.md").read_text().strip().splitlines()
+    assert "equal-bits PSNR" in table[0] and "lead over equal-bits dB" in table[0]
     assert len([line for line in table if line.startswith("| vq") or line.startswith("| fsq")]) == 2
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
     for plot in ("rate_distortion", "utilisation_vs_K", "code_usage", "training_curves"):
