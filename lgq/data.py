@@ -548,7 +548,8 @@ class GlyphImages(Dataset):
     at twice the output resolution, with its longer ink side = ``2 * image_size * MAX_SIZE``.
 
     Item ``i``: class ``c = i % num_classes`` (classes balanced), character ``chars[c]``; every
-    other parameter comes from ``numpy.random.default_rng((seed, split, i))``:
+    other parameter comes from ``numpy.random.default_rng((seed, split, i // 256))``, drawn for
+    256 consecutive items at once (so an item does not depend on the data set length):
     font ~ uniform over ``fonts``; longer ink side = ``s * image_size`` with
     ``s ~ U(MIN_SIZE, MAX_SIZE)``; rotation ``~ U(-MAX_ROTATION, MAX_ROTATION)`` degrees;
     centre offset uniform within the range that keeps the rotated glyph box inside the image;
@@ -567,7 +568,7 @@ class GlyphImages(Dataset):
     MAX_SIZE = 0.9
     MAX_ROTATION = 15.0
     COLOUR_CANDIDATES = 64
-    flip_preserves_label = False
+    PARAMETER_BLOCK = 256
 
     def __init__(self, split: str = "train", num_images: int = 20000, image_size: int = 32,
                  charset: str = "digits", num_classes: Optional[int] = None,
@@ -598,30 +599,43 @@ class GlyphImages(Dataset):
         from PIL import Image
 
         self._mask_images = [[Image.fromarray(m) for m in f.masks] for f in fonts]
+        self._blocks: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return self.num_images
 
+    def _parameter_block(self, block: int) -> dict[str, np.ndarray]:
+        """Parameters of items ``[block * B, (block + 1) * B)``, drawn at once from
+        ``numpy.random.default_rng((seed, split, block))`` (B = ``PARAMETER_BLOCK``)."""
+        if block not in self._blocks:
+            n = self.PARAMETER_BLOCK
+            rng = np.random.default_rng((self.seed, _split_code(self.split), block))
+            font = rng.integers(len(self._fonts), size=n)
+            size = rng.uniform(self.MIN_SIZE, self.MAX_SIZE, size=n)
+            angle = rng.uniform(-self.MAX_ROTATION, self.MAX_ROTATION, size=n)
+            # half extent of the rotated square ink box, as a fraction of the image side
+            radians = np.radians(angle)
+            room = np.maximum(0.0, 0.5 - 0.5 * size * (np.abs(np.cos(radians)) + np.abs(np.sin(radians))))
+            offset = rng.uniform(-1.0, 1.0, size=(n, 2)) * room[:, None]
+            pairs = rng.random((n, self.COLOUR_CANDIDATES, 2, 3))
+            ok = np.abs(luma(pairs[:, :, 0]) - luma(pairs[:, :, 1])) >= self.min_contrast  # [n, candidates]
+            chosen = pairs[np.arange(n), np.argmax(ok, axis=1)]  # first pair with enough contrast
+            background, foreground = chosen[:, 0], chosen[:, 1]
+            none_ok = ~ok.any(axis=1)  # then black or white on the first background, whichever is farther
+            background[none_ok] = pairs[none_ok, 0, 0]
+            foreground[none_ok] = np.where(luma(background[none_ok])[:, None] >= 0.5, 0.0, 1.0)
+            self._blocks[block] = {"font": font, "size": size, "angle": angle, "offset": offset,
+                                   "background": background.astype(np.float32),
+                                   "foreground": foreground.astype(np.float32)}
+        return self._blocks[block]
+
     def parameters(self, index: int) -> dict[str, Any]:
         """The rendering parameters of item ``index`` - a pure function of (seed, split, index)."""
-        rng = np.random.default_rng((self.seed, _split_code(self.split), index))
-        font = int(rng.integers(len(self._fonts)))
-        size = float(rng.uniform(self.MIN_SIZE, self.MAX_SIZE))
-        angle = float(rng.uniform(-self.MAX_ROTATION, self.MAX_ROTATION))
-        # half extent of the rotated square ink box, as a fraction of the image side
-        half = 0.5 * size * (abs(np.cos(np.radians(angle))) + abs(np.sin(np.radians(angle))))
-        room = max(0.0, 0.5 - half)
-        dx, dy = (float(v) for v in rng.uniform(-room, room, size=2))
-        pairs = rng.random((self.COLOUR_CANDIDATES, 2, 3))
-        ok = np.abs(luma(pairs[:, 0]) - luma(pairs[:, 1])) >= self.min_contrast
-        if ok.any():
-            background, foreground = pairs[int(np.argmax(ok))]
-        else:
-            background = pairs[0, 0]
-            foreground = np.zeros(3) if luma(background) >= 0.5 else np.ones(3)
-        return {"label": index % self.num_classes, "font": font, "size": size, "angle": angle,
-                "offset": (dx, dy), "background": background.astype(np.float32),
-                "foreground": foreground.astype(np.float32)}
+        block, row = divmod(int(index), self.PARAMETER_BLOCK)
+        p = self._parameter_block(block)
+        return {"label": int(index) % self.num_classes, "font": int(p["font"][row]), "size": float(p["size"][row]),
+                "angle": float(p["angle"][row]), "offset": (float(p["offset"][row, 0]), float(p["offset"][row, 1])),
+                "background": p["background"][row], "foreground": p["foreground"][row]}
 
     def render_mask(self, label: int, font: int, size: float, angle: float, offset: tuple[float, float]) -> np.ndarray:
         """Ink coverage in [0, 1] (float32 ``[S, S]``) of character ``label`` in font ``font``."""
@@ -649,8 +663,7 @@ class GlyphImages(Dataset):
         mask = self.render_mask(p["label"], p["font"], p["size"], p["angle"], p["offset"])
         background, foreground = p["background"], p["foreground"]
         rgb = background[:, None, None] + mask[None] * (foreground - background)[:, None, None]
-        image = torch.from_numpy(rgb * 2.0 - 1.0).clamp_(-1.0, 1.0)
-        return image, p["label"]
+        return torch.from_numpy(rgb * 2.0 - 1.0), p["label"]  # a convex mix of colours in [0, 1]: in [-1, 1]
 
 
 # ----------------------------------------------------------------------------- synthetic
