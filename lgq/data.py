@@ -132,6 +132,17 @@ class DataConfig:
     glyph_font_dir: Optional[str] = None
     glyph_min_contrast: float = 0.4
 
+    @classmethod
+    def unresolved(cls) -> "DataConfig":
+        """The defaults with the per-data-set fields still None (``DATASET_DEFAULTS`` not applied, not
+        validated). Use it as the schema default of a parent config (``field(default_factory=
+        DataConfig.unresolved)``): ``DataConfig()`` fills builtin's defaults (e.g. random_flip=true), which
+        would then stay in the schema when a YAML file or override sets ``data.name=glyphs``."""
+        config = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            setattr(config, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        return config
+
     def __post_init__(self) -> None:
         if self.name in DATASET_DEFAULTS:  # unknown names are reported by validate()
             for key, value in DATASET_DEFAULTS[self.name].items():

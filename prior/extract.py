@@ -69,7 +69,7 @@ class ExtractConfig:
     chunk_size: int = 1024
     keep_chunks: bool = False
     overwrite: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig.unresolved)
 
     def validate(self) -> None:
         if self.split not in self.data.splits():

@@ -193,6 +193,18 @@ def test_glyphs_defaults_shapes_range_and_class_balance():
     assert letters.num_classes == 26 and letters.class_names[25] == "Z"
 
 
+def test_parent_configs_apply_the_chosen_data_sets_defaults():
+    from lgq.config import load_config
+    from prior.extract import ExtractConfig
+    from tokenizer.config import TokenizerRunConfig
+
+    run = load_config(TokenizerRunConfig, None, ["data.name=glyphs"])
+    assert (run.data.image_size, run.data.random_flip, run.data.num_images) == (32, False, 20000)
+    assert load_config(TokenizerRunConfig, None, []).data.random_flip is True  # builtin keeps its flips
+    extract = load_config(ExtractConfig, None, ["tokenizer=T", "output=O", "data.name=glyphs", "data.image_size=64"])
+    assert (extract.data.image_size, extract.data.random_flip) == (64, False)
+
+
 def test_glyphs_are_deterministic_by_seed():
     a, b, other = small_glyphs(), small_glyphs(), small_glyphs(seed=1)
     for i in range(len(a)):
