@@ -868,8 +868,25 @@ def preview_grid(dataset: Dataset, rows: int = 8, columns: int | None = None, pa
     return grid
 
 
-def main(argv: Optional[List[str]] = None) -> Path:
-    """``python -m lgq.data --preview OUT.png [--split S] [--rows R] [--columns C] [--scale K] [--data.<field> V ...]``"""
+def measure_throughput(dataset: Dataset, num_items: int = 4000) -> dict[str, float]:
+    """Items per second of ``dataset[i]`` for ``i < num_items`` (cycling), in CPU time of this process and
+    in wall time (CPU time does not count other processes sharing the cores)."""
+    import time
+
+    count = min(num_items, 64)
+    for i in range(count):  # warm up (font masks, first parameter blocks)
+        dataset[i % len(dataset)]
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(num_items):
+        dataset[i % len(dataset)]
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"items": num_items, "items_per_cpu_second": num_items / max(cpu, 1e-9),
+            "items_per_second": num_items / max(wall, 1e-9), "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: Optional[List[str]] = None) -> Optional[Path]:
+    """``python -m lgq.data [--preview OUT.png] [--benchmark N] [--split S] [--rows R] [--columns C] [--scale K]
+    [--data.<field> V ...]``: save a grid of items and/or measure the item throughput on 1 thread."""
     import argparse
     import sys
 
@@ -891,24 +908,37 @@ def main(argv: Optional[List[str]] = None) -> Path:
         else:
             rest.append(item)
         i += 1
-    parser = argparse.ArgumentParser(prog="python -m lgq.data", description="Save a PNG grid of data set items.")
-    parser.add_argument("--preview", required=True, help="PNG file to write")
+    parser = argparse.ArgumentParser(prog="python -m lgq.data",
+                                     description="Save a PNG grid of data set items and/or measure their throughput.")
+    parser.add_argument("--preview", default=None, help="PNG file to write")
+    parser.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N items on 1 torch thread")
     parser.add_argument("--split", default="train")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--columns", type=int, default=None, help="default: the number of classes in the split")
     parser.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
+    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field."
     args = parser.parse_args(rest)
+    if args.preview is None and args.benchmark <= 0:
+        parser.error("give --preview OUT.png and/or --benchmark N")
     from lgq.config import load_config
 
     cfg = load_config(DataConfig, None, [f"{k}={v}" for k, v in overrides.items()])
     dataset = build_image_dataset(cfg, args.split)
-    grid = Image.fromarray(preview_grid(dataset, args.rows, args.columns))
-    if args.scale > 1:
-        grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.Resampling.NEAREST)
-    out = Path(args.preview)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out, optimize=True)
-    print(f"{cfg.name} {args.split}: {grid.width}x{grid.height} grid written to {out}")
+    out = None
+    if args.preview:
+        grid = Image.fromarray(preview_grid(dataset, args.rows, args.columns))
+        if args.scale > 1:
+            grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.Resampling.NEAREST)
+        out = Path(args.preview)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out, optimize=True)
+        print(f"{cfg.name} {args.split}: {grid.width}x{grid.height} grid written to {out}")
+    if args.benchmark > 0:
+        torch.set_num_threads(1)
+        result = measure_throughput(dataset, args.benchmark)
+        print(f"{cfg.name} {args.split} at {cfg.image_size} px: {result['items_per_cpu_second']:.0f} items per "
+              f"CPU-second ({result['items_per_second']:.0f} per wall-clock second) over {result['items']} items, "
+              f"1 torch thread")
     return out
 
 

@@ -258,13 +258,17 @@ def test_glyph_fonts_lacking_characters_are_skipped_and_unreadable_fonts_named(t
         small_glyphs(glyph_font_dir=str(tmp_path / "empty_missing"))
 
 
-def test_preview_command_writes_a_grid(tmp_path):
+def test_preview_and_benchmark_command(tmp_path, capsys):
     from lgq.data import main
 
     out = main(["--preview", str(tmp_path / "grid.png"), "--rows", "2", "--data.name", "glyphs",
                 "--data.num_images=20", "--data.num_classes", "5"])
     with Image.open(out) as grid:
         assert grid.size == (2 + 5 * 34, 2 + 2 * 34)
+    assert main(["--benchmark", "8", "--data.name", "glyphs", "--data.num_images", "8"]) is None
+    assert "items per CPU-second" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # neither --preview nor --benchmark
+        main(["--data.name", "glyphs"])
 
 
 # ----------------------------------------------------------------------------- synthetic
