@@ -63,6 +63,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "samples_per_class": 8,
         "generation_samples": 240,
         "sample_steps": 12,
+        "classifier": {},
     },
     "quick": {
         "data": ["data.crops_per_photo=32", "data.val_crops_per_photo=16"],
@@ -72,6 +73,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "samples_per_class": 6,
         "generation_samples": 60,
         "sample_steps": 8,
+        "classifier": {},
     },
     "tiny": {
         "data": ["data.image_size=32", "data.crops_per_photo=4", "data.val_crops_per_photo=4"],
@@ -85,6 +87,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "samples_per_class": 2,
         "generation_samples": 12,
         "sample_steps": 2,
+        "classifier": {"epochs": 1, "widths": [8, 16], "feature_dim": 8},
     },
 }
 
@@ -202,6 +205,7 @@ class Demo:
         self.tokens_dir = self.out / "tokens"
         self.prior_dir = self.out / "prior_run"
         self.pipeline_dir = self.out / "pipeline"
+        self.classifier_dir = self.out / "classifier"
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def stage(self, number: int, name: str, description: str, run: Callable[[], Any], reused: bool = False):
@@ -300,6 +304,7 @@ class Demo:
 
     def evaluate(self, pipeline, tokenizer, train_classes: list[int]) -> dict:
         from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
+        from eval.classifier import classifier_report
         from eval.gen_fid import evaluate_generation, generate_samples
         from eval.metrics import to_uint8
         from eval.reconstruction import evaluate_reconstruction
@@ -318,12 +323,18 @@ class Demo:
                               f"PATH (pt_inception-2015-12-05 weights) to compute them.")
             print(f"    NOTE: FID/IS skipped - {fid_reason}", flush=True)
 
+        classifier = self.classifier(data_cfg)  # (folder, model, metadata) or None
+
         # reconstruction
         tokenizer = tokenizer.to(self.device).eval()
         reconstruction = evaluate_reconstruction(
             tokenizer, val_set, batch_size=32, inception_weights=extractor.weights.path if extractor else None,
             compute_fid=extractor is not None, device=self.device, allow_download=False,
-            protocol={"split": "val", "data": dataclasses.asdict(data_cfg)})
+            protocol={"split": "val", "data": dataclasses.asdict(data_cfg)}, return_images=True)
+        real_val_u8 = reconstruction.pop("images_u8")
+        recon_u8, val_labels = reconstruction.pop("reconstructions_u8"), reconstruction.pop("labels")
+        if classifier is not None:
+            reconstruction.update(classifier_report(*classifier, recon_u8, val_labels, real_val_u8, device=self.device))
         if fid_reason is not None:
             reconstruction["notes"] = [n if "compute_fid=False" not in n else f"rFID not computed: {fid_reason}"
                                        for n in reconstruction["notes"]]
@@ -342,26 +353,53 @@ class Demo:
         grid = image_grid(originals.cpu(), recon.cpu())
         save_png(to_uint8(grid), self.out / "reconstructions.png")
 
-        # generation
+        # generation: samples for FID/IS (Inception) and for the classifier metric
         num_samples = int(self.preset["generation_samples"])
-        if extractor is not None:
+        samples = None
+        if extractor is not None or classifier is not None:
             samples = generate_samples(pipeline, num_samples, batch_size=32, classes=train_classes,
                                        num_inference_steps=int(self.preset["sample_steps"]),
                                        guidance_scale=self.args.guidance_scale, seed=self.args.seed,
-                                       generator_device="cpu", feature_extractor=extractor, keep_images=False,
-                                       progress=True)
+                                       generator_device="cpu", feature_extractor=extractor,
+                                       keep_images=classifier is not None, progress=True)
             samples["resolution"] = list(pipeline.image_size)
+        if extractor is not None:
             data_options = [o[len("data."):] for o in self.data_overrides()]
             generation = evaluate_generation(samples, "builtin:train", extractor, batch_size=32,
                                              data_overrides=data_options, image_size=data_cfg.image_size,
                                              isc_splits=min(10, num_samples))
         else:
             generation = evaluate_generation({}, "builtin:train", None, weights_note=fid_reason)
-        generation["protocol"] = {"num_samples": num_samples if extractor is not None else 0,
+        if classifier is not None:
+            generation.update(classifier_report(*classifier, samples["images"], samples["labels"], real_val_u8,
+                                                device=self.device))
+        generation["protocol"] = {"num_samples": num_samples if samples is not None else 0,
                                   "classes": train_classes, "reference": "builtin train split (all crops)",
                                   "num_inference_steps": int(self.preset["sample_steps"]),
                                   "guidance_scale": self.args.guidance_scale, "seed": self.args.seed}
         return {"reconstruction": reconstruction, "reconstruction_other_splits": other_splits, "generation": generation}
+
+    def classifier(self, data_cfg):
+        """(folder, classifier, metadata) of the data set's classifier (eval.classifier), trained once into
+        ``OUT/classifier/<name>-<size>px`` and reused; None with --no-classifier or fewer than 2 classes."""
+        from eval.classifier import ClassifierTrainConfig, load_or_train_classifier
+
+        if self.args.no_classifier:
+            self.notes.append("classifier metric skipped (--no-classifier)")
+            return None
+        from lgq.data import build_image_dataset
+
+        if build_image_dataset(data_cfg, "train").num_classes < 2:
+            self.notes.append(f"classifier metric skipped: data set {data_cfg.name!r} has fewer than 2 classes")
+            return None
+        folder = self.classifier_dir / f"{data_cfg.name}-{data_cfg.image_size}px"
+        start = time.time()
+        recipe = ClassifierTrainConfig(**self.preset["classifier"])
+        model, metadata, trained = load_or_train_classifier(folder, data_cfg, recipe, device=self.device)
+        self.timings["classifier"] = {"seconds": round(time.time() - start, 2), "reused": not trained}
+        print(f"    classifier ({folder}): {'trained' if trained else 'reused'}, accuracy on real val "
+              f"{metadata['real_val_accuracy']:.4f}", flush=True)
+        return folder, model, metadata
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -370,7 +408,7 @@ class Demo:
         start = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.args.force:
-            for folder in (self.tokenizer_dir, self.tokens_dir, self.prior_dir, self.pipeline_dir):
+            for folder in (self.tokenizer_dir, self.tokens_dir, self.prior_dir, self.pipeline_dir, self.classifier_dir):
                 if folder.exists():
                     print(f"--force: removing {folder}")
                     shutil.rmtree(folder)
@@ -489,6 +527,26 @@ def baseline_markdown(rec: dict) -> list[str]:
     return lines
 
 
+def classifier_markdown(rec: dict, gen: dict) -> list[str]:
+    """Markdown of the classifier metric (eval.classifier) for samples and reconstructions, if it ran."""
+    if "classifier_accuracy" not in gen:
+        return []
+    protocol = gen["classifier_protocol"]
+    fd, kid = gen["classifier_fd_name"], gen["classifier_kid_name"]
+    lines = [f"Classifier metric: a small CNN trained on the {protocol['dataset']} train split "
+             f"(`{protocol['classifier']}`, accuracy on real val {_fmt(gen['classifier_real_val_accuracy'], 4)}). "
+             f"{fd} / {kid}: Frechet / kernel distance of its features to the real val images "
+             f"(torch-fidelity; not FID/KID).", "",
+             f"| images | classified as their label | {fd} | {kid} |", "|---|---:|---:|---:|"]
+    for name, entry in (("class-conditional samples", gen), ("reconstructions of val", rec)):
+        if "classifier_accuracy" in entry:
+            lines.append(f"| {name} ({entry['classifier_protocol']['num_images']}) | "
+                         f"{_fmt(entry['classifier_accuracy'], 3)} | {_fmt(entry['classifier_fd'], 3)} | "
+                         f"{_fmt(entry['classifier_kid_mean'], 4)} ± {_fmt(entry['classifier_kid_std'], 4)} |")
+    per_class = ", ".join(f"{name}: {_fmt(value, 2)}" for name, value in gen["classifier_per_class_accuracy"].items())
+    return lines + ["", f"Samples classified as their label, per class: {per_class}.", ""]
+
+
 def render_report(metrics: dict) -> str:
     """A short markdown report of a finished demo (what ran, settings, timings, figures, images)."""
     s, rec, gen = metrics["settings"], metrics["reconstruction"], metrics["generation"]
@@ -538,6 +596,7 @@ def render_report(metrics: dict) -> str:
         f"| Inception Score | {_fmt(gen['inception_score_mean'], 2)} ± {_fmt(gen['inception_score_std'], 2)} |",
         f"| samples scored | {gen['protocol']['num_samples']} |",
         "",
+        *classifier_markdown(rec, gen),
     ]
     if metrics.get("samples"):
         lines += [f"Sample grid: one row per training class ({', '.join(metrics['samples']['rows'])}), "
@@ -567,6 +626,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance of sampling")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--force", action="store_true", help="retrain every stage instead of reusing exports")
+    parser.add_argument("--no-classifier", action="store_true",
+                        help="skip the classifier metric (accuracy / FD / KID of samples and reconstructions)")
     args = parser.parse_args(argv)
     if not args.steps_scale > 0:
         parser.error(f"--steps-scale must be > 0, got {args.steps_scale}")

@@ -113,12 +113,15 @@ def evaluate_reconstruction(
     allow_download: bool = True,
     protocol: dict[str, Any] | None = None,
     return_code_counts: bool = False,
+    return_images: bool = False,
 ) -> dict[str, Any]:
     """Encode + decode the evaluation set and measure it (module docstring). Returns a JSON-ready dict:
 
     ``{"rfid", "psnr", "ssim", "lpips", "codebook": {...}, "baselines": {...}, "protocol": {...}, "notes": [...]}``;
     figures that could not be computed are ``None`` with the reason in ``notes``.
     ``return_code_counts=True`` adds ``"code_counts"``: the bincount c_k of hard indices (list of K ints).
+    ``return_images=True`` adds ``"images_u8"``, ``"reconstructions_u8"`` (uint8 [N, 3, H, W], CPU) and
+    ``"labels"`` (int64 [N]) of the evaluated images (tensors: pop them before writing JSON).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -162,7 +165,8 @@ def evaluate_reconstruction(
     grid_shape = None
     resolution = None
     start = time.time()
-    for images, _ in loader:
+    kept_real, kept_recon, kept_labels = [], [], []
+    for images, labels in loader:
         images = images.to(device=device, dtype=torch.float32)
         tokens = tokenizer.encode(images.to(tokenizer.dtype))
         reconstructions = tokenizer.decode(tokens).float()
@@ -172,6 +176,10 @@ def evaluate_reconstruction(
         real_u8, recon_u8 = to_uint8(images), to_uint8(reconstructions)
         psnr_values.append(psnr(real_u8, recon_u8, max_db=PSNR_CAP_DB).double().cpu())
         ssim_values.append(ssim(real_u8, recon_u8).double().cpu())
+        if return_images:
+            kept_real.append(real_u8.cpu())
+            kept_recon.append(recon_u8.cpu())
+            kept_labels.append(torch.as_tensor(labels).long().cpu())
         if plan is None:
             plan = baseline_plan(resolution, grid_shape,
                                  nominal_bits_per_image(grid_shape[0] * grid_shape[1], counts.numel()))
@@ -246,6 +254,9 @@ def evaluate_reconstruction(
     result["notes"] = notes
     if return_code_counts:
         result["code_counts"] = counts.tolist()
+    if return_images:
+        result.update(images_u8=torch.cat(kept_real), reconstructions_u8=torch.cat(kept_recon),
+                      labels=torch.cat(kept_labels))
     return result
 
 

@@ -45,12 +45,22 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
         baseline = rec["baselines"][name]
         assert 0.0 < baseline["psnr"] <= 100.0
         assert baseline["psnr_gain_db"] == pytest.approx(rec["psnr"] - baseline["psnr"])
+    # the classifier metric: trained once into OUT/classifier/<data>-<size>px, figures in [0, 1], FD/KID named
+    gen = saved["generation"]
+    classifier_dirs = list((out / "classifier").iterdir())
+    assert len(classifier_dirs) == 1 and (classifier_dirs[0] / "classifier.json").is_file()
+    assert 0.0 <= gen["classifier_accuracy"] <= 1.0 and 0.0 <= gen["classifier_real_val_accuracy"] <= 1.0
+    assert 0.0 <= rec["classifier_accuracy"] <= 1.0 and rec["classifier_fd"] >= -1e-6
+    assert gen["classifier_fd_name"].startswith("FD-") and gen["classifier_protocol"]["num_images"] == 12
+    assert set(gen["classifier_per_class_accuracy"]) >= set(saved["samples"]["rows"])
+    assert saved["timings"]["classifier"]["reused"] is False
     # without Inception weights FID is null and said so, never silently replaced
     assert rec["rfid"] is None and saved["generation"]["fid"] is None
     assert any("FID skipped" in note for note in saved["notes"])
     report = (out / "report.md").read_text()
     assert "FID skipped" in report and "samples.png" in report and "reconstructions.png" in report
     assert "| equal-bits thumbnail" in report and "tokenizer PSNR lead (dB)" in report
+    assert "classified as their label" in report and gen["classifier_fd_name"] in report
     # builtin's second validation split (unseen photos) is reported next to val (held-out regions)
     unseen = saved["reconstruction_other_splits"]["val_unseen_photos"]
     assert 0.0 < unseen["psnr"] < 100.0 and unseen["protocol"]["split"] == "val_unseen_photos"
@@ -75,6 +85,8 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
         assert again["timings"][stage]["reused"] is True
         assert again["timings"][stage]["seconds_when_run"] == saved["timings"][stage]["seconds"]
     assert again["reconstruction"]["psnr"] == pytest.approx(rec["psnr"])
+    assert again["timings"]["classifier"]["reused"] is True
+    assert again["generation"]["classifier_real_val_accuracy"] == gen["classifier_real_val_accuracy"]
     assert again["tokenizer_training"] == saved["tokenizer_training"] is not None
 
 
