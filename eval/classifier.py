@@ -51,7 +51,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from eval.metrics import to_uint8
+from eval.metrics import thumbnail_images, to_uint8
 
 CLASSIFIER_FEATURE_EXTRACTOR = "lgq-classifier"
 METADATA_FILE = "classifier.json"
@@ -485,6 +485,33 @@ def classifier_report(folder: str | os.PathLike, classifier: ImageClassifier, me
     }
 
 
+def sanity_figures(folder: str | os.PathLike, classifier: ImageClassifier, metadata: dict, data_cfg,
+                   device: str | torch.device = "cpu", seed: int = 0) -> dict[str, float]:
+    """What the metric reads on known cases, from the real val split (shuffled with ``seed``, cut in halves A, B):
+
+    FD/KID(A, B) (two draws of the real distribution: near 0), FD/KID(A, blur(B)) with blur = bicubic
+    upsampling of an S/4 x S/4 thumbnail (``eval.metrics.thumbnail_images``: clearly larger), and the accuracy of "samples" that ignore the requested labels (B with A's labels: chance,
+    1 / num_classes for balanced classes) next to the accuracy on B with its own labels.
+    """
+    images, labels, _ = load_split(data_cfg, "val")
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    half = images.shape[0] // 2
+    first, second = order[:half], order[half:2 * half]
+    same = feature_distances(folder, images[first], images[second], device=device, seed=seed)
+    side = images.shape[-1] // 4
+    blurred = feature_distances(folder, images[first], thumbnail_images(images[second], (side, side)),
+                                device=device, seed=seed)
+    class_names = metadata["dataset"]["class_names"]
+    predictions = predict(classifier, images[second])
+    return {
+        "fd_real_half_vs_half": same["fd"], "kid_real_half_vs_half": same["kid_mean"],
+        "fd_real_vs_blurred": blurred["fd"], "kid_real_vs_blurred": blurred["kid_mean"],
+        "accuracy_own_labels": classification_accuracy(predictions, labels[second], class_names)["accuracy"],
+        "accuracy_labels_ignored": classification_accuracy(predictions, labels[first], class_names)["accuracy"],
+        "chance": 1.0 / len(class_names),
+    }
+
+
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None):
     from eval.reconstruction import split_data_options
@@ -506,6 +533,9 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", default=None,
                         help="score samples in an .npz (arr_0 uint8 [N, H, W, 3] + labels, as eval.gen_fid writes)")
+    parser.add_argument("--sanity", action="store_true",
+                        help="sanity figures on real val: FD/KID of one half vs the other and vs the other half "
+                             "blurred (bicubic from S/4 thumbnails); accuracy of a 'generator' that ignores labels")
     parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field (e.g. --data.name glyphs)."
     args = parser.parse_args(rest)
     args.data_overrides = data_overrides
@@ -530,6 +560,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"({metadata['torch_threads']} threads)")
     print(f"accuracy on real val ({metadata['num_val_images']} images): {metadata['real_val_accuracy']:.4f}")
     result: dict[str, Any] = {"classifier": str(folder), "metadata": metadata}
+    if args.sanity:
+        result["sanity"] = sanity_figures(folder, classifier, metadata, data_cfg, device=args.device)
+        for key, value in result["sanity"].items():
+            print(f"sanity: {key} = {value:.4f}")
     if args.samples:
         with np.load(args.samples) as npz:
             if "arr_0" not in npz or "labels" not in npz:

@@ -119,10 +119,12 @@ def test_cli_trains_then_loads_the_cache_and_scores_samples(val_set, tmp_path, c
     args = ["--output-dir", tmp_path / "clf", "--epochs", "1", "--max-train-images", "64", *data_args]
     first = clf_module.main(args)
     assert "trained and cached" in capsys.readouterr().out
-    second = clf_module.main(args + ["--samples", npz])
+    second = clf_module.main(args + ["--samples", npz, "--sanity"])
     out = capsys.readouterr().out
     assert "loaded" in out and "FD-synthetic" in out and "KID-synthetic" in out
     assert second["metadata"] == first["metadata"] and second["metadata"]["num_train_images"] == 64
     assert second["samples"]["classifier_protocol"]["num_images"] == 32
+    sanity = second["sanity"]
+    assert sanity["fd_real_vs_blurred"] > sanity["fd_real_half_vs_half"] and sanity["chance"] == 0.25
     with pytest.raises(ClassifierCacheMismatch, match="data.image_size"):
         clf_module.main(args[:-2] + ["--data.image_size", "32"])
