@@ -287,6 +287,11 @@ def format_table(result: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines += ["", baseline_table(result)]
+    if "classifier_accuracy" in result:
+        lines += ["", f"classifier accuracy on reconstructions  {result['classifier_accuracy']:.4f} "
+                      f"(real val: {result['classifier_real_val_accuracy']:.4f})",
+                  f"{result['classifier_fd_name']} / {result['classifier_kid_name']} vs the real images  "
+                  f"{result['classifier_fd']:.3f} / {result['classifier_kid_mean']:.4f}"]
     lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
 
@@ -400,6 +405,9 @@ def parse_args(argv: Sequence[str] | None = None):
                         help="auto: LPIPS when its VGG weights load; on: fail if they do not; off")
     parser.add_argument("--lpips-weights", default=None, help="LPIPS v0.1 linear heads (vgg.pth)")
     parser.add_argument("--lpips-vgg-weights", default=None, help="torchvision vgg16-397923af.pth")
+    parser.add_argument("--classifier", default=None,
+                        help="classifier cache folder (python -m eval.classifier): adds its accuracy and FD/KID "
+                             "on the reconstructions (classifier_* keys); must match the data set")
     parser.add_argument("--seed", type=int, default=0, help="seed of the class-balanced subset")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -423,13 +431,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lpips_model, lpips_note = build_lpips(args.lpips, args.lpips_weights, args.lpips_vgg_weights)
     import dataclasses
 
+    classifier = None
+    if args.classifier is not None:
+        from eval.classifier import load_classifier
+
+        classifier = load_classifier(args.classifier, data_cfg, device=device)  # mismatching data -> error
+
     result = evaluate_reconstruction(
         tokenizer, dataset, num_images=args.num_images, batch_size=args.batch_size,
         inception_weights=args.inception_weights, compute_fid=not args.no_fid, lpips_model=lpips_model,
         device=device, seed=args.seed, num_workers=args.num_workers,
         protocol={"tokenizer": str(Path(args.tokenizer).resolve()), "split": args.split,
                   "data": dataclasses.asdict(data_cfg)},
+        return_images=classifier is not None,
     )
+    if classifier is not None:
+        from eval.classifier import classifier_report
+
+        real_u8, recon_u8, labels = result.pop("images_u8"), result.pop("reconstructions_u8"), result.pop("labels")
+        result.update(classifier_report(args.classifier, *classifier, recon_u8, labels, real_u8, device=device))
     if lpips_note:
         result["notes"] = [n for n in result["notes"] if not n.startswith("LPIPS")] + [f"LPIPS not computed: {lpips_note}"]
     write_json(args.output, result)

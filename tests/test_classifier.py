@@ -128,3 +128,23 @@ def test_cli_trains_then_loads_the_cache_and_scores_samples(val_set, tmp_path, c
     assert sanity["fd_real_vs_blurred"] > sanity["fd_real_half_vs_half"] and sanity["chance"] == 0.25
     with pytest.raises(ClassifierCacheMismatch, match="data.image_size"):
         clf_module.main(args[:-2] + ["--data.image_size", "32"])
+
+
+def test_reconstruction_command_adds_classifier_figures_and_refuses_other_data(cached, tmp_path, capsys):
+    from eval import reconstruction
+    from tokenizer.model import LGQTokenizer
+
+    folder, _, _ = cached
+    torch.manual_seed(0)
+    LGQTokenizer(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, latent_dim=8,
+                 attention_resolutions="none", codebook_size=16).save_pretrained(tmp_path / "tok")
+    data_args = sum(([f"--data.{k}", str(v)] for k, v in DATA.items()), [])
+    argv = ["--tokenizer", tmp_path / "tok", *data_args, "--num-images", "16", "--no-fid", "--lpips", "off",
+            "--output", tmp_path / "m.json", "--classifier", folder]
+    reconstruction.main(argv)
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert 0.0 <= saved["classifier_accuracy"] <= 1.0 and saved["classifier_fd_name"] == "FD-synthetic"
+    assert saved["classifier_protocol"]["num_images"] == 16 and "images_u8" not in saved
+    assert "classifier accuracy on reconstructions" in capsys.readouterr().out
+    with pytest.raises(ClassifierCacheMismatch, match="data.num_val_images"):
+        reconstruction.main([*argv, "--data.num_val_images", "64"])
