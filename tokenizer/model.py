@@ -51,10 +51,22 @@ _DEFAULTS = TokenizerModelConfig()
 
 @dataclass
 class TokenizerOutput(BaseOutput):
-    """reconstruction: decoder output [B, 3, H, W] (not clamped); quantizer_output: `QuantizerOutput`."""
+    """reconstruction: decoder output [B, 3, H, W] (not clamped); quantizer_output: `QuantizerOutput`.
+
+    Both fields are required. ``quantizer_output`` carries a ``None`` default only because of the
+    diffusers ``BaseOutput`` protocol: accelerate's fp32 conversion of model outputs under mixed
+    precision (``accelerate.utils.convert_to_fp32``) rebuilds every Mapping as ``type(out)(dict)``, and
+    ``BaseOutput`` accepts that one-dict form only when the later fields default to ``None``.
+    ``__post_init__`` still refuses an output without a quantizer output.
+    """
 
     reconstruction: torch.Tensor
-    quantizer_output: QuantizerOutput
+    quantizer_output: QuantizerOutput | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.get("quantizer_output") is None:
+            raise TypeError("TokenizerOutput needs both reconstruction and quantizer_output")
 
 
 class LGQTokenizer(ModelMixin, ConfigMixin):
