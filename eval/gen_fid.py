@@ -396,10 +396,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         shard_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     torch.save(shard, shard_dir / f"rank{rank:05d}.pt")
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return None
+    accelerator.wait_for_everyone()  # the last collective: every process reaches the two barriers above
+    if not accelerator.is_main_process:  # (not a barrier after the main's evaluation: the reference features
+        return None                      # can take longer than the NCCL barrier timeout)
 
     shards = [torch.load(shard_dir / f"rank{r:05d}.pt", weights_only=True) for r in range(world)]
     samples = merge_shards(shards, args.num_samples)
@@ -439,7 +438,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         result["grid"] = str(args.save_grid)
     write_json(args.output, result)
     shutil.rmtree(shard_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
     def fmt(v):
         return "n/a" if v is None else f"{v:.4f}"

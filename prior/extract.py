@@ -8,10 +8,14 @@ other command of the project) or ``--key value`` / ``--flag`` (``--batch-size`` 
 ``--config FILE.yaml`` merges a YAML file first.
 
 How the work is split and resumed: the data set (deterministic transform, no random flip) is cut
-into fixed chunks of ``chunk_size`` consecutive images; chunk c belongs to process c mod W. Each
-finished chunk is written atomically (temporary file + rename) to ``OUTPUT/_chunks/``. A restarted
-run (any number of processes) skips the chunks that exist, so an interruption loses at most the
-chunk being encoded and never duplicates or drops an image. When all chunks exist the main
+into fixed chunks of ``chunk_size`` consecutive images. After a barrier every process lists the same
+missing chunks m_0 < m_1 < ...; process r encodes m_r, m_{r+W}, m_{r+2W}, ... (a fresh run: chunk c
+on process c mod W). Each finished chunk is written atomically (temporary file + rename) to
+``OUTPUT/_chunks/``. A restarted run (any number of processes) skips the chunks that exist, so an
+interruption loses at most the chunk being encoded and never duplicates or drops an image.
+Processes may encode different numbers of batches (the chunks need not divide evenly): encoding
+calls no collective (the tokenizer runs in eval mode, where quantizers use local statistics, see
+``Quantizer.syncs_across_processes``); the only collectives are the barriers every process reaches. When all chunks exist the main
 process concatenates them in index order into the token directory format of ``prior/tokens.py``
 (``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes ``_chunks/``.
 ``--flip`` stores the grid of the horizontally flipped image right after each image's grid.
@@ -198,9 +202,11 @@ def extract_tokens(
         job_file.write_text(json.dumps(job, indent=2, sort_keys=True, default=str))
     accelerator.wait_for_everyone()
 
-    # --- this process's missing chunks
+    # --- this process's share of the missing chunks (listed by every process between two barriers)
     num_chunks = math.ceil(num_images / chunk_size)
-    mine = [c for c in range(rank, num_chunks, world) if not chunk_path(output, c).is_file()]
+    missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
+    accelerator.wait_for_everyone()  # nobody writes a chunk before every process has listed them
+    mine = missing[rank::world]
     pending_images = sum(min(chunk_size, num_images - c * chunk_size) for c in mine)
     progress = None
     if show_progress and accelerator.is_main_process:
@@ -208,6 +214,9 @@ def extract_tokens(
 
         progress = tqdm(total=pending_images, desc=f"encode (process 0 of {world})", unit="img")
     device = accelerator.device
+    was_training = bool(getattr(tokenizer, "training", False))
+    if was_training:  # eval mode: no dropout, no quantizer updates, no collectives inside encode
+        tokenizer.eval()
     for c in mine:
         start, stop = c * chunk_size, min((c + 1) * chunk_size, num_images)
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
@@ -224,6 +233,8 @@ def extract_tokens(
         _save_chunk(chunk_path(output, c), np.concatenate(grids), np.concatenate(labels), start, rank)
     if progress is not None:
         progress.close()
+    if was_training:
+        tokenizer.train()
     accelerator.wait_for_everyone()
 
     # --- merge (main process), in chunk = image order

@@ -263,3 +263,42 @@ def test_two_process_extraction_encodes_every_image_exactly_once(tmp_path):
     grids, _, labels = lgq_reference(model, 11)
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "out" / "tokens.npy").astype(np.int64)), grids)
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "out" / "labels.npy")), labels)
+
+
+@pytest.mark.slow
+def test_two_process_uneven_resumed_extraction_finishes_with_every_image_once(tmp_path, monkeypatch):
+    """13 images in chunks of 2 = 7 chunks. An interrupted 1-process run leaves chunks 0 and 1; the 2-process
+    resume splits the 5 missing chunks 3 / 2, so the ranks make different numbers of LGQ encode calls (the
+    layout that used to deadlock on the quantizer's all-reduce)."""
+    from ddp import ROOT, run_ddp
+    from tokenizer.model import LGQTokenizer
+
+    model = tiny_lgq_tokenizer(tmp_path / "tok")
+    encode, calls = LGQTokenizer.encode, []
+
+    def interrupted_encode(self, images):
+        calls.append(images.shape[0])
+        if len(calls) > 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return encode(self, images)
+
+    monkeypatch.setattr(LGQTokenizer, "encode", interrupted_encode)
+    arguments = ["--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), "--chunk-size", "2",
+                 "--batch-size", "2", "--keep-chunks", *synthetic_args(13)]
+    with pytest.raises(KeyboardInterrupt):
+        main(arguments)
+    monkeypatch.undo()
+    chunk_dir = tmp_path / "out" / CHUNK_DIR
+    done = {p.name: p.stat().st_mtime_ns for p in chunk_dir.glob("chunk_*.npz")}
+    assert sorted(done) == ["chunk_000000.npz", "chunk_000001.npz"]
+
+    run_ddp(ROOT / "tests" / "scripts" / "ddp_extract.py", *arguments, env={"EXPECT_WORLD_SIZE": "2"}, timeout=240)
+    meta = validate_token_directory(tmp_path / "out")
+    assert meta["num_processes"] == 2 and meta["count"] == 13 and meta["num_images"] == 13
+    chunks = sorted(chunk_dir.glob("chunk_*.npz"))
+    assert {p.name: p.stat().st_mtime_ns for p in chunks[:2]} == done  # finished chunks are not re-encoded
+    assert [int(np.load(p)["rank"]) for p in chunks] == [0, 0, 0, 1, 0, 1, 0]
+    assert [int(np.load(p)["first_image"]) for p in chunks] == list(range(0, 13, 2))
+    grids, _, labels = lgq_reference(model, 13)
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "out" / "tokens.npy").astype(np.int64)), grids)
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "out" / "labels.npy")), labels)

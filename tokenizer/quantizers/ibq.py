@@ -15,21 +15,20 @@ Losses (as in the IBQ release, our reading):
     L_commit = mean ||x_n - stopgrad(c_{i_n})||^2          weight ``beta`` (0.25)
     L_entropy = mean_n H(p'_n) - gamma * H(mean_n p'_n),  p'_n = softmax_k(l_n / T_e)   weight ``entropy_weight``
 
-mean_n p'_n is the mean over the global batch (all-reduced). Memory: the soft path (q_soft, the
-entropies) runs in chunks of tokens under activation checkpointing, so no N x K tensor beyond one
-chunk is alive, in forward or backward.
+mean_n p'_n is the mean over the global batch (all-reduced) in training, over the local batch in eval
+mode. Memory: the soft path (q_soft, the entropies) runs in chunks of tokens under activation
+checkpointing, so no N x K tensor beyond one chunk is alive, in forward or backward.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer.quantizers.base import Quantizer, all_reduce_sum, fp32_quantizer_math, is_distributed
+from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
 from tokenizer.quantizers.lfq import entropy
 from tokenizer.quantizers.vq import (
     check_weight,
@@ -105,11 +104,9 @@ class IBQuantizer(Quantizer):
             hard = F.embedding(indices, codebook)
             quantized = hard + (q_soft - q_soft.detach())
 
-            num_tokens = torch.tensor(float(x.shape[0]), device=x.device)
-            if is_distributed():
-                dist.all_reduce(num_tokens)
+            num_tokens = self.global_count(x.shape[0], x.device)
             entropy_per_sample = entropy_sum / x.shape[0]
-            entropy_codebook = entropy(all_reduce_sum(prob_sum) / num_tokens)
+            entropy_codebook = entropy(self.global_sum(prob_sum) / num_tokens)
             loss_entropy = entropy_per_sample - self.diversity_gamma * entropy_codebook
             loss_double = F.mse_loss(quantized, x)
             loss_commit = F.mse_loss(x, hard.detach())

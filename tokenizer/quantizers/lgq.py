@@ -22,8 +22,9 @@ Losses (already weighted, summed into ``QuantizerOutput.loss``):
     L_usage = K * sum_k u_k^2,  u = mean_n p_n       weight ``usage_weight``      (0.005)
     L_floor = relu(p_min - exp H(u))^2               weight ``usage_floor_weight``, only if usage_floor=p_min
 
-u is the usage over the *global* batch: the per-process sums of p are all-reduced with the
-differentiable ``all_reduce_sum`` and divided by the global token count.
+u is the usage over the *global* batch in training: the per-process sums of p are all-reduced with the
+differentiable ``all_reduce_sum`` and divided by the global token count (``Quantizer.global_sum`` /
+``global_count``). Eval-mode forwards use the local batch and call no collective.
 
 Memory: nothing of size N x K is ever alive. The soft path (q_soft, sum_k p_nk^2, sum_n p_n) runs
 in chunks of tokens inside ``SoftAssignment`` (a custom autograd Function) whose backward
@@ -39,15 +40,12 @@ import math
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tokenizer.quantizers.base import (
     Quantizer,
     QuantizerOutput,
-    all_reduce_sum,
     fp32_quantizer_math,
-    is_distributed,
 )
 
 TAU_SCHEDULES = ("linear", "cosine", "constant")
@@ -418,18 +416,17 @@ class LGQuantizer(Quantizer):
         query, keys, bias, values = logit_operands(x, centres, self.logits)
         return SoftAssignment.apply(query, keys, bias, values, 1.0 / float(self.tau), self.chunk_size)
 
-    @staticmethod
-    def _global_usage(usage_sum: torch.Tensor, local_tokens: int) -> torch.Tensor:
-        """u_k = (sum over processes of sum_n p_nk) / global token count; differentiable."""
-        num_tokens = torch.tensor(float(local_tokens), device=usage_sum.device)
-        if is_distributed():
-            dist.all_reduce(num_tokens)
-        return all_reduce_sum(usage_sum) / num_tokens
+    def _global_usage(self, usage_sum: torch.Tensor, local_tokens: int) -> torch.Tensor:
+        """u_k = (sum over processes of sum_n p_nk) / global token count; differentiable. Over the local
+        batch in eval mode (``syncs_across_processes``)."""
+        return self.global_sum(usage_sum) / self.global_count(local_tokens, usage_sum.device)
 
     def soft_usage(self, z: torch.Tensor) -> torch.Tensor:
-        """Soft usage u [K] = mean_n p_n over the global batch (all processes) for latents z [B, C, H, W].
+        """Soft usage u [K] = mean_n p_n for latents z [B, C, H, W], over the global batch (all processes)
+        in training mode, over the local batch in eval mode.
 
-        Differentiable, like the u inside ``forward``; collective in DDP (call it on every rank).
+        Differentiable, like the u inside ``forward``; in training mode under DDP it is a collective (call
+        it on every rank).
         """
         self.check_latents(z)
         with fp32_quantizer_math(z.device.type):
