@@ -249,7 +249,8 @@ def test_vq_init_from_latents_random_sample():
     q.init_from_latents(x)
     assert not q.needs_init
     assert all(((x - code).abs().amax(1) < 1e-6).any() for code in q.codebook.data)
-    assert not make("vq").needs_init  # default: no data-driven init
+    assert make("vq").needs_init and make("vq").init == "random"  # default: data-driven init
+    assert not make("vq", init="none").needs_init
     with pytest.raises(ValueError, match="latents"):
         q.init_from_latents(torch.randn(10, DIM + 1))
 
