@@ -149,10 +149,10 @@ def test_all_tokenizer_configs_load_and_imagenet_recipes_differ_only_in_quantize
     configs = sorted((ROOT / "configs" / "tokenizer").glob("*.yaml"))
     names = {p.stem for p in configs}
     assert {"tiny", "builtin", "imagenet_base", "imagenet_lgq", "imagenet_vq", "imagenet_fsq", "imagenet_simvq",
-            "imagenet_lfq"} <= names
+            "imagenet_lfq", "imagenet_ibq"} <= names
     base = ROOT / "configs" / "tokenizer" / "imagenet_base.yaml"
     recipes = {}
-    for name in ("lgq", "vq", "fsq", "simvq", "lfq"):
+    for name in ("lgq", "vq", "fsq", "simvq", "lfq", "ibq"):
         cfg = load_config(TokenizerRunConfig, [base, ROOT / "configs" / "tokenizer" / f"imagenet_{name}.yaml"],
                           ["data.root=/data/imagenet"])
         assert cfg.model.quantizer == name and cfg.model.codebook_size == 16384
