@@ -543,7 +543,7 @@ def _mean_std(row: dict, key: str) -> str:
     mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
     if mean is None:
         return "n/a"
-    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
+    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {std:.2g}"
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -637,7 +637,7 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
             x_err = [row.get(f"{x_key}_std") or 0.0 for row in points]
             y_err = [row.get(f"{y_key}_std") or 0.0 for row in points]
             ax.errorbar(xs, ys, xerr=x_err, yerr=y_err, color=colours[q], label=q, marker="o", capsize=3,
-                        linestyle="none")
+                        linewidth=0.8)
             for row, x, y in zip(points, xs, ys):
                 ax.annotate(f"K{row['K']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if log_x:
