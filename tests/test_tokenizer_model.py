@@ -339,3 +339,116 @@ def test_imagenet_backbone_parameter_counts():
         decoder = Decoder(3, 128, (1, 1, 2, 2, 4), 2, 64, [4])
     assert count_parameters(encoder) == 28_413_248
     assert count_parameters(decoder) == 41_565_059
+
+
+# --- the pre-quantizer norm (same latent geometry for every quantizer) ----------------------------
+def token_layer_norm(z: torch.Tensor) -> torch.Tensor:
+    """Dense per-token LayerNorm over channels, no affine: (z_n - mean_c) / sqrt(var_c + 1e-6)."""
+    mean = z.mean(dim=1, keepdim=True)
+    var = z.var(dim=1, unbiased=False, keepdim=True)
+    return (z - mean) / torch.sqrt(var + 1e-6)
+
+
+def test_pre_quantizer_norm_default_is_encoder_groupnorm_then_token_layernorm():
+    torch.manual_seed(0)
+    model = tiny_tokenizer()
+    assert model.config.pre_quantizer_norm == "groupnorm_layernorm"
+    assert TokenizerModelConfig().pre_quantizer_norm == "groupnorm_layernorm"
+    x = images(seed=2)
+    with torch.no_grad():
+        model.pre_quantizer_norm.group_norm.weight.uniform_(0.5, 2.0)
+        model.pre_quantizer_norm.group_norm.bias.uniform_(-1.0, 1.0)
+        raw = model.encoder(x)
+        z = model.encode_latents(x)
+        groups = model.pre_quantizer_norm.group_norm.num_groups
+        expected = token_layer_norm(F.group_norm(raw, groups, model.pre_quantizer_norm.group_norm.weight,
+                                                 model.pre_quantizer_norm.group_norm.bias, eps=1e-6))
+    torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.mean(1), torch.zeros_like(z.mean(1)), atol=1e-5, rtol=0)
+    # the quantizer receives exactly these latents (forward and the data-driven init)
+    model.quantizer.seen = []
+    original_forward = model.quantizer.forward
+    model.quantizer.forward = lambda latents: (model.quantizer.seen.append(latents), original_forward(latents))[1]
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(model.quantizer.seen[0], z)
+    assert "pre_quantizer_norm.group_norm.weight" in model.state_dict()
+
+
+@pytest.mark.parametrize("name,size", QUANTIZER_CASES, ids=[name for name, _ in QUANTIZER_CASES])
+def test_every_quantizer_gets_the_same_normalised_latents(name, size):
+    torch.manual_seed(0)
+    reference = tiny_tokenizer(TEST_QUANTIZER, 16)
+    torch.manual_seed(0)
+    other = tiny_tokenizer(name, size)  # encoder and norm are built before the quantizer: same weights
+    x = images(seed=4)
+    with torch.no_grad():
+        assert torch.equal(other.encode_latents(x), reference.encode_latents(x))
+
+
+def test_pre_quantizer_norm_switch_layernorm_and_none():
+    x = images(seed=5)
+    torch.manual_seed(0)
+    layer_only = tiny_tokenizer(pre_quantizer_norm="layernorm")
+    torch.manual_seed(0)
+    off = tiny_tokenizer(pre_quantizer_norm="none")
+    with torch.no_grad():
+        torch.testing.assert_close(layer_only.encode_latents(x), token_layer_norm(layer_only.encoder(x)),
+                                   atol=1e-5, rtol=1e-5)
+        assert torch.equal(off.encode_latents(x), off.encoder(x))
+    assert not any(k.startswith("pre_quantizer_norm.") for k in off.state_dict())
+    assert not any(k.startswith("pre_quantizer_norm.") for k in layer_only.state_dict())
+    with pytest.raises(ValueError, match="pre_quantizer_norm must be one of"):
+        tiny_tokenizer(pre_quantizer_norm="batchnorm")
+    with pytest.raises(ValueError, match="pre_norm no longer exists"):
+        tiny_tokenizer("lgq", 16, quantizer_options={"pre_norm": True})
+
+
+def write_old_format_export(model: LGQTokenizer, folder, quantizer_options: dict) -> None:
+    """save_pretrained, then rewrite config.json as exports were written before `pre_quantizer_norm` existed."""
+    import json
+
+    model.save_pretrained(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["pre_quantizer_norm"]
+    config["quantizer_options"] = quantizer_options
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("options", [{}, {"pre_norm": True}])
+def test_old_lgq_export_loads_and_reconstructs_exactly_as_before(tmp_path, options):
+    """Old LGQ: x_hat = D(c_i), i = argmin_k ||LN_token(E(x)) - c_k||, the LayerNorm inside the quantizer."""
+    torch.manual_seed(0)
+    source = tiny_tokenizer("lgq", 16, pre_quantizer_norm="none")  # the old model's parameters: no model norm
+    source.init_quantizer_from_images(images(4, seed=1))
+    write_old_format_export(source, tmp_path / "old", options)
+    loaded = LGQTokenizer.from_pretrained(tmp_path / "old")
+    assert loaded.config.pre_quantizer_norm == "layernorm" and dict(loaded.config.quantizer_options) == {}
+    x = images(seed=6)
+    with torch.no_grad():
+        z = token_layer_norm(source.encoder(x).float())  # the old LGQ pre_norm, written out densely
+        tokens = z.permute(0, 2, 3, 1).reshape(-1, LATENT_DIM)
+        codebook = source.quantizer.codebook
+        old_indices = torch.cdist(tokens, codebook).argmin(1).reshape(x.shape[0], x.shape[2] // 2, x.shape[3] // 2)
+        old_reconstruction = source.decoder(codebook[old_indices].permute(0, 3, 1, 2))
+        out = loaded(x)
+    assert torch.equal(out.quantizer_output.indices, old_indices)
+    torch.testing.assert_close(out.reconstruction, old_reconstruction, atol=1e-5, rtol=1e-5)
+    # re-saving writes the migrated key, so the next load needs no migration
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert LGQTokenizer.load_config(tmp_path / "resaved")["pre_quantizer_norm"] == "layernorm"
+
+
+def test_old_export_without_lgq_layernorm_loads_with_no_norm(tmp_path):
+    for quantizer, size, options in (("lgq", 16, {"pre_norm": False}), ("vq", 16, {})):
+        torch.manual_seed(0)
+        source = tiny_tokenizer(quantizer, size, pre_quantizer_norm="none")
+        source.init_quantizer_from_images(images(4, seed=1))
+        source.eval()
+        write_old_format_export(source, tmp_path / quantizer, options)
+        loaded = LGQTokenizer.from_pretrained(tmp_path / quantizer)
+        assert loaded.config.pre_quantizer_norm == "none"
+        x = images(seed=7)
+        assert torch.equal(loaded.encode(x), source.encode(x))

@@ -1,13 +1,19 @@
-"""`LGQTokenizer`: VQGAN-style encoder -> quantizer (LGQ / VQ / FSQ / SimVQ / LFQ) -> decoder.
+"""`LGQTokenizer`: VQGAN-style encoder -> pre-quantizer norm -> quantizer (LGQ / VQ / FSQ / SimVQ / LFQ / IBQ) -> decoder.
 
-    z = E(x),  (q, indices) = Q(z),  x_hat = D(q)
+    z = N(E(x)),  (q, indices) = Q(z),  x_hat = D(q)
+
+N (``pre_quantizer_norm``, `tokenizer.modules.PreQuantizerNorm`) is the same for every quantizer: by default
+the encoder's final GroupNorm on the latent channels followed by a per-token LayerNorm (METHOD.md section 1),
+so all quantizers, and their data-driven initialisations, see the same normalised latents.
 
 Images are float tensors in [-1, 1], [B, 3, H, W]; H and W must be divisible by
 ``downsample_factor = 2 ** (len(channel_multipliers) - 1)``; token grids are int64 [B, H/f, W/f].
 
 The model is a diffusers ``ModelMixin`` + ``ConfigMixin``: ``save_pretrained(dir)`` writes
 ``config.json`` + ``diffusion_pytorch_model.safetensors`` and ``LGQTokenizer.from_pretrained(dir)``
-rebuilds it offline. The module path ``tokenizer.model`` is recorded in pipeline checkpoints: do not move it.
+rebuilds it offline. Exports written before ``pre_quantizer_norm`` existed (no such key in config.json) load
+unchanged: "layernorm" for LGQ (whose quantizer then held that LayerNorm, option ``pre_norm``), "none" otherwise
+(`migrate_legacy_config`). The module path ``tokenizer.model`` is recorded in pipeline checkpoints: do not move it.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from tokenizer.modules import Decoder, Encoder, resolve_attention_levels
+from tokenizer.modules import PRE_QUANTIZER_NORMS, Decoder, Encoder, PreQuantizerNorm, resolve_attention_levels
 from tokenizer.quantizers import QuantizerOutput, build_quantizer
 from tokenizer.quantizers.base import fp32_quantizer_math
 
@@ -32,6 +38,8 @@ class TokenizerModelConfig:
 
     Defaults are the ImageNet-256 recipe: 16x downsampling (16x16 tokens), latent dim 64, K = 16384.
     `attention_resolutions`: "lowest", "none" or a list of level indices (0 = full resolution).
+    `pre_quantizer_norm`: the latent normalisation in front of every quantizer, one of
+    "groupnorm_layernorm" (default; the authors' model), "layernorm" (per-token LayerNorm only) or "none".
     """
 
     in_channels: int = 3
@@ -44,6 +52,7 @@ class TokenizerModelConfig:
     quantizer: str = "lgq"
     codebook_size: int = 16384
     quantizer_options: dict = field(default_factory=dict)
+    pre_quantizer_norm: str = "groupnorm_layernorm"
 
 
 _DEFAULTS = TokenizerModelConfig()
@@ -87,8 +96,17 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         quantizer: str = _DEFAULTS.quantizer,
         codebook_size: int = _DEFAULTS.codebook_size,
         quantizer_options: dict | None = None,
+        pre_quantizer_norm: str = _DEFAULTS.pre_quantizer_norm,
     ):
         super().__init__()
+        if pre_quantizer_norm not in PRE_QUANTIZER_NORMS:
+            raise ValueError(f"pre_quantizer_norm must be one of {PRE_QUANTIZER_NORMS}, got {pre_quantizer_norm!r}")
+        if "pre_norm" in dict(quantizer_options or {}):
+            raise ValueError(
+                "quantizer_options.pre_norm no longer exists: the per-token LayerNorm moved from the LGQ quantizer "
+                "into the model, in front of every quantizer; set pre_quantizer_norm='groupnorm_layernorm' (default), "
+                "'layernorm' (the former pre_norm=True) or 'none' (the former pre_norm=False) instead"
+            )
         channel_multipliers = [int(m) for m in channel_multipliers]
         if not channel_multipliers or any(m < 1 for m in channel_multipliers):
             raise ValueError(f"channel_multipliers must be a non-empty list of positive ints, got {channel_multipliers}")
@@ -106,6 +124,7 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
                                attention_levels, dropout)
         self.decoder = Decoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
                                attention_levels, dropout)
+        self.pre_quantizer_norm = PreQuantizerNorm(latent_dim, pre_quantizer_norm)
         self.quantizer = build_quantizer(quantizer, latent_dim, codebook_size, **dict(quantizer_options or {}))
 
     def __getattr__(self, name: str) -> Any:
@@ -117,6 +136,11 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         return super().__getattr__(name)
 
     # --- loading ---------------------------------------------------------------------
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' config -> __init__ arguments, after `migrate_legacy_config` (from_config / from_pretrained)."""
+        return super().extract_init_dict(migrate_legacy_config(config_dict), **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """Load a tokenizer saved with `save_pretrained` (local folder) or a hub id (users with internet).
@@ -170,9 +194,10 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
 
     # --- the three stages ------------------------------------------------------------------
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """z = E(x): [B, 3, H, W] -> [B, latent_dim, H/f, W/f] (continuous, before quantization)."""
+        """z = N(E(x)): [B, 3, H, W] -> [B, latent_dim, H/f, W/f], the continuous latents the quantizer receives
+        (after ``pre_quantizer_norm``; fp32 unless that norm is "none")."""
         self.check_images(images)
-        return self.encoder(images)
+        return self.pre_quantizer_norm(self.encoder(images))
 
     def quantize(self, latents: torch.Tensor) -> QuantizerOutput:
         """Q(z) in fp32 with autocast disabled, whatever the surrounding precision."""
@@ -223,7 +248,7 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def init_quantizer_from_images(self, images: torch.Tensor | Iterable[torch.Tensor]) -> bool:
-        """Data-driven quantizer init: encode the images, flatten latents to [N, C] and call
+        """Data-driven quantizer init: encode the images (with the pre-quantizer norm), flatten latents to [N, C] and call
         `quantizer.init_from_latents`. Accepts one batch or an iterable of batches.
         Returns True if an initialisation happened, False if the quantizer does not need one.
         """
@@ -266,6 +291,25 @@ def build_tokenizer(cfg: TokenizerModelConfig | Mapping[str, Any] | None = None,
     return LGQTokenizer(**values)
 
 
+def migrate_legacy_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored tokenizer config written before ``pre_quantizer_norm`` existed -> the config of the same model now.
+
+    Then the model had no norm between encoder and quantizer and LGQ normalised its own input with a per-token
+    LayerNorm unless ``quantizer_options.pre_norm`` was false. Without the key: LGQ with pre_norm (default true)
+    -> "layernorm", anything else -> "none"; ``pre_norm`` is dropped from the quantizer options. Configs that have
+    the key are returned unchanged (a copy).
+    """
+    config = dict(config)
+    if "pre_quantizer_norm" in config:
+        return config
+    options = dict(config.get("quantizer_options") or {})
+    lgq_pre_norm = bool(options.pop("pre_norm", True))
+    quantizer = str(config.get("quantizer", _DEFAULTS.quantizer)).lower()
+    config["pre_quantizer_norm"] = "layernorm" if quantizer == "lgq" and lgq_pre_norm else "none"
+    config["quantizer_options"] = options
+    return config
+
+
 def _looks_like_local_path(path: str) -> bool:
     """Anything but a bare hub id "owner/name" is treated as a local folder."""
     if os.path.exists(path) or os.path.isabs(path):
@@ -292,4 +336,4 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["LGQTokenizer", "TokenizerOutput", "TokenizerModelConfig", "build_tokenizer"]
+__all__ = ["LGQTokenizer", "TokenizerOutput", "TokenizerModelConfig", "build_tokenizer", "migrate_legacy_config"]

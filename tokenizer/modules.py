@@ -8,6 +8,9 @@ Encoder (resolution H -> H / 2^(L-1) for L = len(channel_multipliers) levels):
 Decoder mirrors it: conv_in -> mid -> [level l = L-1..0: (num_res_blocks + 1) x (ResBlock [+ Attention]),
 Upsample (nearest x2 + conv) unless l = 0] -> GroupNorm -> SiLU -> conv_out (image channels).
 The decoder has one more ResBlock per level than the encoder, as in VQGAN.
+
+Between encoder and quantizer sits ``PreQuantizerNorm``, the latent geometry that every quantizer
+receives (METHOD.md section 1): a GroupNorm on the latent channels, then a per-token LayerNorm.
 """
 from __future__ import annotations
 
@@ -229,6 +232,45 @@ class Decoder(nn.Module):
         for level, upsample in zip(self.levels, self.upsamples):
             h = upsample(level(h))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+PRE_QUANTIZER_NORMS = ("groupnorm_layernorm", "layernorm", "none")
+
+
+class PreQuantizerNorm(nn.Module):
+    """Normalisation of the encoder latents z [B, C, h, w] in front of the quantizer, identical for every quantizer.
+
+    kind "groupnorm_layernorm" (the authors' model, the default):  z <- LN_token(GN(z))
+    kind "layernorm":  z <- LN_token(z)   (exports written before this module existed with quantizer "lgq":
+                                            LGQ then normalised its own input this way)
+    kind "none":       z <- z
+
+    GN is ``group_norm(C)`` (affine, eps 1e-6; the encoder's last norm, on the latent channels) and
+    LN_token(z)_n = (z_n - mean_c z_nc) / sqrt(var_c z_nc + 1e-6), per token n = (b, y, x), no affine
+    parameters. Computed in fp32 with autocast off (like the quantizer); returns fp32.
+    """
+
+    def __init__(self, channels: int, kind: str = "groupnorm_layernorm"):
+        super().__init__()
+        if kind not in PRE_QUANTIZER_NORMS:
+            raise ValueError(f"pre_quantizer_norm must be one of {PRE_QUANTIZER_NORMS}, got {kind!r}")
+        self.kind = kind
+        self.channels = int(channels)
+        self.group_norm = group_norm(channels) if kind == "groupnorm_layernorm" else None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return z
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            if self.group_norm is not None:
+                gn = self.group_norm
+                z = F.group_norm(z, gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps)
+            tokens = F.layer_norm(z.permute(0, 2, 3, 1), (self.channels,), eps=1e-6)
+            return tokens.permute(0, 3, 1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
 
 
 def count_parameters(module: nn.Module) -> int:
