@@ -327,6 +327,13 @@ class Demo:
         if fid_reason is not None:
             reconstruction["notes"] = [n if "compute_fid=False" not in n else f"rFID not computed: {fid_reason}"
                                        for n in reconstruction["notes"]]
+        # the data set's other validation splits (builtin: val_unseen_photos), PSNR/SSIM/codebook only
+        other_splits = {}
+        for split in data_cfg.splits():
+            if split not in ("train", "val"):
+                other_splits[split] = evaluate_reconstruction(
+                    tokenizer, build_image_dataset(data_cfg, split), batch_size=32, compute_fid=False,
+                    device=self.device, protocol={"split": split, "data": dataclasses.asdict(data_cfg)})
         # originals vs reconstructions: the first 8 val images (consecutive items cycle through the val photos)
         count = min(8, len(val_set))
         originals = torch.stack([val_set[i][0] for i in range(count)]).to(self.device)
@@ -354,7 +361,7 @@ class Demo:
                                   "classes": train_classes, "reference": "builtin train split (all crops)",
                                   "num_inference_steps": int(self.preset["sample_steps"]),
                                   "guidance_scale": self.args.guidance_scale, "seed": self.args.seed}
-        return {"reconstruction": reconstruction, "generation": generation}
+        return {"reconstruction": reconstruction, "reconstruction_other_splits": other_splits, "generation": generation}
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -444,6 +451,7 @@ class Demo:
             "prior_training": self.results.get("prior_training"),
             "samples": self.results.get("samples"),
             "reconstruction": evaluation["reconstruction"],
+            "reconstruction_other_splits": evaluation.get("reconstruction_other_splits", {}),
             "generation": evaluation["generation"],
             "timings": timings,
             "notes": self.notes,
@@ -487,7 +495,7 @@ def render_report(metrics: dict) -> str:
         lines.append(f"| {name} | {entry['seconds']:.1f} | {extra} |")
     rp = rec["protocol"]
     lines += [
-        "", "## Reconstruction (val split: held-out photos)", "",
+        "", "## Reconstruction (val split)", "",
         f"{rp['num_images']} images at {'x'.join(map(str, rp['resolution']))}, token grid "
         f"{'x'.join(map(str, rp['token_grid']))}, K = {rp['codebook_size']}.", "",
         "| metric | value |", "|---|---:|",
@@ -498,6 +506,11 @@ def render_report(metrics: dict) -> str:
         f"| utilisation | {_fmt(codebook['utilisation'], 4)} |",
         f"| perplexity | {_fmt(codebook['perplexity'], 1)} |",
         f"| bits / token | {_fmt(codebook['bits_per_token'], 3)} |",
+    ]
+    for split, other in metrics.get("reconstruction_other_splits", {}).items():
+        lines.append(f"| PSNR / SSIM on split `{split}` ({other['protocol']['num_images']} images) | "
+                     f"{_fmt(other['psnr'], 2)} / {_fmt(other['ssim'], 4)} |")
+    lines += [
         "", "![originals (top) vs reconstructions (bottom)](reconstructions.png)", "",
         "## Generation", "",
         f"| metric | value |", "|---|---:|",

@@ -41,9 +41,9 @@ if __package__ in (None, ""):  # run as a script (accelerate launch eval/gen_fid
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.metrics import to_uint8  # noqa: E402
+from lgq.data import DATASET_NAMES as DATA_REFERENCE_NAMES, DATASET_SPLITS  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-DATA_REFERENCE_NAMES = ("builtin", "imagefolder", "synthetic")
 
 
 # ----------------------------------------------------------------------------- sampling plan
@@ -185,8 +185,8 @@ def parse_data_reference(reference: str) -> tuple[str, str] | None:
     name, split = reference.split(":", 1)
     if name not in DATA_REFERENCE_NAMES:
         return None
-    if split not in ("train", "val"):
-        raise ValueError(f"data reference {reference!r}: split must be 'train' or 'val'")
+    if split not in DATASET_SPLITS[name]:
+        raise ValueError(f"data reference {reference!r}: split must be one of {DATASET_SPLITS[name]}")
     return name, split
 
 
@@ -219,7 +219,7 @@ def reference_statistics(reference: str, extractor, batch_size: int = 64, data_o
         stats, kind = npz_reference(path, extractor, batch_size)
         return stats, {"type": f"npz_{kind}", "path": str(path.resolve())}
     raise FileNotFoundError(f"reference {reference!r} is neither an image folder, an .npz file nor a data split "
-                            f"({' | '.join(n + ':train|val' for n in DATA_REFERENCE_NAMES)})")
+                            f"({' | '.join(n + ':' + '|'.join(DATASET_SPLITS[n]) for n in DATA_REFERENCE_NAMES)})")
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -327,7 +327,8 @@ def parse_args(argv: Sequence[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m eval.reconstruction", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="LGQTokenizer folder (save_pretrained export)")
-    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--split", default="val",
+                        help="split of the data set (train | val; builtin also val_unseen_photos)")
     parser.add_argument("--num-images", type=int, default=None,
                         help="class-balanced subset of this size (default: every image of the split)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -60,7 +60,8 @@ AUGMENTATIONS = {False: ["none"], True: ["none", "hflip"]}
 @dataclass
 class ExtractConfig:
     """tokenizer: folder written by LGQTokenizer.save_pretrained. output: token directory to create.
-    split: "train" | "val". flip: also store horizontally flipped grids. batch_size: images per encode
+    split: a split of the data set (``data.splits()``, e.g. "train" | "val"). flip: also store horizontally
+    flipped grids (refused for data sets whose classes are not mirror-symmetric, e.g. glyphs). batch_size: images per encode
     call. chunk_size: images per resumable chunk. keep_chunks: keep OUTPUT/_chunks after merging.
     overwrite: replace a complete token directory made with other settings."""
 
@@ -72,11 +73,15 @@ class ExtractConfig:
     chunk_size: int = 1024
     keep_chunks: bool = False
     overwrite: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig.unresolved)
 
     def validate(self) -> None:
-        if self.split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {self.split!r}")
+        if self.split not in self.data.splits():
+            raise ValueError(f"split must be one of {self.data.splits()} for data.name={self.data.name!r}, "
+                             f"got {self.split!r}")
+        if self.flip and self.data.name == "glyphs":
+            raise ValueError("flip=true with data.name='glyphs': a mirrored character is not an image of its "
+                             "class; extract without flip")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.chunk_size < 1:

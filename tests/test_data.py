@@ -1,4 +1,4 @@
-"""Image data: builtin photo crops, safe ImageFolder, synthetic shapes, config validation."""
+"""Image data: builtin photo crops, glyphs, safe ImageFolder, synthetic shapes, config validation."""
 import io
 import warnings
 
@@ -11,10 +11,14 @@ from torch.utils.data import DataLoader
 
 from lgq.data import (
     BUILTIN_PHOTO_NAMES,
+    DATASET_NAMES,
     BuiltinPhotoCrops,
     DataConfig,
+    GlyphImages,
     SafeImageFolder,
     build_image_dataset,
+    luma,
+    matplotlib_font_dir,
 )
 
 
@@ -71,22 +75,53 @@ def test_builtin_random_flip_uses_torch_rng():
     assert torch.equal(val[0][0], small_builtin("val")[0][0])
 
 
-def test_builtin_val_photos_are_disjoint_from_train():
-    train, val = small_builtin("train"), small_builtin("val")
-    assert set(train.photos).isdisjoint(val.photos)
-    assert set(train.photos) | set(val.photos) == set(BUILTIN_PHOTO_NAMES)
-    assert set(train.split_labels).isdisjoint(val.split_labels)
-    assert {val[i][1] for i in range(len(val))} == set(val.split_labels)
-    assert len(val) == 2 * len(val.photos)
-    custom = small_builtin("val", val_photos=["coffee"])
+def boxes_overlap(a, b):
+    (top_a, left_a, side_a), (top_b, left_b, side_b) = a, b
+    return top_a < top_b + side_b and top_b < top_a + side_a and left_a < left_b + side_b and left_b < left_a + side_a
+
+
+def test_builtin_splits_are_disjoint_by_construction():
+    train = small_builtin("train", crops_per_photo=60, val_crops_per_photo=20)
+    val = small_builtin("val", crops_per_photo=60, val_crops_per_photo=20)
+    unseen = small_builtin("val_unseen_photos", val_crops_per_photo=20)
+    # "val": held-out squares of the training photos; same photos and labels as train
+    assert train.photos == val.photos and train.split_labels == val.split_labels
+    assert set(train.photos).isdisjoint(unseen.photos)
+    assert set(train.photos) | set(unseen.photos) == set(BUILTIN_PHOTO_NAMES)
+    assert set(unseen.split_labels).isdisjoint(train.split_labels)
+    assert len(val) == 20 * len(val.photos) and len(unseen) == 20 * len(unseen.photos)
+    above = left_of = 0
+    for i in range(len(train)):
+        photo, top, left, side = train.crop_box(i)
+        height, width = train._images[photo].shape[:2]
+        square = train.held_out_square(photo)
+        assert 0 <= top and top + side <= height and 0 <= left and left + side <= width
+        assert not boxes_overlap((top, left, side), square)  # never touches a val pixel
+        above += top + side <= square[0]
+        left_of += left + side <= square[1]
+    assert above > 0 and left_of > 0  # both parts of the L-shaped train region are used
+    for i in range(len(val)):
+        photo, top, left, side = val.crop_box(i)
+        square_top, square_left, q = val.held_out_square(photo)
+        assert square_top <= top and top + side <= square_top + q
+        assert square_left <= left and left + side <= square_left + q
+        assert side <= q and val[i][1] == BUILTIN_PHOTO_NAMES.index(photo)
+    # the same crop-size rule in every split: side / Q ~ U(min_scale, max_scale)
+    for dataset in (train, val, unseen):
+        for i in range(len(dataset)):
+            photo, _, _, side = dataset.crop_box(i)
+            assert 0.35 - 0.02 <= side / dataset.held_out_square(photo)[2] <= 1.0
+    assert {unseen[i][1] for i in range(len(unseen))} == set(unseen.split_labels)
+    custom = small_builtin("val_unseen_photos", val_photos=["coffee"])
     assert custom.photos == ("coffee",) and custom.split_labels == [BUILTIN_PHOTO_NAMES.index("coffee")]
     assert "coffee" not in small_builtin("train", val_photos=["coffee"]).photos
+    assert "coffee" not in small_builtin("val", val_photos=["coffee"]).photos
 
 
 def test_builtin_from_omegaconf_structured_config():
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.from_dotlist(
         ["image_size=16", "crops_per_photo=1", "val_photos=[astronaut]"]))
-    dataset = build_image_dataset(cfg, "val")
+    dataset = build_image_dataset(cfg, "val_unseen_photos")
     assert isinstance(dataset, BuiltinPhotoCrops) and dataset.photos == ("astronaut",)
     assert dataset[0][0].shape == (3, 16, 16)
 
@@ -99,17 +134,141 @@ def test_builtin_from_omegaconf_structured_config():
     (dict(val_photos=list(BUILTIN_PHOTO_NAMES)), "data.val_photos"),
     (dict(name="imagefolder"), "data.root"),
     (dict(num_workers=-1), "data.num_workers"),
+    (dict(val_region=0.7), "data.val_region"),
+    (dict(name="glyphs", random_flip=True), "data.random_flip"),
+    (dict(name="glyphs", num_classes=11), "data.num_classes"),
+    (dict(name="glyphs", glyph_charset="greek"), "data.glyph_charset"),
+    (dict(name="glyphs", glyph_min_contrast=1.5), "data.glyph_min_contrast"),
 ])
 def test_config_validation_names_the_field(overrides, field_name):
     with pytest.raises(ValueError, match=field_name):
         DataConfig(**overrides)
 
 
+def test_unknown_data_set_name_lists_the_valid_names():
+    with pytest.raises(ValueError, match="data.name") as info:
+        build_image_dataset({"name": "imagenet"}, "train")
+    assert all(name in str(info.value) for name in DATASET_NAMES)
+
+
 def test_bad_split_and_unknown_keys():
     with pytest.raises(ValueError, match="split"):
         build_image_dataset(DataConfig(name="synthetic"), "test")
+    with pytest.raises(ValueError, match="val_unseen_photos"):  # the error lists the valid splits
+        build_image_dataset(DataConfig(name="builtin", image_size=16), "test")
+    with pytest.raises(ValueError, match="split"):  # only builtin has unseen photos
+        build_image_dataset(DataConfig(name="glyphs", num_images=4), "val_unseen_photos")
     with pytest.raises(ValueError, match="imagesize"):
         build_image_dataset({"name": "synthetic", "imagesize": 8})
+
+
+# ----------------------------------------------------------------------------- glyphs
+
+def small_glyphs(split="train", **overrides):
+    options = dict(name="glyphs", num_images=60, num_val_images=40)
+    options.update(overrides)
+    return build_image_dataset(DataConfig(**options), split)
+
+
+def test_glyphs_defaults_shapes_range_and_class_balance():
+    cfg = DataConfig(name="glyphs")
+    assert (cfg.image_size, cfg.random_flip, cfg.num_images, cfg.num_val_images) == (32, False, 20000, 1000)
+    train = small_glyphs()
+    assert isinstance(train, GlyphImages) and len(train) == 60
+    assert train.class_names == list("0123456789") and train.num_classes == 10
+    assert train.split_labels == list(range(10))
+    assert len(train.fonts) >= 10 and "DejaVuSans" in train.fonts
+    assert "LastResortHE-Regular.ttf" in train.skipped_fonts and "cmsy10.ttf" in train.skipped_fonts
+    counts = np.zeros(10, int)
+    for i in range(len(train)):
+        image, label = train[i]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+        assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert isinstance(label, int)
+        counts[label] += 1
+    assert counts.tolist() == [6] * 10
+    big = small_glyphs(image_size=64, num_classes=4)
+    assert big[0][0].shape == (3, 64, 64) and big.class_names == list("0123")
+    letters = small_glyphs(glyph_charset="uppercase")
+    assert letters.num_classes == 26 and letters.class_names[25] == "Z"
+
+
+def test_parent_configs_apply_the_chosen_data_sets_defaults():
+    from lgq.config import load_config
+    from prior.extract import ExtractConfig
+    from tokenizer.config import TokenizerRunConfig
+
+    run = load_config(TokenizerRunConfig, None, ["data.name=glyphs"])
+    assert (run.data.image_size, run.data.random_flip, run.data.num_images) == (32, False, 20000)
+    assert load_config(TokenizerRunConfig, None, []).data.random_flip is True  # builtin keeps its flips
+    extract = load_config(ExtractConfig, None, ["tokenizer=T", "output=O", "data.name=glyphs", "data.image_size=64"])
+    assert (extract.data.image_size, extract.data.random_flip) == (64, False)
+
+
+def test_glyphs_are_deterministic_by_seed():
+    a, b, other = small_glyphs(), small_glyphs(), small_glyphs(seed=1)
+    for i in range(len(a)):
+        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
+    assert sum(torch.equal(a[i][0], other[i][0]) for i in range(len(a))) == 0
+
+
+def test_glyphs_train_and_val_are_disjoint():
+    train, val = small_glyphs(num_images=400), small_glyphs("val", num_val_images=100)
+    train_images = torch.stack([train[i][0] for i in range(len(train))]).flatten(1)
+    for j in range(len(val)):
+        image = val[j][0].flatten()
+        assert float((train_images - image).abs().amax(dim=1).min()) > 0.05  # not even a near duplicate
+    # one distribution: both splits use every class, many fonts, the whole size range
+    for dataset in (train, val):
+        params = [dataset.parameters(i) for i in range(len(dataset))]
+        assert {p["label"] for p in params} == set(range(10))
+        assert len({p["font"] for p in params}) >= 8
+        sizes = [p["size"] for p in params]
+        assert min(sizes) < GlyphImages.MIN_SIZE + 0.1 and max(sizes) > GlyphImages.MAX_SIZE - 0.1
+
+
+def test_glyphs_have_the_minimum_contrast():
+    dataset = small_glyphs(glyph_min_contrast=0.5)
+    for i in range(len(dataset)):
+        p = dataset.parameters(i)
+        assert abs(float(luma(p["foreground"]) - luma(p["background"]))) >= 0.5
+        image = (dataset[i][0] + 1) / 2  # [3, S, S] in [0, 1]
+        pixel_luma = luma(image.permute(1, 2, 0).numpy())
+        assert pixel_luma.max() - pixel_luma.min() >= 0.5 * 0.9  # strokes reach (almost) the foreground colour
+        assert np.allclose(image[:, 0, 0].numpy(), p["background"], atol=1e-6)  # corners are background
+
+
+def test_glyph_fonts_lacking_characters_are_skipped_and_unreadable_fonts_named(tmp_path):
+    import shutil
+
+    for name in ("DejaVuSans.ttf", "cmsy10.ttf"):
+        shutil.copy(matplotlib_font_dir() / name, tmp_path / name)
+    dataset = small_glyphs(glyph_font_dir=str(tmp_path))
+    assert dataset.fonts == ["DejaVuSans"] and list(dataset.skipped_fonts) == ["cmsy10.ttf"]
+    assert "prime" in dataset.skipped_fonts["cmsy10.ttf"]  # cmsy10 maps '0' to a math symbol
+    (tmp_path / "broken.ttf").write_bytes(b"definitely not a font" * 20)
+    with pytest.raises(ValueError, match="broken.ttf"):
+        small_glyphs(glyph_font_dir=str(tmp_path))
+    only_symbols = tmp_path / "symbols"
+    only_symbols.mkdir()
+    shutil.copy(matplotlib_font_dir() / "cmsy10.ttf", only_symbols / "cmsy10.ttf")
+    with pytest.raises(ValueError, match="no font .* has glyphs"):
+        small_glyphs(glyph_font_dir=str(only_symbols))
+    with pytest.raises(FileNotFoundError, match="no .ttf"):
+        small_glyphs(glyph_font_dir=str(tmp_path / "empty_missing"))
+
+
+def test_preview_and_benchmark_command(tmp_path, capsys):
+    from lgq.data import main
+
+    out = main(["--preview", str(tmp_path / "grid.png"), "--rows", "2", "--data.name", "glyphs",
+                "--data.num_images=20", "--data.num_classes", "5"])
+    with Image.open(out) as grid:
+        assert grid.size == (2 + 5 * 34, 2 + 2 * 34)
+    assert main(["--benchmark", "8", "--data.name", "glyphs", "--data.num_images", "8"]) is None
+    assert "items per CPU-second" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # neither --preview nor --benchmark
+        main(["--data.name", "glyphs"])
 
 
 # ----------------------------------------------------------------------------- synthetic

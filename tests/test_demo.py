@@ -46,6 +46,10 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
     assert any("FID skipped" in note for note in saved["notes"])
     report = (out / "report.md").read_text()
     assert "FID skipped" in report and "samples.png" in report and "reconstructions.png" in report
+    # builtin's second validation split (unseen photos) is reported next to val (held-out regions)
+    unseen = saved["reconstruction_other_splits"]["val_unseen_photos"]
+    assert 0.0 < unseen["psnr"] < 100.0 and unseen["protocol"]["split"] == "val_unseen_photos"
+    assert "split `val_unseen_photos`" in report
     # the sample grid: one row per training class (6 photos), 2 columns of 32 px + 2 px padding
     from PIL import Image
 

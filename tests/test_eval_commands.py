@@ -114,6 +114,19 @@ def test_reconstruction_cli_errors_name_the_problem(tmp_path, tokenizer_dir):
                              "--lpips", "off", "--output", tmp_path / "m.json"])
 
 
+def test_reconstruction_command_selects_the_split(tmp_path, tokenizer_dir):
+    builtin = ["--data.name", "builtin", "--data.image_size", "16", "--data.val_crops_per_photo", "2",
+               "--no-fid", "--lpips", "off"]
+    for split, photos in (("val", 6), ("val_unseen_photos", 2)):  # held-out regions / held-out photos
+        out = tmp_path / f"{split}.json"
+        reconstruction.main(["--tokenizer", tokenizer_dir, *builtin, "--split", split, "--output", out])
+        saved = json.loads(out.read_text())
+        assert saved["protocol"]["split"] == split and saved["protocol"]["num_images"] == 2 * photos
+    with pytest.raises(ValueError, match="val_unseen_photos.*synthetic|synthetic.*val_unseen_photos"):
+        reconstruction.main(["--tokenizer", tokenizer_dir, *DATA_ARGS, "--split", "val_unseen_photos", "--no-fid",
+                             "--lpips", "off", "--output", tmp_path / "m.json"])
+
+
 # ----------------------------------------------------------------------------- generation
 def test_balanced_class_labels():
     assert torch.bincount(gen_fid.balanced_class_labels(12, 4)).tolist() == [3, 3, 3, 3]

@@ -206,6 +206,11 @@ def test_command_line_parsing(tmp_path):
         parse_config(["--tokenizer", "T", "--output", "O", "--batch_sise", "3"])
     with pytest.raises(ValueError, match="split"):
         parse_config(["tokenizer=T", "output=O", "split=test"])
+    assert parse_config(["tokenizer=T", "output=O", "split=val_unseen_photos"]).split == "val_unseen_photos"
+    with pytest.raises(ValueError, match="split"):  # only builtin has that split
+        parse_config(["tokenizer=T", "output=O", "split=val_unseen_photos", "data.name=synthetic"])
+    with pytest.raises(ValueError, match="glyphs"):  # a mirrored character is not its class
+        parse_config(["--tokenizer", "T", "--output", "O", "--flip", "--data.name", "glyphs"])
 
 
 def tiny_lgq_tokenizer(path):

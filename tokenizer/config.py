@@ -45,7 +45,7 @@ class TokenizerEvalConfig:
 class TokenizerRunConfig:
     model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig.unresolved)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/tokenizer"))
     eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
 
