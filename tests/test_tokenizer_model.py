@@ -326,6 +326,68 @@ def test_constructor_rejects_bad_arguments():
 def test_group_norm_groups_divide_channels():
     assert num_groups_for(128) == 32 and num_groups_for(16) == 16 and num_groups_for(48) == 24
     assert num_groups_for(7) == 7 and num_groups_for(34) == 17
+    # with a floor on channels per group: VQGAN widths keep 32 groups, narrow layers get fewer
+    assert num_groups_for(128, min_channels_per_group=4) == 32 and num_groups_for(256, min_channels_per_group=4) == 32
+    assert num_groups_for(32, min_channels_per_group=4) == 8 and num_groups_for(16, min_channels_per_group=4) == 4
+    assert num_groups_for(3, min_channels_per_group=4) == 1 and num_groups_for(48, min_channels_per_group=4) == 12
+
+
+@pytest.mark.parametrize("base_channels", [16, 32, 128])
+def test_no_norm_layer_is_instance_normalisation(base_channels):
+    """Every GroupNorm in the network (encoder, decoder, pre-quantizer norm) has >= 4 channels per group."""
+    model = tiny_tokenizer(base_channels=base_channels, latent_dim=16, attention_resolutions="lowest")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 4 for m in norms)
+    if base_channels == 128:  # the ImageNet width keeps VQGAN's 32 groups
+        assert model.encoder.norm_out.num_groups == 32
+
+
+@pytest.mark.parametrize("min_channels_per_group, erased", [(1, True), (4, False)])
+def test_decoder_final_norm_keeps_per_image_channel_means(min_channels_per_group, erased):
+    """The mechanism of the mean-colour bug: GroupNorm with one channel per group (instance norm) in front of
+    conv_out subtracts each channel's per-image mean, so shifting those means changes nothing in the output.
+    With >= 4 channels per group (the default floor) the shift reaches the output."""
+    torch.manual_seed(0)
+    model = tiny_tokenizer(base_channels=16, norm_min_channels_per_group=min_channels_per_group).eval()
+    latents = torch.randn(2, LATENT_DIM, 8, 8)
+    shift = torch.randn(2, 16, 1, 1) * 3  # a different constant per image and channel at the final norm's input
+    with torch.no_grad():
+        plain = model.decoder(latents)
+        handle = model.decoder.norm_out.register_forward_pre_hook(lambda module, args: (args[0] + shift,))
+        shifted = model.decoder(latents)
+        handle.remove()
+    assert torch.allclose(plain, shifted, atol=1e-4) == erased
+
+
+def test_decoder_reproduces_flat_colours():
+    """Regression: with instance normalisation before conv_out the decoder could not output an image's mean colour.
+
+    A tiny tokenizer trained briefly on flat-colour images of random colours must reproduce the colours of
+    unseen flat images (mean absolute error of the per-image mean colour well below the 0.5 of a constant
+    output), and its outputs' colours must vary across images like the inputs'.
+    """
+    torch.manual_seed(0)
+    model = tiny_tokenizer("fsq", 1000, base_channels=16, channel_multipliers=(1, 2), latent_dim=8,
+                           attention_resolutions="none")
+
+    def flat(batch, generator=None):
+        return (torch.rand(batch, 3, 1, 1, generator=generator) * 2 - 1).expand(batch, 3, 16, 16).contiguous()
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        x = flat(16)
+        out = model(x)
+        loss = (out.reconstruction - x).abs().mean() + out.quantizer_output.loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x = flat(64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        colours = model(x).reconstruction.clamp(-1, 1).mean((2, 3))
+    target = x.mean((2, 3))
+    assert (colours - target).abs().mean() < 0.15
+    assert (colours.std(0) > 0.5 * target.std(0)).all()
 
 
 def test_imagenet_backbone_parameter_counts():
@@ -406,13 +468,15 @@ def test_pre_quantizer_norm_switch_layernorm_and_none():
 
 
 def write_old_format_export(model: LGQTokenizer, folder, quantizer_options: dict) -> None:
-    """save_pretrained, then rewrite config.json as exports were written before `pre_quantizer_norm` existed."""
+    """save_pretrained, then rewrite config.json as exports were written before `pre_quantizer_norm` and
+    `norm_min_channels_per_group` existed (the model must be built with norm_min_channels_per_group=1)."""
     import json
 
     model.save_pretrained(folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     del config["pre_quantizer_norm"]
+    del config["norm_min_channels_per_group"]
     config["quantizer_options"] = quantizer_options
     config_path.write_text(json.dumps(config))
 
@@ -421,11 +485,14 @@ def write_old_format_export(model: LGQTokenizer, folder, quantizer_options: dict
 def test_old_lgq_export_loads_and_reconstructs_exactly_as_before(tmp_path, options):
     """Old LGQ: x_hat = D(c_i), i = argmin_k ||LN_token(E(x)) - c_k||, the LayerNorm inside the quantizer."""
     torch.manual_seed(0)
-    source = tiny_tokenizer("lgq", 16, pre_quantizer_norm="none")  # the old model's parameters: no model norm
+    source = tiny_tokenizer("lgq", 16, pre_quantizer_norm="none",  # the old model: no model norm,
+                            norm_min_channels_per_group=1)      # one channel per group in narrow layers
     source.init_quantizer_from_images(images(4, seed=1))
     write_old_format_export(source, tmp_path / "old", options)
     loaded = LGQTokenizer.from_pretrained(tmp_path / "old")
     assert loaded.config.pre_quantizer_norm == "layernorm" and dict(loaded.config.quantizer_options) == {}
+    assert loaded.config.norm_min_channels_per_group == 1
+    assert loaded.decoder.norm_out.num_groups == source.decoder.norm_out.num_groups == 16
     x = images(seed=6)
     with torch.no_grad():
         z = token_layer_norm(source.encoder(x).float())  # the old LGQ pre_norm, written out densely
@@ -444,7 +511,7 @@ def test_old_lgq_export_loads_and_reconstructs_exactly_as_before(tmp_path, optio
 def test_old_export_without_lgq_layernorm_loads_with_no_norm(tmp_path):
     for quantizer, size, options in (("lgq", 16, {"pre_norm": False}), ("vq", 16, {})):
         torch.manual_seed(0)
-        source = tiny_tokenizer(quantizer, size, pre_quantizer_norm="none")
+        source = tiny_tokenizer(quantizer, size, pre_quantizer_norm="none", norm_min_channels_per_group=1)
         source.init_quantizer_from_images(images(4, seed=1))
         source.eval()
         write_old_format_export(source, tmp_path / quantizer, options)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -27,7 +28,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from tokenizer.modules import PRE_QUANTIZER_NORMS, Decoder, Encoder, PreQuantizerNorm, resolve_attention_levels
+from tokenizer.modules import (MIN_CHANNELS_PER_GROUP, PRE_QUANTIZER_NORMS, Decoder, Encoder, PreQuantizerNorm,
+                               group_norm, resolve_attention_levels)
 from tokenizer.quantizers import QuantizerOutput, build_quantizer
 from tokenizer.quantizers.base import fp32_quantizer_math
 
@@ -40,6 +42,9 @@ class TokenizerModelConfig:
     `attention_resolutions`: "lowest", "none" or a list of level indices (0 = full resolution).
     `pre_quantizer_norm`: the latent normalisation in front of every quantizer, one of
     "groupnorm_layernorm" (default; the authors' model), "layernorm" (per-token LayerNorm only) or "none".
+    `norm_min_channels_per_group`: floor on channels per GroupNorm group in the whole network (default 4, as
+    in VQGAN's 128 channels / 32 groups; 1 allows instance normalisation in narrow layers, see
+    `tokenizer.modules.group_norm`). Wide recipes (>= 128 channels) are unaffected.
     """
 
     in_channels: int = 3
@@ -53,6 +58,7 @@ class TokenizerModelConfig:
     codebook_size: int = 16384
     quantizer_options: dict = field(default_factory=dict)
     pre_quantizer_norm: str = "groupnorm_layernorm"
+    norm_min_channels_per_group: int = MIN_CHANNELS_PER_GROUP
 
 
 _DEFAULTS = TokenizerModelConfig()
@@ -97,6 +103,7 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         codebook_size: int = _DEFAULTS.codebook_size,
         quantizer_options: dict | None = None,
         pre_quantizer_norm: str = _DEFAULTS.pre_quantizer_norm,
+        norm_min_channels_per_group: int = _DEFAULTS.norm_min_channels_per_group,
     ):
         super().__init__()
         if pre_quantizer_norm not in PRE_QUANTIZER_NORMS:
@@ -111,7 +118,8 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         if not channel_multipliers or any(m < 1 for m in channel_multipliers):
             raise ValueError(f"channel_multipliers must be a non-empty list of positive ints, got {channel_multipliers}")
         for name, value in (("in_channels", in_channels), ("base_channels", base_channels),
-                            ("num_res_blocks", num_res_blocks), ("latent_dim", latent_dim)):
+                            ("num_res_blocks", num_res_blocks), ("latent_dim", latent_dim),
+                            ("norm_min_channels_per_group", norm_min_channels_per_group)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -120,11 +128,12 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         attention_levels = resolve_attention_levels(attention_resolutions, num_levels)
         self.in_channels = int(in_channels)
         self.downsample_factor = 2 ** (num_levels - 1)
+        norm_layer = partial(group_norm, min_channels_per_group=int(norm_min_channels_per_group))
         self.encoder = Encoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
-                               attention_levels, dropout)
+                               attention_levels, dropout, norm_layer)
         self.decoder = Decoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
-                               attention_levels, dropout)
-        self.pre_quantizer_norm = PreQuantizerNorm(latent_dim, pre_quantizer_norm)
+                               attention_levels, dropout, norm_layer)
+        self.pre_quantizer_norm = PreQuantizerNorm(latent_dim, pre_quantizer_norm, norm_layer)
         self.quantizer = build_quantizer(quantizer, latent_dim, codebook_size, **dict(quantizer_options or {}))
 
     def __getattr__(self, name: str) -> Any:
@@ -296,10 +305,13 @@ def migrate_legacy_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Then the model had no norm between encoder and quantizer and LGQ normalised its own input with a per-token
     LayerNorm unless ``quantizer_options.pre_norm`` was false. Without the key: LGQ with pre_norm (default true)
-    -> "layernorm", anything else -> "none"; ``pre_norm`` is dropped from the quantizer options. Configs that have
-    the key are returned unchanged (a copy).
+    -> "layernorm", anything else -> "none"; ``pre_norm`` is dropped from the quantizer options.
+    Without ``norm_min_channels_per_group`` (written before the GroupNorm floor): 1, the old grouping.
+    Keys that are present are kept (the result is a copy).
     """
     config = dict(config)
+    if "norm_min_channels_per_group" not in config:
+        config["norm_min_channels_per_group"] = 1  # written before the floor: narrow layers used instance norm
     if "pre_quantizer_norm" in config:
         return config
     options = dict(config.get("quantizer_options") or {})
