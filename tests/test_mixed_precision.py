@@ -213,3 +213,35 @@ def test_bf16_prior_training_checkpoints_resumes_exactly_and_exports(prior_type,
     different = [k for k in reference if not torch.equal(reference[k], result[k])]
     assert reference.keys() == result.keys() and not different, different[:5]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for k, v in result.items() if k.startswith("export/"))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_torch_compile_of_encoder_decoder_and_priors_equals_eager():
+    """Inductor on CPU. Encoder and decoder compile as one graph each (fullgraph); the priors' input checks
+    (int(tokens.max()) etc.) break their graphs, which compile still runs correctly."""
+    import torch._dynamo
+
+    from prior.gpt import GPTPrior
+    from prior.maskgit import MaskGITPrior
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LGQTokenizer(base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, latent_dim=4,
+                         attention_resolutions="lowest", codebook_size=16).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    prior_sizes = dict(codebook_size=16, num_classes=3, grid_size=4, hidden_size=16, num_layers=1, num_heads=2)
+    maskgit, gpt = MaskGITPrior(**prior_sizes, dropout=0.0).eval(), GPTPrior(**prior_sizes).eval()
+    labels = torch.tensor([0, 2])
+    cases = [
+        ("encoder", model.encoder, (images,), True),
+        ("decoder", model.decoder, (torch.randn(2, 4, 8, 8),), True),
+        ("maskgit", maskgit, (torch.randint(0, 17, (2, 16)), labels), False),  # 16 = mask token
+        ("gpt", gpt, (torch.randint(0, 16, (2, 16)), labels), False),
+    ]
+    with torch.no_grad():
+        for name, module, inputs, fullgraph in cases:
+            eager = module(*inputs)
+            compiled = torch.compile(module, fullgraph=fullgraph)(*inputs)
+            assert compiled.dtype == eager.dtype and compiled.shape == eager.shape, name
+            assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5), (name, (compiled - eager).abs().max())
