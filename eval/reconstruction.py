@@ -17,7 +17,8 @@ Protocol (every figure is written to the JSON together with it):
   says why - never another network;
 * PSNR: per image on [0, 1] (uint8 / 255), PSNR_i = 10 log10(1 / MSE_i), averaged over images
   (capped at 100 dB per image so identical images stay finite in JSON); SSIM: per image
-  (Gaussian 11x11, sigma 1.5), averaged; LPIPS-VGG when its weights are available;
+  (Gaussian 11x11, sigma 1.5), averaged; LPIPS-VGG v0.1 (the published metric) when its weights are
+  available, else absent (never a uniform-head variant);
 * codebook statistics over the WHOLE evaluation set from one bincount of the hard indices
   (``eval.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image).
 """
@@ -141,6 +142,9 @@ def evaluate_reconstruction(
         notes.append("rFID not computed: disabled (compute_fid=False)")
     if lpips_model is None:
         notes.append("LPIPS not computed: no LPIPS network given (weights unavailable or disabled)")
+    elif not getattr(lpips_model, "uses_lpips_heads", False):
+        raise ValueError("reported LPIPS must be the published metric: lpips_model has uniform heads "
+                         "(tokenizer.losses.LPIPS(uniform_heads=True)); pass the published heads or no model")
     else:
         lpips_model = lpips_model.to(device)
 
@@ -206,8 +210,7 @@ def evaluate_reconstruction(
         "reconstruction": "decode(encode(x)) from hard indices; uint8 for PSNR/SSIM/FID",
         "psnr": f"per image on [0, 1] (uint8 / 255), capped at {PSNR_CAP_DB} dB, averaged over images",
         "ssim": "per image, Gaussian window 11x11 sigma 1.5 (eval.metrics.ssim), averaged over images",
-        "lpips": ("published LPIPS-VGG" if getattr(lpips_model, "uses_lpips_heads", False)
-                  else "LPIPS-VGG-like (uniform heads, see tokenizer.losses.LPIPS)") if lpips_model is not None else None,
+        "lpips": getattr(lpips_model, "variant", "LPIPS-VGG v0.1") if lpips_model is not None else None,
         "codebook_statistics": "one bincount of hard indices over the whole evaluation set",
         "seed": seed,
         "seconds": round(time.time() - start, 2),
@@ -337,7 +340,8 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--no-fid", action="store_true", help="skip rFID")
     parser.add_argument("--lpips", default="auto", choices=("auto", "on", "off"),
                         help="auto: LPIPS when its VGG weights load; on: fail if they do not; off")
-    parser.add_argument("--lpips-weights", default=None, help="LPIPS v0.1 linear heads (vgg.pth)")
+    parser.add_argument("--lpips-weights", default=None,
+                        help="LPIPS v0.1 linear heads (vgg.pth; default: the copy in the lpips package)")
     parser.add_argument("--lpips-vgg-weights", default=None, help="torchvision vgg16-397923af.pth")
     parser.add_argument("--seed", type=int, default=0, help="seed of the class-balanced subset")
     parser.add_argument("--num-workers", type=int, default=0)

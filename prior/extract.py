@@ -15,9 +15,9 @@ on process c mod W). Each finished chunk is written atomically (temporary file +
 interruption loses at most the chunk being encoded and never duplicates or drops an image.
 Processes may encode different numbers of batches (the chunks need not divide evenly): encoding
 calls no collective (the tokenizer runs in eval mode, where quantizers use local statistics, see
-``Quantizer.syncs_across_processes``); the only collectives are the barriers every process reaches. When all chunks exist the main
-process concatenates them in index order into the token directory format of ``prior/tokens.py``
-(``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes ``_chunks/``.
+``Quantizer.syncs_across_processes``); the only collectives are the barriers every process reaches.
+When all chunks exist the main process concatenates them in index order into the token directory
+format of ``prior/tokens.py`` (``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes ``_chunks/``.
 ``--flip`` stores the grid of the horizontally flipped image right after each image's grid.
 """
 from __future__ import annotations

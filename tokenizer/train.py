@@ -83,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     trainer.print(f"tokenizer: {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M parameters, quantizer "
                   f"{cfg.model.quantizer} K={tokenizer.codebook_size}, {len(train_set)} training images, "
                   f"{accelerator.num_processes} process(es), global batch {trainer.images_per_step}")
+    if loss_fn.lpips is not None:  # the run's config.yaml records loss.lpips_uniform_heads as well
+        trainer.print(f"perceptual loss: {loss_fn.lpips.variant}, weight {cfg.loss.perceptual_weight}")
     init_quantizer_from_data(trainer, "model", num_batches=cfg.eval.quantizer_init_batches)
 
     # --- one micro-batch: generator step, then discriminator step ----------------------------------------
