@@ -464,6 +464,9 @@ def _render_ink_mask(font_path: Path, char: str, ink_size: int) -> np.ndarray:
     return mask
 
 
+_FONT_CMAP_CACHE: dict[tuple, dict[int, str]] = {}  # (path, size, mtime) -> code point -> glyph name
+
+
 def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[GlyphFont], Optional[str]]:
     """(font, None) when ``path`` has a real glyph for every character, else (None, reason).
 
@@ -477,11 +480,15 @@ def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[G
     except ImportError:  # pragma: no cover - fontTools is a matplotlib dependency
         TTFont = None
     if TTFont is not None:
-        try:
-            with TTFont(str(path), lazy=True) as font:
-                cmap = font.getBestCmap() or {}
-        except Exception as err:
-            raise ValueError(f"cannot read font file {path}: {type(err).__name__}: {err}") from err
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _FONT_CMAP_CACHE:
+            try:
+                with TTFont(str(path), lazy=True) as font:
+                    _FONT_CMAP_CACHE[key] = dict(font.getBestCmap() or {})
+            except Exception as err:
+                raise ValueError(f"cannot read font file {path}: {type(err).__name__}: {err}") from err
+        cmap = _FONT_CMAP_CACHE[key]
         for char in chars:
             glyph = cmap.get(ord(char))
             if glyph is None:
@@ -495,11 +502,11 @@ def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[G
     for char, mask in zip(chars, masks):
         if int((mask > 127).sum()) < 4:
             return None, f"{char!r} renders empty"
-    thumbs = [np.asarray(_to_pil(m).resize((16, 16)), np.float32) / 255.0 for m in masks]
-    for i in range(len(chars)):
-        for j in range(i):
-            if float(np.abs(thumbs[i] - thumbs[j]).mean()) < 0.01:
-                return None, f"{chars[j]!r} and {chars[i]!r} render identically"
+    thumbs = np.stack([np.asarray(_to_pil(m).resize((16, 16)), np.float32).ravel() / 255.0 for m in masks])
+    distance = np.abs(thumbs[:, None] - thumbs[None]).mean(-1) + np.eye(len(chars))  # [C, C], diagonal masked
+    if distance.min() < 0.01:
+        i, j = np.unravel_index(int(np.argmin(distance)), distance.shape)
+        return None, f"{chars[min(i, j)]!r} and {chars[max(i, j)]!r} render identically"
     return GlyphFont(name=path.stem, path=str(path), masks=tuple(masks), ink_size=ink_size), None
 
 
