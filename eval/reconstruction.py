@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from eval.metrics import code_histogram, codebook_statistics, lpips_distance, psnr, ssim, to_uint8
+from lgq.data import split_data_options  # the --data.<field> option parser every command shares
 
 PSNR_CAP_DB = 100.0
 
@@ -273,28 +274,6 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
 
 # ----------------------------------------------------------------------------- CLI
-def split_data_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate ``--data.<field> value`` / ``--data.<field>=value`` options (-> ``field=value``) from the rest."""
-    rest, overrides = [], []
-    argv = [str(a) for a in argv]
-    i = 0
-    while i < len(argv):
-        item = argv[i]
-        if item.startswith("--data."):
-            key = item[len("--data."):]
-            if "=" in key:
-                overrides.append(key)
-            else:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"option {item} needs a value")
-                overrides.append(f"{key}={argv[i + 1]}")
-                i += 1
-        else:
-            rest.append(item)
-        i += 1
-    return rest, overrides
-
-
 def load_data_config(overrides: Sequence[str], **defaults: Any):
     """``DataConfig`` from ``field=value`` overrides (typos and wrong types raise naming the key)."""
     from lgq.config import load_config
