@@ -345,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "split": cfg.split,
         "data_config": dataclasses.asdict(data_cfg),
         "num_classes": int(getattr(dataset, "num_classes")),
+        "class_names": [str(name) for name in getattr(dataset, "class_names", None) or []] or None,
         "downsample_factor": int(tokenizer.downsample_factor),
     }
     meta = extract_tokens(

@@ -51,9 +51,12 @@ class PriorTrainingLoss(nn.Module):
         return self.prior.save_pretrained(*args, **kwargs)
 
 
-def build_prior(model_cfg: PriorModelConfig, codebook_size: int, grid_size: tuple[int, int], num_classes: int):
-    """MaskGITPrior or GPTPrior of the configured size over K = codebook_size, grid h x w, C classes."""
+def build_prior(model_cfg: PriorModelConfig, codebook_size: int, grid_size: tuple[int, int], num_classes: int,
+                class_names: list[str] | None = None):
+    """MaskGITPrior or GPTPrior of the configured size over K = codebook_size, grid h x w, C classes (named
+    ``class_names`` when the token data records them: the pipeline's ``id2label``)."""
     common = dict(codebook_size=codebook_size, num_classes=num_classes, grid_size=tuple(grid_size),
+                  class_names=list(class_names) if class_names and len(class_names) == num_classes else None,
                   hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                   mlp_ratio=model_cfg.mlp_ratio, dropout=model_cfg.dropout, label_dropout=model_cfg.label_dropout)
     if model_cfg.prior_type == "maskgit":
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     accelerator = trainer.accelerator
 
     # --- build: prior (behind its loss), optimizer, data ------------------------------------------------
-    prior = build_prior(cfg.model, **shape)
+    prior = build_prior(cfg.model, **shape, class_names=train_set.class_names)
     model = PriorTrainingLoss(prior, cfg.model.label_smoothing)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                                          num_workers=cfg.train.num_workers,

@@ -241,6 +241,7 @@ def test_extraction_command_with_a_tiny_lgq_tokenizer(tmp_path):
     assert meta["data_config"]["random_flip"] is False and meta["image_size"] == 16
     grids, flipped, labels = lgq_reference(model)
     ds = TokenDataset(tmp_path / "out", expected_tokenizer_hash=tokenizer_fingerprint(model))
+    assert meta["class_names"] == ds.class_names == ["shape_0", "shape_1", "shape_2"]  # the data set's classes
     stored = torch.stack([ds[i][0] for i in range(len(ds))])
     assert torch.equal(stored[0::2], grids) and torch.equal(stored[1::2], flipped)
     assert torch.equal(torch.stack([ds[i][1] for i in range(0, len(ds), 2)]), labels)
