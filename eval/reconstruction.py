@@ -106,12 +106,14 @@ def evaluate_reconstruction(
     allow_download: bool = True,
     protocol: dict[str, Any] | None = None,
     return_code_counts: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Encode + decode the evaluation set and measure it (module docstring). Returns a JSON-ready dict:
 
     ``{"rfid", "psnr", "ssim", "lpips", "codebook": {...}, "protocol": {...}, "notes": [...]}``;
     figures that could not be computed are ``None`` with the reason in ``notes``.
     ``return_code_counts=True`` adds ``"code_counts"``: the bincount c_k of hard indices (list of K ints).
+    ``progress`` shows a tqdm bar over the batches (stderr).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -153,7 +155,9 @@ def evaluate_reconstruction(
     grid_shape = None
     resolution = None
     start = time.time()
-    for images, _ in loader:
+    from tqdm.auto import tqdm
+
+    for images, _ in tqdm(loader, desc="reconstruction", unit="batch", disable=not progress):
         images = images.to(device=device, dtype=torch.float32)
         tokens = tokenizer.encode(images.to(tokenizer.dtype))
         reconstructions = tokenizer.decode(tokens).float()

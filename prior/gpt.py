@@ -8,12 +8,14 @@ tied weights). The logits at position i predict t_{i+1}:
     p(t_1..t_L | c) = prod_i p(t_i | c, t_<i),   loss = mean_i CE(logits_i, t_i).
 
 Sampling: ``sampling_logits`` gives the next-token logits at position t from the prefix, using a
-transformers KV cache (``DynamicCache``, passed as ``cache``); CFG batches the conditional and the
+transformers KV cache (``DynamicCache``, passed as ``cache``, or ``past_key_values`` before transformers 5.24); CFG batches the conditional and the
 null-class sequences and combines l = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional).
 ``prior.scheduler.AutoregressiveScheduler`` then samples t ~ Categorical(softmax(top_p(top_k(l / temperature))))
 with the caller's generator; ``LGQPipeline.__call__`` runs the loop (``generate`` goes through it).
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prior.maskgit import check_prior_hyperparameters, drop_labels
 from prior.scheduler import apply_guidance, filter_logits  # noqa: F401  (filter_logits: re-exported for callers)
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
+
+# transformers >= 5.24 names the KV cache argument (and output field) ``cache``; 5.0-5.23 call it
+# ``past_key_values`` (deprecated since 5.24, removed in 5.40). Either way it holds a transformers Cache object.
+KV_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 class GPTPrior(ModelMixin, ConfigMixin):
@@ -143,8 +149,9 @@ class GPTPrior(ModelMixin, ConfigMixin):
                 previous = tokens[:, t - 1]
                 previous = torch.cat([previous, previous]) if guided else previous
                 step_input = self.embedding_dropout(self.token_embedding(previous).unsqueeze(1))
-            out = self.transformer(inputs_embeds=step_input, cache=state["cache"], use_cache=True, logits_to_keep=1)
-            state["cache"] = out.cache
+            out = self.transformer(inputs_embeds=step_input, use_cache=True, logits_to_keep=1,
+                                   **{KV_CACHE_ARGUMENT: state["cache"]})
+            state["cache"] = getattr(out, KV_CACHE_ARGUMENT)  # a transformers DynamicCache
         else:
             context = tokens[:, :t].repeat(2, 1) if guided else tokens[:, :t]
             out = self.transformer(inputs_embeds=self._embed(model_labels, context), use_cache=False, logits_to_keep=1)
