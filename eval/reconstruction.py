@@ -275,13 +275,16 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 def split_data_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate ``--data.<field> value`` / ``--data.<field>=value`` options (-> ``field=value``) from the rest."""
+    """Separate ``--data.<field> value`` / ``--data.<field>=value`` / ``data.<field>=value`` (-> ``field=value``)
+    from the rest (the lgq.cli style for the data config's keys)."""
     rest, overrides = [], []
     argv = [str(a) for a in argv]
     i = 0
     while i < len(argv):
         item = argv[i]
-        if item.startswith("--data."):
+        if item.startswith("data.") and "=" in item:
+            overrides.append(item[len("data."):])
+        elif item.startswith("--data."):
             key = item[len("--data."):]
             if "=" in key:
                 overrides.append(key)
@@ -328,7 +331,11 @@ def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
 def parse_args(argv: Sequence[str] | None = None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
+    from lgq.cli import config_help
+    from lgq.data import DataConfig
+
     parser = argparse.ArgumentParser(prog="python -m eval.reconstruction", description=__doc__,
+                                     epilog=config_help(DataConfig, "data."),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="LGQTokenizer folder (save_pretrained export)")
     parser.add_argument("--split", default="val", choices=("train", "val"))
@@ -345,7 +352,6 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the class-balanced subset")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field (e.g. --data.root DIR)."
     args = parser.parse_args(rest)
     args.data_overrides = data_overrides
     return args

@@ -25,11 +25,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lgq.config import load_config
 from lgq.training import Trainer, build_optimizer
 from prior.config import PriorModelConfig, PriorRunConfig, resolve_data_shape
 from prior.tokens import TokenDataset, tokenizer_fingerprint
-from tokenizer.train import parse_args  # (same command line: --config, --resume, key=value)
+from tokenizer.train import load_run_config  # (same command line: --config, --resume, --print-config, key=value)
 
 
 class PriorTrainingLoss(nn.Module):
@@ -106,10 +105,12 @@ def token_images(tokens: torch.Tensor, codebook_size: int, min_size: int = 64) -
     return grey.repeat_interleave(scale, 2).repeat_interleave(scale, 3).repeat(1, 3, 1, 1)
 
 
-def main(argv: Sequence[str] | None = None) -> Trainer:
-    """Run training; returns the Trainer (``.history`` holds the logged values, ``.output_dir`` the run)."""
-    args, overrides = parse_args(argv, description=__doc__.split("\n\n")[0])
-    cfg = load_config(PriorRunConfig, args.config or None, overrides)
+def main(argv: Sequence[str] | None = None) -> Trainer | None:
+    """Run training; returns the Trainer (``.history`` holds the logged values, ``.output_dir`` the run), or None
+    after --print-config."""
+    cfg, print_only = load_run_config(PriorRunConfig, argv, __doc__.split("\n\n")[0], "prior/train.py")
+    if print_only:
+        return None
     train_set, shape, tokenizer = load_token_data(cfg)  # before the Trainer: data errors leave no run directory
     trainer = Trainer(cfg.train, run_config=cfg)
     accelerator = trainer.accelerator

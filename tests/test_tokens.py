@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from prior.extract import CHUNK_DIR, argv_to_dotlist, extract_tokens, main, parse_config
+from prior.extract import CHUNK_DIR, extract_tokens, main, parse_config
 from prior.tokens import (
     TokenDataset,
     check_class_labels,
@@ -194,18 +194,22 @@ def test_interrupted_extraction_resumes_without_duplicates_or_gaps(tmp_path):
     assert np.array_equal(np.load(tmp_path / "out" / "labels.npy"), data.tensors[1].numpy())
 
 
-def test_command_line_parsing(tmp_path):
-    files, dotlist = argv_to_dotlist(["--tokenizer", "T", "--data.name", "synthetic", "--flip", "--batch-size", "8",
-                                      "output=O", "--data.image_size=16"])
-    assert files == []
-    assert dotlist == ["tokenizer=T", "data.name=synthetic", "flip=true", "batch_size=8", "output=O",
-                       "data.image_size=16"]
+def test_command_line_parsing(tmp_path, capsys):
+    cfg = parse_config(["--tokenizer", "T", "--data.name", "synthetic", "--flip", "--batch-size", "8", "output=O",
+                        "--data.image_size=16"])
+    assert (cfg.tokenizer, cfg.output, cfg.flip, cfg.batch_size) == ("T", "O", True, 8)
+    assert cfg.data.name == "synthetic" and cfg.data.image_size == 16
     cfg = parse_config(["--tokenizer", "T", "--output", "O", "--flip", "--data.name", "synthetic"])
     assert cfg.flip and cfg.data.name == "synthetic" and cfg.batch_size == 64
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_size"):  # the typo is named with the closest key
         parse_config(["--tokenizer", "T", "--output", "O", "--batch_sise", "3"])
     with pytest.raises(ValueError, match="split"):
         parse_config(["tokenizer=T", "output=O", "split=test"])
+    with pytest.raises(SystemExit) as exit_info:  # --help lists every key with its default (it used to raise)
+        parse_config(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "chunk_size" in help_text and "data.image_size" in help_text and "(required)" in help_text
 
 
 def tiny_lgq_tokenizer(path):
