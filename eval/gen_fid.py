@@ -329,7 +329,11 @@ def parse_args(argv: Sequence[str] | None = None):
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
-    parser = argparse.ArgumentParser(prog="eval/gen_fid.py", description=__doc__,
+    from lgq.cli import config_help
+    from lgq.data import DataConfig
+
+    parser = argparse.ArgumentParser(prog="python -m eval.gen_fid", description=__doc__,
+                                     epilog="data keys (with --reference data):\n" + config_help(DataConfig, "data."),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="LGQPipeline folder")
     parser.add_argument("--num-samples", type=int, required=True)

@@ -108,12 +108,14 @@ def evaluate_reconstruction(
     allow_download: bool = True,
     protocol: dict[str, Any] | None = None,
     return_code_counts: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Encode + decode the evaluation set and measure it (module docstring). Returns a JSON-ready dict:
 
     ``{"rfid", "psnr", "ssim", "lpips", "codebook": {...}, "protocol": {...}, "notes": [...]}``;
     figures that could not be computed are ``None`` with the reason in ``notes``.
     ``return_code_counts=True`` adds ``"code_counts"``: the bincount c_k of hard indices (list of K ints).
+    ``progress`` shows a tqdm bar over the batches (stderr).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -158,7 +160,9 @@ def evaluate_reconstruction(
     grid_shape = None
     resolution = None
     start = time.time()
-    for images, _ in loader:
+    from tqdm.auto import tqdm
+
+    for images, _ in tqdm(loader, desc="reconstruction", unit="batch", disable=not progress):
         images = images.to(device=device, dtype=torch.float32)
         tokens = tokenizer.encode(images.to(tokenizer.dtype))
         reconstructions = tokenizer.decode(tokens).float()
@@ -306,7 +310,11 @@ def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
 def parse_args(argv: Sequence[str] | None = None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
+    from lgq.cli import config_help
+    from lgq.data import DataConfig
+
     parser = argparse.ArgumentParser(prog="python -m eval.reconstruction", description=__doc__,
+                                     epilog=config_help(DataConfig, "data."),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="LGQTokenizer folder (save_pretrained export)")
     parser.add_argument("--split", default="val",
@@ -325,7 +333,6 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the class-balanced subset")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field (e.g. --data.root DIR)."
     args = parser.parse_args(rest)
     args.data_overrides = data_overrides
     return args

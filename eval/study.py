@@ -103,7 +103,9 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     """Read a study YAML; unknown keys and wrong types raise ValueError naming them."""
     from omegaconf import OmegaConf
 
-    path = Path(path)
+    from lgq.cli import resolve_config_path
+
+    path = resolve_config_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study config {str(path)!r} does not exist")
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
@@ -161,9 +163,12 @@ def run_name(quantizer: str, codebook_size: int, seed: int) -> str:
 
 
 def config_files_for(study: StudyConfig, quantizer: str) -> list[str]:
+    from lgq.cli import resolve_config_path
+
     files = list(study.tokenizer_configs)
     if study.quantizer_config:
         files.append(study.quantizer_config.format(quantizer=quantizer))
+    files = [str(resolve_config_path(path)) for path in files]
     for path in files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer config {path!r} (quantizer {quantizer}) does not exist")
@@ -741,8 +746,12 @@ def _save(fig, path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from lgq.cli import config_help
+    from tokenizer.config import TokenizerRunConfig
+
     parser = argparse.ArgumentParser(prog="python -m eval.study", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__ + "\n" + config_help(TokenizerRunConfig),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="study YAML (configs/study/*.yaml)")
     parser.add_argument("--quick", action="store_true", help="the config's quick slice (few quantizers, one K, few steps)")
     parser.add_argument("--output-dir", default=None, help="default: the config's output_dir (+ '_quick' with --quick)")
@@ -756,11 +765,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
                              "than 2 on a machine whose cores are busy with other work")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
-    args = parser.parse_args(argv)
-    for item in args.overrides:
-        if "=" not in item:
-            parser.error(f"override {item!r} is not key=value")
+    from lgq.cli import parse_command_line
+    from tokenizer.config import TokenizerRunConfig
+
+    # tokenizer config keys for every run: key=value or --key value (lgq.cli style; --help lists them)
+    args, args.overrides = parse_command_line(parser, argv, TokenizerRunConfig)
     return args
 
 

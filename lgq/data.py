@@ -865,13 +865,16 @@ class SafeImageFolder(Dataset):
 # ----------------------------------------------------------------------------- preview
 
 def split_data_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate ``--data.<field> value`` / ``--data.<field>=value`` options (-> ``field=value``) from the rest."""
+    """Separate ``--data.<field> value`` / ``--data.<field>=value`` / ``data.<field>=value`` (-> ``field=value``)
+    from the rest (the lgq.cli style for the data config's keys)."""
     rest, overrides = [], []
     argv = [str(a) for a in argv]
     i = 0
     while i < len(argv):
         item = argv[i]
-        if item.startswith("--data."):
+        if item.startswith("data.") and "=" in item:
+            overrides.append(item[len("data."):])
+        elif item.startswith("--data."):
             key = item[len("--data."):]
             if "=" in key:
                 overrides.append(key)

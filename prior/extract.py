@@ -3,9 +3,9 @@
     accelerate launch -m prior.extract --tokenizer runs/tok/export --data.name imagefolder \
         --data.root /data/imagenet --data.image_size 256 --output tokens/imagenet_train --flip
 
-Arguments are the fields of ``ExtractConfig`` as ``key=value`` (OmegaConf dotlist, like every
-other command of the project) or ``--key value`` / ``--flag`` (``--batch-size`` == ``batch_size=``);
-``--config FILE.yaml`` merges a YAML file first.
+Arguments are the fields of ``ExtractConfig`` as ``--key value`` / ``--flag`` or ``key=value``
+(``--batch-size 8`` == ``batch_size=8``; the style of every command, ``lgq/cli.py``);
+``--config FILE.yaml`` merges a YAML file first; ``--help`` lists every key with its default.
 
 How the work is split and resumed: the data set (deterministic transform, no random flip) is cut
 into fixed chunks of ``chunk_size`` consecutive images. After a barrier every process lists the same
@@ -285,45 +285,15 @@ def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: 
 
 
 # ----------------------------------------------------------------------------- command line
-def argv_to_dotlist(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``--key value`` / ``--flag`` / ``key=value`` -> (config files, dotlist); dashes in keys become underscores."""
-    flags = {"flip", "keep_chunks", "overwrite"}
-    files, dotlist, i = [], [], 0
-    argv = list(argv)
-    while i < len(argv):
-        item = argv[i]
-        if item.startswith("--"):
-            key = item[2:]
-            value = None
-            if "=" in key:
-                key, value = key.split("=", 1)
-            key = key.replace("-", "_")
-            if value is None:
-                if key in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--") or "=" in argv[i + 1]):
-                    value = "true"
-                elif i + 1 < len(argv):
-                    value = argv[i + 1]
-                    i += 1
-                else:
-                    raise ValueError(f"option {item} needs a value")
-            if key == "config":
-                files.append(value)
-            else:
-                dotlist.append(f"{key}={value}")
-        elif "=" in item:
-            key, value = item.split("=", 1)
-            dotlist.append(f"{key.replace('-', '_')}={value}")
-        else:
-            raise ValueError(f"cannot parse argument {item!r}: use key=value or --key value")
-        i += 1
-    return files, dotlist
-
-
 def parse_config(argv: Sequence[str]) -> ExtractConfig:
+    """The command line (lgq.cli style: ``--key value`` / ``key=value`` / ``--flag`` for ExtractConfig's keys,
+    ``--config FILE.yaml``, ``--help`` listing every key with its default) -> ExtractConfig."""
+    from lgq.cli import make_parser, parse_command_line
     from lgq.config import load_config
 
-    files, dotlist = argv_to_dotlist(argv)
-    return load_config(ExtractConfig, files or None, dotlist)
+    parser = make_parser("python -m prior.extract", __doc__.split("\n\n")[0], ExtractConfig)
+    args, overrides = parse_command_line(parser, argv, ExtractConfig)
+    return load_config(ExtractConfig, args.config or None, overrides)
 
 
 def make_accelerator():
@@ -361,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "split": cfg.split,
         "data_config": dataclasses.asdict(data_cfg),
         "num_classes": int(getattr(dataset, "num_classes")),
+        "class_names": [str(name) for name in getattr(dataset, "class_names", None) or []] or None,
         "downsample_factor": int(tokenizer.downsample_factor),
     }
     meta = extract_tokens(

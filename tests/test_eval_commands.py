@@ -63,8 +63,10 @@ def test_reconstruction_command_json_matches_hand_computation(tmp_path, tokenize
     reconstruction.main(["--tokenizer", tokenizer_dir, *DATA_ARGS, "--split", "val", "--num-images", "8",
                          "--batch-size", "5", "--output", out, "--inception-weights", inception_weights_path,
                          "--lpips", "off"])
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "rFID" in table and "active codes" in table
+    assert "reconstruction" in captured.err and "2/2" in captured.err  # the progress bar over 2 batches
     result = json.loads(out.read_text())
     protocol = result["protocol"]
     assert protocol["num_images"] == 8 and protocol["split"] == "val" and protocol["resolution"] == [16, 16]
