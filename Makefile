@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_DISABLE_TELEMETRY := 1
 OFFLINE_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: env demo test bench
+.PHONY: env demo test bench gpu-check
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,3 +26,7 @@ test: env
 
 bench: env
 	$(PY) -m eval.bench_quantizers $(ARGS)
+
+# one-shot check of every stage on one CUDA GPU (README "Checking a GPU machine"); refuses without CUDA
+gpu-check: env
+	$(PY) scripts/gpu_check.py $(ARGS)

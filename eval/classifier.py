@@ -514,7 +514,7 @@ def sanity_figures(folder: str | os.PathLike, classifier: ImageClassifier, metad
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None):
-    from eval.reconstruction import split_data_options
+    from lgq.data import split_data_options
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)

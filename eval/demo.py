@@ -50,9 +50,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lgq.cli import resolve_config_path  # the recipes ship with the package
+
 TOKENIZER_CONFIG = "configs/tokenizer/builtin.yaml"
 PRIOR_CONFIG = "configs/prior/builtin.yaml"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Overrides of each size on top of the builtin configs (steps are then multiplied by --steps-scale).
 SIZES: dict[str, dict[str, Any]] = {
@@ -226,7 +227,7 @@ class Demo:
 
         from omegaconf import OmegaConf
 
-        builtin = OmegaConf.load(PROJECT_ROOT / TOKENIZER_CONFIG).get("data", {})
+        builtin = OmegaConf.load(resolve_config_path(TOKENIZER_CONFIG)).get("data", {})
         dotlist = [f"{k}={v}" for k, v in builtin.items()] + [o[len("data."):] for o in self.data_overrides()]
         return load_config(DataConfig, None, dotlist + ["random_flip=false"])
 
@@ -235,12 +236,12 @@ class Demo:
         from tokenizer.train import main as train_tokenizer
 
         overrides = [*self.data_overrides(), *self.preset["tokenizer"], f"train.output_dir={self.tokenizer_dir}"]
-        overrides = scaled_steps(PROJECT_ROOT / TOKENIZER_CONFIG, overrides, self.args.steps_scale)
+        overrides = scaled_steps(resolve_config_path(TOKENIZER_CONFIG), overrides, self.args.steps_scale)
         if has_checkpoints(self.tokenizer_dir):
             print(f"    resuming the interrupted tokenizer run in {self.tokenizer_dir}")
             overrides.append("train.resume=latest")
         self.results["tokenizer_overrides"] = overrides
-        trainer = train_tokenizer(["--config", str(PROJECT_ROOT / TOKENIZER_CONFIG), *overrides])
+        trainer = train_tokenizer(["--config", str(resolve_config_path(TOKENIZER_CONFIG)), *overrides])
         self.results["tokenizer_training"] = {
             "steps": trainer.step,
             "final_loss": last_logged(trainer.history, "loss"),
@@ -262,7 +263,7 @@ class Demo:
             from prior.train import main as train_prior
         except ImportError as err:
             raise RuntimeError(f"prior/train.py is not available ({err}): the prior stage cannot run") from err
-        config = PROJECT_ROOT / PRIOR_CONFIG
+        config = resolve_config_path(PRIOR_CONFIG)
         if not config.is_file():
             raise FileNotFoundError(f"prior config {config} does not exist")
         overrides = [*self.preset["prior"], f"data.tokens={self.tokens_dir}", f"data.tokenizer={tokenizer_path}",

@@ -20,6 +20,8 @@ Protocol:
   an image folder (every image file, sorted), a data split (``lgq.data`` with ``--data.<field>``
   options; image size defaults to the pipeline's) or an .npz with ``mu``/``sigma`` (our
   ``eval.fid.save_fid_statistics`` or pytorch-fid / ADM-style) or with images ``arr_0`` (NHWC uint8);
+  statistics without our protocol metadata (ADM's reference batches) are used as they are and the JSON
+  notes that they came from another Inception implementation (``FOREIGN_STATISTICS_NOTE``);
 * ``--save-npz``: ``arr_0`` uint8 [N, H, W, 3] (ADM-evaluator compatible) and ``labels`` [N].
 Without Inception weights the JSON has ``fid: null`` and a note - never another network.
 """
@@ -158,6 +160,16 @@ def image_folder_batches(folder: str | os.PathLike, batch_size: int = 64):
         yield torch.stack(batch)
 
 
+FOREIGN_STATISTICS_NOTE = (
+    "the reference mu/sigma were not computed by this project (no protocol metadata in the file). ADM's reference "
+    "batches (e.g. VIRTUAL_imagenet256_labeled.npz) come from the ADM evaluator's TensorFlow Inception graph; the "
+    "samples here went through torch-fidelity's inception-v3-compat, a PyTorch port of the same weights, so this "
+    "FID mixes two Inception implementations and carries a small offset. Paper-comparable gFID: run the ADM "
+    "evaluator on the --save-npz samples against the same reference batch, or compare only with FIDs computed "
+    "by this command against the same reference"
+)
+
+
 def npz_reference(path: str | os.PathLike, extractor, batch_size: int):
     """FIDStatistics from an .npz: ``mu``/``sigma`` used as they are, else images ``arr_0`` [N, H, W, 3] uint8."""
     from eval.fid import load_fid_statistics
@@ -266,6 +278,9 @@ def evaluate_generation(samples: dict[str, Any], reference: str | None, extracto
     result["fid"] = frechet_distance(stats, ref_stats)
     result["reference"].update(description, num_images=ref_stats.num_images,
                                resolution=ref_stats.metadata.get("resolution"))
+    if description["type"] == "npz_statistics" and not ref_stats.metadata:
+        result["reference"]["inception_implementation"] = "not recorded (statistics not computed by this project)"
+        result["notes"].append(FOREIGN_STATISTICS_NOTE)
     if min(n, ref_stats.num_images) < FID_FEATURE_DIM_WARNING:
         result["notes"].append(f"FID from {n} samples vs {ref_stats.num_images} reference images (< "
                                f"{FID_FEATURE_DIM_WARNING}) is biased upwards: compare only at equal counts")
@@ -314,7 +329,11 @@ def parse_args(argv: Sequence[str] | None = None):
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
-    parser = argparse.ArgumentParser(prog="eval/gen_fid.py", description=__doc__,
+    from lgq.cli import config_help
+    from lgq.data import DataConfig
+
+    parser = argparse.ArgumentParser(prog="python -m eval.gen_fid", description=__doc__,
+                                     epilog="data keys (with --reference data):\n" + config_help(DataConfig, "data."),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="LGQPipeline folder")
     parser.add_argument("--num-samples", type=int, required=True)
@@ -396,10 +415,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         shard_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     torch.save(shard, shard_dir / f"rank{rank:05d}.pt")
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return None
+    accelerator.wait_for_everyone()  # the last collective: every process reaches the two barriers above
+    if not accelerator.is_main_process:  # (not a barrier after the main's evaluation: the reference features
+        return None                      # can take longer than the NCCL barrier timeout)
 
     shards = [torch.load(shard_dir / f"rank{r:05d}.pt", weights_only=True) for r in range(world)]
     samples = merge_shards(shards, args.num_samples)
@@ -439,7 +457,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         result["grid"] = str(args.save_grid)
     write_json(args.output, result)
     shutil.rmtree(shard_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
     def fmt(v):
         return "n/a" if v is None else f"{v:.4f}"

@@ -17,7 +17,8 @@ Protocol (every figure is written to the JSON together with it):
   says why - never another network;
 * PSNR: per image on [0, 1] (uint8 / 255), PSNR_i = 10 log10(1 / MSE_i), averaged over images
   (capped at 100 dB per image so identical images stay finite in JSON); SSIM: per image
-  (Gaussian 11x11, sigma 1.5), averaged; LPIPS-VGG when its weights are available;
+  (Gaussian 11x11, sigma 1.5), averaged; LPIPS-VGG v0.1 (the published metric) when its weights are
+  available, else absent (never a uniform-head variant);
 * codebook statistics over the WHOLE evaluation set from one bincount of the hard indices
   (``eval.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image);
 * trivial baselines on the same images, PSNR and SSIM as above (``eval.metrics.baseline_plan``):
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from eval.metrics import (BASELINE_NAMES, baseline_images, baseline_plan, code_histogram, codebook_statistics,
                           lpips_distance, nominal_bits_per_image, psnr, ssim, to_uint8)
+from lgq.data import split_data_options  # the --data.<field> option parser every command shares
 
 PSNR_CAP_DB = 100.0
 
@@ -114,6 +116,7 @@ def evaluate_reconstruction(
     protocol: dict[str, Any] | None = None,
     return_code_counts: bool = False,
     return_images: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Encode + decode the evaluation set and measure it (module docstring). Returns a JSON-ready dict:
 
@@ -122,6 +125,7 @@ def evaluate_reconstruction(
     ``return_code_counts=True`` adds ``"code_counts"``: the bincount c_k of hard indices (list of K ints).
     ``return_images=True`` adds ``"images_u8"``, ``"reconstructions_u8"`` (uint8 [N, 3, H, W], CPU) and
     ``"labels"`` (int64 [N]) of the evaluated images (tensors: pop them before writing JSON).
+    ``progress`` shows a tqdm bar over the batches (stderr).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -151,6 +155,9 @@ def evaluate_reconstruction(
         notes.append("rFID not computed: disabled (compute_fid=False)")
     if lpips_model is None:
         notes.append("LPIPS not computed: no LPIPS network given (weights unavailable or disabled)")
+    elif not getattr(lpips_model, "uses_lpips_heads", False):
+        raise ValueError("reported LPIPS must be the published metric: lpips_model has uniform heads "
+                         "(tokenizer.losses.LPIPS(uniform_heads=True)); pass the published heads or no model")
     else:
         lpips_model = lpips_model.to(device)
 
@@ -166,7 +173,9 @@ def evaluate_reconstruction(
     resolution = None
     start = time.time()
     kept_real, kept_recon, kept_labels = [], [], []
-    for images, labels in loader:
+    from tqdm.auto import tqdm
+
+    for images, labels in tqdm(loader, desc="reconstruction", unit="batch", disable=not progress):
         images = images.to(device=device, dtype=torch.float32)
         tokens = tokenizer.encode(images.to(tokenizer.dtype))
         reconstructions = tokenizer.decode(tokens).float()
@@ -239,8 +248,7 @@ def evaluate_reconstruction(
         "reconstruction": "decode(encode(x)) from hard indices; uint8 for PSNR/SSIM/FID",
         "psnr": f"per image on [0, 1] (uint8 / 255), capped at {PSNR_CAP_DB} dB, averaged over images",
         "ssim": "per image, Gaussian window 11x11 sigma 1.5 (eval.metrics.ssim), averaged over images",
-        "lpips": ("published LPIPS-VGG" if getattr(lpips_model, "uses_lpips_heads", False)
-                  else "LPIPS-VGG-like (uniform heads, see tokenizer.losses.LPIPS)") if lpips_model is not None else None,
+        "lpips": getattr(lpips_model, "variant", "LPIPS-VGG v0.1") if lpips_model is not None else None,
         "codebook_statistics": "one bincount of hard indices over the whole evaluation set",
         "nominal_bits_per_image": nominal_bits_per_image(tokens_per_image, int(counts.numel())),
         "baselines": ("mean colour (24 bits); bicubic upsampling of an 8-bit RGB thumbnail of the token-grid size; "
@@ -336,28 +344,6 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
 
 # ----------------------------------------------------------------------------- CLI
-def split_data_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate ``--data.<field> value`` / ``--data.<field>=value`` options (-> ``field=value``) from the rest."""
-    rest, overrides = [], []
-    argv = [str(a) for a in argv]
-    i = 0
-    while i < len(argv):
-        item = argv[i]
-        if item.startswith("--data."):
-            key = item[len("--data."):]
-            if "=" in key:
-                overrides.append(key)
-            else:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"option {item} needs a value")
-                overrides.append(f"{key}={argv[i + 1]}")
-                i += 1
-        else:
-            rest.append(item)
-        i += 1
-    return rest, overrides
-
-
 def load_data_config(overrides: Sequence[str], **defaults: Any):
     """``DataConfig`` from ``field=value`` overrides (typos and wrong types raise naming the key)."""
     from lgq.config import load_config
@@ -390,7 +376,11 @@ def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
 def parse_args(argv: Sequence[str] | None = None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
+    from lgq.cli import config_help
+    from lgq.data import DataConfig
+
     parser = argparse.ArgumentParser(prog="python -m eval.reconstruction", description=__doc__,
+                                     epilog=config_help(DataConfig, "data."),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="LGQTokenizer folder (save_pretrained export)")
     parser.add_argument("--split", default="val",
@@ -403,7 +393,8 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--no-fid", action="store_true", help="skip rFID")
     parser.add_argument("--lpips", default="auto", choices=("auto", "on", "off"),
                         help="auto: LPIPS when its VGG weights load; on: fail if they do not; off")
-    parser.add_argument("--lpips-weights", default=None, help="LPIPS v0.1 linear heads (vgg.pth)")
+    parser.add_argument("--lpips-weights", default=None,
+                        help="LPIPS v0.1 linear heads (vgg.pth; default: the copy in the lpips package)")
     parser.add_argument("--lpips-vgg-weights", default=None, help="torchvision vgg16-397923af.pth")
     parser.add_argument("--classifier", default=None,
                         help="classifier cache folder (python -m eval.classifier): adds its accuracy and FD/KID "
@@ -411,7 +402,6 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the class-balanced subset")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field (e.g. --data.root DIR)."
     args = parser.parse_args(rest)
     args.data_overrides = data_overrides
     return args

@@ -1,18 +1,20 @@
 """Equal-budget quantizer study: one command sweeps quantizer x codebook size K x seed.
 
     python -m eval.study [--config configs/study/builtin.yaml] [--quick] [--output-dir outputs/study]
-        [--quantizers lgq fsq simvq vq lfq] [--K 1024 4096] [--seeds 0] [--launcher inprocess|accelerate]
-        [--dry-run] [--no-memory] [key=value ...]
+        [--quantizers lgq vq fsq simvq lfq ibq] [--K 256 1024 4096] [--seeds 0 1 2]
+        [--launcher inprocess|accelerate] [--dry-run] [--no-memory] [key=value ...]
 
-Every run uses the IDENTICAL backbone, loss, recipe, data, step budget and training seed; only
-``model.quantizer``, ``model.codebook_size`` and ``train.seed`` change (plus ``train.output_dir``).
-Trailing ``key=value`` overrides go to every run (e.g. ``train.max_steps=500``).
+Every run uses the IDENTICAL backbone (including the pre-quantizer norm, ``model.pre_quantizer_norm``), loss,
+recipe, data and step budget; only ``model.quantizer``, ``model.codebook_size`` and ``train.seed`` change (plus
+``train.output_dir``). Trailing ``key=value`` overrides go to every run (e.g. ``train.max_steps=500``).
 
 Study config (YAML, see configs/study/*.yaml):
     tokenizer_configs: [base recipe files, merged in order]
     quantizer_config:  optional per-quantizer file, "{quantizer}" is substituted
                        (ImageNet: configs/tokenizer/imagenet_{quantizer}.yaml)
-    quantizers / codebook_sizes / seeds: the sweep
+    quantizers / codebook_sizes / seeds: the sweep (default: 6 quantizers x K in {256, 1024, 4096} x seeds {0, 1, 2})
+    collapse_fraction: a run has collapsed when its training-batch hard perplexity or active codes end
+                       below this fraction of K (0.01; see ``detect_collapse``)
     overrides: [key=value for every run]      launcher: inprocess | accelerate
     accelerate_args: [extra `accelerate launch` arguments]
     evaluation: {split, num_images, batch_size, inception_weights}
@@ -34,10 +36,18 @@ A = #{k: c_k > 0}, utilisation A / K, perplexity exp(H(c / sum c)), bits per tok
 log2 A; training throughput = median images/s over the logged windows (the first window, which holds
 start-up, is dropped when there are several); quantizer peak memory = the most tensor memory one
 forward+backward step of the quantizer alone holds at once, on N = batch_size x tokens_per_image tokens
-of dimension latent_dim (eval.bench_quantizers: allocator events on CPU, max_memory_allocated on CUDA).
+of dimension latent_dim (eval.bench_quantizers: allocator events on CPU, max_memory_allocated on CUDA);
+the trivial baselines' PSNRs on the same images (``psnr_mean_colour``, ``psnr_token_grid_thumbnail``,
+``psnr_equal_bits_thumbnail``; eval.reconstruction) and ``psnr_lead_over_equal_bits_db`` = PSNR minus
+the equal-bits thumbnail's PSNR.
 
-Outputs in ``<output-dir>``: results.json / results.csv / results.md (one row per run) and plots/*.png
-(rate-distortion, utilisation vs K, sorted code-usage histograms, training curves).
+Seeds: every figure is reported per (quantizer, K) as mean and standard deviation over the finished seeds
+(``aggregate_runs``: ``<metric>_mean``, ``<metric>_std`` = sample std, None with one seed), with the number of
+seeds whose run collapsed.
+
+Outputs in ``<output-dir>``: results.json ({"rows": one per (quantizer, K), "runs": one per run, "skipped",
+"collapse_rule"}), results.csv (the rows), runs.csv (the runs), results.md (both tables) and plots/*.png
+(rate-distortion with error bars over seeds, utilisation vs K, sorted code-usage histograms, training curves).
 """
 from __future__ import annotations
 
@@ -59,14 +69,25 @@ from typing import Any, Sequence
 DEFAULT_CONFIG = "configs/study/builtin.yaml"
 LAUNCHERS = ("inprocess", "accelerate")
 STUDY_KEYS = {"tokenizer_configs", "quantizer_config", "quantizers", "codebook_sizes", "seeds", "overrides",
-              "launcher", "accelerate_args", "evaluation", "measure_memory", "quick", "output_dir"}
+              "launcher", "accelerate_args", "evaluation", "measure_memory", "quick", "output_dir", "collapse_fraction"}
 EVALUATION_KEYS = {"split", "num_images", "batch_size", "inception_weights"}
 BASELINE_COLUMNS = ("psnr_mean_colour", "psnr_token_grid_thumbnail", "psnr_equal_bits_thumbnail",
                     "psnr_lead_over_equal_bits_db")
 TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid", "active_codes",
-                 "utilisation",
-                 "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec", "quantizer_peak_mib",
-                 "final_loss", "train_seconds")
+                 "utilisation", "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec",
+                 "quantizer_peak_mib", "final_loss", "train_seconds", "collapsed", "collapse_step")
+# per-run fields that identify a run or are the same for every seed: not averaged
+RUN_IDENTITY_KEYS = {"run", "quantizer", "K", "seed", "steps", "batch_size", "torch_threads", "run_dir"}
+# nested per-run dicts that are provenance, or duplicates of top-level figures: not averaged
+# (baselines: their PSNRs are the top-level psnr_<baseline> fields)
+NOT_AGGREGATED = {"config", "evaluation", "quantizer_memory", "effective_rate", "notes", "train_argv", "collapse",
+                  "baselines"}
+# the figures of the (quantizer, K) table, as (field, header)
+ROW_TABLE = (("psnr", "PSNR dB"), ("psnr_equal_bits_thumbnail", "equal-bits PSNR"),
+             ("psnr_lead_over_equal_bits_db", "lead over equal-bits dB"), ("ssim", "SSIM"), ("rfid", "rFID"),
+             ("active_codes", "active"), ("utilisation", "util."), ("perplexity", "perplexity"),
+             ("bits_per_token", "bits/token"), ("images_per_sec", "img/s"), ("quantizer_peak_mib", "quant. peak MiB"),
+             ("train_seconds", "train s"))
 
 
 # ----------------------------------------------------------------------------- study config
@@ -74,9 +95,9 @@ TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", *BASELINE_COL
 class StudyConfig:
     tokenizer_configs: list[str]
     quantizer_config: str | None = None
-    quantizers: list[str] = dataclasses.field(default_factory=lambda: ["lgq", "fsq", "simvq", "vq", "lfq"])
-    codebook_sizes: list[int] = dataclasses.field(default_factory=lambda: [1024, 4096])
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    quantizers: list[str] = dataclasses.field(default_factory=lambda: ["lgq", "vq", "fsq", "simvq", "lfq", "ibq"])
+    codebook_sizes: list[int] = dataclasses.field(default_factory=lambda: [256, 1024, 4096])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     overrides: list[str] = dataclasses.field(default_factory=list)
     launcher: str = "inprocess"
     accelerate_args: list[str] = dataclasses.field(default_factory=list)
@@ -84,13 +105,16 @@ class StudyConfig:
     measure_memory: bool = True
     quick: dict[str, Any] = dataclasses.field(default_factory=dict)
     output_dir: str = "outputs/study"
+    collapse_fraction: float = 0.01
 
 
 def load_study_config(path: str | os.PathLike) -> StudyConfig:
     """Read a study YAML; unknown keys and wrong types raise ValueError naming them."""
     from omegaconf import OmegaConf
 
-    path = Path(path)
+    from lgq.cli import resolve_config_path
+
+    path = resolve_config_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study config {str(path)!r} does not exist")
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
@@ -114,6 +138,10 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     bad_quick = set(cfg.quick) - {"quantizers", "codebook_sizes", "seeds", "overrides"}
     if bad_quick:
         raise ValueError(f"study config {path}: unknown quick keys {sorted(bad_quick)}")
+    fraction = cfg.collapse_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"study config {path}: collapse_fraction must be a number in (0, 1), got {fraction!r}")
+    cfg.collapse_fraction = float(fraction)
     return cfg
 
 
@@ -144,9 +172,12 @@ def run_name(quantizer: str, codebook_size: int, seed: int) -> str:
 
 
 def config_files_for(study: StudyConfig, quantizer: str) -> list[str]:
+    from lgq.cli import resolve_config_path
+
     files = list(study.tokenizer_configs)
     if study.quantizer_config:
         files.append(study.quantizer_config.format(quantizer=quantizer))
+    files = [str(resolve_config_path(path)) for path in files]
     for path in files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer config {path!r} (quantizer {quantizer}) does not exist")
@@ -175,7 +206,8 @@ def combination_problem(run_cfg) -> str | None:
 
 def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], codebook_sizes: Sequence[int],
               seeds: Sequence[int], extra_overrides: Sequence[str] = ()) -> tuple[list[RunSpec], list[tuple[str, str]]]:
-    """(runs to do, [(run name, reason skipped)]) for the cross product quantizer x K x seed."""
+    """(runs to do, [(run name, reason skipped)]) for the cross product quantizer x K x seed, seed-major (every
+    (quantizer, K) at the first seed, then at the next, ...) so an interrupted sweep covers the whole grid early."""
     from tokenizer.quantizers import QUANTIZERS
 
     for name in quantizers:
@@ -184,15 +216,20 @@ def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], c
     for K in codebook_sizes:
         if isinstance(K, bool) or not isinstance(K, int) or K < 2:
             raise ValueError(f"codebook sizes must be integers >= 2, got {K!r}")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seeds must be integers >= 0, got {seed!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     runs, skipped = [], []
-    for quantizer in quantizers:
-        files = config_files_for(study, quantizer)
-        for K in codebook_sizes:
-            for seed in seeds:
+    files = {quantizer: config_files_for(study, quantizer) for quantizer in quantizers}
+    for seed in seeds:
+        for quantizer in quantizers:
+            for K in codebook_sizes:
                 run_dir = output_dir / "runs" / run_name(quantizer, K, seed)
                 overrides = [*study.overrides, *extra_overrides, f"model.quantizer={quantizer}",
                              f"model.codebook_size={K}", f"train.seed={seed}", f"train.output_dir={run_dir}"]
-                spec = RunSpec(quantizer, int(K), int(seed), run_dir, files, overrides)
+                spec = RunSpec(quantizer, int(K), int(seed), run_dir, files[quantizer], overrides)
                 problem = combination_problem(load_run_config(spec))
                 if problem is not None:
                     skipped.append((spec.name, problem))
@@ -405,6 +442,94 @@ def _config_dict(run_cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(run_cfg), resolve=True)
 
 
+# ----------------------------------------------------------------------------- collapse and seeds
+def detect_collapse(history: Sequence[dict], codebook_size: int, fraction: float) -> dict[str, Any]:
+    """Codebook collapse of one run, from its history.jsonl rows (the training-batch codebook statistics,
+    bincount over the rolling window of ``eval.codebook_window`` micro-batches).
+
+    threshold = fraction * K. A logged step is *below* when ``codebook/perplexity`` < threshold or
+    ``codebook/active_codes`` < threshold. The run has collapsed when its last logged step is below;
+    ``collapse_step`` is the first step of that final below-threshold stretch (the step from which it never
+    recovered), ``first_below_step`` the first below step at all (a dip that may have recovered).
+    ``collapsed`` is None when the history holds no codebook statistics.
+    """
+    threshold = float(fraction) * int(codebook_size)
+    logged = [row for row in history if "codebook/perplexity" in row or "codebook/active_codes" in row]
+    report: dict[str, Any] = {"threshold": threshold, "fraction": float(fraction), "collapsed": None,
+                              "collapse_step": None, "first_below_step": None, "min_perplexity": None,
+                              "min_active_codes": None}
+    if not logged:
+        return report
+
+    def below(row: dict) -> bool:
+        return any(row.get(key) is not None and row[key] < threshold
+                   for key in ("codebook/perplexity", "codebook/active_codes"))
+
+    flags = [below(row) for row in logged]
+    report["collapsed"] = flags[-1]
+    if any(flags):
+        report["first_below_step"] = logged[flags.index(True)]["step"]
+    if flags[-1]:
+        start = len(flags) - 1
+        while start > 0 and flags[start - 1]:
+            start -= 1
+        report["collapse_step"] = logged[start]["step"]
+    for key, name in (("codebook/perplexity", "min_perplexity"), ("codebook/active_codes", "min_active_codes")):
+        values = [row[key] for row in logged if row.get(key) is not None]
+        report[name] = min(values) if values else None
+    return report
+
+
+def numeric_fields(result: dict) -> dict[str, float]:
+    """The figures of one run to average over seeds: numeric top-level fields and numeric fields of nested
+    dicts ("group/name"), except identity fields and provenance (RUN_IDENTITY_KEYS, NOT_AGGREGATED)."""
+    fields: dict[str, float] = {}
+    for key, value in result.items():
+        if key in RUN_IDENTITY_KEYS or key in NOT_AGGREGATED:
+            continue
+        if isinstance(value, dict):
+            for inner, inner_value in value.items():
+                if _is_number(inner_value):
+                    fields[f"{key}/{inner}"] = float(inner_value)
+        elif _is_number(value):
+            fields[key] = float(value)
+    return fields
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def aggregate_runs(results: Sequence[dict]) -> list[dict]:
+    """One row per (quantizer, K), in the order of first appearance, over the seeds of the finished runs:
+
+        seeds, num_seeds, runs, steps; for every figure m (``numeric_fields``): m_mean, m_std (sample standard
+        deviation, n - 1 in the denominator; None with fewer than two values) and m_n (runs that have it);
+        collapsed_seeds (how many runs collapsed, ``detect_collapse``), collapse_steps {seed: step}.
+    """
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for result in results:
+        groups.setdefault((result["quantizer"], int(result["K"])), []).append(result)
+    rows = []
+    for (quantizer, K), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        row: dict[str, Any] = {"quantizer": quantizer, "K": K, "seeds": [r["seed"] for r in runs],
+                               "num_seeds": len(runs), "runs": [r["run"] for r in runs],
+                               "steps": runs[0].get("steps")}
+        per_run = [numeric_fields(r) for r in runs]
+        for key in sorted({k for fields in per_run for k in fields}):
+            values = [fields[key] for fields in per_run if key in fields]
+            row[f"{key}_mean"] = statistics.fmean(values)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            row[f"{key}_n"] = len(values)
+        collapses = [r.get("collapse") or {} for r in runs]
+        row["collapsed_seeds"] = sum(1 for c in collapses if c.get("collapsed"))
+        row["collapse_steps"] = {str(r["seed"]): c.get("collapse_step") for r, c in zip(runs, collapses)
+                                 if c.get("collapsed")}
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------- merged outputs
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     from eval.reconstruction import write_json as atomic_write_json
@@ -413,7 +538,14 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def table_rows(results: Sequence[dict]) -> list[dict]:
-    return [{column: result.get(column) for column in TABLE_COLUMNS} for result in results]
+    """Per-run table rows (TABLE_COLUMNS); collapse fields from the run's ``collapse`` report."""
+    rows = []
+    for result in results:
+        collapse = result.get("collapse") or {}
+        row = {column: result.get(column) for column in TABLE_COLUMNS}
+        row["collapsed"], row["collapse_step"] = collapse.get("collapsed"), collapse.get("collapse_step")
+        rows.append(row)
+    return rows
 
 
 def _fmt(value: Any) -> str:
@@ -424,31 +556,57 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _mean_std(row: dict, key: str) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "n/a"
+    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {std:.2g}"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
+    """Per-run table (``table_rows``)."""
     header = ["quantizer", "K", "seed", "steps", "PSNR dB", "mean-colour PSNR", "grid-thumb. PSNR",
               "equal-bits PSNR", "lead over equal-bits dB", "SSIM", "rFID", "active", "util.", "perplexity",
-              "bits/token", "log2 active", "img/s", "quant. peak MiB", "final loss", "train s"]
+              "bits/token", "log2 active", "img/s", "quant. peak MiB", "final loss", "train s", "collapsed at step"]
     keys = ["quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid", "active_codes", "utilisation",
             "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec", "quantizer_peak_mib", "final_loss",
             "train_seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    for row in rows:
+        collapsed = _fmt(row.get("collapse_step")) if row.get("collapsed") else ("no" if row.get("collapsed") is False
+                                                                                 else "n/a")
+        lines.append("| " + " | ".join([*(_fmt(row.get(k)) for k in keys), collapsed]) + " |")
     return "\n".join(lines)
 
 
-def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tuple[str, str]] = ()) -> dict[str, Path]:
-    """results.json (full per-run dicts), results.csv and results.md (one row per run)."""
-    rows = table_rows(results)
+def markdown_summary(rows: Sequence[dict], fraction: float) -> str:
+    """The (quantizer, K) table: mean ± std over seeds and the collapsed-seed count (``aggregate_runs``)."""
+    header = ["quantizer", "K", "seeds", "collapsed", "steps", *(label for _, label in ROW_TABLE)]
+    lines = [f"Mean ± sample std over seeds. collapsed = seeds whose training-batch hard perplexity or active "
+             f"codes ended below {fraction:g} x K (eval.study.detect_collapse).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["quantizer"], str(row["K"]), str(row["num_seeds"]), f"{row['collapsed_seeds']}/{row['num_seeds']}",
+                 _fmt(row.get("steps")), *(_mean_std(row, key) for key, _ in ROW_TABLE)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tuple[str, str]] = (),
+                 collapse_fraction: float = 0.01) -> dict[str, Path]:
+    """results.json ({"rows", "runs", "skipped", "collapse_rule"}), results.csv (one row per (quantizer, K)),
+    runs.csv (one row per run) and results.md (both tables)."""
+    rows = aggregate_runs(results)
+    rule = {"fraction_of_K": collapse_fraction,
+            "definition": "training-batch hard perplexity or active codes below fraction_of_K * K at the last "
+                          "logged step; collapse_step = first step of that final below-threshold stretch"}
     paths = {"json": write_json(output_dir / "results.json",
-                                {"runs": list(results), "skipped": [{"run": n, "reason": r} for n, r in skipped]})}
-    csv_path = output_dir / "results.csv"
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(TABLE_COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    paths["csv"] = csv_path
-    text = markdown_table(rows)
+                                {"rows": rows, "runs": list(results), "collapse_rule": rule,
+                                 "skipped": [{"run": n, "reason": r} for n, r in skipped]})}
+    columns = list(dict.fromkeys(key for row in rows for key in row if key not in ("runs", "collapse_steps")))
+    paths["csv"] = _write_csv(output_dir / "results.csv", columns, rows)
+    paths["runs_csv"] = _write_csv(output_dir / "runs.csv", list(TABLE_COLUMNS), table_rows(results))
+    text = markdown_summary(rows, collapse_fraction) + "\n\nPer run:\n\n" + markdown_table(table_rows(results))
     if skipped:
         text += "\n\nSkipped:\n" + "\n".join(f"- {name}: {reason}" for name, reason in skipped)
     md_path = output_dir / "results.md"
@@ -457,9 +615,20 @@ def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tu
     return paths
 
 
+def _write_csv(path: Path, columns: list[str], rows: Sequence[dict]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else
+                                 (" ".join(map(str, row[k])) if isinstance(row.get(k), list) else row[k]))
+                             for k in columns})
+    return path
+
+
 # ----------------------------------------------------------------------------- plots
 def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
-    """PNG figures in <output_dir>/plots (matplotlib, Agg backend)."""
+    """PNG figures in <output_dir>/plots (matplotlib, Agg backend); error bars = sample std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,21 +638,26 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
 
     plot_dir = output_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    quantizers = sorted({r["quantizer"] for r in results})
+    rows = aggregate_runs(results)
+    quantizers = list(dict.fromkeys(r["quantizer"] for r in results))
     colours = {q: plt.cm.tab10(i % 10) for i, q in enumerate(quantizers)}
     paths = []
 
-    def scatter(ax, x_key, y_key, log_x=False):
+    def errorbars(ax, x_key, y_key, log_x=False):
         for q in quantizers:
-            points = [(r[x_key], r[y_key]) for r in results if r["quantizer"] == q
-                      and r.get(x_key) is not None and r.get(y_key) is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.scatter(xs, ys, color=colours[q], label=q)
-                for r in results:
-                    if r["quantizer"] == q and r.get(x_key) is not None and r.get(y_key) is not None:
-                        ax.annotate(f"K{r['K']}", (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3),
-                                    textcoords="offset points")
+            points = [row for row in rows if row["quantizer"] == q and row.get(f"{x_key}_mean") is not None
+                      and row.get(f"{y_key}_mean") is not None]
+            if not points:
+                continue
+            points.sort(key=lambda row: row[f"{x_key}_mean"])
+            xs = [row[f"{x_key}_mean"] for row in points]
+            ys = [row[f"{y_key}_mean"] for row in points]
+            x_err = [row.get(f"{x_key}_std") or 0.0 for row in points]
+            y_err = [row.get(f"{y_key}_std") or 0.0 for row in points]
+            ax.errorbar(xs, ys, xerr=x_err, yerr=y_err, color=colours[q], label=q, marker="o", capsize=3,
+                        linewidth=0.8)
+            for row, x, y in zip(points, xs, ys):
+                ax.annotate(f"K{row['K']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if log_x:
             ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
@@ -492,22 +666,25 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     if any(r.get("rfid") is not None for r in results):
         distortions.append(("rfid", "rFID (lower is better)"))
     fig, axes = plt.subplots(len(distortions), 2, figsize=(10, 4 * len(distortions)), squeeze=False)
-    for row, (key, label) in enumerate(distortions):
-        scatter(axes[row][0], "active_codes", key, log_x=True)
-        axes[row][0].set_xlabel("active codes (log2 axis)")
-        axes[row][0].set_ylabel(label)
-        scatter(axes[row][1], "bits_per_token", key)
-        axes[row][1].set_xlabel("bits per token = log2 perplexity")
-        axes[row][1].set_ylabel(label)
+    for row_index, (key, label) in enumerate(distortions):
+        errorbars(axes[row_index][0], "active_codes", key, log_x=True)
+        axes[row_index][0].set_xlabel("active codes (log2 axis)")
+        axes[row_index][0].set_ylabel(label)
+        errorbars(axes[row_index][1], "bits_per_token", key)
+        axes[row_index][1].set_xlabel("bits per token = log2 perplexity")
+        axes[row_index][1].set_ylabel(label)
     axes[0][0].legend()
-    fig.suptitle("Rate-distortion (evaluation set)")
+    fig.suptitle("Rate-distortion (evaluation set; mean ± std over seeds)")
     fig.tight_layout()
     paths.append(_save(fig, plot_dir / "rate_distortion.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for q in quantizers:
-        points = sorted((r["K"], r["utilisation"]) for r in results if r["quantizer"] == q)
-        ax.plot(*zip(*points), marker="o", color=colours[q], label=q)
+        points = sorted((row["K"], row["utilisation_mean"], row.get("utilisation_std") or 0.0) for row in rows
+                        if row["quantizer"] == q and row.get("utilisation_mean") is not None)
+        if points:
+            ks, means, stds = zip(*points)
+            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, color=colours[q], label=q)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("codebook size K")
     ax.set_ylabel("utilisation = active / K")
@@ -517,6 +694,14 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(_save(fig, plot_dir / "utilisation_vs_K.png"))
 
+    labelled: set[str] = set()
+
+    def label_once(quantizer: str) -> str | None:
+        if quantizer in labelled:
+            return None
+        labelled.add(quantizer)
+        return quantizer
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         counts_path = Path(r.get("run_dir", "")) / "code_counts.json"
@@ -525,11 +710,11 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
         counts = sorted(json.loads(counts_path.read_text())["counts"], reverse=True)
         total = max(sum(counts), 1)
         frequencies = [c / total for c in counts if c > 0]
-        ax.plot(range(1, len(frequencies) + 1), frequencies, color=colours[r["quantizer"]], alpha=0.8,
-                label=r["run"])
+        ax.plot(range(1, len(frequencies) + 1), frequencies, color=colours[r["quantizer"]], alpha=0.6,
+                label=label_once(r["quantizer"]))
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("code rank (used codes, sorted by frequency)")
+    ax.set_xlabel("code rank (used codes, sorted by frequency; one line per run)")
     ax.set_ylabel("frequency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -537,15 +722,22 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     paths.append(_save(fig, plot_dir / "code_usage.png"))
 
     # the total loss holds each quantizer's own terms (LFQ's entropy term is negative): not comparable, so plot
-    # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer
+    # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer;
+    # an x marks the step from which a run stayed collapsed
+    labelled.clear()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     curves = (("l2", "pixel MSE on training batches"), ("codebook/perplexity", "code perplexity on training batches"))
     for r in results:
         history = read_history(r.get("run_dir", ""))
+        label = label_once(r["quantizer"])
+        collapse_step = (r.get("collapse") or {}).get("collapse_step")
         for ax, (key, _) in zip(axes, curves):
             points = [(row["step"], row[key]) for row in history if key in row]
             if points:
-                ax.plot(*zip(*points), color=colours[r["quantizer"]], alpha=0.8, label=r["run"])
+                ax.plot(*zip(*points), color=colours[r["quantizer"]], alpha=0.6, label=label)
+                marks = [(step, value) for step, value in points if step == collapse_step]
+                if marks:
+                    ax.scatter(*zip(*marks), marker="x", color=colours[r["quantizer"]], s=40)
     for ax, (_, label) in zip(axes, curves):
         ax.set_xlabel("step")
         ax.set_ylabel(label)
@@ -567,8 +759,12 @@ def _save(fig, path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from lgq.cli import config_help
+    from tokenizer.config import TokenizerRunConfig
+
     parser = argparse.ArgumentParser(prog="python -m eval.study", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__ + "\n" + config_help(TokenizerRunConfig),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="study YAML (configs/study/*.yaml)")
     parser.add_argument("--quick", action="store_true", help="the config's quick slice (few quantizers, one K, few steps)")
     parser.add_argument("--output-dir", default=None, help="default: the config's output_dir (+ '_quick' with --quick)")
@@ -582,11 +778,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
                              "than 2 on a machine whose cores are busy with other work")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
-    args = parser.parse_args(argv)
-    for item in args.overrides:
-        if "=" not in item:
-            parser.error(f"override {item!r} is not key=value")
+    from lgq.cli import parse_command_line
+    from tokenizer.config import TokenizerRunConfig
+
+    # tokenizer config keys for every run: key=value or --key value (lgq.cli style; --help lists them)
+    args, args.overrides = parse_command_line(parser, argv, TokenizerRunConfig)
     return args
 
 
@@ -614,18 +810,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         import torch
 
         torch.set_num_threads(args.threads)
+    from lgq.training import read_history
+
     results = []
     start = time.time()
     for spec in runs:
         result = run_one(spec, study, launcher, study.measure_memory and not args.no_memory, dry_run=args.dry_run)
         if result is not None:
             result["run_dir"] = str(spec.run_dir)
+            result["collapse"] = detect_collapse(read_history(spec.run_dir), spec.codebook_size,
+                                                 study.collapse_fraction)
             results.append(result)
     if args.dry_run:
         return []
-    paths = write_merged(results, output_dir, skipped)
+    paths = write_merged(results, output_dir, skipped, study.collapse_fraction)
     plots = make_plots(results, output_dir)
-    print(markdown_table(table_rows(results)))
+    print(markdown_summary(aggregate_runs(results), study.collapse_fraction))
     print(f"[study] {len(results)} run(s) in {time.time() - start:.0f} s; table {paths['md']}, csv {paths['csv']}, "
           f"plots: {', '.join(str(p) for p in plots)}", flush=True)
     return results

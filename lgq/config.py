@@ -29,7 +29,6 @@ T = TypeVar("T")
 
 LR_SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-TRACKERS = ("none", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -62,7 +61,9 @@ class TrainConfig:
     image_log_every: int = 0  # 0 = no image logging
     checkpoint_every: int = 1000  # 0 = only the final checkpoint
     keep_checkpoints: int = 2  # keep the newest N checkpoints
-    tracker: str = "none"  # "none" | "tensorboard" | "wandb"
+    # accelerate's trackers: "none", one name ("tensorboard", "wandb", "mlflow", ...), a list of names, or "all" (every
+    # installed one); a requested tracker whose package is missing stops the run at start-up (lgq.training.resolve_trackers)
+    tracker: Any = "none"
     project_name: str = "lgq"
     run_name: Optional[str] = None
     resume: Optional[str] = None  # None | "latest" | path to a checkpoints/step_XXXXXXX directory
@@ -90,14 +91,20 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.mixed_precision in ("False", "false"):
+            # YAML 1.1 reads the documented value `no` (in a file or a key=value override) as the boolean False,
+            # which OmegaConf stores as "False" in this string field: it means "no".
+            self.mixed_precision = "no"
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must lie in [0, 1) (0 = off), got {self.ema_decay}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.tracker not in TRACKERS:
-            raise ValueError(f"train.tracker must be one of {TRACKERS}, got {self.tracker!r}")
+        names = [self.tracker] if isinstance(self.tracker, str) else self.tracker
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"train.tracker must be a tracker name, a list of names, 'all' or 'none', got {self.tracker!r}")
+        self.tracker = names[0] if len(names) == 1 else list(names)
         if self.expected_num_processes is not None and self.expected_num_processes < 1:
             raise ValueError(f"train.expected_num_processes must be >= 1 or null, got {self.expected_num_processes}")
         if not self.output_dir:

@@ -36,7 +36,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,11 @@ GLYPH_CHARSETS = {
     "alphanumeric": "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ",
 }
 
+# Real colour photographs shipped with scikit-image (no pooch download). Label = position here.
+# Excluded on purpose: brick/camera/coins/grass/gravel/moon/page/text/cell/clock_motion
+# (grayscale), chessboard_*/color/phantom/logo (charts, synthetic or drawings),
+# horse (binary silhouette), motorcycle_right (stereo twin of motorcycle_left: it would
+# leak one photo into the other split), microaneurysms (tiny grayscale), lfw_subset (grayscale faces).
 BUILTIN_PHOTOS = (
     "astronaut.png",          # portrait photograph (NASA)
     "chelsea.png",            # cat photograph
@@ -158,7 +163,7 @@ class DataConfig:
             raise ValueError("data.root must be set for data.name='imagefolder' (folder with train/ and val/)")
         for key in ("image_size", "crops_per_photo", "val_crops_per_photo", "num_images", "num_val_images", "num_classes"):
             value = getattr(self, key)
-            if value is None and key not in ("image_size",):
+            if value is None and key != "image_size":  # None = not used by this data set
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
@@ -464,6 +469,9 @@ def _render_ink_mask(font_path: Path, char: str, ink_size: int) -> np.ndarray:
     return mask
 
 
+_FONT_CMAP_CACHE: dict[tuple, dict[int, str]] = {}  # (path, size, mtime) -> code point -> glyph name
+
+
 def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[GlyphFont], Optional[str]]:
     """(font, None) when ``path`` has a real glyph for every character, else (None, reason).
 
@@ -477,11 +485,15 @@ def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[G
     except ImportError:  # pragma: no cover - fontTools is a matplotlib dependency
         TTFont = None
     if TTFont is not None:
-        try:
-            with TTFont(str(path), lazy=True) as font:
-                cmap = font.getBestCmap() or {}
-        except Exception as err:
-            raise ValueError(f"cannot read font file {path}: {type(err).__name__}: {err}") from err
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _FONT_CMAP_CACHE:
+            try:
+                with TTFont(str(path), lazy=True) as font:
+                    _FONT_CMAP_CACHE[key] = dict(font.getBestCmap() or {})
+            except Exception as err:
+                raise ValueError(f"cannot read font file {path}: {type(err).__name__}: {err}") from err
+        cmap = _FONT_CMAP_CACHE[key]
         for char in chars:
             glyph = cmap.get(ord(char))
             if glyph is None:
@@ -495,11 +507,11 @@ def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[G
     for char, mask in zip(chars, masks):
         if int((mask > 127).sum()) < 4:
             return None, f"{char!r} renders empty"
-    thumbs = [np.asarray(_to_pil(m).resize((16, 16)), np.float32) / 255.0 for m in masks]
-    for i in range(len(chars)):
-        for j in range(i):
-            if float(np.abs(thumbs[i] - thumbs[j]).mean()) < 0.01:
-                return None, f"{chars[j]!r} and {chars[i]!r} render identically"
+    thumbs = np.stack([np.asarray(_to_pil(m).resize((16, 16)), np.float32).ravel() / 255.0 for m in masks])
+    distance = np.abs(thumbs[:, None] - thumbs[None]).mean(-1) + np.eye(len(chars))  # [C, C], diagonal masked
+    if distance.min() < 0.01:
+        i, j = np.unravel_index(int(np.argmin(distance)), distance.shape)
+        return None, f"{chars[min(i, j)]!r} and {chars[max(i, j)]!r} render identically"
     return GlyphFont(name=path.stem, path=str(path), masks=tuple(masks), ink_size=ink_size), None
 
 
@@ -554,7 +566,7 @@ class GlyphImages(Dataset):
 
     Fonts: every .ttf/.otf in ``font_dir`` (default: the fonts bundled with matplotlib) that has a
     real glyph for every character of the charset (see :func:`load_glyph_fonts`; with matplotlib
-    3.x about 20 of its 40 files: DejaVu, STIX General, Computer Modern). ``fonts`` lists them,
+    3.11, 22 of its 40 files for the digits: DejaVu, STIX General, Computer Modern). ``fonts`` lists them,
     ``skipped_fonts`` says why the others were left out. Each glyph's ink mask is rendered once,
     at twice the output resolution, with its longer ink side = ``2 * image_size * MAX_SIZE``.
 
@@ -852,6 +864,31 @@ class SafeImageFolder(Dataset):
 
 # ----------------------------------------------------------------------------- preview
 
+def split_data_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--data.<field> value`` / ``--data.<field>=value`` / ``data.<field>=value`` (-> ``field=value``)
+    from the rest (the lgq.cli style for the data config's keys)."""
+    rest, overrides = [], []
+    argv = [str(a) for a in argv]
+    i = 0
+    while i < len(argv):
+        item = argv[i]
+        if item.startswith("data.") and "=" in item:
+            overrides.append(item[len("data."):])
+        elif item.startswith("--data."):
+            key = item[len("--data."):]
+            if "=" in key:
+                overrides.append(key)
+            else:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"option {item} needs a value")
+                overrides.append(f"{key}={argv[i + 1]}")
+                i += 1
+        else:
+            rest.append(item)
+        i += 1
+    return rest, overrides
+
+
 def preview_grid(dataset: Dataset, rows: int = 8, columns: int | None = None, padding: int = 2) -> np.ndarray:
     """uint8 ``[H, W, 3]`` grid of the first ``rows * columns`` items (default ``columns`` = number of
     classes of the split, so with class ``i % num_classes`` each column holds one class)."""
@@ -892,22 +929,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
 
     from PIL import Image
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, rest, i = {}, [], 0
-    while i < len(argv):
-        item = str(argv[i])
-        if item.startswith("--data."):
-            key = item[len("--data."):]
-            if "=" in key:
-                key, value = key.split("=", 1)
-            else:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"option {item} needs a value")
-                value, i = argv[i + 1], i + 1
-            overrides[key] = value
-        else:
-            rest.append(item)
-        i += 1
+    rest, overrides = split_data_options(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m lgq.data",
                                      description="Save a PNG grid of data set items and/or measure their throughput.")
     parser.add_argument("--preview", default=None, help="PNG file to write")
@@ -922,7 +944,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
         parser.error("give --preview OUT.png and/or --benchmark N")
     from lgq.config import load_config
 
-    cfg = load_config(DataConfig, None, [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(DataConfig, None, overrides)
     dataset = build_image_dataset(cfg, args.split)
     out = None
     if args.preview:

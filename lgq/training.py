@@ -193,6 +193,36 @@ def truncate_history(output_dir: str | os.PathLike, last_step: int) -> None:
     os.replace(temporary, path)
 
 
+def resolve_trackers(tracker: str | list[str]) -> list[str]:
+    """``train.tracker`` -> the names for ``Accelerator(log_with=...)``, as accelerate understands them.
+
+    "none" -> []; "all" -> every tracker accelerate supports whose package is installed; a name or a list of
+    names -> those names, after checking each one: an unknown name or a tracker whose package is missing raises
+    ValueError now, instead of accelerate dropping it with a debug-level log and the run training unlogged.
+    """
+    from accelerate import utils as accelerate_utils
+
+    names = [tracker] if isinstance(tracker, str) else list(tracker)
+    known = [t.value for t in accelerate_utils.LoggerType if t.value != "all"]
+
+    def installed(name: str) -> bool:
+        check = getattr(accelerate_utils, f"is_{name}_available", None)
+        return bool(check()) if callable(check) else True
+
+    if names == ["none"]:
+        return []
+    if names == ["all"]:
+        return [name for name in known if installed(name)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"train.tracker: unknown tracker(s) {unknown}; accelerate supports {known} (or 'all', 'none')")
+    missing = [n for n in names if not installed(n)]
+    if missing:
+        raise ValueError(f"train.tracker asks for {missing}, but the package is not installed: "
+                         f"pip install {' '.join(missing)} (or set train.tracker=none)")
+    return names
+
+
 def flatten_for_tracker(values: Any, prefix: str = "") -> dict[str, Any]:
     """Nested config -> flat {"train.lr": 3e-4, ...} with only int/float/str/bool values (tracker hparams)."""
     if is_dataclass(values):
@@ -250,11 +280,12 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.image_dir = self.output_dir / "images"
         self.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+        trackers = resolve_trackers(cfg.tracker)  # before anything is written: a missing package fails now
         self.accelerator = Accelerator(
             mixed_precision=self.mixed_precision,
             gradient_accumulation_steps=1,  # accumulation is done by fit() (several optimizers, exact step semantics)
             step_scheduler_with_optimizer=False,  # schedules advance once per optimisation step, whatever the world size
-            log_with=None if cfg.tracker == "none" else cfg.tracker,
+            log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs"),
                                                 automatic_checkpoint_naming=False),
@@ -293,7 +324,7 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(run_config if run_config is not None else cfg, self.output_dir / "config.yaml")
-        if cfg.tracker != "none":
+        if trackers:
             init_kwargs = {"wandb": {"dir": str(self.output_dir)}}
             if cfg.run_name:
                 init_kwargs["wandb"]["name"] = cfg.run_name
@@ -573,11 +604,14 @@ class Trainer:
             array = images_to_uint8(grid)
             self.image_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array).save(self.image_dir / f"{name.replace('/', '_')}_step{step:07d}.png")
-            for tracker in self.accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_image(name, array, global_step=step, dataformats="HWC")
-                elif tracker.name == "wandb":
-                    tracker.log_images({name: [array]}, step=step)
+            for tracker in self.accelerator.trackers:  # accelerate's tracker API (GeneralTracker.log_images)
+                if tracker.name == "tensorboard":  # SummaryWriter.add_images wants a batch and its layout
+                    tracker.log_images({name: array[None]}, step=step, dataformats="NHWC")
+                elif callable(getattr(tracker, "log_images", None)):
+                    try:
+                        tracker.log_images({name: [array]}, step=step)
+                    except NotImplementedError:  # a tracker without image support keeps only the PNG
+                        pass
 
     # ---------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -636,8 +670,7 @@ class Trainer:
     def finish(self, name: str, logs: Mapping[str, float], description: str | None = None) -> Path:
         """The end of a train script: ``export(name)``, print the closing line, close the trackers."""
         path = self.export(name)
-        model_name = self.ema_model_name or next(iter(self.models))
-        cls = type(self.unwrap(model_name)).__name__
+        cls = json.loads((path / "config.json").read_text()).get("_class_name") if self.is_main else None
         self.print(f"final step {self.step}: loss {logs.get('loss', float('nan')):.4f}; exported the "
                    f"{'EMA ' if self.ema is not None else ''}{description or name} to {path} "
                    f"(load with {cls}.from_pretrained('{path}'))")
@@ -676,5 +709,5 @@ def init_quantizer_from_data(trainer: Trainer, model_name: str = "model", num_ba
 __all__ = [
     "Trainer", "TrainingProgress", "NonFiniteLossError", "lr_factor", "build_lr_scheduler", "build_optimizer",
     "parameter_groups", "excluded_from_weight_decay", "resolve_mixed_precision", "seed_for_step", "seed_everything",
-    "list_checkpoints", "resolve_resume_path", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
+    "list_checkpoints", "resolve_resume_path", "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
 ]

@@ -1,55 +1,54 @@
-"""`LGQPipeline`: class label -> token grid (prior) -> image (tokenizer decoder), as a diffusers pipeline.
+"""`LGQPipeline`: class label -> token grid (prior + scheduler) -> image (tokenizer decoder), as a diffusers pipeline.
 
-    tokens = prior.generate(class_labels, ...)          # [B, h, w] int64 in [0, K)
-    images = tokenizer.decode(tokens)                    # [B, 3, h*f, w*f] in [-1, 1]
-    output = postprocess(images)                         # x -> (x + 1) / 2 in [0, 1]; PIL / numpy / torch
+    tokens = all "unknown"                                # [B, L]; the scheduler's mask id (K)
+    for t in scheduler.timesteps:                         # MaskGIT: T steps; GPT: one step per token (L)
+        logits = prior.sampling_logits(tokens, t, s_t)    # guided: l = l_u + s_t (l_c - l_u)
+        tokens = scheduler.step(logits, t, tokens).prev_sample
+    images = tokenizer.decode(tokens.view(B, h, w))       # [B, 3, h*f, w*f] in [-1, 1]
+    output = postprocess(images)                          # x -> (x + 1) / 2 in [0, 1]; PIL / numpy / torch
+
+The loop lives in ``LGQPipeline.__call__`` (progress bar, ``callback_on_step_end``); it is the only
+sampling loop of the project: ``MaskGITPrior.generate`` / ``GPTPrior.generate`` run it through a
+tokenizer-less pipeline with ``output_type="latent"``.
 
 Components (recorded in ``model_index.json`` with their module paths, so this module imports them):
 
-* ``tokenizer``: ``tokenizer.model.LGQTokenizer``;
-* ``prior``: ``prior.maskgit.MaskGITPrior`` (iterative parallel decoding driven by the pipeline's
-  ``scheduler``) or ``prior.gpt.GPTPrior`` (autoregressive decoding with its own loop);
-* ``scheduler``: ``prior.scheduler.MaskGITScheduler``; optional (``None``) for GPT priors.
+* ``tokenizer``: ``tokenizer.model.LGQTokenizer`` (``None`` only for token-only sampling, ``output_type="latent"``);
+* ``prior``: ``prior.maskgit.MaskGITPrior`` or ``prior.gpt.GPTPrior``: maps (tokens, labels) to logits;
+* ``scheduler``: ``prior.scheduler.MaskGITScheduler`` (iterative unmasking) for MaskGIT priors,
+  ``prior.scheduler.AutoregressiveScheduler`` (raster order) for GPT priors (built by default when ``None``,
+  e.g. for pipeline folders saved before GPT pipelines had one).
 
-The pipeline is thin: it validates the inputs, calls the prior's sampler, decodes and post-processes.
-Components are put in eval mode when the pipeline is built and when it is loaded. ``.to(dtype)`` /
-``from_pretrained(..., torch_dtype=...)`` cast the prior and the tokenizer's encoder/decoder but keep
-the tokenizer's quantizer (its codebook) in fp32, bit-exact.
+Class names (``id2label``, ``get_label_ids``) come from the prior's ``class_names`` config entry, written at
+prior training from the token data's classes. Components are put in eval mode when the pipeline is built,
+loaded and called. ``.to(dtype)`` / ``from_pretrained(..., torch_dtype=...)`` cast the prior and the
+tokenizer's encoder/decoder but keep the tokenizer's quantizer (its codebook) in fp32, bit-exact.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 
-from prior.scheduler import MaskGITScheduler
+from prior.gpt import GPTPrior
+from prior.maskgit import MaskGITPrior
+from prior.scheduler import GUIDANCE_SCHEDULES, AutoregressiveScheduler, MaskGITScheduler, guidance_scale_at
 from tokenizer.model import LGQTokenizer
 
-try:  # the prior modules are imported so that diffusers can resolve their classes from model_index.json
-    from prior.maskgit import MaskGITPrior
-except ImportError:  # pragma: no cover - only while the prior package is incomplete
-    MaskGITPrior = None  # type: ignore[assignment,misc]
-try:
-    from prior.gpt import GPTPrior
-except ImportError:  # pragma: no cover
-    GPTPrior = None  # type: ignore[assignment,misc]
-
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 REQUIRED_COMPONENTS = ("tokenizer", "prior")
 
 
 def is_maskgit_prior(prior: Any) -> bool:
-    """True for priors decoded by iterative unmasking with a scheduler (MaskGIT family)."""
-    if MaskGITPrior is not None and isinstance(prior, MaskGITPrior):
-        return True
-    return "scheduler" in inspect.signature(prior.generate).parameters
+    """True for priors decoded by iterative unmasking with a MaskGITScheduler (MaskGIT family)."""
+    return isinstance(prior, MaskGITPrior)
 
 
 def validate_class_labels(class_labels: Any, num_classes: int) -> torch.Tensor:
@@ -98,32 +97,45 @@ class LGQPipeline(DiffusionPipeline):
     r"""Class-conditional image generation with an LGQ tokenizer and a MaskGIT or GPT token prior.
 
     Args:
-        tokenizer: `LGQTokenizer` (decodes token grids to images).
-        prior: `MaskGITPrior` or `GPTPrior` (samples token grids for class labels).
-        scheduler: `MaskGITScheduler` for MaskGIT priors; `None` (or ignored) for GPT priors.
+        tokenizer: `LGQTokenizer` (decodes token grids to images); ``None`` for token-only sampling.
+        prior: `MaskGITPrior` or `GPTPrior` (logits for tokens + class labels).
+        scheduler: `MaskGITScheduler` for MaskGIT priors; `AutoregressiveScheduler` (default when ``None``)
+            for GPT priors.
 
     Example::
 
         pipe = LGQPipeline.from_pretrained("runs/pipeline").to("cuda")
-        images = pipe([207, 360], num_inference_steps=12, guidance_scale=3.0,
+        labels = pipe.get_label_ids(["coffee", "astronaut"])
+        images = pipe(labels, num_inference_steps=12, guidance_scale=3.0,
                       generator=torch.Generator("cuda").manual_seed(0)).images
     """
 
     model_cpu_offload_seq = "prior->tokenizer"
-    _optional_components = ["scheduler"]
+    _optional_components = ["scheduler", "tokenizer"]
+    _callback_tensor_inputs = ["tokens", "logits"]
 
-    def __init__(self, tokenizer: LGQTokenizer, prior: Any, scheduler: MaskGITScheduler | None = None):
+    def __init__(self, tokenizer: LGQTokenizer | None, prior: Any,
+                 scheduler: MaskGITScheduler | AutoregressiveScheduler | None = None):
         super().__init__()
-        if not isinstance(tokenizer, LGQTokenizer):
-            raise TypeError(f"tokenizer must be an LGQTokenizer, got {type(tokenizer).__name__}")
-        if prior is None or not callable(getattr(prior, "generate", None)):
-            raise TypeError(f"prior must be a MaskGITPrior or GPTPrior (with .generate), got {type(prior).__name__}")
-        if int(prior.codebook_size) != int(tokenizer.codebook_size):
+        if tokenizer is not None and not isinstance(tokenizer, LGQTokenizer):
+            raise TypeError(f"tokenizer must be an LGQTokenizer (or None for token-only sampling), "
+                            f"got {type(tokenizer).__name__}")
+        if not isinstance(prior, (MaskGITPrior, GPTPrior)):
+            raise TypeError(f"prior must be a MaskGITPrior or GPTPrior, got {type(prior).__name__}")
+        if tokenizer is not None and int(prior.codebook_size) != int(tokenizer.codebook_size):
             raise ValueError(f"prior codebook_size {prior.codebook_size} != tokenizer codebook_size "
                              f"{tokenizer.codebook_size}: the prior was trained on another tokenizer's tokens")
         if is_maskgit_prior(prior):
-            if scheduler is None:
-                raise ValueError("a MaskGIT prior needs a MaskGITScheduler (scheduler=None given)")
+            if not isinstance(scheduler, MaskGITScheduler):
+                raise ValueError(f"a MaskGIT prior needs a MaskGITScheduler as scheduler, got {type(scheduler).__name__}")
+            if int(scheduler.config.codebook_size) != int(prior.codebook_size) or scheduler.mask_id != prior.mask_token_id:
+                raise ValueError(f"scheduler has codebook_size={scheduler.config.codebook_size}, mask id "
+                                 f"{scheduler.mask_id}; the prior has codebook_size={prior.codebook_size}, "
+                                 f"mask id {prior.mask_token_id}")
+        else:
+            scheduler = AutoregressiveScheduler(codebook_size=int(prior.codebook_size)) if scheduler is None else scheduler
+            if not isinstance(scheduler, AutoregressiveScheduler):
+                raise ValueError(f"a GPT prior is decoded by an AutoregressiveScheduler, got {type(scheduler).__name__}")
             if int(scheduler.config.codebook_size) != int(prior.codebook_size):
                 raise ValueError(f"scheduler codebook_size {scheduler.config.codebook_size} != prior codebook_size "
                                  f"{prior.codebook_size}")
@@ -143,13 +155,51 @@ class LGQPipeline(DiffusionPipeline):
 
     @property
     def image_size(self) -> tuple[int, int]:
+        if self.tokenizer is None:
+            raise ValueError("this pipeline has no tokenizer: it samples token grids only (output_type='latent')")
         h, w = self.grid_size
         f = int(self.tokenizer.downsample_factor)
         return h * f, w * f
 
     @property
     def uses_scheduler(self) -> bool:
+        """True when ``num_inference_steps`` matters (MaskGIT); GPT priors take one step per token."""
         return is_maskgit_prior(self.prior)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class index -> class name, from the prior's ``class_names`` (training data classes); {} if unknown."""
+        names = getattr(self.prior.config, "class_names", None) or []
+        return {i: str(name) for i, name in enumerate(names)}
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> class index (the inverse of ``id2label``; diffusers' DiTPipeline convention)."""
+        return {name: i for i, name in self.id2label.items()}
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Class indices for class names, e.g. ``pipe.get_label_ids(["coffee", "astronaut"])`` -> ``[2, 0]``.
+
+        Raises ValueError naming the unknown names and the valid ones (or saying that the pipeline's prior
+        records no class names)."""
+        names = [label] if isinstance(label, str) else list(label)
+        lookup = self.labels
+        if not lookup:
+            raise ValueError("this pipeline's prior records no class names (trained before class names were "
+                             "stored, or on data without them): pass class indices instead")
+        unknown = [name for name in names if name not in lookup]
+        if unknown:
+            shown = ", ".join(sorted(lookup)[:20]) + (", ..." if len(lookup) > 20 else "")
+            raise ValueError(f"unknown class name(s) {unknown}; this pipeline knows: {shown}")
+        return [lookup[name] for name in names]
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
     def set_eval_mode(self) -> "LGQPipeline":
         """Put every nn.Module component in eval mode (dropout off, no EMA codebook updates)."""
@@ -205,48 +255,35 @@ class LGQPipeline(DiffusionPipeline):
         return pipeline
 
     # ------------------------------------------------------------------ sampling
-    def sample_tokens(
-        self,
-        class_labels: torch.Tensor,
-        num_inference_steps: int = 12,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        **prior_kwargs: Any,
-    ) -> torch.Tensor:
-        """Token grids [B, h, w] for validated labels: MaskGIT with ``self.scheduler``, GPT with its own loop.
-
-        Options the prior does not support raise ValueError when set (e.g. top_k for a prior without it);
-        ``num_inference_steps`` is ignored by GPT priors (one step per token).
-        """
-        generate = self.prior.generate
-        params = inspect.signature(generate).parameters
-        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        wanted: dict[str, Any] = {"guidance_scale": guidance_scale, "temperature": temperature, "generator": generator}
-        if self.uses_scheduler:
-            wanted["scheduler"] = self.scheduler
-            wanted["num_inference_steps"] = num_inference_steps
-        optional = {"top_k": top_k, "top_p": top_p, **prior_kwargs}
-        kwargs: dict[str, Any] = {}
-        for key, value in wanted.items():
-            if key in params or accepts_any:
-                kwargs[key] = value
-        for key, value in optional.items():
-            if value is None:
-                continue
-            if key not in params and not accepts_any:
-                raise ValueError(f"{type(self.prior).__name__}.generate does not support {key}; "
-                                 f"supported options: {sorted(k for k in params if k != 'class_labels')}")
-            kwargs[key] = value
-        tokens = generate(class_labels, **kwargs)
-        if isinstance(tokens, (tuple, list)):
-            tokens = tokens[0]
-        h, w = self.grid_size
-        if tokens.dim() == 2:
-            tokens = tokens.reshape(tokens.shape[0], h, w)
-        return tokens.long()
+    def check_call_options(self, *, top_k, top_p, mask_schedule, choice_temperature, use_cache,
+                           guidance_schedule, generator, batch_size: int,
+                           callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
+        """ValueError for options the prior type does not have, bad values, and bad callback inputs."""
+        maskgit = self.uses_scheduler
+        only = {"top_k": (top_k, False), "top_p": (top_p, False), "use_cache": (None if use_cache is True else use_cache, False),
+                "mask_schedule": (mask_schedule, True), "choice_temperature": (choice_temperature, True)}
+        for name, (value, for_maskgit) in only.items():
+            if value is not None and for_maskgit != maskgit:
+                raise ValueError(f"{name} is an option of {'MaskGIT' if for_maskgit else 'GPT'} priors; "
+                                 f"this pipeline's prior is a {type(self.prior).__name__}")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        if top_p is not None and not 0.0 < _check_positive_number("top_p", top_p) <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+        if isinstance(generator, list):
+            if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(f"generator must be one torch.Generator or a list of {batch_size} (one per class "
+                                 f"label), got a list of {len(generator)}")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, a list of them or None, got {type(generator).__name__}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {self._callback_tensor_inputs}, "
+                             f"but found {bad}")
 
     @torch.no_grad()
     def __call__(
@@ -255,48 +292,123 @@ class LGQPipeline(DiffusionPipeline):
         num_inference_steps: int = 12,
         guidance_scale: float = 1.0,
         temperature: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
+        return_dict: bool = True,
         top_k: int | None = None,
         top_p: float | None = None,
-        return_dict: bool = True,
-        **prior_kwargs: Any,
+        mask_schedule: str | None = None,
+        choice_temperature: float | None = None,
+        guidance_schedule: str = "constant",
+        use_cache: bool = True,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate one image per class label.
 
         Args:
-            class_labels: an int, a list of ints or a 1-D integer tensor, each in [0, num_classes).
-            num_inference_steps: MaskGIT decoding steps T (ignored by GPT priors).
+            class_labels: an int, a list of ints or a 1-D integer tensor, each in [0, num_classes)
+                (``get_label_ids`` maps class names to them).
+            num_inference_steps: MaskGIT decoding steps T (GPT priors take one step per token).
             guidance_scale: classifier-free guidance s in l = l_u + s (l_c - l_u); 1 = conditional only.
             temperature: logit temperature of the token sampler (> 0).
-            generator: a torch.Generator for reproducible sampling (same seed -> same images).
-            output_type: "pil" (list of PIL images), "np" (float32 [B, H, W, 3] in [0, 1]) or
-                "pt" (float32 tensor [B, 3, H, W] in [0, 1]).
-            top_k, top_p: token filtering for priors that support it (GPT).
+            generator: a torch.Generator, or a list with one per class label (each image then depends only on
+                its own generator), for reproducible sampling (same seed -> same images).
+            output_type: "pil" (list of PIL images), "np" (float32 [B, H, W, 3] in [0, 1]), "pt" (float32
+                tensor [B, 3, H, W] in [0, 1]) or "latent" (the token grids, int64 [B, h, w] in [0, K)).
             return_dict: return an `ImagePipelineOutput` (else a tuple ``(images,)``).
+            top_k, top_p, use_cache: GPT only: token filtering; ``use_cache=False`` recomputes the prefix at
+                every token instead of using the KV cache (same tokens, slower).
+            mask_schedule, choice_temperature: MaskGIT only: this call's mask schedule and Gumbel-noise scale
+                (default: the scheduler's config, which a call never changes).
+            guidance_schedule: "constant" (s_t = s) or "linear" (s_t = 1 + (s - 1)(t + 1)/T).
+            callback_on_step_end: called after every step as ``callback(pipe, step_index, timestep,
+                callback_kwargs)`` with the tensors named in ``callback_on_step_end_tensor_inputs``
+                ("tokens": the sequences [B, L] with the scheduler's mask id at undecided positions; "logits":
+                the step's guided logits); a returned dict's "tokens" replaces the tokens (for GPT only the
+                positions not yet fed to the prior take effect). ``pipe._interrupt = True`` stops after the step.
         """
         labels = validate_class_labels(class_labels, self.num_classes)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type != "latent" and self.tokenizer is None:
+            raise ValueError(f"output_type={output_type!r} needs a tokenizer; this pipeline has none "
+                             f"(use output_type='latent' for token grids)")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         guidance_scale = _check_positive_number("guidance_scale", guidance_scale, allow_zero=True)
         temperature = _check_positive_number("temperature", temperature)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["tokens"]
+        self.check_call_options(top_k=top_k, top_p=top_p, mask_schedule=mask_schedule,
+                                choice_temperature=choice_temperature, use_cache=use_cache,
+                                guidance_schedule=guidance_schedule, generator=generator, batch_size=len(labels),
+                                callback_on_step_end=callback_on_step_end,
+                                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         self.set_eval_mode()
+        self._interrupt = False
+        device = self._execution_device
+        prior, scheduler = self.prior, self.scheduler
+        labels = labels.to(device)
 
-        labels = labels.to(self._execution_device)
-        tokens = self.sample_tokens(labels, num_inference_steps=int(num_inference_steps),
-                                    guidance_scale=guidance_scale, temperature=temperature, generator=generator,
-                                    top_k=top_k, top_p=top_p, **prior_kwargs)
-        images = self.tokenizer.decode(tokens.to(self.tokenizer.device))  # [-1, 1]
-        images = self.image_processor.postprocess(images.float(), output_type=output_type)
+        # 1. timesteps and this call's step options (per-call options never touch the saved configs)
+        if self.uses_scheduler:
+            scheduler.set_timesteps(int(num_inference_steps), device=device, mask_schedule=mask_schedule)
+            step_options = {"choice_temperature": choice_temperature}
+        else:
+            scheduler.set_timesteps(prior.seq_len, device=device)
+            step_options = {"top_k": top_k, "top_p": top_p}
+        timesteps = scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        guided = guidance_scale != 1.0 or guidance_schedule != "constant"
+
+        # 2. start from "nothing decoded" and let the scheduler fill in tokens from the prior's logits
+        tokens = torch.full((len(labels), prior.seq_len), scheduler.mask_id, dtype=torch.long, device=device)
+        state = prior.start_sampling(labels, guided=guided, use_cache=use_cache)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps.tolist()):
+                scale = guidance_scale_at(i, len(timesteps), guidance_scale, guidance_schedule)
+                logits = prior.sampling_logits(tokens, t, scale, state)
+                tokens = scheduler.step(logits, t, tokens, generator=generator, temperature=temperature,
+                                        **step_options).prev_sample
+                if callback_on_step_end is not None:
+                    step_tensors = {"tokens": tokens, "logits": logits}
+                    callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    tokens = callback_outputs.pop("tokens", tokens)
+                progress_bar.update()
+                if self.interrupt:
+                    break
+        tokens = tokens.view(len(labels), *self.grid_size)
+
+        # 3. decode
+        if output_type == "latent":
+            images = tokens
+        else:
+            if (tokens == scheduler.mask_id).any():
+                raise RuntimeError("sampling stopped with undecided tokens (interrupted?): use output_type='latent'")
+            images = self.tokenizer.decode(tokens.to(self.tokenizer.device))  # [-1, 1]
+            images = self.image_processor.postprocess(images.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def sample_token_grids(prior: Any, class_labels: Any, scheduler: MaskGITScheduler | AutoregressiveScheduler | None = None,
+                       **call_options: Any) -> torch.Tensor:
+    """Token grids [B, h, w] from ``prior`` alone (no tokenizer), through ``LGQPipeline.__call__`` (the one
+    sampling loop) with the progress bar off; the prior's train/eval mode is restored afterwards."""
+    was_training = prior.training
+    pipeline = LGQPipeline(tokenizer=None, prior=prior, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    try:
+        return pipeline(class_labels, output_type="latent", **call_options).images
+    finally:
+        prior.train(was_training)
 
 
 def check_pipeline_folder(path: str | os.PathLike) -> dict:
@@ -329,4 +441,5 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
     return index
 
 
-__all__ = ["LGQPipeline", "validate_class_labels", "check_pipeline_folder", "is_maskgit_prior", "OUTPUT_TYPES"]
+__all__ = ["LGQPipeline", "sample_token_grids", "validate_class_labels", "check_pipeline_folder", "is_maskgit_prior",
+           "OUTPUT_TYPES"]

@@ -3,17 +3,21 @@
     accelerate launch -m prior.extract --tokenizer runs/tok/export --data.name imagefolder \
         --data.root /data/imagenet --data.image_size 256 --output tokens/imagenet_train --flip
 
-Arguments are the fields of ``ExtractConfig`` as ``key=value`` (OmegaConf dotlist, like every
-other command of the project) or ``--key value`` / ``--flag`` (``--batch-size`` == ``batch_size=``);
-``--config FILE.yaml`` merges a YAML file first.
+Arguments are the fields of ``ExtractConfig`` as ``--key value`` / ``--flag`` or ``key=value``
+(``--batch-size 8`` == ``batch_size=8``; the style of every command, ``lgq/cli.py``);
+``--config FILE.yaml`` merges a YAML file first; ``--help`` lists every key with its default.
 
 How the work is split and resumed: the data set (deterministic transform, no random flip) is cut
-into fixed chunks of ``chunk_size`` consecutive images; chunk c belongs to process c mod W. Each
-finished chunk is written atomically (temporary file + rename) to ``OUTPUT/_chunks/``. A restarted
-run (any number of processes) skips the chunks that exist, so an interruption loses at most the
-chunk being encoded and never duplicates or drops an image. When all chunks exist the main
-process concatenates them in index order into the token directory format of ``prior/tokens.py``
-(``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes ``_chunks/``.
+into fixed chunks of ``chunk_size`` consecutive images. After a barrier every process lists the same
+missing chunks m_0 < m_1 < ...; process r encodes m_r, m_{r+W}, m_{r+2W}, ... (a fresh run: chunk c
+on process c mod W). Each finished chunk is written atomically (temporary file + rename) to
+``OUTPUT/_chunks/``. A restarted run (any number of processes) skips the chunks that exist, so an
+interruption loses at most the chunk being encoded and never duplicates or drops an image.
+Processes may encode different numbers of batches (the chunks need not divide evenly): encoding
+calls no collective (the tokenizer runs in eval mode, where quantizers use local statistics, see
+``Quantizer.syncs_across_processes``); the only collectives are the barriers every process reaches.
+When all chunks exist the main process concatenates them in index order into the token directory
+format of ``prior/tokens.py`` (``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes ``_chunks/``.
 ``--flip`` stores the grid of the horizontally flipped image right after each image's grid.
 """
 from __future__ import annotations
@@ -203,9 +207,11 @@ def extract_tokens(
         job_file.write_text(json.dumps(job, indent=2, sort_keys=True, default=str))
     accelerator.wait_for_everyone()
 
-    # --- this process's missing chunks
+    # --- this process's share of the missing chunks (listed by every process between two barriers)
     num_chunks = math.ceil(num_images / chunk_size)
-    mine = [c for c in range(rank, num_chunks, world) if not chunk_path(output, c).is_file()]
+    missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
+    accelerator.wait_for_everyone()  # nobody writes a chunk before every process has listed them
+    mine = missing[rank::world]
     pending_images = sum(min(chunk_size, num_images - c * chunk_size) for c in mine)
     progress = None
     if show_progress and accelerator.is_main_process:
@@ -213,6 +219,9 @@ def extract_tokens(
 
         progress = tqdm(total=pending_images, desc=f"encode (process 0 of {world})", unit="img")
     device = accelerator.device
+    was_training = bool(getattr(tokenizer, "training", False))
+    if was_training:  # eval mode: no dropout, no quantizer updates, no collectives inside encode
+        tokenizer.eval()
     for c in mine:
         start, stop = c * chunk_size, min((c + 1) * chunk_size, num_images)
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
@@ -229,6 +238,8 @@ def extract_tokens(
         _save_chunk(chunk_path(output, c), np.concatenate(grids), np.concatenate(labels), start, rank)
     if progress is not None:
         progress.close()
+    if was_training:
+        tokenizer.train()
     accelerator.wait_for_everyone()
 
     # --- merge (main process), in chunk = image order
@@ -274,45 +285,15 @@ def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: 
 
 
 # ----------------------------------------------------------------------------- command line
-def argv_to_dotlist(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``--key value`` / ``--flag`` / ``key=value`` -> (config files, dotlist); dashes in keys become underscores."""
-    flags = {"flip", "keep_chunks", "overwrite"}
-    files, dotlist, i = [], [], 0
-    argv = list(argv)
-    while i < len(argv):
-        item = argv[i]
-        if item.startswith("--"):
-            key = item[2:]
-            value = None
-            if "=" in key:
-                key, value = key.split("=", 1)
-            key = key.replace("-", "_")
-            if value is None:
-                if key in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--") or "=" in argv[i + 1]):
-                    value = "true"
-                elif i + 1 < len(argv):
-                    value = argv[i + 1]
-                    i += 1
-                else:
-                    raise ValueError(f"option {item} needs a value")
-            if key == "config":
-                files.append(value)
-            else:
-                dotlist.append(f"{key}={value}")
-        elif "=" in item:
-            key, value = item.split("=", 1)
-            dotlist.append(f"{key.replace('-', '_')}={value}")
-        else:
-            raise ValueError(f"cannot parse argument {item!r}: use key=value or --key value")
-        i += 1
-    return files, dotlist
-
-
 def parse_config(argv: Sequence[str]) -> ExtractConfig:
+    """The command line (lgq.cli style: ``--key value`` / ``key=value`` / ``--flag`` for ExtractConfig's keys,
+    ``--config FILE.yaml``, ``--help`` listing every key with its default) -> ExtractConfig."""
+    from lgq.cli import make_parser, parse_command_line
     from lgq.config import load_config
 
-    files, dotlist = argv_to_dotlist(argv)
-    return load_config(ExtractConfig, files or None, dotlist)
+    parser = make_parser("python -m prior.extract", __doc__.split("\n\n")[0], ExtractConfig)
+    args, overrides = parse_command_line(parser, argv, ExtractConfig)
+    return load_config(ExtractConfig, args.config or None, overrides)
 
 
 def make_accelerator():
@@ -350,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "split": cfg.split,
         "data_config": dataclasses.asdict(data_cfg),
         "num_classes": int(getattr(dataset, "num_classes")),
+        "class_names": [str(name) for name in getattr(dataset, "class_names", None) or []] or None,
         "downsample_factor": int(tokenizer.downsample_factor),
     }
     meta = extract_tokens(

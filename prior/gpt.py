@@ -7,13 +7,15 @@ tied weights). The logits at position i predict t_{i+1}:
 
     p(t_1..t_L | c) = prod_i p(t_i | c, t_<i),   loss = mean_i CE(logits_i, t_i).
 
-Sampling (``generate``) runs its own decode loop with Llama's KV cache (``past_key_values``);
-CFG batches the conditional and the null-class sequences and combines
-l = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional), then samples
-t ~ Categorical(softmax(top_p(top_k(l / temperature)))) with ``sample_categorical`` (inverse CDF) and the
-caller's generator.
+Sampling: ``sampling_logits`` gives the next-token logits at position t from the prefix, using a
+transformers KV cache (``DynamicCache``, passed as ``cache``, or ``past_key_values`` before transformers 5.24); CFG batches the conditional and the
+null-class sequences and combines l = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional).
+``prior.scheduler.AutoregressiveScheduler`` then samples t ~ Categorical(softmax(top_p(top_k(l / temperature))))
+with the caller's generator; ``LGQPipeline.__call__`` runs the loop (``generate`` goes through it).
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -23,28 +25,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prior.maskgit import check_prior_hyperparameters, drop_labels
-from prior.scheduler import apply_guidance, guidance_scale_at, sample_categorical
+from prior.scheduler import apply_guidance, filter_logits  # noqa: F401  (filter_logits: re-exported for callers)
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
 
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Top-k then nucleus (top-p) filtering: removed entries become -inf; the most likely entry always stays.
-
-    top-k keeps the k largest logits; top-p keeps the smallest prefix of the sorted distribution whose
-    probability mass reaches p (an entry is kept if the mass strictly before it is < p).
-    """
-    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        remove_sorted = mass_before >= top_p
-        remove_sorted[..., 0] = False
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+# transformers >= 5.24 names the KV cache argument (and output field) ``cache``; 5.0-5.23 call it
+# ``past_key_values`` (deprecated since 5.24, removed in 5.40). Either way it holds a transformers Cache object.
+KV_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 class GPTPrior(ModelMixin, ConfigMixin):
@@ -55,6 +41,7 @@ class GPTPrior(ModelMixin, ConfigMixin):
         hidden_size, num_layers, num_heads, mlp_ratio: Llama width / depth / heads / FFN ratio.
         num_kv_heads: grouped-query heads (default num_heads). dropout: attention and embedding dropout.
         label_dropout: probability of replacing a label by the null class during training.
+        class_names: optional name of each class (length num_classes), from the training data.
     """
 
     @register_to_config
@@ -71,9 +58,10 @@ class GPTPrior(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         label_dropout: float = 0.1,
         rope_theta: float = 10000.0,
+        class_names: list[str] | None = None,
     ):
         super().__init__()
-        check_prior_hyperparameters(codebook_size, num_classes, hidden_size, num_heads, label_dropout)
+        check_prior_hyperparameters(codebook_size, num_classes, hidden_size, num_heads, label_dropout, class_names)
         self.codebook_size = int(codebook_size)
         self.num_classes = int(num_classes)
         self.grid_size = normalize_grid_size(grid_size)
@@ -140,6 +128,39 @@ class GPTPrior(ModelMixin, ConfigMixin):
         return loss, logs
 
     # ------------------------------------------------------------------ sampling
+    def start_sampling(self, class_labels: torch.Tensor, guided: bool = True, use_cache: bool = True) -> dict:
+        """Per-decoding state: the model's labels (with the null class appended when ``guided``: CFG batches
+        the conditional and unconditional sequences) and the KV cache (created by the first forward)."""
+        labels = class_labels.to(self.device)
+        model_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        return {"model_labels": model_labels, "guided": guided, "use_cache": use_cache, "cache": None}
+
+    def sampling_logits(self, tokens: torch.Tensor, timestep: int, guidance_scale: float, state: dict) -> torch.Tensor:
+        """Guided next-token logits [B, K] for position t = ``timestep`` given tokens[:, :t] (raster order).
+
+        With the cache only the newest input goes through the transformer (the class prefix at t = 0, token
+        t-1 after); without it the whole prefix is recomputed (same logits, O(L^2) work)."""
+        t = int(timestep)
+        guided, model_labels = state["guided"], state["model_labels"]
+        if state["use_cache"]:
+            if t == 0:
+                step_input = self._embed(model_labels, tokens.new_empty(model_labels.shape[0], 0))  # the class prefix
+            else:
+                previous = tokens[:, t - 1]
+                previous = torch.cat([previous, previous]) if guided else previous
+                step_input = self.embedding_dropout(self.token_embedding(previous).unsqueeze(1))
+            out = self.transformer(inputs_embeds=step_input, use_cache=True, logits_to_keep=1,
+                                   **{KV_CACHE_ARGUMENT: state["cache"]})
+            state["cache"] = getattr(out, KV_CACHE_ARGUMENT)  # a transformers DynamicCache
+        else:
+            context = tokens[:, :t].repeat(2, 1) if guided else tokens[:, :t]
+            out = self.transformer(inputs_embeds=self._embed(model_labels, context), use_cache=False, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = apply_guidance(cond, uncond, guidance_scale)
+        return logits
+
     @torch.no_grad()
     def generate(
         self,
@@ -148,40 +169,19 @@ class GPTPrior(ModelMixin, ConfigMixin):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         use_cache: bool = True,
         guidance_schedule: str = "constant",
     ) -> torch.Tensor:
-        """Sample tokens [B, h, w] in raster order (module docstring).
+        """Sample tokens [B, h, w] in raster order, without a tokenizer, through ``LGQPipeline``'s sampling loop
+        (``pipelines.pipeline_lgq.sample_token_grids``) with an ``AutoregressiveScheduler``.
 
         use_cache=False recomputes the whole prefix at every position (same tokens, slower; for
         checking the cache). guidance_schedule "linear": s_i = 1 + (s - 1)(i + 1)/L over positions.
-        class_labels, guidance_scale, temperature, generator, guidance_schedule mean the same as in
-        ``MaskGITPrior.generate``.
+        The other arguments mean the same as in ``LGQPipeline.__call__``.
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        labels = check_class_labels(class_labels, self.num_classes, self.device)
-        B, L = labels.shape[0], self.seq_len
-        use_guidance = guidance_scale != 1.0 or guidance_schedule != "constant"
-        model_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if use_guidance else labels
-        tokens = torch.empty(B, 0, dtype=torch.long, device=self.device)
-        past = None
-        step_input = self._embed(model_labels, tokens.new_empty(model_labels.shape[0], 0))  # the class prefix
-        for i in range(L):
-            if use_cache:
-                out = self.transformer(inputs_embeds=step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
-                past = out.past_key_values
-            else:
-                context = tokens.repeat(2, 1) if use_guidance else tokens
-                out = self.transformer(inputs_embeds=self._embed(model_labels, context), use_cache=False, logits_to_keep=1)
-            logits = out.logits[:, -1].float()
-            if use_guidance:
-                cond, uncond = logits.chunk(2)
-                logits = apply_guidance(cond, uncond, guidance_scale_at(i, L, guidance_scale, guidance_schedule))
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            next_token = sample_categorical(logits.softmax(dim=-1), generator)
-            tokens = torch.cat([tokens, next_token.unsqueeze(1)], dim=1)
-            step_token = next_token.repeat(2) if use_guidance else next_token
-            step_input = self.embedding_dropout(self.token_embedding(step_token).unsqueeze(1))
-        return tokens.view(B, *self.grid_size)
+        from pipelines.pipeline_lgq import sample_token_grids
+
+        return sample_token_grids(self, class_labels, None, guidance_scale=guidance_scale, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache,
+                                  guidance_schedule=guidance_schedule)

@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from prior.scheduler import MaskGITScheduler, apply_guidance, guidance_scale_at
+from prior.scheduler import apply_guidance
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
 
 
@@ -40,7 +40,7 @@ def uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
 
 
 def check_prior_hyperparameters(codebook_size: int, num_classes: int, hidden_size: int, num_heads: int,
-                                label_dropout: float) -> None:
+                                label_dropout: float, class_names: list[str] | None = None) -> None:
     """Constructor checks shared by the MaskGIT and GPT priors (clear ValueError naming the bad value)."""
     if int(codebook_size) < 2:
         raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
@@ -50,6 +50,9 @@ def check_prior_hyperparameters(codebook_size: int, num_classes: int, hidden_siz
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+    if class_names is not None and (len(class_names) != int(num_classes) or len(set(class_names)) != len(class_names)):
+        raise ValueError(f"class_names must hold {num_classes} distinct names (one per class), got {len(class_names)} "
+                         f"({len(set(class_names))} distinct)")
 
 
 def drop_labels(labels: torch.Tensor, null_class: int, probability: float,
@@ -71,6 +74,8 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         hidden_size, num_layers, num_heads, mlp_ratio: transformer width / depth / heads / FFN ratio.
         dropout: hidden and attention dropout.
         label_dropout: probability of replacing a label by the null class during training (CFG).
+        class_names: optional name of each class (length num_classes), from the training data; the
+            pipeline's ``id2label`` / ``get_label_ids`` read it.
     """
 
     @register_to_config
@@ -85,9 +90,10 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         label_dropout: float = 0.1,
+        class_names: list[str] | None = None,
     ):
         super().__init__()
-        check_prior_hyperparameters(codebook_size, num_classes, hidden_size, num_heads, label_dropout)
+        check_prior_hyperparameters(codebook_size, num_classes, hidden_size, num_heads, label_dropout, class_names)
         self.codebook_size = int(codebook_size)
         self.num_classes = int(num_classes)
         self.grid_size = normalize_grid_size(grid_size)
@@ -204,6 +210,15 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         cond, uncond = both.chunk(2)
         return apply_guidance(cond, uncond, guidance_scale)
 
+    def start_sampling(self, class_labels: torch.Tensor, guided: bool = True, use_cache: bool = True) -> dict:
+        """Per-decoding state for ``sampling_logits`` (MaskGIT needs only the labels; no cache)."""
+        return {"labels": class_labels.to(self.device)}
+
+    def sampling_logits(self, tokens: torch.Tensor, timestep: int, guidance_scale: float, state: dict) -> torch.Tensor:
+        """Guided logits [M, K] at the M still-masked positions of ``tokens`` [B, L] (row-major): what
+        ``MaskGITScheduler.step`` consumes; the fixed positions' logits are never needed."""
+        return self.guided_logits(tokens, state["labels"], guidance_scale, positions=tokens == self.mask_token_id)
+
     @torch.no_grad()
     def generate(
         self,
@@ -212,35 +227,23 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         guidance_scale: float = 1.0,
         temperature: float = 1.0,
         schedule: str | None = None,
-        generator: torch.Generator | None = None,
-        scheduler: MaskGITScheduler | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        scheduler=None,
         choice_temperature: float | None = None,
         guidance_schedule: str = "constant",
     ) -> torch.Tensor:
-        """Iterative parallel decoding -> tokens [B, h, w] int64 in [0, K).
+        """Iterative parallel decoding -> tokens [B, h, w] int64 in [0, K), without a tokenizer.
 
-        guidance_scale s: logits = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional);
-        guidance_schedule "linear" ramps s_t = 1 + (s - 1)(t + 1)/T. schedule: mask schedule
-        ("cosine" default, "linear", "arccos", "square"; with an explicit ``scheduler`` its own
-        schedule is used unless given here). temperature divides the logits before sampling;
-        choice_temperature scales the annealed Gumbel noise of the confidence (scheduler default 4.5).
+        Runs ``LGQPipeline``'s sampling loop (``pipelines.pipeline_lgq.sample_token_grids``) with ``scheduler``
+        (default: a cosine ``MaskGITScheduler``); the arguments mean the same as there (``schedule`` is the
+        pipeline's ``mask_schedule``: this call's schedule, the scheduler's config is never changed).
         """
-        labels = check_class_labels(class_labels, self.num_classes, self.device)
+        from pipelines.pipeline_lgq import sample_token_grids
+        from prior.scheduler import MaskGITScheduler
+
         if scheduler is None:
-            scheduler = MaskGITScheduler(codebook_size=self.codebook_size, mask_schedule=schedule or "cosine")
-        elif int(scheduler.config.codebook_size) != self.codebook_size or scheduler.mask_id != self.mask_token_id:
-            raise ValueError(
-                f"scheduler has codebook_size={scheduler.config.codebook_size}, mask id {scheduler.mask_id}; "
-                f"the prior has K={self.codebook_size}, mask id {self.mask_token_id}"
-            )
-        scheduler.set_timesteps(num_inference_steps, device=self.device, mask_schedule=schedule)
-        tokens = torch.full((labels.shape[0], self.seq_len), self.mask_token_id, dtype=torch.long, device=self.device)
-        for step in scheduler.timesteps.tolist():
-            scale = guidance_scale_at(step, num_inference_steps, guidance_scale, guidance_schedule)
-            masked = tokens == self.mask_token_id
-            logits = self.guided_logits(tokens, labels, scale, positions=masked)  # [M, K]: masked positions only
-            tokens = scheduler.step(logits, step, tokens, generator=generator, temperature=temperature,
-                                    choice_temperature=choice_temperature).prev_sample
-        if (tokens == self.mask_token_id).any():  # cannot happen: the last step unmasks everything
-            raise RuntimeError("MaskGIT decoding left masked tokens")
-        return tokens.view(-1, *self.grid_size)
+            scheduler = MaskGITScheduler(codebook_size=self.codebook_size, mask_token_id=self.mask_token_id)
+        return sample_token_grids(self, class_labels, scheduler, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, temperature=temperature, mask_schedule=schedule,
+                                  generator=generator, choice_temperature=choice_temperature,
+                                  guidance_schedule=guidance_schedule)

@@ -46,37 +46,76 @@ def mask_schedule(ratio: torch.Tensor | float, schedule: str = "cosine") -> torc
     raise ValueError(f"unknown mask schedule {schedule!r}; choose one of {MASK_SCHEDULES}")
 
 
-def gumbel_noise(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
-    """g = -log(-log(u)), u ~ U(0, 1), drawn with ``generator`` (on the generator's device)."""
-    gen_device = generator.device if generator is not None else device
-    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def uniform_rows(num_rows: int, generator: Generators, device, dtype=torch.float32,
+                 rows_per_sample: torch.Tensor | None = None) -> torch.Tensor:
+    """u ~ U[0, 1) of shape [num_rows], drawn on the generator's device and moved to ``device``.
+
+    ``generator`` is one torch.Generator (or None) for all rows, or a list with one generator per sample:
+    then ``rows_per_sample`` [B] says how many consecutive rows belong to sample b, and sample b's rows are
+    drawn with generator b only, so a sample's draws do not depend on the other samples in the batch.
+    """
+    if not isinstance(generator, list):
+        gen_device = generator.device if generator is not None else device
+        return torch.rand(num_rows, generator=generator, device=gen_device, dtype=dtype).to(device)
+    if rows_per_sample is None or len(generator) != len(rows_per_sample):
+        raise ValueError(f"a list of {len(generator)} generators needs one generator per sample "
+                         f"(got {None if rows_per_sample is None else len(rows_per_sample)} samples)")
+    counts = [int(n) for n in rows_per_sample.tolist()]
+    if sum(counts) != num_rows:
+        raise ValueError(f"rows_per_sample sums to {sum(counts)}, expected {num_rows} rows")
+    draws = [torch.rand(n, generator=g, device=g.device, dtype=dtype).to(device) for g, n in zip(generator, counts)]
+    return torch.cat(draws) if draws else torch.zeros(0, dtype=dtype, device=device)
+
+
+def gumbel_noise(shape, generator: Generators, device, dtype=torch.float32,
+                 rows_per_sample: torch.Tensor | None = None) -> torch.Tensor:
+    """g = -log(-log(u)), u ~ U(0, 1), drawn with ``generator`` (see ``uniform_rows``; shape must be 1-D
+    when a list of generators is given)."""
+    shape = torch.Size([shape] if isinstance(shape, int) else shape)
+    u = uniform_rows(shape.numel(), generator, device, torch.float32, rows_per_sample).view(shape)
     return -torch.log((-torch.log(u.clamp(1e-20, 1.0))).clamp_min(1e-20)).to(dtype)
 
 
 CDF_CHUNK_BYTES = 64 * 2**20  # float64 CDF rows per chunk in sample_categorical
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_categorical(probs: torch.Tensor, generator: Generators,
+                       rows_per_sample: torch.Tensor | None = None) -> torch.Tensor:
     """x ~ Categorical(probs) over the last dim by inverse-CDF sampling.
 
     Per row: F_k = sum_{j <= k} p_j (float64), u ~ U[0, 1) from ``generator`` (on its device), and
     x = #{k : F_k <= u F_K}, the index whose CDF interval [F_{k-1}, F_k) holds u F_K, so P(x = k) = p_k / F_K
     (rows need not be normalised; zero-probability entries are never drawn). One uniform per row instead
     of torch.multinomial's one exponential per entry: ~10x less work for K = 16384 on CPU, and the draws
-    depend only on the seed, not on the device the probabilities live on.
+    depend only on the seed, not on the device the probabilities live on. A list of generators draws each
+    sample's rows with its own generator (``uniform_rows``).
     """
     num_codes = probs.shape[-1]
     flat = probs.reshape(-1, num_codes)
     drawn = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     if flat.shape[0] == 0:
         return drawn.view(probs.shape[:-1])
-    gen_device = generator.device if generator is not None else flat.device
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=gen_device, dtype=torch.float64).to(flat.device)
+    u = uniform_rows(flat.shape[0], generator, flat.device, torch.float64, rows_per_sample).unsqueeze(1)
     rows = max(1, CDF_CHUNK_BYTES // (8 * num_codes))
     for start in range(0, flat.shape[0], rows):
         cdf = flat[start:start + rows].double().cumsum_(dim=-1)
         drawn[start:start + rows] = torch.searchsorted(cdf, u[start:start + rows] * cdf[:, -1:], right=True).squeeze(1)
     return drawn.clamp_(max=num_codes - 1).view(probs.shape[:-1])
+
+
+def check_step_arguments(scheduler, timestep: int, temperature: float) -> int:
+    """Shared checks of a token scheduler's ``step``: set_timesteps was called, t in [0, T), temperature > 0 -> t."""
+    if scheduler.num_inference_steps is None:
+        raise RuntimeError("call set_timesteps(...) before step()")
+    t = int(timestep)
+    if not 0 <= t < scheduler.num_inference_steps:
+        raise ValueError(f"timestep must lie in [0, {scheduler.num_inference_steps}), got {t}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return t
 
 
 @dataclass
@@ -117,6 +156,7 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
         self.timesteps: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
+        self.mask_schedule: str = mask_schedule  # of the current decoding (set_timesteps); the config keeps the default
 
     @property
     def mask_id(self) -> int:
@@ -125,13 +165,16 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None,
                       mask_schedule: str | None = None) -> None:
-        """Steps t = 0, 1, ..., T-1 (each one unmasks a share of tokens); optionally override the schedule."""
+        """Steps t = 0, 1, ..., T-1 (each one unmasks a share of tokens).
+
+        ``mask_schedule`` overrides the configured schedule for this decoding only: the saved config
+        (``scheduler_config.json``) is never changed by a call."""
         if int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if mask_schedule is not None:
-            if mask_schedule not in MASK_SCHEDULES:
-                raise ValueError(f"unknown mask schedule {mask_schedule!r}; choose one of {MASK_SCHEDULES}")
-            self.register_to_config(mask_schedule=mask_schedule)
+        mask_schedule = self.config.mask_schedule if mask_schedule is None else mask_schedule
+        if mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(f"unknown mask schedule {mask_schedule!r}; choose one of {MASK_SCHEDULES}")
+        self.mask_schedule = mask_schedule
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = torch.arange(self.num_inference_steps, device=device)
 
@@ -140,32 +183,27 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
         if self.num_inference_steps is None:
             raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
         ratio = (int(timestep) + 1) / self.num_inference_steps
-        return int(math.floor(seq_len * float(mask_schedule(ratio, self.config.mask_schedule)) + 1e-9))
+        return int(math.floor(seq_len * float(mask_schedule(ratio, self.mask_schedule)) + 1e-9))
 
     def step(
         self,
         model_output: torch.Tensor,
         timestep: int,
         sample: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         temperature: float = 1.0,
         choice_temperature: float | None = None,
         return_dict: bool = True,
     ) -> MaskGITSchedulerOutput | tuple:
         """One MaskGIT step (module docstring). sample: tokens [B, L] or [B, h, w] with ``mask_id`` at masked
         positions. model_output: logits at every position, [B, L, K] or [B, h, w, K], or only at the M masked
-        positions, [M, K] in row-major order of ``sample == mask_id`` (what ``MaskGITPrior.generate`` passes:
-        the fixed positions' logits are never used, so they need not be computed). Work is O(M K) either way."""
-        if self.num_inference_steps is None:
-            raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
-        t = int(timestep)
-        if not 0 <= t < self.num_inference_steps:
-            raise ValueError(f"timestep must lie in [0, {self.num_inference_steps}), got {t}")
+        positions, [M, K] in row-major order of ``sample == mask_id`` (what the sampling loop passes: the fixed
+        positions' logits are never used, so they need not be computed). Work is O(M K) either way.
+        generator: one torch.Generator, or a list with one per sample (each sample's draws use its own)."""
+        t = check_step_arguments(self, timestep, temperature)
         K = int(self.config.codebook_size)
         if model_output.shape[-1] != K:
             raise ValueError(f"logits must have codebook_size={K} entries in the last dim, got {model_output.shape[-1]}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         choice_temperature = self.config.choice_temperature if choice_temperature is None else choice_temperature
 
         shape = sample.shape
@@ -188,11 +226,11 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
 
         # sample x_i and its log-probability at the masked positions only
         log_probs = torch.log_softmax(masked_logits / temperature, dim=-1)  # [M, K]
-        drawn = sample_categorical(log_probs.exp(), generator)  # [M]
+        n_unknown = unknown.sum(dim=1)
+        drawn = sample_categorical(log_probs.exp(), generator, n_unknown)  # [M]
         candidates = tokens.masked_scatter(unknown, drawn)
         chosen_log_prob = log_probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
 
-        n_unknown = unknown.sum(dim=1)
         if t == self.num_inference_steps - 1:
             keep_masked = torch.zeros_like(n_unknown)
         else:
@@ -203,7 +241,8 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
         noise_scale = float(choice_temperature) * (1.0 - (t + 1) / self.num_inference_steps)
         if noise_scale > 0:
             chosen_log_prob = chosen_log_prob + noise_scale * gumbel_noise(chosen_log_prob.shape, generator,
-                                                                           chosen_log_prob.device)
+                                                                           chosen_log_prob.device,
+                                                                           rows_per_sample=n_unknown)
         confidence = torch.full(tokens.shape, float("inf"), device=tokens.device).masked_scatter(unknown,
                                                                                                chosen_log_prob)
         # rank 0 = least confident; re-mask the keep_masked least confident (all of them unknown)
@@ -216,6 +255,86 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev, candidates)
         return MaskGITSchedulerOutput(prev_sample=prev, pred_original_sample=candidates)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: removed entries become -inf; the most likely entry always stays.
+
+    top-k keeps the k largest logits; top-p keeps the smallest prefix of the sorted distribution whose
+    probability mass reaches p (an entry is kept if the mass strictly before it is < p).
+    """
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        remove_sorted = mass_before >= top_p
+        remove_sorted[..., 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
+    """Raster-order decoding for GPT priors as a diffusers scheduler (saved as ``scheduler_config.json``).
+
+    Step t (t = 0..L-1) fills position t of the token sequence [B, L] (``unknown_token_id`` = K marks
+    positions not decoded yet) with x_t ~ Categorical(softmax(top_p(top_k(l_t / temperature)))), where l_t
+    [B, K] are the (guided) next-token logits the prior computed from the prefix; ``sample_categorical``
+    draws with the caller's generator (one, or one per sample).
+
+    Args:
+        codebook_size: K; logits have K entries and tokens are in [0, K).
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(self, codebook_size: int = 1024):
+        if int(codebook_size) < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+        self.timesteps: torch.Tensor | None = None
+        self.num_inference_steps: int | None = None
+
+    @property
+    def mask_id(self) -> int:
+        """Id of a position not decoded yet (K: outside the vocabulary, never fed to the prior)."""
+        return int(self.config.codebook_size)
+
+    def set_timesteps(self, seq_len: int, device: str | torch.device | None = None) -> None:
+        """One step per token: t = 0, 1, ..., L-1."""
+        if int(seq_len) < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.num_inference_steps = int(seq_len)
+        self.timesteps = torch.arange(self.num_inference_steps, device=device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        generator: Generators = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        return_dict: bool = True,
+    ) -> MaskGITSchedulerOutput | tuple:
+        """model_output: next-token logits [B, K]; sample: tokens [B, L] -> tokens with position t filled."""
+        t = check_step_arguments(self, timestep, temperature)
+        K = int(self.config.codebook_size)
+        if model_output.dim() != 2 or model_output.shape != (sample.shape[0], K):
+            raise ValueError(f"next-token logits must be [B={sample.shape[0]}, K={K}], got {tuple(model_output.shape)}")
+        logits = filter_logits(model_output.float() / temperature, top_k, top_p)
+        drawn = sample_categorical(logits.softmax(dim=-1), generator,
+                                   torch.ones(sample.shape[0], dtype=torch.long))  # [B]
+        tokens = sample.clone()
+        tokens.reshape(sample.shape[0], -1)[:, t] = drawn
+        if not return_dict:
+            return (tokens, tokens)
+        return MaskGITSchedulerOutput(prev_sample=tokens, pred_original_sample=tokens)
 
 
 GUIDANCE_SCHEDULES = ("constant", "linear")

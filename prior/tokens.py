@@ -252,7 +252,7 @@ class TokenDataset(Dataset):
             raise ValueError("TokenDataset needs at least one token directory")
         self.metas = [validate_token_directory(p) for p in self.paths]
         first = self.metas[0]
-        for key in ("tokenizer_hash", "codebook_size", "grid_size", "num_classes"):
+        for key in ("tokenizer_hash", "codebook_size", "grid_size", "num_classes", "class_names"):
             values = {json.dumps(m.get(key)) for m in self.metas}
             if len(values) > 1:
                 detail = ", ".join(f"{p}: {m.get(key)}" for p, m in zip(self.paths, self.metas))
@@ -270,6 +270,7 @@ class TokenDataset(Dataset):
         if grid_size is not None and normalize_grid_size(grid_size) != self.grid_size:
             raise ValueError(f"stored tokens have grid {self.grid_size}, expected {normalize_grid_size(grid_size)}")
         self.num_classes = first.get("num_classes")
+        self.class_names = first.get("class_names")  # names of the classes (None for directories without them)
         self.tokenizer_hash = first.get("tokenizer_hash")
         self.meta = first
         self.use_augmentations = bool(use_augmentations)

@@ -25,11 +25,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lgq.config import load_config
 from lgq.training import Trainer, build_optimizer
 from prior.config import PriorModelConfig, PriorRunConfig, resolve_data_shape
 from prior.tokens import TokenDataset, tokenizer_fingerprint
-from tokenizer.train import parse_args  # (same command line: --config, --resume, key=value)
+from tokenizer.train import load_run_config  # (same command line: --config, --resume, --print-config, key=value)
 
 
 class PriorTrainingLoss(nn.Module):
@@ -51,9 +50,12 @@ class PriorTrainingLoss(nn.Module):
         return self.prior.save_pretrained(*args, **kwargs)
 
 
-def build_prior(model_cfg: PriorModelConfig, codebook_size: int, grid_size: tuple[int, int], num_classes: int):
-    """MaskGITPrior or GPTPrior of the configured size over K = codebook_size, grid h x w, C classes."""
+def build_prior(model_cfg: PriorModelConfig, codebook_size: int, grid_size: tuple[int, int], num_classes: int,
+                class_names: list[str] | None = None):
+    """MaskGITPrior or GPTPrior of the configured size over K = codebook_size, grid h x w, C classes (named
+    ``class_names`` when the token data records them: the pipeline's ``id2label``)."""
     common = dict(codebook_size=codebook_size, num_classes=num_classes, grid_size=tuple(grid_size),
+                  class_names=list(class_names) if class_names and len(class_names) == num_classes else None,
                   hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                   mlp_ratio=model_cfg.mlp_ratio, dropout=model_cfg.dropout, label_dropout=model_cfg.label_dropout)
     if model_cfg.prior_type == "maskgit":
@@ -103,16 +105,18 @@ def token_images(tokens: torch.Tensor, codebook_size: int, min_size: int = 64) -
     return grey.repeat_interleave(scale, 2).repeat_interleave(scale, 3).repeat(1, 3, 1, 1)
 
 
-def main(argv: Sequence[str] | None = None) -> Trainer:
-    """Run training; returns the Trainer (``.history`` holds the logged values, ``.output_dir`` the run)."""
-    args, overrides = parse_args(argv, description=__doc__.split("\n\n")[0])
-    cfg = load_config(PriorRunConfig, args.config or None, overrides)
+def main(argv: Sequence[str] | None = None) -> Trainer | None:
+    """Run training; returns the Trainer (``.history`` holds the logged values, ``.output_dir`` the run), or None
+    after --print-config."""
+    cfg, print_only = load_run_config(PriorRunConfig, argv, __doc__.split("\n\n")[0], "prior/train.py")
+    if print_only:
+        return None
     train_set, shape, tokenizer = load_token_data(cfg)  # before the Trainer: data errors leave no run directory
     trainer = Trainer(cfg.train, run_config=cfg)
     accelerator = trainer.accelerator
 
     # --- build: prior (behind its loss), optimizer, data ------------------------------------------------
-    prior = build_prior(cfg.model, **shape)
+    prior = build_prior(cfg.model, **shape, class_names=train_set.class_names)
     model = PriorTrainingLoss(prior, cfg.model.label_smoothing)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                                          num_workers=cfg.train.num_workers,

@@ -34,7 +34,21 @@ def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: floa
                 "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if env:
         full_env.update(env)
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # a hang (e.g. a collective not reached by every rank): kill the launcher AND its workers (they
+            # run in sessions of their own and would keep the pipes open)
+            import psutil  # an accelerate dependency
+
+            for process in [*psutil.Process(popen.pid).children(recursive=True), psutil.Process(popen.pid)]:
+                process.kill()
+            stdout, stderr = popen.communicate()
+            raise AssertionError(f"DDP run did not finish within {timeout} s (hang?): {' '.join(cmd)}\n"
+                                 f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-6000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(
             f"DDP run failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"

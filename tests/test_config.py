@@ -68,10 +68,23 @@ def test_missing_file_and_malformed_override(tmp_path):
     ("train.warmup_steps=2000", "train.warmup_steps"),
     ("train.lr_schedule=linear", "train.lr_schedule"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
-    ("train.tracker=mlflow", "train.tracker"),
+    ("train.tracker=[]", "train.tracker"),
+    ("train.tracker=[3]", "train.tracker"),
     ("train.ema_decay=1.0", "train.ema_decay"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
 ])
 def test_semantic_errors_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(RunConfig, None, [override])
+
+
+def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
+    """YAML 1.1 reads `no` as False; the documented value must still work from the command line and from files."""
+    from tokenizer.config import TokenizerRunConfig
+
+    assert load_config(TokenizerRunConfig, None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(TokenizerRunConfig, path).train.mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        load_config(TokenizerRunConfig, None, ["train.mixed_precision=yes"])

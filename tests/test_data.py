@@ -258,6 +258,20 @@ def test_glyph_fonts_lacking_characters_are_skipped_and_unreadable_fonts_named(t
         small_glyphs(glyph_font_dir=str(tmp_path / "empty_missing"))
 
 
+def test_glyph_fonts_whose_characters_render_identically_are_skipped(tmp_path, monkeypatch):
+    import shutil
+
+    import lgq.data
+
+    # without usable glyph names (or fontTools) the rendering check alone must reject LastResort's boxes
+    monkeypatch.setattr(lgq.data, "_glyph_name_matches", lambda glyph_name, char: True)
+    for name in ("DejaVuSerif.ttf", "LastResortHE-Regular.ttf"):
+        shutil.copy(matplotlib_font_dir() / name, tmp_path / name)
+    dataset = small_glyphs(glyph_font_dir=str(tmp_path))
+    assert dataset.fonts == ["DejaVuSerif"]
+    assert "render identically" in dataset.skipped_fonts["LastResortHE-Regular.ttf"]
+
+
 def test_preview_and_benchmark_command(tmp_path, capsys):
     from lgq.data import main
 

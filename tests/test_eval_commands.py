@@ -64,8 +64,10 @@ def test_reconstruction_command_json_matches_hand_computation(tmp_path, tokenize
     reconstruction.main(["--tokenizer", tokenizer_dir, *DATA_ARGS, "--split", "val", "--num-images", "8",
                          "--batch-size", "5", "--output", out, "--inception-weights", inception_weights_path,
                          "--lpips", "off"])
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "rFID" in table and "active codes" in table
+    assert "reconstruction" in captured.err and "2/2" in captured.err  # the progress bar over 2 batches
     result = json.loads(out.read_text())
     protocol = result["protocol"]
     assert protocol["num_images"] == 8 and protocol["split"] == "val" and protocol["resolution"] == [16, 16]
@@ -242,3 +244,24 @@ def test_two_process_gen_fid_generates_each_sample_once(tmp_path, pipeline_dir, 
     assert ddp["fid"] is None and any("no --reference" in n for n in ddp["notes"])  # FID itself: test above
     # Inception features were extracted on each rank and gathered: the same IS as one process
     assert ddp["inception_score_mean"] == pytest.approx(single["inception_score_mean"], rel=1e-9)
+
+
+def test_gen_fid_notes_reference_statistics_from_another_inception_implementation(tmp_path, inception_weights_path):
+    """ADM-style reference batches hold bare mu/sigma (TensorFlow Inception); ours carry protocol metadata."""
+    from eval.fid import InceptionFeatureExtractor, compute_inception_features, save_fid_statistics
+
+    extractor = InceptionFeatureExtractor(inception_weights_path, device="cpu")
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    reference = compute_inception_features(images.flip(0)[:5], extractor).statistics(extractor.protocol())
+    np.savez(tmp_path / "adm_style.npz", mu=reference.mu, sigma=reference.sigma)
+    save_fid_statistics(tmp_path / "ours.npz", reference)
+    results = {name: gen_fid.evaluate_generation({"images": images}, str(tmp_path / f"{name}.npz"), extractor,
+                                                 isc=False)
+               for name in ("adm_style", "ours")}
+    assert results["adm_style"]["fid"] == pytest.approx(results["ours"]["fid"])
+    assert results["adm_style"]["reference"]["type"] == "npz_statistics"
+    assert results["adm_style"]["reference"]["inception_implementation"].startswith("not recorded")
+    assert gen_fid.FOREIGN_STATISTICS_NOTE in results["adm_style"]["notes"]
+    assert "ADM evaluator" in gen_fid.FOREIGN_STATISTICS_NOTE
+    assert gen_fid.FOREIGN_STATISTICS_NOTE not in results["ours"]["notes"]
+    assert "inception_implementation" not in results["ours"]["reference"]

@@ -46,23 +46,14 @@ def test_registry_and_shapes_and_dtypes():
 
 
 def test_hard_index_is_nearest_centre_and_output_is_that_centre():
-    q = make_quantizer(pre_norm=True)
+    q = make_quantizer()
     z = latents(B=3)
     out = q(z)
-    x = F.layer_norm(flat(z), (8,), eps=1e-6)
+    x = flat(z)  # the quantizer takes its input as given (the model normalises in front of it)
     brute = torch.stack([((x[n] - q.codebook) ** 2).sum(1).argmin() for n in range(x.shape[0])])
     assert torch.equal(out.indices.reshape(-1), brute)
     assert torch.allclose(flat(out.quantized), q.codebook[brute], atol=1e-6)
     assert torch.allclose(q.indices_to_latents(out.indices), out.quantized, atol=1e-6)
-
-
-def test_pre_norm_is_per_token_layernorm():
-    q = make_quantizer(pre_norm=True)
-    z = latents() * 7 + 3
-    x = q.normalise_latents(flat(z))
-    assert torch.allclose(x.mean(1), torch.zeros(x.shape[0]), atol=1e-5)
-    assert torch.allclose(x.var(1, unbiased=False), torch.ones(x.shape[0]), atol=1e-4)
-    assert torch.equal(make_quantizer(pre_norm=False).normalise_latents(flat(z)), flat(z))
 
 
 def test_soft_output_converges_to_hard_as_tau_goes_to_zero():
@@ -75,7 +66,7 @@ def test_soft_output_converges_to_hard_as_tau_goes_to_zero():
     assert gaps[-1] < 1e-4 and gaps[0] > 1e-2
     assert all(a >= b - 1e-7 for a, b in zip(gaps, gaps[1:]))
     # and the module agrees: at tiny tau its soft output equals the hard one
-    q = make_quantizer(pre_norm=False, tau_start=1e-4, tau_end=1e-4)
+    q = make_quantizer(tau_start=1e-4, tau_end=1e-4)
     xq, k, b, v = logit_operands(x, q.codebook, "euclidean")
     q_soft, *_ = SoftAssignment.apply(xq, k, b, v, 1e4, 16)
     assert torch.allclose(q_soft, q.codebook[lgq_dense_reference(x, q.codebook, 1e-4)["indices"]], atol=1e-4)
@@ -91,7 +82,7 @@ def test_gradients_reach_inputs_and_centres_through_soft_path():
 
 
 def test_straight_through_is_soft_to_hard_not_identity():
-    """d q / d x = (2 / tau) Cov_p(c) (pre_norm off), not the identity of the VQ-VAE STE."""
+    """d q / d x = (2 / tau) Cov_p(c), not the identity of the VQ-VAE STE."""
     torch.manual_seed(0)
     c = torch.randn(5, 3, dtype=torch.float64)
     x = torch.randn(1, 3, dtype=torch.float64)
@@ -112,7 +103,7 @@ def test_usage_loss_uniform_is_one_and_collapse_is_K():
     collapse = lgq_dense_reference(c[:1].repeat(12, 1), c, tau)
     assert math.isclose(float(collapse["loss_usage"]), float(K), rel_tol=1e-5)
     # the module reports the same
-    q = LGQuantizer(K, K, pre_norm=False, tau_start=tau, tau_end=tau)
+    q = LGQuantizer(K, K, tau_start=tau, tau_end=tau)
     with torch.no_grad():
         q.codebook.copy_(c)
     z = c.repeat(3, 1).t().reshape(1, K, 1, 3 * K)
@@ -130,7 +121,7 @@ def test_peak_loss_on_hand_computed_probabilities():
     x = torch.tensor([[0.0], [-math.log(3.0) / 4.0]])
     ref = lgq_dense_reference(x, c, tau)
     assert math.isclose(float(ref["loss_peak"]), 7.0 / 16.0, rel_tol=1e-6)
-    q = LGQuantizer(1, 2, pre_norm=False, tau_start=tau, tau_end=tau)
+    q = LGQuantizer(1, 2, tau_start=tau, tau_end=tau)
     with torch.no_grad():
         q.codebook.copy_(c)
     out = q(x.t().reshape(1, 1, 1, 2))
@@ -151,22 +142,19 @@ def assert_close_to_reference(actual, reference, name, rel=2e-5):
 
 @pytest.mark.parametrize("logits", ["euclidean", "dot", "cosine"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
-@pytest.mark.parametrize("pre_norm", [True, False])
-def test_chunked_module_matches_dense_reference(logits, chunk_size, pre_norm):
+def test_chunked_module_matches_dense_reference(logits, chunk_size):
     """Values and gradients (inputs and centres) of every loss; chunk sizes 1, 7 do not divide N=30.
 
     The dense reference runs in float64 on the same inputs, so the tolerance measures the fp32
     error of the chunked module itself.
     """
     torch.manual_seed(3)
-    q = LGQuantizer(8, 37, logits=logits, chunk_size=chunk_size, pre_norm=pre_norm, tau_start=0.6)
+    q = LGQuantizer(8, 37, logits=logits, chunk_size=chunk_size, tau_start=0.6)
     z = latents(B=2, H=3, W=5).requires_grad_(True)
     out = q(z)
     z_ref = z.detach().double().requires_grad_(True)
     c_ref = q.codebook.detach().double().requires_grad_(True)
     x_ref = flat(z_ref)
-    if pre_norm:
-        x_ref = F.layer_norm(x_ref, (8,), eps=1e-6)
     ref = lgq_dense_reference(x_ref, c_ref, 0.6, logits=logits)
     assert torch.equal(out.indices.reshape(-1), ref["indices"])
     assert_close_to_reference(flat(out.quantized), ref["quantized"], "quantized")
@@ -179,7 +167,7 @@ def test_chunked_module_matches_dense_reference(logits, chunk_size, pre_norm):
     # gradients w.r.t. inputs and centres: L_q alone, the weighted total, and a term through the output
     weights = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(9))
     module_terms = {
-        "quant": lambda o: F.mse_loss(flat(o.quantized), q.normalise_latents(flat(z))),
+        "quant": lambda o: F.mse_loss(flat(o.quantized), flat(z)),
         "total": lambda o: o.loss,
         "output": lambda o: (o.quantized * weights).sum(),
     }
@@ -232,9 +220,8 @@ def test_indices_to_latents_round_trip_and_validation():
     lat = q.indices_to_latents(idx)
     assert lat.shape == (2, 8, 4, 3)
     assert torch.equal(lat.permute(0, 2, 3, 1)[1, 2, 0], q.codebook[idx[1, 2, 0]])
-    # quantizing the centres (pre_norm off) returns the same indices
-    qn = make_quantizer(pre_norm=False)
-    assert torch.equal(qn(qn.indices_to_latents(idx)).indices, idx)
+    # quantizing the centres returns the same indices
+    assert torch.equal(q(q.indices_to_latents(idx)).indices, idx)
     with pytest.raises(ValueError, match=r"\[0, 37\)"):
         q.indices_to_latents(torch.full((1, 2, 2), 37))
     with pytest.raises(ValueError, match="integer"):
@@ -329,9 +316,8 @@ def test_init_from_latents(method):
     data = torch.randn(200, 8)
     q.init_from_latents(data)
     assert not q.needs_init
-    normed = q.normalise_latents(data)
-    if method in ("random", "kmeans++"):  # centres are actual (normalised) latents
-        gap = (q.codebook.detach()[:, None, :] - normed[None]).abs().amax(-1).min(1).values
+    if method in ("random", "kmeans++"):  # centres are actual latents
+        gap = (q.codebook.detach()[:, None, :] - data[None]).abs().amax(-1).min(1).values
         assert float(gap.max()) < 1e-6
     # deterministic given latents and generator (same on every DDP rank)
     other = make_quantizer(K=16, init=method)
@@ -354,7 +340,7 @@ def test_lloyd_init_lowers_quantization_error():
     data = torch.randn(400, 8)
     errors = {}
     for method in ("random", "lloyd"):
-        q = LGQuantizer(8, 16, init=method, pre_norm=False, tau_start=1e-3, tau_end=1e-3)
+        q = LGQuantizer(8, 16, init=method, tau_start=1e-3, tau_end=1e-3)
         q.init_from_latents(data)
         with torch.no_grad():
             errors[method] = float(q(data.t().reshape(1, 8, 1, 400)).stats["loss_quant"])
@@ -368,13 +354,12 @@ def test_init_with_fewer_latents_than_K_warns_and_adds_noise():
         q.init_from_latents(data)
     assert not q.needs_init
     assert torch.unique(q.codebook.detach(), dim=0).shape[0] == 37  # noise separates duplicates
-    normed = q.normalise_latents(data)
-    assert float(torch.cdist(q.codebook.detach(), normed).min(1).values.max()) < 0.2
+    assert float(torch.cdist(q.codebook.detach(), data).min(1).values.max()) < 0.2
 
 
 def test_dead_centre_reseeding():
     torch.manual_seed(0)
-    q = LGQuantizer(4, 8, reseed_dead=True, reseed_threshold=0.5, usage_ema_decay=0.0, pre_norm=False,
+    q = LGQuantizer(4, 8, reseed_dead=True, reseed_threshold=0.5, usage_ema_decay=0.0,
                     tau_start=0.1, tau_end=0.1)
     with torch.no_grad():
         q.codebook.copy_(torch.randn(8, 4) * 0.1)
@@ -427,7 +412,7 @@ def test_soft_usage_matches_reference_and_is_a_distribution():
     q = make_quantizer(tau_start=0.5)
     z = latents()
     u = q.soft_usage(z)
-    ref = lgq_dense_reference(q.normalise_latents(flat(z)), q.codebook.detach(), 0.5)["usage"]
+    ref = lgq_dense_reference(flat(z), q.codebook.detach(), 0.5)["usage"]
     assert u.shape == (37,) and torch.allclose(u, ref, atol=1e-6)
     assert torch.allclose(u.sum(), torch.tensor(1.0), atol=1e-5)
     assert torch.allclose(q.codebook.shape[0] * (u * u).sum(), q(z).stats["loss_usage"], rtol=1e-5)

@@ -65,7 +65,7 @@ def test_lpips_loads_linear_heads_from_local_file(tmp_path, lpips):
     torch.save(heads, tmp_path / "vgg.pth")
     with_heads = LPIPS(pretrained=False, lpips_weights_path=tmp_path / "vgg.pth")
     with_heads.features.load_state_dict(lpips.features.state_dict())
-    assert with_heads.uses_lpips_heads and not lpips.uses_lpips_heads
+    assert with_heads.uses_lpips_heads and lpips.uses_lpips_heads  # the fixture has the packaged heads
     for i, head in enumerate(with_heads.heads):
         assert torch.equal(head, heads[f"lin{i}.model.1.weight"]) and not head.requires_grad
     x, y = images(seed=0), images(seed=1)
@@ -77,6 +77,59 @@ def test_lpips_loads_linear_heads_from_local_file(tmp_path, lpips):
         LPIPS(pretrained=False, lpips_weights_path=tmp_path / "broken.pth")
     with pytest.raises(FileNotFoundError, match="LPIPS"):
         LPIPS(pretrained=False, lpips_weights_path=tmp_path / "missing.pth")
+
+
+def random_torchvision_vgg16_file(path, seed: int = 1):
+    """A VGG16 checkpoint in torchvision's key format ("features.N.weight") with random He-initialised convs
+    (locally constructed: the real ImageNet weights are a download)."""
+    torch.manual_seed(seed)
+    features = vgg16_features()
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.normal_(module.bias, std=0.01)
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return features
+
+
+def test_lpips_by_default_is_the_published_v01_metric_of_the_lpips_package(tmp_path):
+    """Default heads = the lpips wheel's v0.1 vgg.pth; with the same (random) VGG weights our distance equals the
+    `lpips` package's own LPIPS-VGG implementation."""
+    import importlib
+
+    from tokenizer.losses import packaged_lpips_heads_path
+
+    features = random_torchvision_vgg16_file(tmp_path / "vgg16.pth")
+    ours = LPIPS(pretrained=True, vgg_weights_path=tmp_path / "vgg16.pth")
+    assert ours.uses_lpips_heads and ours.variant == "LPIPS-VGG v0.1"
+    published = torch.load(packaged_lpips_heads_path(), map_location="cpu", weights_only=True)
+    for i, head in enumerate(ours.heads):
+        assert torch.equal(head, published[f"lin{i}.model.1.weight"])
+
+    reference = importlib.import_module("lpips").LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    with torch.no_grad():
+        for name, parameter in reference.net.named_parameters():  # slice{s}.{torchvision index}.{weight|bias}
+            index, kind = name.split(".")[1:]
+            parameter.copy_(getattr(features[int(index)], kind))
+    x, y = images(seed=0), images(seed=1)
+    expected = reference.eval()(x, y).flatten()
+    assert torch.allclose(ours(x, y), expected, rtol=1e-4, atol=1e-6), (ours(x, y), expected)
+
+
+def test_lpips_without_heads_is_an_error_that_says_how_to_supply_them_unless_uniform_heads_opted_in(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
+    for build in (lambda: LPIPS(pretrained=False), lambda: TokenizerLoss(perceptual_weight=1.0, lpips_pretrained=False)):
+        with pytest.raises(FileNotFoundError, match="pip install lpips") as error:
+            build()
+        assert "lpips_weights_path" in str(error.value) and "lpips_uniform_heads=true" in str(error.value)
+    uniform = TokenizerLoss(perceptual_weight=1.0, lpips_pretrained=False, lpips_uniform_heads=True).lpips
+    assert not uniform.uses_lpips_heads and "not the published" in uniform.variant
+    assert all(torch.equal(h, torch.full_like(h, 0.2)) for h in uniform.heads)
+    with pytest.raises(ValueError, match="not both"):
+        LPIPS(pretrained=False, lpips_weights_path="vgg.pth", uniform_heads=True)
 
 
 def test_lpips_loads_vgg_weights_from_local_torchvision_file(tmp_path):

@@ -1,4 +1,5 @@
-"""LGQPipeline: sampling, label validation, output types, save/load round trip, dtype, assemble command."""
+"""LGQPipeline: sampling loop, callbacks, generators, label validation and names, output types, save/load round
+trip, dtype, assemble command."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from PIL import Image
 from pipelines import LGQPipeline
 from pipelines import assemble
 from prior.maskgit import MaskGITPrior
-from prior.scheduler import MaskGITScheduler
+from prior.scheduler import AutoregressiveScheduler, MaskGITScheduler, apply_guidance, filter_logits, guidance_scale_at
 from tokenizer.model import LGQTokenizer
 
 K, NUM_CLASSES, GRID = 32, 4, 4
@@ -90,8 +91,10 @@ def test_label_validation_names_the_valid_range(pipe, labels):
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_inference_steps=0), dict(num_inference_steps=2.5), dict(temperature=0.0),
-                                    dict(guidance_scale=-1.0), dict(output_type="latent"), dict(generator=0),
-                                    dict(top_k=5)])
+                                    dict(guidance_scale=-1.0), dict(output_type="tokens"), dict(generator=0),
+                                    dict(top_k=5), dict(use_cache=False), dict(mask_schedule="spiral"),
+                                    dict(generator=[torch.Generator()] * 2), dict(callback_on_step_end_tensor_inputs=["x"]),
+                                    dict(guidance_schedule="cubic")])
 def test_bad_call_options_raise(pipe, kwargs):
     kwargs.setdefault("num_inference_steps", 2)
     with pytest.raises(ValueError):
@@ -156,7 +159,7 @@ def test_gpt_prior_inside_pipeline_round_trip(tmp_path):
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["prior"] == ["prior.gpt", "GPTPrior"]
     loaded = LGQPipeline.from_pretrained(tmp_path)
-    assert loaded.scheduler is None and not loaded.prior.training
+    assert isinstance(loaded.scheduler, AutoregressiveScheduler) and not loaded.prior.training
     np.testing.assert_array_equal(before, sample(loaded, seed=11, top_k=8, top_p=0.9))
 
 
@@ -173,7 +176,7 @@ def test_assemble_command_detects_prior_type(tmp_path, prior_factory, capsys):
     if isinstance(prior, MaskGITPrior):
         assert loaded.scheduler.config.mask_schedule == "arccos"
     else:
-        assert loaded.scheduler is None
+        assert isinstance(loaded.scheduler, AutoregressiveScheduler)
     assert sample(loaded, labels=[1]).shape == (1, 8, 8, 3)
 
 
@@ -185,3 +188,162 @@ def test_assemble_rejects_bad_exports(tmp_path):
     with pytest.raises(ValueError, match="prior class"):  # a tokenizer folder passed as the prior
         assemble.main(["--tokenizer", str(tmp_path / "tokenizer"), "--prior", str(tmp_path / "tokenizer"),
                        "--output", str(tmp_path / "out")])
+
+
+# ----------------------------------------------------------------------------- the sampling loop
+# The loops below are the sampling code as it was before LGQPipeline.__call__ owned the loop (MaskGITPrior.generate
+# and GPTPrior.generate without KV cache), kept as references: the pipeline must give the same tokens for the same
+# seed. (GPT's cached decoding is compared with the uncached one in test_gpt.py.)
+def reference_maskgit_tokens(prior, labels, num_inference_steps, guidance_scale, generator, schedule="cosine"):
+    scheduler = MaskGITScheduler(codebook_size=prior.codebook_size, mask_schedule=schedule)
+    scheduler.set_timesteps(num_inference_steps)
+    labels = torch.as_tensor(labels)
+    tokens = torch.full((labels.shape[0], prior.seq_len), prior.mask_token_id, dtype=torch.long)
+    with torch.no_grad():
+        for step in scheduler.timesteps.tolist():
+            masked = tokens == prior.mask_token_id
+            logits = prior.guided_logits(tokens, labels, guidance_scale, positions=masked)
+            tokens = scheduler.step(logits, step, tokens, generator=generator).prev_sample
+    return tokens.view(-1, *prior.grid_size)
+
+
+def reference_gpt_tokens(prior, labels, guidance_scale, generator, top_k=None, guidance_schedule="constant"):
+    from prior.scheduler import sample_categorical
+
+    labels = torch.as_tensor(labels)
+    model_labels = torch.cat([labels, torch.full_like(labels, prior.null_class)])
+    tokens = torch.empty(labels.shape[0], 0, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(prior.seq_len):
+            out = prior.transformer(inputs_embeds=prior._embed(model_labels, tokens.repeat(2, 1)), use_cache=False)
+            cond, uncond = out.logits[:, -1].float().chunk(2)
+            logits = apply_guidance(cond, uncond, guidance_scale_at(i, prior.seq_len, guidance_scale, guidance_schedule))
+            next_token = sample_categorical(filter_logits(logits, top_k).softmax(-1), generator)
+            tokens = torch.cat([tokens, next_token.unsqueeze(1)], dim=1)
+    return tokens.view(-1, *prior.grid_size)
+
+
+def test_pipeline_loop_gives_the_reference_tokens_for_the_same_seed(pipe):
+    prior = pipe.prior
+    for schedule, scale in (("cosine", 1.0), ("arccos", 2.5)):
+        expected = reference_maskgit_tokens(prior, [0, 1, 3], 5, scale, torch.Generator().manual_seed(4), schedule)
+        got = pipe([0, 1, 3], num_inference_steps=5, guidance_scale=scale, mask_schedule=schedule,
+                   generator=torch.Generator().manual_seed(4), output_type="latent").images
+        assert torch.equal(got, expected)
+        assert torch.equal(prior.generate([0, 1, 3], num_inference_steps=5, guidance_scale=scale, schedule=schedule,
+                                          generator=torch.Generator().manual_seed(4)), expected)
+    # images are the decoded reference tokens
+    images = sample(pipe, labels=(0, 1, 3), seed=4, num_inference_steps=5, guidance_scale=2.5, mask_schedule="arccos",
+                    output_type="pt")
+    decoded = (pipe.tokenizer.decode(expected) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, decoded)
+    gpt_pipe = LGQPipeline(tokenizer=tiny_tokenizer(), prior=tiny_gpt())
+    for settings in (dict(guidance_scale=2.0, top_k=8), dict(guidance_scale=3.0, guidance_schedule="linear")):
+        expected = reference_gpt_tokens(gpt_pipe.prior, [2, 0], generator=torch.Generator().manual_seed(9), **settings)
+        got = gpt_pipe([2, 0], generator=torch.Generator().manual_seed(9), output_type="latent", **settings).images
+        assert torch.equal(got, expected)
+
+
+def test_latent_output_is_the_token_grid(pipe):
+    tokens = pipe([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="latent").images
+    assert tokens.dtype == torch.int64 and tokens.shape == (2, GRID, GRID) and ((tokens >= 0) & (tokens < K)).all()
+    images = pipe([0, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    torch.testing.assert_close(images, (pipe.tokenizer.decode(tokens) / 2 + 0.5).clamp(0, 1))
+
+
+@pytest.mark.parametrize("prior_factory", [tiny_maskgit, tiny_gpt], ids=["maskgit", "gpt"])
+def test_callback_on_step_end_sees_every_step_and_can_change_tokens(prior_factory):
+    pipeline = LGQPipeline(tokenizer=tiny_tokenizer(), prior=prior_factory(),
+                           scheduler=MaskGITScheduler(codebook_size=K) if prior_factory is tiny_maskgit else None)
+    seen = []
+
+    def record(pipe, step_index, timestep, callback_kwargs):
+        assert pipe is pipeline
+        tokens = callback_kwargs["tokens"]
+        seen.append((step_index, int(timestep), int((tokens == K).sum()), tuple(callback_kwargs["logits"].shape)))
+        return {}
+
+    final = pipeline([1, 3], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent",
+                     callback_on_step_end=record, callback_on_step_end_tensor_inputs=["tokens", "logits"]).images
+    steps = pipeline.num_timesteps
+    assert steps == (4 if prior_factory is tiny_maskgit else GRID * GRID)
+    assert [s[0] for s in seen] == list(range(steps)) and [s[1] for s in seen] == list(range(steps))
+    undecided = [s[2] for s in seen]
+    assert undecided == sorted(undecided, reverse=True) and undecided[-1] == 0 and undecided[0] > 0
+    assert all(s[3][-1] == K for s in seen)
+
+    # a callback that overwrites the tokens after the first step: decoding continues from its tokens
+    def force_first_token(pipe, step_index, timestep, callback_kwargs):
+        tokens = callback_kwargs["tokens"]
+        if step_index == 0:
+            tokens[:, 0] = 7
+        return {"tokens": tokens}
+
+    forced = pipeline([1, 3], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent",
+                      callback_on_step_end=force_first_token).images
+    assert (forced.view(2, -1)[:, 0] == 7).all() and final.shape == forced.shape
+
+
+def test_progress_bar_follows_diffusers_config(pipe, capsys):
+    pipe([0], num_inference_steps=3, output_type="latent")
+    assert "3/3" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe([0], num_inference_steps=3, output_type="latent")
+        assert "3/3" not in capsys.readouterr().err
+    finally:
+        pipe.set_progress_bar_config()
+
+
+@pytest.mark.parametrize("prior_factory", [tiny_maskgit, tiny_gpt], ids=["maskgit", "gpt"])
+def test_a_list_of_generators_seeds_each_image(prior_factory):
+    pipeline = LGQPipeline(tokenizer=tiny_tokenizer(), prior=prior_factory(),
+                           scheduler=MaskGITScheduler(codebook_size=K) if prior_factory is tiny_maskgit else None)
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    options = dict(num_inference_steps=4, output_type="latent", guidance_scale=2.0)
+    batch = pipeline([1, 3], generator=gens(5, 6), **options).images
+    assert torch.equal(batch, pipeline([1, 3], generator=gens(5, 6), **options).images)
+    # each image depends only on its own generator: the same (label, seed) alone gives the same grid
+    assert torch.equal(batch[1:], pipeline([3], generator=gens(6), **options).images)
+    assert torch.equal(batch[:1], pipeline([1], generator=gens(5), **options).images)
+
+
+def test_per_call_schedule_does_not_change_the_saved_config(pipe, tmp_path):
+    assert pipe.scheduler.config.mask_schedule == "cosine"
+    arccos = sample(pipe, seed=2, mask_schedule="arccos", output_type="latent")
+    assert pipe.scheduler.config.mask_schedule == "cosine"
+    cosine = sample(pipe, seed=2, output_type="latent")
+    assert torch.equal(cosine, sample(pipe, seed=2, mask_schedule="cosine", output_type="latent"))
+    assert not torch.equal(arccos, cosine)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["mask_schedule"] == "cosine"
+
+
+def test_class_names_id2label_and_get_label_ids(tmp_path):
+    names = ["astronaut", "coffee", "rocket", "chelsea"]
+    torch.manual_seed(1)
+    prior = MaskGITPrior(codebook_size=K, num_classes=NUM_CLASSES, grid_size=GRID, hidden_size=32, num_layers=1,
+                         num_heads=2, class_names=names)
+    pipeline = LGQPipeline(tokenizer=tiny_tokenizer(), prior=prior, scheduler=MaskGITScheduler(codebook_size=K))
+    assert pipeline.id2label == dict(enumerate(names))
+    assert pipeline.get_label_ids(["coffee", "astronaut"]) == [1, 0] and pipeline.get_label_ids("chelsea") == [3]
+    with pytest.raises(ValueError, match="unknown class name.*'tea'.*coffee"):
+        pipeline.get_label_ids(["tea"])
+    pipeline.save_pretrained(tmp_path)
+    loaded = LGQPipeline.from_pretrained(tmp_path)
+    assert loaded.id2label == dict(enumerate(names)) and loaded.get_label_ids(["rocket"]) == [2]
+    with pytest.raises(ValueError, match="no class names"):
+        LGQPipeline(tokenizer=tiny_tokenizer(), prior=tiny_maskgit(),
+                    scheduler=MaskGITScheduler(codebook_size=K)).get_label_ids(["coffee"])
+    with pytest.raises(ValueError, match="class_names"):
+        MaskGITPrior(codebook_size=K, num_classes=NUM_CLASSES, grid_size=GRID, hidden_size=32, num_layers=1,
+                     num_heads=2, class_names=names[:3])
+
+
+def test_token_only_pipeline_and_generate_restore_the_training_mode():
+    prior = tiny_maskgit().train()
+    tokens = prior.generate([0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert prior.training and tokens.shape == (2, GRID, GRID)
+    token_only = LGQPipeline(tokenizer=None, prior=prior, scheduler=MaskGITScheduler(codebook_size=K))
+    with pytest.raises(ValueError, match="no tokenizer|needs a tokenizer"):
+        token_only([0], num_inference_steps=2, output_type="pt")

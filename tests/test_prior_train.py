@@ -59,7 +59,7 @@ def mean_of(history, key: str, steps) -> float:
 
 
 @pytest.mark.parametrize("prior_type", ["maskgit", "gpt"])
-def test_tiny_prior_learns_and_exports(prior_type, token_dir, tmp_path):
+def test_tiny_prior_learns_and_exports(prior_type, token_dir, tmp_path, capsys):
     trainer = train(tmp_path / "run", token_dir, f"model.prior_type={prior_type}", "train.max_steps=30",
                     "train.log_every=1", "train.checkpoint_every=0", "train.image_log_every=15")
     history = trainer.history
@@ -82,6 +82,7 @@ def test_tiny_prior_learns_and_exports(prior_type, token_dir, tmp_path):
         from prior.gpt import GPTPrior as Prior
 
         options = {}
+    assert f"load with {Prior.__name__}.from_pretrained(" in capsys.readouterr().out  # the prior, not its loss wrapper
     prior = Prior.from_pretrained(str(tmp_path / "run" / "prior")).eval()
     assert (prior.codebook_size, prior.num_classes, prior.grid_size) == (K, CLASSES, (GRID, GRID))
     samples = prior.generate([0, 1, 2, 3], guidance_scale=2.0, generator=torch.Generator().manual_seed(0), **options)

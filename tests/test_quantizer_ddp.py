@@ -20,7 +20,7 @@ def load_script():
 @pytest.mark.slow
 def test_batch_statistics_are_global_under_ddp(tmp_path):
     out_path = tmp_path / "ddp_usage.pt"
-    run_ddp(SCRIPT, out_path, nproc=2)
+    run_ddp(SCRIPT, out_path, nproc=2, timeout=180)
     ddp = torch.load(out_path)
     assert ddp["world_size"] == 2
 
@@ -55,3 +55,10 @@ def test_batch_statistics_are_global_under_ddp(tmp_path):
         assert ddp_lfq["grads"].keys() == single["grads"].keys() and single["grads"]
         for name, grad in single["grads"].items():
             assert torch.allclose(ddp_lfq["grads"][name], grad, rtol=1e-4, atol=1e-6), (mode, name)
+
+    # eval mode: rank 0 quantized alone without hanging, with the statistics of its local half
+    for name in script.EVAL_QUANTIZERS:
+        local = script.eval_statistics(name, batch.chunk(2)[0])
+        assert ddp["eval"][name].keys() == local.keys(), name
+        for key, value in local.items():
+            assert torch.allclose(ddp["eval"][name][key], value, rtol=1e-5, atol=1e-7), (name, key)

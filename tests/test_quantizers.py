@@ -20,7 +20,7 @@ LOSS_TERMS = {
     "simvq": ("loss_codebook", "loss_commit"),
     "fsq": (),
     "lfq": ("entropy_per_sample", "entropy_codebook", "loss_entropy", "loss_commit"),
-    "ibq": ("loss_double", "loss_commit", "loss_entropy", "entropy_per_sample", "entropy_codebook"),
+    "ibq": ("loss_double", "loss_commit", "loss_codebook", "loss_entropy", "entropy_per_sample", "entropy_codebook"),
     "lgq": ("loss_quant", "loss_peak", "loss_usage"),
 }
 
@@ -249,7 +249,8 @@ def test_vq_init_from_latents_random_sample():
     q.init_from_latents(x)
     assert not q.needs_init
     assert all(((x - code).abs().amax(1) < 1e-6).any() for code in q.codebook.data)
-    assert not make("vq").needs_init  # default: no data-driven init
+    assert make("vq").needs_init and make("vq").init == "random"  # default: data-driven init
+    assert not make("vq", init="none").needs_init
     with pytest.raises(ValueError, match="latents"):
         q.init_from_latents(torch.randn(10, DIM + 1))
 
@@ -374,18 +375,23 @@ def test_lfq_option_errors():
 
 # ----------------------------------------------------------------------------- IBQ
 def dense_ibq_reference(x, codebook, beta=0.25, entropy_weight=0.05, temperature=0.01, gamma=1.0):
-    """Plain autograd over full N x K tensors, written as in the paper: (onehot + p - sg p) C."""
+    """Plain autograd over full N x K tensors, written as the IBQ release writes it:
+
+    z_q = (onehot + p - sg p) C,  z_hard = onehot C,
+    L = mse(z_q, x) + mse(sg(z_hard), x) + beta mse(z_hard, sg(x)) + w_e (H_sample - gamma H_batch).
+    """
     logits = x @ codebook.t()
     p = torch.softmax(logits, dim=1)
     indices = logits.argmax(1)
     one_hot = F.one_hot(indices, codebook.shape[0]).float()
     quantized = (one_hot + p - p.detach()) @ codebook
+    hard = one_hot @ codebook
     p_e = torch.softmax(logits / temperature, dim=1)
     per_sample = -(p_e * p_e.clamp_min(1e-30).log()).sum(1).mean()
     mean_p = p_e.mean(0)
     codebook_entropy = -(mean_p * mean_p.clamp_min(1e-30).log()).sum()
-    loss = (F.mse_loss(quantized, x) + beta * F.mse_loss(x, codebook[indices].detach())
-            + entropy_weight * (per_sample - gamma * codebook_entropy))
+    loss = (torch.mean((quantized - x) ** 2) + torch.mean((hard.detach() - x) ** 2)
+            + beta * torch.mean((hard - x.detach()) ** 2) + entropy_weight * (per_sample - gamma * codebook_entropy))
     return quantized, indices, loss
 
 
@@ -406,6 +412,25 @@ def test_ibq_matches_dense_reference_values_and_gradients(chunk_size):
     ref_grads = torch.autograd.grad(ref_objective, (z, q.codebook))
     for grad, ref in zip(grads, ref_grads):
         assert torch.allclose(grad, ref, atol=1e-5)
+
+
+def test_ibq_loss_terms_route_gradients_like_the_release():
+    """Without L_double and the entropy term: d/dx = 2 (x - c_i) / (N C) (L_commit, weight 1) and
+    d/dC = beta * 2 (c_i - x) / (N C) summed on the chosen codes only (L_codebook); unchosen codes get none."""
+    q = IBQuantizer(DIM, 16, double_weight=0.0, entropy_weight=0.0, beta=0.4)
+    z = latents(requires_grad=True)
+    out = q(z)
+    x = flat(z)
+    hard = q.codebook[out.indices.reshape(-1)]
+    numel = x.numel()
+    for name, expected in (("loss_double", F.mse_loss(flat(out.quantized), x)),
+                           ("loss_commit", F.mse_loss(hard, x)), ("loss_codebook", F.mse_loss(hard, x))):
+        assert torch.allclose(out.stats[name], expected, atol=1e-6), name
+    assert torch.allclose(out.loss, out.stats["loss_commit"] + 0.4 * out.stats["loss_codebook"], atol=1e-6)
+    grad_z, grad_c = torch.autograd.grad(out.loss, (z, q.codebook))
+    assert torch.allclose(flat(grad_z), 2 * (x - hard).detach() / numel, atol=1e-6)
+    expected_c = torch.zeros_like(q.codebook).index_add_(0, out.indices.reshape(-1), 0.4 * 2 * (hard - x).detach() / numel)
+    assert torch.allclose(grad_c, expected_c, atol=1e-6)
 
 
 def test_ibq_index_is_max_dot_product_and_option_errors():

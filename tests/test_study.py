@@ -40,18 +40,20 @@ def write_study(tmp_path, **fields):
     return path
 
 
-def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys):
-    config = write_study(tmp_path)
+def test_sweep_over_seeds_writes_runs_rows_table_plots_and_reuses_finished_runs(tmp_path, capsys):
+    """The tiny grid 2 quantizers x 1 K x 2 seeds: per-run results, one row per (quantizer, K) with mean / std
+    over the seeds (checked against the runs), collapse fields, tables, plots; a second call reuses every run."""
+    config = write_study(tmp_path, seeds=[0, 1])
     out = tmp_path / "out"
     results = study.main(["--config", str(config), "--output-dir", str(out)])
-    assert [r["run"] for r in results] == ["vq_K1024_s0", "fsq_K1024_s0"]
+    assert [r["run"] for r in results] == ["vq_K1024_s0", "fsq_K1024_s0", "vq_K1024_s1", "fsq_K1024_s1"]
 
-    for name in ("vq_K1024_s0", "fsq_K1024_s0"):
+    for name in ("vq_K1024_s0", "fsq_K1024_s0", "vq_K1024_s1", "fsq_K1024_s1"):
         run_dir = out / "runs" / name
         result = json.loads((run_dir / "result.json").read_text())
         assert (run_dir / "tokenizer").is_dir()
         assert result["torch_threads"] == 1
-        assert result["steps"] == 4 and result["K"] == 1024 and result["seed"] == 0
+        assert result["steps"] == 4 and result["K"] == 1024 and result["seed"] == int(name[-1])
         for key in ("psnr", "ssim", "utilisation", "perplexity", "bits_per_token", "log2_active_codes",
                     "images_per_sec", "final_loss", "train_seconds"):
             assert math.isfinite(result[key]), key
@@ -66,17 +68,48 @@ def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys
         assert len(counts) == 1024 and sum(c > 0 for c in counts) == result["active_codes"]
         assert [row["step"] for row in read_history(run_dir)] == [2, 4]
         assert result["config"]["model"]["quantizer"] == name.split("_")[0]
-        assert result["config"]["train"]["max_steps"] == 4  # identical recipe for both runs
+        assert result["config"]["model"]["pre_quantizer_norm"] == "groupnorm_layernorm"
+        assert result["config"]["train"]["max_steps"] == 4  # identical recipe for every run
+    # the seed changes the run (initialisation, batch order), not the recipe
+    first, second = (json.loads((out / "runs" / f"vq_K1024_s{s}" / "result.json").read_text()) for s in (0, 1))
+    assert first["psnr"] != second["psnr"]
+    assert {**first["config"]["train"], "seed": 0, "output_dir": ""} == {**second["config"]["train"], "seed": 0,
+                                                                          "output_dir": ""}
+
+    merged = json.loads((out / "results.json").read_text())
+    assert len(merged["runs"]) == 4 and merged["collapse_rule"]["fraction_of_K"] == 0.01
+    assert [(row["quantizer"], row["K"], row["seeds"]) for row in merged["rows"]] == [("vq", 1024, [0, 1]),
+                                                                                      ("fsq", 1024, [0, 1])]
+    for row in merged["rows"]:
+        runs = [r for r in results if r["quantizer"] == row["quantizer"]]
+        for key in ("psnr", "ssim", "active_codes", "utilisation", "perplexity", "bits_per_token", "final_loss",
+                    "psnr_equal_bits_thumbnail", "psnr_lead_over_equal_bits_db"):
+            values = [r[key] for r in runs]
+            assert row[f"{key}_mean"] == pytest.approx(sum(values) / 2), key
+            assert row[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2)), key
+            assert row[f"{key}_n"] == 2
+        assert "rfid_mean" not in row and "seed_mean" not in row and "K_mean" not in row
+        assert row["num_seeds"] == 2 and row["steps"] == 4
+        assert row["collapsed_seeds"] == sum(bool(r["collapse"]["collapsed"]) for r in runs)
+    for r in merged["runs"]:
+        assert r["collapse"]["threshold"] == pytest.approx(0.01 * 1024) and r["collapse"]["collapsed"] in (True, False)
 
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["quantizer"] for row in rows] == ["vq", "fsq"]
-    assert all(math.isfinite(float(row["psnr"])) and math.isfinite(float(row["perplexity"])) for row in rows)
-    assert all(math.isfinite(float(row["psnr_equal_bits_thumbnail"])) for row in rows)
-    table = (out / "results.md").read_text().strip().splitlines()
-    assert "equal-bits PSNR" in table[0] and "lead over equal-bits dB" in table[0]
-    assert len([line for line in table if line.startswith("| vq") or line.startswith("| fsq")]) == 2
-    assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+    assert all(math.isfinite(float(row["psnr_mean"])) and math.isfinite(float(row["psnr_std"])) for row in rows)
+    assert all(math.isfinite(float(row["psnr_equal_bits_thumbnail_mean"]))
+               and math.isfinite(float(row["psnr_lead_over_equal_bits_db_std"])) for row in rows)
+    with open(out / "runs.csv") as handle:
+        run_rows = list(csv.DictReader(handle))
+    assert [row["run"] for row in run_rows] == [r["run"] for r in results]
+    assert all(math.isfinite(float(row["psnr_equal_bits_thumbnail"])) for row in run_rows)
+    table = (out / "results.md").read_text()
+    summary_header = next(line for line in table.splitlines() if line.startswith("| quantizer | K | seeds |"))
+    assert "equal-bits PSNR" in summary_header and "lead over equal-bits dB" in summary_header
+    summary_lines = [line for line in table.splitlines() if line.startswith("| vq | 1024 | 2 |")]
+    assert len(summary_lines) == 1 and " ± " in summary_lines[0]
+    assert "below 0.01 x K" in table
     for plot in ("rate_distortion", "utilisation_vs_K", "code_usage", "training_curves"):
         png = out / "plots" / f"{plot}.png"
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -86,13 +119,43 @@ def test_sweep_writes_runs_table_plots_and_reuses_finished_runs(tmp_path, capsys
     capsys.readouterr()
     again = study.main(["--config", str(config), "--output-dir", str(out)])
     log = capsys.readouterr().out
-    assert log.count("[study] reusing finished run") == 2 and "[study] training" not in log
+    assert log.count("[study] reusing finished run") == 4 and "[study] training" not in log
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/tokenizer/*")} == stamps
     assert [r["psnr"] for r in again] == [r["psnr"] for r in results]
 
     # a different recipe in the same folder is refused, not silently reused
     with pytest.raises(ValueError, match=r"different recipe.*train\.max_steps"):
         study.main(["--config", str(config), "--output-dir", str(out), "train.max_steps=5"])
+
+
+def test_collapse_is_detected_from_history_with_its_step():
+    K = 1000  # threshold 1% = 10 codes
+    history = [{"step": 10, "codebook/perplexity": 200.0, "codebook/active_codes": 600},
+               {"step": 20, "codebook/perplexity": 8.0, "codebook/active_codes": 50},   # a dip ...
+               {"step": 30, "codebook/perplexity": 40.0, "codebook/active_codes": 90},  # ... that recovered
+               {"step": 40, "l1": 0.1},                                                # no codebook stats: ignored
+               {"step": 50, "codebook/perplexity": 30.0, "codebook/active_codes": 9},   # collapse from here on
+               {"step": 60, "codebook/perplexity": 2.5, "codebook/active_codes": 3}]
+    report = study.detect_collapse(history, K, 0.01)
+    assert report["collapsed"] is True and report["collapse_step"] == 50 and report["first_below_step"] == 20
+    assert report["threshold"] == 10.0 and report["min_perplexity"] == 2.5 and report["min_active_codes"] == 3
+    healthy = study.detect_collapse(history[:3], K, 0.01)
+    assert healthy["collapsed"] is False and healthy["collapse_step"] is None and healthy["first_below_step"] == 20
+    assert study.detect_collapse([{"step": 1, "l1": 0.3}], K, 0.01)["collapsed"] is None
+
+
+def test_rows_aggregate_seeds_and_count_collapsed_runs():
+    runs = [{"run": f"vq_K256_s{s}", "quantizer": "vq", "K": 256, "seed": s, "steps": 9, "psnr": p, "rfid": None,
+             "classifier": {"accuracy": a}, "config": {"x": 1}, "collapse": {"collapsed": c, "collapse_step": st}}
+            for s, p, a, c, st in ((2, 20.0, 0.5, True, 40), (0, 22.0, 0.7, False, None), (1, 24.0, 0.9, True, 10))]
+    (row,) = study.aggregate_runs(runs)
+    assert row["seeds"] == [0, 1, 2] and row["num_seeds"] == 3 and row["steps"] == 9
+    assert row["psnr_mean"] == pytest.approx(22.0) and row["psnr_std"] == pytest.approx(2.0)
+    assert row["classifier/accuracy_mean"] == pytest.approx(0.7) and row["classifier/accuracy_std"] == pytest.approx(0.2)
+    assert row["collapsed_seeds"] == 2 and row["collapse_steps"] == {"1": 10, "2": 40}
+    assert "rfid_mean" not in row and "config/x_mean" not in row and "seed_mean" not in row
+    (single,) = study.aggregate_runs(runs[:1])
+    assert single["psnr_std"] is None and single["psnr_mean"] == 20.0
 
 
 def test_invalid_combinations_are_skipped_with_a_reason(tmp_path):
@@ -118,6 +181,10 @@ def test_bad_study_config_names_the_problem(tmp_path):
         study.load_study_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="unknown quantizer"):
         study.plan_runs(study.load_study_config(write_study(tmp_path)), tmp_path, ["nope"], [1024], [0])
+    with pytest.raises(ValueError, match="distinct"):
+        study.plan_runs(study.load_study_config(write_study(tmp_path)), tmp_path, ["vq"], [1024], [0, 0])
+    with pytest.raises(ValueError, match="collapse_fraction"):
+        study.load_study_config(write_study(tmp_path, collapse_fraction=1.5))
 
 
 def test_dry_run_with_accelerate_prints_one_launch_per_run_and_resumes_interrupted_runs(tmp_path, capsys):

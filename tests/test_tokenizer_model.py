@@ -326,6 +326,68 @@ def test_constructor_rejects_bad_arguments():
 def test_group_norm_groups_divide_channels():
     assert num_groups_for(128) == 32 and num_groups_for(16) == 16 and num_groups_for(48) == 24
     assert num_groups_for(7) == 7 and num_groups_for(34) == 17
+    # with a floor on channels per group: VQGAN widths keep 32 groups, narrow layers get fewer
+    assert num_groups_for(128, min_channels_per_group=4) == 32 and num_groups_for(256, min_channels_per_group=4) == 32
+    assert num_groups_for(32, min_channels_per_group=4) == 8 and num_groups_for(16, min_channels_per_group=4) == 4
+    assert num_groups_for(3, min_channels_per_group=4) == 1 and num_groups_for(48, min_channels_per_group=4) == 12
+
+
+@pytest.mark.parametrize("base_channels", [16, 32, 128])
+def test_no_norm_layer_is_instance_normalisation(base_channels):
+    """Every GroupNorm in the network (encoder, decoder, pre-quantizer norm) has >= 4 channels per group."""
+    model = tiny_tokenizer(base_channels=base_channels, latent_dim=16, attention_resolutions="lowest")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 4 for m in norms)
+    if base_channels == 128:  # the ImageNet width keeps VQGAN's 32 groups
+        assert model.encoder.norm_out.num_groups == 32
+
+
+@pytest.mark.parametrize("min_channels_per_group, erased", [(1, True), (4, False)])
+def test_decoder_final_norm_keeps_per_image_channel_means(min_channels_per_group, erased):
+    """The mechanism of the mean-colour bug: GroupNorm with one channel per group (instance norm) in front of
+    conv_out subtracts each channel's per-image mean, so shifting those means changes nothing in the output.
+    With >= 4 channels per group (the default floor) the shift reaches the output."""
+    torch.manual_seed(0)
+    model = tiny_tokenizer(base_channels=16, norm_min_channels_per_group=min_channels_per_group).eval()
+    latents = torch.randn(2, LATENT_DIM, 8, 8)
+    shift = torch.randn(2, 16, 1, 1) * 3  # a different constant per image and channel at the final norm's input
+    with torch.no_grad():
+        plain = model.decoder(latents)
+        handle = model.decoder.norm_out.register_forward_pre_hook(lambda module, args: (args[0] + shift,))
+        shifted = model.decoder(latents)
+        handle.remove()
+    assert torch.allclose(plain, shifted, atol=1e-4) == erased
+
+
+def test_decoder_reproduces_flat_colours():
+    """Regression: with instance normalisation before conv_out the decoder could not output an image's mean colour.
+
+    A tiny tokenizer trained briefly on flat-colour images of random colours must reproduce the colours of
+    unseen flat images (mean absolute error of the per-image mean colour well below the 0.5 of a constant
+    output), and its outputs' colours must vary across images like the inputs'.
+    """
+    torch.manual_seed(0)
+    model = tiny_tokenizer("fsq", 1000, base_channels=16, channel_multipliers=(1, 2), latent_dim=8,
+                           attention_resolutions="none")
+
+    def flat(batch, generator=None):
+        return (torch.rand(batch, 3, 1, 1, generator=generator) * 2 - 1).expand(batch, 3, 16, 16).contiguous()
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        x = flat(16)
+        out = model(x)
+        loss = (out.reconstruction - x).abs().mean() + out.quantizer_output.loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x = flat(64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        colours = model(x).reconstruction.clamp(-1, 1).mean((2, 3))
+    target = x.mean((2, 3))
+    assert (colours - target).abs().mean() < 0.15
+    assert (colours.std(0) > 0.5 * target.std(0)).all()
 
 
 def test_imagenet_backbone_parameter_counts():
@@ -339,3 +401,121 @@ def test_imagenet_backbone_parameter_counts():
         decoder = Decoder(3, 128, (1, 1, 2, 2, 4), 2, 64, [4])
     assert count_parameters(encoder) == 28_413_248
     assert count_parameters(decoder) == 41_565_059
+
+
+# --- the pre-quantizer norm (same latent geometry for every quantizer) ----------------------------
+def token_layer_norm(z: torch.Tensor) -> torch.Tensor:
+    """Dense per-token LayerNorm over channels, no affine: (z_n - mean_c) / sqrt(var_c + 1e-6)."""
+    mean = z.mean(dim=1, keepdim=True)
+    var = z.var(dim=1, unbiased=False, keepdim=True)
+    return (z - mean) / torch.sqrt(var + 1e-6)
+
+
+def test_pre_quantizer_norm_default_is_encoder_groupnorm_then_token_layernorm():
+    torch.manual_seed(0)
+    model = tiny_tokenizer()
+    assert model.config.pre_quantizer_norm == "groupnorm_layernorm"
+    assert TokenizerModelConfig().pre_quantizer_norm == "groupnorm_layernorm"
+    x = images(seed=2)
+    with torch.no_grad():
+        model.pre_quantizer_norm.group_norm.weight.uniform_(0.5, 2.0)
+        model.pre_quantizer_norm.group_norm.bias.uniform_(-1.0, 1.0)
+        raw = model.encoder(x)
+        z = model.encode_latents(x)
+        groups = model.pre_quantizer_norm.group_norm.num_groups
+        expected = token_layer_norm(F.group_norm(raw, groups, model.pre_quantizer_norm.group_norm.weight,
+                                                 model.pre_quantizer_norm.group_norm.bias, eps=1e-6))
+    torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.mean(1), torch.zeros_like(z.mean(1)), atol=1e-5, rtol=0)
+    # the quantizer receives exactly these latents (forward and the data-driven init)
+    model.quantizer.seen = []
+    original_forward = model.quantizer.forward
+    model.quantizer.forward = lambda latents: (model.quantizer.seen.append(latents), original_forward(latents))[1]
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(model.quantizer.seen[0], z)
+    assert "pre_quantizer_norm.group_norm.weight" in model.state_dict()
+
+
+@pytest.mark.parametrize("name,size", QUANTIZER_CASES, ids=[name for name, _ in QUANTIZER_CASES])
+def test_every_quantizer_gets_the_same_normalised_latents(name, size):
+    torch.manual_seed(0)
+    reference = tiny_tokenizer(TEST_QUANTIZER, 16)
+    torch.manual_seed(0)
+    other = tiny_tokenizer(name, size)  # encoder and norm are built before the quantizer: same weights
+    x = images(seed=4)
+    with torch.no_grad():
+        assert torch.equal(other.encode_latents(x), reference.encode_latents(x))
+
+
+def test_pre_quantizer_norm_switch_layernorm_and_none():
+    x = images(seed=5)
+    torch.manual_seed(0)
+    layer_only = tiny_tokenizer(pre_quantizer_norm="layernorm")
+    torch.manual_seed(0)
+    off = tiny_tokenizer(pre_quantizer_norm="none")
+    with torch.no_grad():
+        torch.testing.assert_close(layer_only.encode_latents(x), token_layer_norm(layer_only.encoder(x)),
+                                   atol=1e-5, rtol=1e-5)
+        assert torch.equal(off.encode_latents(x), off.encoder(x))
+    assert not any(k.startswith("pre_quantizer_norm.") for k in off.state_dict())
+    assert not any(k.startswith("pre_quantizer_norm.") for k in layer_only.state_dict())
+    with pytest.raises(ValueError, match="pre_quantizer_norm must be one of"):
+        tiny_tokenizer(pre_quantizer_norm="batchnorm")
+    with pytest.raises(ValueError, match="pre_norm no longer exists"):
+        tiny_tokenizer("lgq", 16, quantizer_options={"pre_norm": True})
+
+
+def write_old_format_export(model: LGQTokenizer, folder, quantizer_options: dict) -> None:
+    """save_pretrained, then rewrite config.json as exports were written before `pre_quantizer_norm` and
+    `norm_min_channels_per_group` existed (the model must be built with norm_min_channels_per_group=1)."""
+    import json
+
+    model.save_pretrained(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["pre_quantizer_norm"]
+    del config["norm_min_channels_per_group"]
+    config["quantizer_options"] = quantizer_options
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("options", [{}, {"pre_norm": True}])
+def test_old_lgq_export_loads_and_reconstructs_exactly_as_before(tmp_path, options):
+    """Old LGQ: x_hat = D(c_i), i = argmin_k ||LN_token(E(x)) - c_k||, the LayerNorm inside the quantizer."""
+    torch.manual_seed(0)
+    source = tiny_tokenizer("lgq", 16, pre_quantizer_norm="none",  # the old model: no model norm,
+                            norm_min_channels_per_group=1)      # one channel per group in narrow layers
+    source.init_quantizer_from_images(images(4, seed=1))
+    write_old_format_export(source, tmp_path / "old", options)
+    loaded = LGQTokenizer.from_pretrained(tmp_path / "old")
+    assert loaded.config.pre_quantizer_norm == "layernorm" and dict(loaded.config.quantizer_options) == {}
+    assert loaded.config.norm_min_channels_per_group == 1
+    assert loaded.decoder.norm_out.num_groups == source.decoder.norm_out.num_groups == 16
+    x = images(seed=6)
+    with torch.no_grad():
+        z = token_layer_norm(source.encoder(x).float())  # the old LGQ pre_norm, written out densely
+        tokens = z.permute(0, 2, 3, 1).reshape(-1, LATENT_DIM)
+        codebook = source.quantizer.codebook
+        old_indices = torch.cdist(tokens, codebook).argmin(1).reshape(x.shape[0], x.shape[2] // 2, x.shape[3] // 2)
+        old_reconstruction = source.decoder(codebook[old_indices].permute(0, 3, 1, 2))
+        out = loaded(x)
+    assert torch.equal(out.quantizer_output.indices, old_indices)
+    torch.testing.assert_close(out.reconstruction, old_reconstruction, atol=1e-5, rtol=1e-5)
+    # re-saving writes the migrated key, so the next load needs no migration
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert LGQTokenizer.load_config(tmp_path / "resaved")["pre_quantizer_norm"] == "layernorm"
+
+
+def test_old_export_without_lgq_layernorm_loads_with_no_norm(tmp_path):
+    for quantizer, size, options in (("lgq", 16, {"pre_norm": False}), ("vq", 16, {})):
+        torch.manual_seed(0)
+        source = tiny_tokenizer(quantizer, size, pre_quantizer_norm="none", norm_min_channels_per_group=1)
+        source.init_quantizer_from_images(images(4, seed=1))
+        source.eval()
+        write_old_format_export(source, tmp_path / quantizer, options)
+        loaded = LGQTokenizer.from_pretrained(tmp_path / quantizer)
+        assert loaded.config.pre_quantizer_norm == "none"
+        x = images(seed=7)
+        assert torch.equal(loaded.encode(x), source.encode(x))

@@ -120,14 +120,39 @@ def test_tiny_training_lowers_reconstruction_loss(tmp_path):
     assert 1 <= history[20]["codebook/active_codes"] <= 64
 
 
+def test_vq_with_its_default_data_driven_init_uses_more_than_a_tenth_of_the_codebook(tmp_path):
+    """VQ's codebook starts from encoder latents (init="random", the default): after a tiny run the exported
+    tokenizer uses > 10% of K = 128 codes on the training images (a N(0, 1) codebook collapsed to a few codes)."""
+    from lgq.data import DataConfig, build_image_dataset
+    from tokenizer.model import LGQTokenizer
+    from tokenizer.train import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["--config", str(TINY), "model.quantizer=vq", "model.base_channels=8", "data.num_images=32",
+              f"train.output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.checkpoint_every=0",
+              "train.image_log_every=0", "train.progress_bar=false", "loss.gan_start_step=100",
+              "eval.num_val_images=0", "eval.quantizer_init_batches=2"])
+        tokenizer = LGQTokenizer.from_pretrained(tmp_path / "run" / "tokenizer").eval()
+        assert tokenizer.quantizer.init == "random" and not tokenizer.quantizer.needs_init
+        dataset = build_image_dataset(DataConfig(name="synthetic", image_size=32, num_images=32), "train")
+        batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        tokens = tokenizer.encode(batch)
+    finally:
+        torch.set_num_threads(threads)
+    active = int(torch.unique(tokens).numel())
+    assert active > 0.1 * 128, active
+
+
 def test_all_tokenizer_configs_load_and_imagenet_recipes_differ_only_in_quantizer():
     configs = sorted((ROOT / "configs" / "tokenizer").glob("*.yaml"))
     names = {p.stem for p in configs}
     assert {"tiny", "builtin", "imagenet_base", "imagenet_lgq", "imagenet_vq", "imagenet_fsq", "imagenet_simvq",
-            "imagenet_lfq"} <= names
+            "imagenet_lfq", "imagenet_ibq"} <= names
     base = ROOT / "configs" / "tokenizer" / "imagenet_base.yaml"
     recipes = {}
-    for name in ("lgq", "vq", "fsq", "simvq", "lfq"):
+    for name in ("lgq", "vq", "fsq", "simvq", "lfq", "ibq"):
         cfg = load_config(TokenizerRunConfig, [base, ROOT / "configs" / "tokenizer" / f"imagenet_{name}.yaml"],
                           ["data.root=/data/imagenet"])
         assert cfg.model.quantizer == name and cfg.model.codebook_size == 16384

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from prior.extract import CHUNK_DIR, argv_to_dotlist, extract_tokens, main, parse_config
+from prior.extract import CHUNK_DIR, extract_tokens, main, parse_config
 from prior.tokens import (
     TokenDataset,
     check_class_labels,
@@ -194,15 +194,14 @@ def test_interrupted_extraction_resumes_without_duplicates_or_gaps(tmp_path):
     assert np.array_equal(np.load(tmp_path / "out" / "labels.npy"), data.tensors[1].numpy())
 
 
-def test_command_line_parsing(tmp_path):
-    files, dotlist = argv_to_dotlist(["--tokenizer", "T", "--data.name", "synthetic", "--flip", "--batch-size", "8",
-                                      "output=O", "--data.image_size=16"])
-    assert files == []
-    assert dotlist == ["tokenizer=T", "data.name=synthetic", "flip=true", "batch_size=8", "output=O",
-                       "data.image_size=16"]
+def test_command_line_parsing(tmp_path, capsys):
+    cfg = parse_config(["--tokenizer", "T", "--data.name", "synthetic", "--flip", "--batch-size", "8", "output=O",
+                        "--data.image_size=16"])
+    assert (cfg.tokenizer, cfg.output, cfg.flip, cfg.batch_size) == ("T", "O", True, 8)
+    assert cfg.data.name == "synthetic" and cfg.data.image_size == 16
     cfg = parse_config(["--tokenizer", "T", "--output", "O", "--flip", "--data.name", "synthetic"])
     assert cfg.flip and cfg.data.name == "synthetic" and cfg.batch_size == 64
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_size"):  # the typo is named with the closest key
         parse_config(["--tokenizer", "T", "--output", "O", "--batch_sise", "3"])
     with pytest.raises(ValueError, match="split"):
         parse_config(["tokenizer=T", "output=O", "split=test"])
@@ -211,6 +210,11 @@ def test_command_line_parsing(tmp_path):
         parse_config(["tokenizer=T", "output=O", "split=val_unseen_photos", "data.name=synthetic"])
     with pytest.raises(ValueError, match="glyphs"):  # a mirrored character is not its class
         parse_config(["--tokenizer", "T", "--output", "O", "--flip", "--data.name", "glyphs"])
+    with pytest.raises(SystemExit) as exit_info:  # --help lists every key with its default (it used to raise)
+        parse_config(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "chunk_size" in help_text and "data.image_size" in help_text and "(required)" in help_text
 
 
 def tiny_lgq_tokenizer(path):
@@ -246,6 +250,7 @@ def test_extraction_command_with_a_tiny_lgq_tokenizer(tmp_path):
     assert meta["data_config"]["random_flip"] is False and meta["image_size"] == 16
     grids, flipped, labels = lgq_reference(model)
     ds = TokenDataset(tmp_path / "out", expected_tokenizer_hash=tokenizer_fingerprint(model))
+    assert meta["class_names"] == ds.class_names == ["shape_0", "shape_1", "shape_2"]  # the data set's classes
     stored = torch.stack([ds[i][0] for i in range(len(ds))])
     assert torch.equal(stored[0::2], grids) and torch.equal(stored[1::2], flipped)
     assert torch.equal(torch.stack([ds[i][1] for i in range(0, len(ds), 2)]), labels)
@@ -266,5 +271,44 @@ def test_two_process_extraction_encodes_every_image_exactly_once(tmp_path):
     firsts = [int(np.load(p)["first_image"]) for p in sorted((tmp_path / "out" / CHUNK_DIR).glob("chunk_*.npz"))]
     assert firsts == [0, 2, 4, 6, 8, 10]
     grids, _, labels = lgq_reference(model, 11)
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "out" / "tokens.npy").astype(np.int64)), grids)
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "out" / "labels.npy")), labels)
+
+
+@pytest.mark.slow
+def test_two_process_uneven_resumed_extraction_finishes_with_every_image_once(tmp_path, monkeypatch):
+    """13 images in chunks of 2 = 7 chunks. An interrupted 1-process run leaves chunks 0 and 1; the 2-process
+    resume splits the 5 missing chunks 3 / 2, so the ranks make different numbers of LGQ encode calls (the
+    layout that used to deadlock on the quantizer's all-reduce)."""
+    from ddp import ROOT, run_ddp
+    from tokenizer.model import LGQTokenizer
+
+    model = tiny_lgq_tokenizer(tmp_path / "tok")
+    encode, calls = LGQTokenizer.encode, []
+
+    def interrupted_encode(self, images):
+        calls.append(images.shape[0])
+        if len(calls) > 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return encode(self, images)
+
+    monkeypatch.setattr(LGQTokenizer, "encode", interrupted_encode)
+    arguments = ["--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), "--chunk-size", "2",
+                 "--batch-size", "2", "--keep-chunks", *synthetic_args(13)]
+    with pytest.raises(KeyboardInterrupt):
+        main(arguments)
+    monkeypatch.undo()
+    chunk_dir = tmp_path / "out" / CHUNK_DIR
+    done = {p.name: p.stat().st_mtime_ns for p in chunk_dir.glob("chunk_*.npz")}
+    assert sorted(done) == ["chunk_000000.npz", "chunk_000001.npz"]
+
+    run_ddp(ROOT / "tests" / "scripts" / "ddp_extract.py", *arguments, env={"EXPECT_WORLD_SIZE": "2"}, timeout=240)
+    meta = validate_token_directory(tmp_path / "out")
+    assert meta["num_processes"] == 2 and meta["count"] == 13 and meta["num_images"] == 13
+    chunks = sorted(chunk_dir.glob("chunk_*.npz"))
+    assert {p.name: p.stat().st_mtime_ns for p in chunks[:2]} == done  # finished chunks are not re-encoded
+    assert [int(np.load(p)["rank"]) for p in chunks] == [0, 0, 0, 1, 0, 1, 0]
+    assert [int(np.load(p)["first_image"]) for p in chunks] == list(range(0, 13, 2))
+    grids, _, labels = lgq_reference(model, 13)
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "out" / "tokens.npy").astype(np.int64)), grids)
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "out" / "labels.npy")), labels)

@@ -208,3 +208,38 @@ def test_guards_on_output_dir_resume_path_and_process_count(tmp_path):
     AcceleratorState._reset_state(True)
     with pytest.raises(RuntimeError, match="--multi_gpu --num_processes 2"):
         Trainer(make_cfg(tmp_path / "d", expected_num_processes=2))
+
+
+def test_trackers_as_accelerate_names_them(tmp_path, monkeypatch):
+    from accelerate import utils as accelerate_utils
+    from lgq.training import resolve_trackers
+
+    assert resolve_trackers("none") == [] and resolve_trackers("tensorboard") == ["tensorboard"]
+    assert "tensorboard" in resolve_trackers("all")  # tensorboard is in the default install
+    assert resolve_trackers(["tensorboard", "wandb"]) == ["tensorboard", "wandb"]
+    with pytest.raises(ValueError, match="unknown tracker.*'tensorbored'"):
+        resolve_trackers(["tensorbored"])
+    # a requested tracker whose package is missing stops the run before anything is written
+    monkeypatch.setattr(accelerate_utils, "is_wandb_available", lambda: False)
+    assert "wandb" not in resolve_trackers("all")
+    cfg = make_cfg(tmp_path, tracker=["tensorboard", "wandb"])
+    with pytest.raises(ValueError, match=r"\['wandb'\].*not installed.*pip install wandb"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_images_go_through_the_tracker_api(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(make_cfg(tmp_path, tracker=["tensorboard"]))
+    grid = torch.linspace(-1, 1, 3 * 8 * 8).reshape(3, 8, 8)
+    trainer.log_media({"samples": grid, "loss": torch.tensor(0.5)}, step=3)
+    trainer.end()
+    events = sorted((tmp_path / "run" / "logs").glob("*/events.out.tfevents.*"))  # (hparams go to a sub-folder)
+    assert len(events) == 1, events
+    accumulator = EventAccumulator(str(events[0]))
+    accumulator.Reload()
+    assert "samples" in accumulator.Tags()["images"] and "loss" in accumulator.Tags()["scalars"]
+    image = accumulator.Images("samples")[0]
+    assert image.step == 3 and (image.width, image.height) == (8, 8)
+    assert (tmp_path / "run" / "images" / "samples_step0000003.png").is_file()

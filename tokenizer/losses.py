@@ -9,13 +9,16 @@ Generator objective (step >= gan_start_step; the GAN term is 0 before):
 
 Discriminator objective (hinge): L_D = mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))).
 
-LPIPS here: torchvision VGG16 ImageNet features + LPIPS v0.1 linear heads when their weights are
-given as a local file; without that file the heads are uniform ("LPIPS-VGG-like", see `LPIPS`).
+LPIPS here is the published LPIPS-VGG v0.1: torchvision's ImageNet VGG16 features and the v0.1 linear
+heads shipped in the `lpips` wheel (or a local heads file). Missing VGG weights or heads are an error
+that says how to supply them; uniform heads (not the published metric) only with an explicit opt-in
+(``loss.lpips_uniform_heads=true``), see `LPIPS`.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +30,26 @@ from tokenizer.modules import num_groups_for
 # VGG16 `features` indices right after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 VGG16_TAP_INDICES = (3, 8, 15, 22, 29)
 VGG16_TAP_CHANNELS = (64, 128, 256, 512, 512)
+LPIPS_HEADS_HELP = (
+    "LPIPS needs the LPIPS v0.1 VGG linear heads: install the `lpips` package (pip install lpips; its wheel ships "
+    "lpips/weights/v0.1/vgg.pth) or pass that file as loss.lpips_weights_path=PATH (eval: --lpips-weights PATH). "
+    "For offline experiments without them, loss.lpips_uniform_heads=true uses uniform heads (an LPIPS-like loss, "
+    "not the published metric), or switch the perceptual loss off with loss.perceptual_weight=0."
+)
+
+
+def packaged_lpips_heads_path() -> Path:
+    """The LPIPS v0.1 VGG heads inside the installed `lpips` package (lpips/weights/v0.1/vgg.pth), located
+    without importing the package; FileNotFoundError (with ``LPIPS_HEADS_HELP``) when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / "weights" / "v0.1" / "vgg.pth"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the `lpips` package with its v0.1 weights is not installed. {LPIPS_HEADS_HELP}")
 
 
 class LPIPS(nn.Module):
@@ -39,10 +62,13 @@ class LPIPS(nn.Module):
 
     - `pretrained=True`: VGG16 ImageNet weights from torchvision (`VGG16_Weights.IMAGENET1K_V1`;
       downloaded into $TORCH_HOME/hub/checkpoints on first use, or read from `vgg_weights_path`).
-    - `lpips_weights_path`: the LPIPS v0.1 linear heads (the official `vgg.pth`, keys `lin{l}.model.1.weight`,
-      or keys `heads.{l}.weight`, .pth or .safetensors). Only then is this the real LPIPS metric.
-      Without it the heads are uniform, w_lc = 1 / 5 (each layer's unit-normalised feature distance,
-      range [0, 4], weighted equally): an "LPIPS-VGG-like" loss, not the published metric.
+    - heads: the LPIPS v0.1 linear heads from `lpips_weights_path` (the official `vgg.pth`, keys
+      `lin{l}.model.1.weight`, or keys `heads.{l}.weight`, .pth or .safetensors), by default the copy in the
+      installed `lpips` package (``packaged_lpips_heads_path``); missing -> FileNotFoundError saying how to
+      supply them.
+    - `uniform_heads=True` (explicit opt-in for offline experiments): w_lc = 1 / 5 (each layer's
+      unit-normalised feature distance, range [0, 4], weighted equally), an "LPIPS-VGG-like" loss, NOT the
+      published metric; `variant` says so.
     - `pretrained=False`: random VGG weights (tests only).
 
     The network is frozen: no parameter requires grad and it stays in eval mode even under `.train()`.
@@ -54,17 +80,24 @@ class LPIPS(nn.Module):
         pretrained: bool = True,
         lpips_weights_path: str | os.PathLike | None = None,
         vgg_weights_path: str | os.PathLike | None = None,
+        uniform_heads: bool = False,
     ):
         super().__init__()
-        self.features = _build_vgg16_features(pretrained, vgg_weights_path)
+        if uniform_heads and lpips_weights_path is not None:
+            raise ValueError("LPIPS: pass either lpips_weights_path (published heads) or uniform_heads=True, not both")
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.heads = nn.ParameterList(
             [nn.Parameter(torch.full((1, c, 1, 1), 1.0 / len(VGG16_TAP_CHANNELS))) for c in VGG16_TAP_CHANNELS]
         )
-        self.uses_lpips_heads = lpips_weights_path is not None
-        if lpips_weights_path is not None:
-            self._load_heads(lpips_weights_path)
+        self.uses_lpips_heads = not uniform_heads
+        if not uniform_heads:  # heads first: a missing heads file fails before the VGG download
+            self._load_heads(lpips_weights_path if lpips_weights_path is not None else packaged_lpips_heads_path())
+        self.features = _build_vgg16_features(pretrained, vgg_weights_path)
+        self.variant = ("LPIPS-VGG v0.1" if self.uses_lpips_heads
+                        else "LPIPS-VGG-like with uniform heads (not the published LPIPS)")
+        if not pretrained:
+            self.variant += ", random VGG weights (tests only)"
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -76,7 +109,8 @@ class LPIPS(nn.Module):
     def _load_heads(self, path: str | os.PathLike) -> None:
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"LPIPS linear-head weights not found at {path!r} (expected LPIPS v0.1 vgg.pth)")
+            raise FileNotFoundError(f"LPIPS linear-head weights not found at {path!r} (expected LPIPS v0.1 vgg.pth). "
+                                    f"{LPIPS_HEADS_HELP}")
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
@@ -159,7 +193,8 @@ def _build_vgg16_features(pretrained: bool, vgg_weights_path: str | os.PathLike 
                 "LPIPS needs torchvision's ImageNet VGG16 weights (VGG16_Weights.IMAGENET1K_V1) and they could not be "
                 f"loaded ({type(err).__name__}: {err}). Either run once with internet access (cached in "
                 "$TORCH_HOME/hub/checkpoints/), copy vgg16-397923af.pth there or pass its path as "
-                "lpips_vgg_weights_path, or switch the perceptual loss off with perceptual_weight=0."
+                "loss.lpips_vgg_weights_path=PATH (eval: --lpips-vgg-weights PATH), or switch the perceptual loss "
+                "off with loss.perceptual_weight=0."
             ) from err
     prefix = "features."
     feature_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -254,7 +289,8 @@ class TokenizerLossConfig:
 
     gan_start_step: the discriminator and GAN term are off before this step (VQGAN's warm-up).
     disc_norm: "batch" (VQGAN) or "group" (batch-independent; DDP-safe without SyncBatchNorm).
-    lpips_pretrained / lpips_weights_path / lpips_vgg_weights_path: see `LPIPS`.
+    lpips_pretrained / lpips_weights_path / lpips_vgg_weights_path / lpips_uniform_heads: see `LPIPS`
+    (lpips_uniform_heads=true: the explicit opt-in to a non-published, uniform-head LPIPS-like loss).
     """
 
     l1_weight: float = 1.0
@@ -270,6 +306,7 @@ class TokenizerLossConfig:
     lpips_pretrained: bool = True
     lpips_weights_path: str | None = None
     lpips_vgg_weights_path: str | None = None
+    lpips_uniform_heads: bool = False
 
 
 _LOSS_DEFAULTS = TokenizerLossConfig()
@@ -298,6 +335,7 @@ class TokenizerLoss(nn.Module):
         lpips_pretrained: bool = _LOSS_DEFAULTS.lpips_pretrained,
         lpips_weights_path: str | None = _LOSS_DEFAULTS.lpips_weights_path,
         lpips_vgg_weights_path: str | None = _LOSS_DEFAULTS.lpips_vgg_weights_path,
+        lpips_uniform_heads: bool = _LOSS_DEFAULTS.lpips_uniform_heads,
     ):
         super().__init__()
         for name, value in (("l1_weight", l1_weight), ("l2_weight", l2_weight), ("perceptual_weight", perceptual_weight),
@@ -314,7 +352,8 @@ class TokenizerLoss(nn.Module):
         self.use_adaptive_weight = bool(adaptive_gan_weight)
         self.quantizer_weight = float(quantizer_weight)
         self.lpips = (
-            LPIPS(pretrained=lpips_pretrained, lpips_weights_path=lpips_weights_path, vgg_weights_path=lpips_vgg_weights_path)
+            LPIPS(pretrained=lpips_pretrained, lpips_weights_path=lpips_weights_path,
+                  vgg_weights_path=lpips_vgg_weights_path, uniform_heads=lpips_uniform_heads)
             if self.perceptual_weight > 0 else None
         )
         self.discriminator = (

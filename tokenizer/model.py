@@ -1,18 +1,25 @@
-"""`LGQTokenizer`: VQGAN-style encoder -> quantizer (LGQ / VQ / FSQ / SimVQ / LFQ) -> decoder.
+"""`LGQTokenizer`: VQGAN-style encoder -> pre-quantizer norm -> quantizer (LGQ / VQ / FSQ / SimVQ / LFQ / IBQ) -> decoder.
 
-    z = E(x),  (q, indices) = Q(z),  x_hat = D(q)
+    z = N(E(x)),  (q, indices) = Q(z),  x_hat = D(q)
+
+N (``pre_quantizer_norm``, `tokenizer.modules.PreQuantizerNorm`) is the same for every quantizer: by default
+the encoder's final GroupNorm on the latent channels followed by a per-token LayerNorm (METHOD.md section 1),
+so all quantizers, and their data-driven initialisations, see the same normalised latents.
 
 Images are float tensors in [-1, 1], [B, 3, H, W]; H and W must be divisible by
 ``downsample_factor = 2 ** (len(channel_multipliers) - 1)``; token grids are int64 [B, H/f, W/f].
 
 The model is a diffusers ``ModelMixin`` + ``ConfigMixin``: ``save_pretrained(dir)`` writes
 ``config.json`` + ``diffusion_pytorch_model.safetensors`` and ``LGQTokenizer.from_pretrained(dir)``
-rebuilds it offline. The module path ``tokenizer.model`` is recorded in pipeline checkpoints: do not move it.
+rebuilds it offline. Exports written before ``pre_quantizer_norm`` existed (no such key in config.json) load
+unchanged: "layernorm" for LGQ (whose quantizer then held that LayerNorm, option ``pre_norm``), "none" otherwise
+(`migrate_legacy_config`). The module path ``tokenizer.model`` is recorded in pipeline checkpoints: do not move it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -21,7 +28,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from tokenizer.modules import Decoder, Encoder, resolve_attention_levels
+from tokenizer.modules import (MIN_CHANNELS_PER_GROUP, PRE_QUANTIZER_NORMS, Decoder, Encoder, PreQuantizerNorm,
+                               group_norm, resolve_attention_levels)
 from tokenizer.quantizers import QuantizerOutput, build_quantizer
 from tokenizer.quantizers.base import fp32_quantizer_math
 
@@ -32,6 +40,11 @@ class TokenizerModelConfig:
 
     Defaults are the ImageNet-256 recipe: 16x downsampling (16x16 tokens), latent dim 64, K = 16384.
     `attention_resolutions`: "lowest", "none" or a list of level indices (0 = full resolution).
+    `pre_quantizer_norm`: the latent normalisation in front of every quantizer, one of
+    "groupnorm_layernorm" (default; the authors' model), "layernorm" (per-token LayerNorm only) or "none".
+    `norm_min_channels_per_group`: floor on channels per GroupNorm group in the whole network (default 4, as
+    in VQGAN's 128 channels / 32 groups; 1 allows instance normalisation in narrow layers, see
+    `tokenizer.modules.group_norm`). Wide recipes (>= 128 channels) are unaffected.
     """
 
     in_channels: int = 3
@@ -44,6 +57,8 @@ class TokenizerModelConfig:
     quantizer: str = "lgq"
     codebook_size: int = 16384
     quantizer_options: dict = field(default_factory=dict)
+    pre_quantizer_norm: str = "groupnorm_layernorm"
+    norm_min_channels_per_group: int = MIN_CHANNELS_PER_GROUP
 
 
 _DEFAULTS = TokenizerModelConfig()
@@ -51,10 +66,22 @@ _DEFAULTS = TokenizerModelConfig()
 
 @dataclass
 class TokenizerOutput(BaseOutput):
-    """reconstruction: decoder output [B, 3, H, W] (not clamped); quantizer_output: `QuantizerOutput`."""
+    """reconstruction: decoder output [B, 3, H, W] (not clamped); quantizer_output: `QuantizerOutput`.
+
+    Both fields are required. ``quantizer_output`` carries a ``None`` default only because of the
+    diffusers ``BaseOutput`` protocol: accelerate's fp32 conversion of model outputs under mixed
+    precision (``accelerate.utils.convert_to_fp32``) rebuilds every Mapping as ``type(out)(dict)``, and
+    ``BaseOutput`` accepts that one-dict form only when the later fields default to ``None``.
+    ``__post_init__`` still refuses an output without a quantizer output.
+    """
 
     reconstruction: torch.Tensor
-    quantizer_output: QuantizerOutput
+    quantizer_output: QuantizerOutput | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.get("quantizer_output") is None:
+            raise TypeError("TokenizerOutput needs both reconstruction and quantizer_output")
 
 
 class LGQTokenizer(ModelMixin, ConfigMixin):
@@ -75,13 +102,24 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         quantizer: str = _DEFAULTS.quantizer,
         codebook_size: int = _DEFAULTS.codebook_size,
         quantizer_options: dict | None = None,
+        pre_quantizer_norm: str = _DEFAULTS.pre_quantizer_norm,
+        norm_min_channels_per_group: int = _DEFAULTS.norm_min_channels_per_group,
     ):
         super().__init__()
+        if pre_quantizer_norm not in PRE_QUANTIZER_NORMS:
+            raise ValueError(f"pre_quantizer_norm must be one of {PRE_QUANTIZER_NORMS}, got {pre_quantizer_norm!r}")
+        if "pre_norm" in dict(quantizer_options or {}):
+            raise ValueError(
+                "quantizer_options.pre_norm no longer exists: the per-token LayerNorm moved from the LGQ quantizer "
+                "into the model, in front of every quantizer; set pre_quantizer_norm='groupnorm_layernorm' (default), "
+                "'layernorm' (the former pre_norm=True) or 'none' (the former pre_norm=False) instead"
+            )
         channel_multipliers = [int(m) for m in channel_multipliers]
         if not channel_multipliers or any(m < 1 for m in channel_multipliers):
             raise ValueError(f"channel_multipliers must be a non-empty list of positive ints, got {channel_multipliers}")
         for name, value in (("in_channels", in_channels), ("base_channels", base_channels),
-                            ("num_res_blocks", num_res_blocks), ("latent_dim", latent_dim)):
+                            ("num_res_blocks", num_res_blocks), ("latent_dim", latent_dim),
+                            ("norm_min_channels_per_group", norm_min_channels_per_group)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -90,10 +128,12 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         attention_levels = resolve_attention_levels(attention_resolutions, num_levels)
         self.in_channels = int(in_channels)
         self.downsample_factor = 2 ** (num_levels - 1)
+        norm_layer = partial(group_norm, min_channels_per_group=int(norm_min_channels_per_group))
         self.encoder = Encoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
-                               attention_levels, dropout)
+                               attention_levels, dropout, norm_layer)
         self.decoder = Decoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
-                               attention_levels, dropout)
+                               attention_levels, dropout, norm_layer)
+        self.pre_quantizer_norm = PreQuantizerNorm(latent_dim, pre_quantizer_norm, norm_layer)
         self.quantizer = build_quantizer(quantizer, latent_dim, codebook_size, **dict(quantizer_options or {}))
 
     def __getattr__(self, name: str) -> Any:
@@ -105,6 +145,11 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         return super().__getattr__(name)
 
     # --- loading ---------------------------------------------------------------------
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' config -> __init__ arguments, after `migrate_legacy_config` (from_config / from_pretrained)."""
+        return super().extract_init_dict(migrate_legacy_config(config_dict), **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """Load a tokenizer saved with `save_pretrained` (local folder) or a hub id (users with internet).
@@ -158,9 +203,10 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
 
     # --- the three stages ------------------------------------------------------------------
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """z = E(x): [B, 3, H, W] -> [B, latent_dim, H/f, W/f] (continuous, before quantization)."""
+        """z = N(E(x)): [B, 3, H, W] -> [B, latent_dim, H/f, W/f], the continuous latents the quantizer receives
+        (after ``pre_quantizer_norm``; fp32 unless that norm is "none")."""
         self.check_images(images)
-        return self.encoder(images)
+        return self.pre_quantizer_norm(self.encoder(images))
 
     def quantize(self, latents: torch.Tensor) -> QuantizerOutput:
         """Q(z) in fp32 with autocast disabled, whatever the surrounding precision."""
@@ -211,7 +257,7 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def init_quantizer_from_images(self, images: torch.Tensor | Iterable[torch.Tensor]) -> bool:
-        """Data-driven quantizer init: encode the images, flatten latents to [N, C] and call
+        """Data-driven quantizer init: encode the images (with the pre-quantizer norm), flatten latents to [N, C] and call
         `quantizer.init_from_latents`. Accepts one batch or an iterable of batches.
         Returns True if an initialisation happened, False if the quantizer does not need one.
         """
@@ -254,6 +300,28 @@ def build_tokenizer(cfg: TokenizerModelConfig | Mapping[str, Any] | None = None,
     return LGQTokenizer(**values)
 
 
+def migrate_legacy_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored tokenizer config written before ``pre_quantizer_norm`` existed -> the config of the same model now.
+
+    Then the model had no norm between encoder and quantizer and LGQ normalised its own input with a per-token
+    LayerNorm unless ``quantizer_options.pre_norm`` was false. Without the key: LGQ with pre_norm (default true)
+    -> "layernorm", anything else -> "none"; ``pre_norm`` is dropped from the quantizer options.
+    Without ``norm_min_channels_per_group`` (written before the GroupNorm floor): 1, the old grouping.
+    Keys that are present are kept (the result is a copy).
+    """
+    config = dict(config)
+    if "norm_min_channels_per_group" not in config:
+        config["norm_min_channels_per_group"] = 1  # written before the floor: narrow layers used instance norm
+    if "pre_quantizer_norm" in config:
+        return config
+    options = dict(config.get("quantizer_options") or {})
+    lgq_pre_norm = bool(options.pop("pre_norm", True))
+    quantizer = str(config.get("quantizer", _DEFAULTS.quantizer)).lower()
+    config["pre_quantizer_norm"] = "layernorm" if quantizer == "lgq" and lgq_pre_norm else "none"
+    config["quantizer_options"] = options
+    return config
+
+
 def _looks_like_local_path(path: str) -> bool:
     """Anything but a bare hub id "owner/name" is treated as a local folder."""
     if os.path.exists(path) or os.path.isabs(path):
@@ -280,4 +348,4 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["LGQTokenizer", "TokenizerOutput", "TokenizerModelConfig", "build_tokenizer"]
+__all__ = ["LGQTokenizer", "TokenizerOutput", "TokenizerModelConfig", "build_tokenizer", "migrate_legacy_config"]

@@ -8,27 +8,49 @@ Encoder (resolution H -> H / 2^(L-1) for L = len(channel_multipliers) levels):
 Decoder mirrors it: conv_in -> mid -> [level l = L-1..0: (num_res_blocks + 1) x (ResBlock [+ Attention]),
 Upsample (nearest x2 + conv) unless l = 0] -> GroupNorm -> SiLU -> conv_out (image channels).
 The decoder has one more ResBlock per level than the encoder, as in VQGAN.
+
+Between encoder and quantizer sits ``PreQuantizerNorm``, the latent geometry that every quantizer
+receives (METHOD.md section 1): a GroupNorm on the latent channels, then a per-token LayerNorm.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def num_groups_for(channels: int, max_groups: int = 32) -> int:
-    """Largest g <= max_groups that divides `channels` (GroupNorm needs channels % g == 0)."""
+MIN_CHANNELS_PER_GROUP = 4  # VQGAN's base width 128 in 32 groups; see `group_norm`
+
+
+def num_groups_for(channels: int, max_groups: int = 32, min_channels_per_group: int = 1) -> int:
+    """Largest g <= max_groups that divides `channels` with channels / g >= min_channels_per_group.
+
+    GroupNorm needs channels % g == 0. With min_channels_per_group = 1 a narrow layer (channels <= 32)
+    gets one group per channel, i.e. instance normalisation.
+    """
+    max_groups = max(1, min(max_groups, channels // max(1, int(min_channels_per_group))))
     for groups in range(min(max_groups, channels), 0, -1):
         if channels % groups == 0:
             return groups
     return 1
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (VQGAN), or the largest divisor of `channels` below 32 for narrow layers."""
-    return nn.GroupNorm(num_groups=num_groups_for(channels), num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, min_channels_per_group: int = MIN_CHANNELS_PER_GROUP) -> nn.GroupNorm:
+    """GroupNorm(g, channels), eps 1e-6, affine: g = 32 groups (VQGAN) for wide layers, fewer for narrow ones.
+
+    Every group holds at least `min_channels_per_group` channels (default 4 = VQGAN's 128 / 32). With one
+    channel per group GroupNorm is instance normalisation: it removes each channel's per-image mean, so a
+    decoder whose last norm does that cannot output an image's mean colour (a 32-channel laptop decoder
+    did exactly that before this floor existed). Exports written before it load with 1 (see
+    `tokenizer.model.migrate_legacy_config`).
+    """
+    groups = num_groups_for(channels, min_channels_per_group=min_channels_per_group)
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+NormLayer = Callable[[int], nn.Module]  # channels -> normalisation module
 
 
 class ResBlock(nn.Module):
@@ -37,12 +59,13 @@ class ResBlock(nn.Module):
     skip is the identity when in_channels == out_channels, else a 1x1 convolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 norm_layer: NormLayer = group_norm):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = norm_layer(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = norm_layer(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
@@ -60,9 +83,9 @@ class SelfAttention(nn.Module):
     `F.scaled_dot_product_attention` (flash / memory-efficient kernels where available).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_layer: NormLayer = group_norm):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = norm_layer(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
@@ -101,14 +124,15 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution level: a stack of ResBlocks, each optionally followed by self-attention."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float,
+                 norm_layer: NormLayer = group_norm):
         super().__init__()
         self.blocks = nn.ModuleList()
         self.attentions = nn.ModuleList()
         channels = in_channels
         for _ in range(num_blocks):
-            self.blocks.append(ResBlock(channels, out_channels, dropout))
-            self.attentions.append(SelfAttention(out_channels) if attention else nn.Identity())
+            self.blocks.append(ResBlock(channels, out_channels, dropout, norm_layer))
+            self.attentions.append(SelfAttention(out_channels, norm_layer) if attention else nn.Identity())
             channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,11 +144,11 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     """ResBlock -> SelfAttention -> ResBlock at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, norm_layer: NormLayer = group_norm):
         super().__init__()
-        self.block1 = ResBlock(channels, channels, dropout)
-        self.attention = SelfAttention(channels)
-        self.block2 = ResBlock(channels, channels, dropout)
+        self.block1 = ResBlock(channels, channels, dropout, norm_layer)
+        self.attention = SelfAttention(channels, norm_layer)
+        self.block2 = ResBlock(channels, channels, dropout, norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block2(self.attention(self.block1(x)))
@@ -171,6 +195,7 @@ class Encoder(nn.Module):
         latent_dim: int,
         attention_levels: Sequence[int],
         dropout: float = 0.0,
+        norm_layer: NormLayer = group_norm,
     ):
         super().__init__()
         widths = [base_channels * m for m in channel_multipliers]
@@ -179,12 +204,12 @@ class Encoder(nn.Module):
         self.downsamples = nn.ModuleList()
         channels = base_channels
         for level, width in enumerate(widths):
-            self.levels.append(Level(channels, width, num_res_blocks, level in attention_levels, dropout))
+            self.levels.append(Level(channels, width, num_res_blocks, level in attention_levels, dropout, norm_layer))
             channels = width
             last = level == len(widths) - 1
             self.downsamples.append(nn.Identity() if last else Downsample(channels))
-        self.mid = MidBlock(channels, dropout)
-        self.norm_out = group_norm(channels)
+        self.mid = MidBlock(channels, dropout, norm_layer)
+        self.norm_out = norm_layer(channels)
         self.conv_out = nn.Conv2d(channels, latent_dim, kernel_size=3, padding=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -207,21 +232,23 @@ class Decoder(nn.Module):
         latent_dim: int,
         attention_levels: Sequence[int],
         dropout: float = 0.0,
+        norm_layer: NormLayer = group_norm,
     ):
         super().__init__()
         widths = [base_channels * m for m in channel_multipliers]
         channels = widths[-1]
         self.conv_in = nn.Conv2d(latent_dim, channels, kernel_size=3, padding=1)
-        self.mid = MidBlock(channels, dropout)
+        self.mid = MidBlock(channels, dropout, norm_layer)
         # stored from the lowest resolution (level L-1) up to full resolution (level 0)
         self.levels = nn.ModuleList()
         self.upsamples = nn.ModuleList()
         for level in reversed(range(len(widths))):
             width = widths[level]
-            self.levels.append(Level(channels, width, num_res_blocks + 1, level in attention_levels, dropout))
+            self.levels.append(Level(channels, width, num_res_blocks + 1, level in attention_levels, dropout,
+                                     norm_layer))
             channels = width
             self.upsamples.append(nn.Identity() if level == 0 else Upsample(channels))
-        self.norm_out = group_norm(channels)
+        self.norm_out = norm_layer(channels)
         self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -229,6 +256,45 @@ class Decoder(nn.Module):
         for level, upsample in zip(self.levels, self.upsamples):
             h = upsample(level(h))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+PRE_QUANTIZER_NORMS = ("groupnorm_layernorm", "layernorm", "none")
+
+
+class PreQuantizerNorm(nn.Module):
+    """Normalisation of the encoder latents z [B, C, h, w] in front of the quantizer, identical for every quantizer.
+
+    kind "groupnorm_layernorm" (the authors' model, the default):  z <- LN_token(GN(z))
+    kind "layernorm":  z <- LN_token(z)   (exports written before this module existed with quantizer "lgq":
+                                            LGQ then normalised its own input this way)
+    kind "none":       z <- z
+
+    GN is ``group_norm(C)`` (affine, eps 1e-6; the encoder's last norm, on the latent channels) and
+    LN_token(z)_n = (z_n - mean_c z_nc) / sqrt(var_c z_nc + 1e-6), per token n = (b, y, x), no affine
+    parameters. Computed in fp32 with autocast off (like the quantizer); returns fp32.
+    """
+
+    def __init__(self, channels: int, kind: str = "groupnorm_layernorm", norm_layer: NormLayer = group_norm):
+        super().__init__()
+        if kind not in PRE_QUANTIZER_NORMS:
+            raise ValueError(f"pre_quantizer_norm must be one of {PRE_QUANTIZER_NORMS}, got {kind!r}")
+        self.kind = kind
+        self.channels = int(channels)
+        self.group_norm = norm_layer(channels) if kind == "groupnorm_layernorm" else None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return z
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            if self.group_norm is not None:
+                gn = self.group_norm
+                z = F.group_norm(z, gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps)
+            tokens = F.layer_norm(z.permute(0, 2, 3, 1), (self.channels,), eps=1e-6)
+            return tokens.permute(0, 3, 1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
 
 
 def count_parameters(module: nn.Module) -> int:

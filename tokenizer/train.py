@@ -33,19 +33,31 @@ from tokenizer.losses import TokenizerLoss
 from tokenizer.model import build_tokenizer
 
 
-def parse_args(argv: Sequence[str] | None = None, description: str | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """--config (repeatable), --resume, key=value overrides (shared by the tokenizer and prior scripts)."""
-    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=[],
-                        help="YAML config file; repeat to merge several in order (later files win)")
+def parse_args(argv: Sequence[str] | None = None, description: str | None = None, schema=TokenizerRunConfig,
+               prog: str = "tokenizer/train.py") -> tuple[argparse.Namespace, list[str]]:
+    """The train scripts' command line (lgq.cli style): --config (repeatable), --resume, --print-config and the
+    config keys of ``schema`` as key=value / --key value. Shared by the tokenizer and prior scripts."""
+    from lgq.cli import make_parser, parse_command_line
+
+    parser = make_parser(prog, description or __doc__.split("\n\n")[0], schema)
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory (= train.resume=...)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 model.quantizer=fsq")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults <- files <- overrides) as YAML and exit")
+    args, overrides = parse_command_line(parser, argv, schema)
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
     return args, overrides
+
+
+def load_run_config(schema, argv: Sequence[str] | None, description: str, prog: str):
+    """(config, print_only): the config of a train script's command line; with --print-config it is printed."""
+    from lgq.config import config_to_yaml
+
+    args, overrides = parse_args(argv, description, schema, prog)
+    cfg = load_config(schema, args.config or None, overrides)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+    return cfg, args.print_config
 
 
 def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
@@ -56,10 +68,12 @@ def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.
     return make_grid(pairs, nrow=originals.shape[0], padding=2, pad_value=1.0)
 
 
-def main(argv: Sequence[str] | None = None) -> Trainer:
-    """Run training; returns the Trainer (``.history`` holds the logged values, ``.output_dir`` the run)."""
-    args, overrides = parse_args(argv)
-    cfg = load_config(TokenizerRunConfig, args.config or None, overrides)
+def main(argv: Sequence[str] | None = None) -> Trainer | None:
+    """Run training; returns the Trainer (``.history`` holds the logged values, ``.output_dir`` the run), or None
+    after --print-config."""
+    cfg, print_only = load_run_config(TokenizerRunConfig, argv, __doc__.split("\n\n")[0], "tokenizer/train.py")
+    if print_only:
+        return None
     trainer = Trainer(cfg.train, run_config=cfg)
     accelerator = trainer.accelerator
 
@@ -83,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     trainer.print(f"tokenizer: {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M parameters, quantizer "
                   f"{cfg.model.quantizer} K={tokenizer.codebook_size}, {len(train_set)} training images, "
                   f"{accelerator.num_processes} process(es), global batch {trainer.images_per_step}")
+    if loss_fn.lpips is not None:  # the run's config.yaml records loss.lpips_uniform_heads as well
+        trainer.print(f"perceptual loss: {loss_fn.lpips.variant}, weight {cfg.loss.perceptual_weight}")
     init_quantizer_from_data(trainer, "model", num_batches=cfg.eval.quantizer_init_batches)
 
     # --- one micro-batch: generator step, then discriminator step ----------------------------------------

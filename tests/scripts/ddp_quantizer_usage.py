@@ -9,7 +9,10 @@ quantizer. Rank 0 writes to ``argv[1]`` (torch.save):
   grad_input    d (total loss) / d z for the whole batch (both halves gathered, unscaled)
   lfq_<mode>    for LFQ with entropy_mode "exact" and "factorized": the batch (codebook)
                 entropy H(pbar) over the global batch and d L / d params (averaged like DDP)
-The test compares these with a single process on the concatenated batch.
+  eval          rank 0 alone runs eval-mode forwards of LGQ / LFQ / IBQ / VQ (rank 1 runs none, as in
+                an extraction whose chunks do not divide evenly): their loss and stats, which must be
+                those of the local batch, and the run must not hang
+The test compares these with a single process on the concatenated batch (the eval values: on rank 0's half).
 """
 import sys
 
@@ -49,6 +52,19 @@ def lfq_statistics(quantizer: LFQuantizer, z: torch.Tensor, world: int = 1) -> d
     return {"entropy_codebook": out.stats["entropy_codebook"], "grads": grads}
 
 
+EVAL_QUANTIZERS = ("lgq", "lfq", "ibq", "vq")
+
+
+@torch.no_grad()
+def eval_statistics(name: str, z: torch.Tensor) -> dict:
+    """Loss and stats of an eval-mode forward of a freshly seeded quantizer (K = 16)."""
+    from tokenizer.quantizers import build_quantizer
+
+    torch.manual_seed(3)
+    out = build_quantizer(name, DIM, LFQ_K).eval()(z)
+    return {"loss": out.loss, **out.stats}
+
+
 def average_grad(grad: torch.Tensor, world: int) -> torch.Tensor:
     grad = grad.clone()
     dist.all_reduce(grad)
@@ -78,8 +94,11 @@ def main(out_path: str) -> None:
 
     lfq = {mode: lfq_statistics(make_lfq(mode), half, world) for mode in ("exact", "factorized")}
 
+    eval_stats = {name: eval_statistics(name, half) for name in EVAL_QUANTIZERS} if rank == 0 else None
+
     if rank == 0:
         torch.save({
+            "eval": eval_stats,
             **{f"lfq_{mode}": stats for mode, stats in lfq.items()},
             "world_size": world,
             "usage": usage,

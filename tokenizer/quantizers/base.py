@@ -80,6 +80,25 @@ class Quantizer(nn.Module):
                 f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]"
             )
 
+    # --- batch statistics over processes ------------------------------------------------------
+    def syncs_across_processes(self) -> bool:
+        """Batch statistics (usage, code entropy) are all-reduced over processes only in training mode
+        under torch.distributed. Every rank runs the same number of training steps; eval-mode forwards
+        (token extraction, reconstruction evaluation, sampling, validation) may be reached by ranks a
+        different number of times, so they call no collective and use their local batch."""
+        return self.training and is_distributed()
+
+    def global_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """sum over processes of t (differentiable, ``all_reduce_sum``) when syncing, else t."""
+        return all_reduce_sum(t) if self.syncs_across_processes() else t
+
+    def global_count(self, local_count: int, device: torch.device) -> torch.Tensor:
+        """Number of tokens over processes (float scalar) when syncing, else the local count."""
+        count = torch.tensor(float(local_count), device=device)
+        if self.syncs_across_processes():
+            dist.all_reduce(count)
+        return count
+
     # --- dead-code re-seeding (VQ, LGQ) ---------------------------------------------------
     # Subclasses that use these keep a ``codebook`` parameter [K, D], a ``usage_ema`` buffer [K]
     # (initialised to 1/K) and the floats ``reseed_threshold`` and ``usage_ema_decay``.

@@ -17,6 +17,8 @@ The implicit codebook is the grid of prod_j L_j points; indices are the mixed-ra
 There is no auxiliary loss (``loss`` is 0).
 
 Levels table (product must equal K exactly):
+    256 -> [8, 8, 4]              the FSQ paper's 2^8 entry [8, 6, 5] has product 240, not 256; [8, 8, 4] keeps
+                                  K exact with d = 3 channels like the paper's entry and the 8/4 levels used below
     1000 -> [8, 5, 5, 5]          the FSQ paper's ~2^10 entry (product 1000)
     1024 -> [8, 8, 4, 4]          [8, 5, 5, 5] has product 1000, not 1024, so it cannot serve K = 1024;
                                   [8, 8, 4, 4] keeps K exact with the 8/4 levels used for the larger K
@@ -37,6 +39,7 @@ from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
 from tokenizer.quantizers.vq import latents_to_tokens, quantizer_output, tokens_to_latents
 
 FSQ_LEVELS: dict[int, tuple[int, ...]] = {
+    256: (8, 8, 4),
     1000: (8, 5, 5, 5),
     1024: (8, 8, 4, 4),
     4096: (8, 8, 8, 8),

@@ -9,27 +9,28 @@ Forward value: c_{i_n} exactly. Gradients: to c_{i_n} through the one-hot value,
 *all* codes through the logits (p_n - stopgrad(p_n) is 0 in value, so it sends no gradient to C
 through the values: in code, q_soft = p_n stopgrad(C)).
 
-Losses (as in the IBQ release, our reading):
+Losses (the released IBQ quantization loss: three terms, then the optional entropy term):
 
-    L_double = mean ||q_n - x_n||^2                       ("double quantization" loss, weight 1)
-    L_commit = mean ||x_n - stopgrad(c_{i_n})||^2          weight ``beta`` (0.25)
+    L_double   = mean ||q_n - x_n||^2                      (through the STE output: to x, to c_{i_n} and to all
+                                                            codes via p_n; weight ``double_weight``, 1)
+    L_commit   = mean ||stopgrad(c_{i_n}) - x_n||^2        (trains the encoder only; weight 1)
+    L_codebook = mean ||c_{i_n} - stopgrad(x_n)||^2        (trains the chosen codes only; weight ``beta``, 0.25)
     L_entropy = mean_n H(p'_n) - gamma * H(mean_n p'_n),  p'_n = softmax_k(l_n / T_e)   weight ``entropy_weight``
 
-mean_n p'_n is the mean over the global batch (all-reduced). Memory: the soft path (q_soft, the
-entropies) runs in chunks of tokens under activation checkpointing, so no N x K tensor beyond one
-chunk is alive, in forward or backward.
+mean_n p'_n is the mean over the global batch (all-reduced) in training, over the local batch in eval
+mode. Memory: the soft path (q_soft, the entropies) runs in chunks of tokens under activation
+checkpointing, so no N x K tensor beyond one chunk is alive, in forward or backward.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer.quantizers.base import Quantizer, all_reduce_sum, fp32_quantizer_math, is_distributed
+from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
 from tokenizer.quantizers.lfq import entropy
 from tokenizer.quantizers.vq import (
     check_weight,
@@ -63,7 +64,7 @@ class IBQuantizer(Quantizer):
 
     Args:
         dim: latent channels C.  codebook_size: K >= 2.
-        beta: commitment weight (0.25).  double_weight: weight of L_double (1.0).
+        beta: weight of L_codebook (0.25).  double_weight: weight of L_double (1.0).
         entropy_weight: 0.05.  entropy_temperature: T_e (0.01).  diversity_gamma: 1.0.
         chunk_size: tokens per chunk; None = auto (chunk * K fp32 <= 64 MiB).
     Codes start N(0, 1/C) (small dot products, soft assignments near uniform). Keep ``codebook``
@@ -105,17 +106,17 @@ class IBQuantizer(Quantizer):
             hard = F.embedding(indices, codebook)
             quantized = hard + (q_soft - q_soft.detach())
 
-            num_tokens = torch.tensor(float(x.shape[0]), device=x.device)
-            if is_distributed():
-                dist.all_reduce(num_tokens)
+            num_tokens = self.global_count(x.shape[0], x.device)
             entropy_per_sample = entropy_sum / x.shape[0]
-            entropy_codebook = entropy(all_reduce_sum(prob_sum) / num_tokens)
+            entropy_codebook = entropy(self.global_sum(prob_sum) / num_tokens)
             loss_entropy = entropy_per_sample - self.diversity_gamma * entropy_codebook
             loss_double = F.mse_loss(quantized, x)
-            loss_commit = F.mse_loss(x, hard.detach())
-            loss = self.double_weight * loss_double + self.beta * loss_commit + self.entropy_weight * loss_entropy
+            loss_commit = F.mse_loss(hard.detach(), x)
+            loss_codebook = F.mse_loss(hard, x.detach())
+            loss = (self.double_weight * loss_double + loss_commit + self.beta * loss_codebook
+                    + self.entropy_weight * loss_entropy)
         return quantizer_output(self, quantized, indices, loss, z.shape, loss_double=loss_double, loss_commit=loss_commit,
-                                loss_entropy=loss_entropy, entropy_per_sample=entropy_per_sample,
+                                loss_codebook=loss_codebook, loss_entropy=loss_entropy, entropy_per_sample=entropy_per_sample,
                                 entropy_codebook=entropy_codebook)
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ H(p_n) = sum_j H_b(p_nj) exactly. For H(pbar) two modes:
                   recomputation in backward (checkpointing), so memory grows with chunk * K, not N * K;
     "factorized": H(pbar) ~= sum_j H_b(mean_n p_nj), the entropy of the product of the per-bit marginals
                   (an upper bound of the exact value; O(N b), for very large K).
-The batch sums (of p_nk or of p_nj) and the token count are all-reduced across processes.
+The batch sums (of p_nk or of p_nj) and the token count are all-reduced across processes in training
+mode (the local batch in eval mode, see ``Quantizer.syncs_across_processes``).
 
     L = entropy_weight * L_entropy + commitment_weight * mean ||u_n - stopgrad(s_n)||^2
 """
@@ -29,12 +30,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer.quantizers.base import Quantizer, all_reduce_sum, fp32_quantizer_math, is_distributed
+from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
 from tokenizer.quantizers.vq import (
     check_weight,
     latents_to_tokens,
@@ -108,11 +108,9 @@ class LFQuantizer(Quantizer):
 
     def codebook_entropy(self, bit_logits: torch.Tensor) -> torch.Tensor:
         """H(pbar) over the global batch (module doc), from per-bit logits a_nj = 4 u_nj / T [N, b]."""
-        num_tokens = torch.tensor(float(bit_logits.shape[0]), device=bit_logits.device)
-        if is_distributed():
-            dist.all_reduce(num_tokens)
+        num_tokens = self.global_count(bit_logits.shape[0], bit_logits.device)
         if self.entropy_mode == "factorized":
-            mean_bits = all_reduce_sum(torch.sigmoid(bit_logits).sum(0)) / num_tokens
+            mean_bits = self.global_sum(torch.sigmoid(bit_logits).sum(0)) / num_tokens
             return binary_entropy(mean_bits).sum()
         code_bits = self.indices_to_bits(torch.arange(self.codebook_size, device=bit_logits.device))
         log_p_plus, log_p_minus = F.logsigmoid(bit_logits), F.logsigmoid(-bit_logits)
@@ -124,7 +122,7 @@ class LFQuantizer(Quantizer):
                                                  code_bits, use_reentrant=False)
             else:
                 prob_sum = prob_sum + _code_probability_sum(log_p_plus[chunk], log_p_minus[chunk], code_bits)
-        return entropy(all_reduce_sum(prob_sum) / num_tokens)
+        return entropy(self.global_sum(prob_sum) / num_tokens)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self.check_latents(z)

@@ -1,6 +1,7 @@
 """Learnable Geometric Quantization (LGQ), METHOD.md section 1.
 
-Latents x_n in R^C (after an optional per-token LayerNorm) are softly assigned to K learnable
+Latents x_n in R^C (already normalised by the model's pre-quantizer norm, the same for every quantizer:
+`tokenizer.modules.PreQuantizerNorm`) are softly assigned to K learnable
 centres c_k by the posterior responsibilities of an isotropic Gaussian mixture
 
     l_nk = -||x_n - c_k||^2 / tau  =  (2 x_n.c_k - ||c_k||^2) / tau + const_n
@@ -22,8 +23,9 @@ Losses (already weighted, summed into ``QuantizerOutput.loss``):
     L_usage = K * sum_k u_k^2,  u = mean_n p_n       weight ``usage_weight``      (0.005)
     L_floor = relu(p_min - exp H(u))^2               weight ``usage_floor_weight``, only if usage_floor=p_min
 
-u is the usage over the *global* batch: the per-process sums of p are all-reduced with the
-differentiable ``all_reduce_sum`` and divided by the global token count.
+u is the usage over the *global* batch in training: the per-process sums of p are all-reduced with the
+differentiable ``all_reduce_sum`` and divided by the global token count (``Quantizer.global_sum`` /
+``global_count``). Eval-mode forwards use the local batch and call no collective.
 
 Memory: nothing of size N x K is ever alive. The soft path (q_soft, sum_k p_nk^2, sum_n p_n) runs
 in chunks of tokens inside ``SoftAssignment`` (a custom autograd Function) whose backward
@@ -39,15 +41,12 @@ import math
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tokenizer.quantizers.base import (
     Quantizer,
     QuantizerOutput,
-    all_reduce_sum,
     fp32_quantizer_math,
-    is_distributed,
 )
 
 TAU_SCHEDULES = ("linear", "cosine", "constant")
@@ -239,9 +238,6 @@ class LGQuantizer(Quantizer):
         tau_start, tau_end, tau_schedule: temperature schedule over training progress
             ("linear" default, "cosine", "constant"); ``set_progress(p)`` updates the ``tau`` buffer.
         logits: "euclidean" (the method), "cosine" or "dot" (ablations).
-        pre_norm: per-token LayerNorm (no affine parameters) of the latents before quantization:
-            x_n <- (x_n - mean(x_n)) / std(x_n). The centres, ``quantized`` and ``indices_to_latents``
-            all live in this normalised space, which is what the decoder sees.
         quant_loss_weight, peak_weight, usage_weight: loss weights (1.0, 0.005, 0.005).
         usage_floor: p_min in codes; adds ``usage_floor_weight * relu(p_min - exp H(u))^2``
             (off by default; note the term is in squared codes, so use a small weight).
@@ -270,7 +266,6 @@ class LGQuantizer(Quantizer):
         tau_end: float = 0.1,
         tau_schedule: str = "linear",
         logits: str = "euclidean",
-        pre_norm: bool = True,
         quant_loss_weight: float = 1.0,
         peak_weight: float = 0.005,
         usage_weight: float = 0.005,
@@ -308,7 +303,6 @@ class LGQuantizer(Quantizer):
             raise ValueError(f"init_lloyd_steps must be >= 0, got {init_lloyd_steps!r}")
         self.tau_start, self.tau_end, self.tau_schedule = float(tau_start), float(tau_end), tau_schedule
         self.logits = logits
-        self.pre_norm = bool(pre_norm)
         self.quant_loss_weight, self.peak_weight, self.usage_weight = quant_loss_weight, peak_weight, usage_weight
         self.usage_floor, self.usage_floor_weight = usage_floor, usage_floor_weight
         self.init, self.init_lloyd_steps = init, int(init_lloyd_steps)
@@ -331,13 +325,9 @@ class LGQuantizer(Quantizer):
             raise ValueError(f"progress must be a finite float in [0, 1], got {progress!r}")
         self.tau.fill_(tau_at_progress(progress, self.tau_start, self.tau_end, self.tau_schedule))
 
-    def normalise_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token LayerNorm without affine parameters (identity when pre_norm=False); x [N, C]."""
-        return F.layer_norm(x, (self.dim,), eps=1e-6) if self.pre_norm else x
-
     @torch.no_grad()
     def init_from_latents(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Initialise the centres from encoder latents [N, C] (normalised here like in forward).
+        """Initialise the centres from encoder latents [N, C] (the quantizer's inputs, as in forward).
 
         Deterministic given the latents and ``generator`` (default: a fresh generator seeded
         with 0 on the latents' device). In DDP, call it on every rank with the *same* latents
@@ -354,7 +344,7 @@ class LGQuantizer(Quantizer):
             raise ValueError("init_from_latents received NaN or Inf latents")
         if generator is None:
             generator = torch.Generator(device=latents.device).manual_seed(0)
-        x = self.normalise_latents(latents.detach().to(device=generator.device, dtype=torch.float32))
+        x = latents.detach().to(device=generator.device, dtype=torch.float32)
         num_latents, num_codes = x.shape[0], self.codebook_size
         if num_latents < num_codes:
             warnings.warn(
@@ -380,7 +370,7 @@ class LGQuantizer(Quantizer):
         self.check_latents(z)
         batch, channels, height, width = z.shape
         with fp32_quantizer_math(z.device.type):
-            x = self.normalise_latents(z.float().permute(0, 2, 3, 1).reshape(-1, channels))
+            x = z.float().permute(0, 2, 3, 1).reshape(-1, channels)
             if self.training and self.reseed_dead:
                 self.reseed_dead_codes(x.detach())
             centres = self.codebook.float()
@@ -418,33 +408,32 @@ class LGQuantizer(Quantizer):
         query, keys, bias, values = logit_operands(x, centres, self.logits)
         return SoftAssignment.apply(query, keys, bias, values, 1.0 / float(self.tau), self.chunk_size)
 
-    @staticmethod
-    def _global_usage(usage_sum: torch.Tensor, local_tokens: int) -> torch.Tensor:
-        """u_k = (sum over processes of sum_n p_nk) / global token count; differentiable."""
-        num_tokens = torch.tensor(float(local_tokens), device=usage_sum.device)
-        if is_distributed():
-            dist.all_reduce(num_tokens)
-        return all_reduce_sum(usage_sum) / num_tokens
+    def _global_usage(self, usage_sum: torch.Tensor, local_tokens: int) -> torch.Tensor:
+        """u_k = (sum over processes of sum_n p_nk) / global token count; differentiable. Over the local
+        batch in eval mode (``syncs_across_processes``)."""
+        return self.global_sum(usage_sum) / self.global_count(local_tokens, usage_sum.device)
 
     def soft_usage(self, z: torch.Tensor) -> torch.Tensor:
-        """Soft usage u [K] = mean_n p_n over the global batch (all processes) for latents z [B, C, H, W].
+        """Soft usage u [K] = mean_n p_n for latents z [B, C, H, W], over the global batch (all processes)
+        in training mode, over the local batch in eval mode.
 
-        Differentiable, like the u inside ``forward``; collective in DDP (call it on every rank).
+        Differentiable, like the u inside ``forward``; in training mode under DDP it is a collective (call
+        it on every rank).
         """
         self.check_latents(z)
         with fp32_quantizer_math(z.device.type):
-            x = self.normalise_latents(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+            x = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
             usage_sum = self._soft_assignment(x, self.codebook.float())[2]
             return self._global_usage(usage_sum, x.shape[0])
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
-        """[B, H, W] int64 -> centres [B, C, H, W] (in the normalised latent space the decoder sees)."""
+        """[B, H, W] int64 -> centres [B, C, H, W] (the forward value of ``quantized``)."""
         self.check_indices(indices)
         return F.embedding(indices.long(), self.codebook).permute(0, 3, 1, 2).contiguous()
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, logits={self.logits}, tau={float(self.tau):.4g} "
-                f"({self.tau_schedule} {self.tau_start:g}->{self.tau_end:g}), pre_norm={self.pre_norm}, "
+                f"({self.tau_schedule} {self.tau_start:g}->{self.tau_end:g}), "
                 f"chunk_size={self.chunk_size}")
 
 

@@ -98,8 +98,10 @@ class VectorQuantizer(Quantizer):
             an EMA of hard-code frequencies over the global batch is kept in training; a code whose
             EMA falls below ``reseed_threshold / K`` is reset to a random current lookup latent
             (DDP: rank 0 draws, then broadcasts).
-        init: "none" (default; codes start N(0, 1), or on the unit sphere with l2_normalize) or
-            "random" (``needs_init`` is True until ``init_from_latents`` copies K random latents in).
+        init: "random" (default: ``needs_init`` is True until ``init_from_latents`` copies K random encoder
+            latents in, the data-driven init the trainer gives every quantizer that asks for it) or "none"
+            (codes stay N(0, 1), or on the unit sphere with l2_normalize; prone to collapse: few codes lie
+            near the latents and only those are ever trained).
         chunk_size: tokens per nearest-neighbour chunk; None = auto (chunk * K fp32 <= 64 MiB).
 
     The codebook (``codebook`` [K, d]) should be kept out of weight decay
@@ -123,7 +125,7 @@ class VectorQuantizer(Quantizer):
         reseed_dead: bool = False,
         reseed_threshold: float = 0.01,
         usage_ema_decay: float = 0.99,
-        init: str = "none",
+        init: str = "random",
         chunk_size: int | None = None,
     ):
         super().__init__(dim, codebook_size)
