@@ -174,6 +174,14 @@ def test_gpt_prior_inside_pipeline_round_trip(tmp_path):
     loaded = LGQPipeline.from_pretrained(tmp_path)
     assert isinstance(loaded.scheduler, AutoregressiveScheduler) and not loaded.prior.training
     np.testing.assert_array_equal(before, sample(loaded, seed=11, top_k=8, top_p=0.9))
+    # folders saved before GPT pipelines had a scheduler (model_index "scheduler": [null, null]) still load
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["scheduler"] = [None, None]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(tmp_path / "scheduler")
+    old_format = LGQPipeline.from_pretrained(tmp_path)
+    assert isinstance(old_format.scheduler, AutoregressiveScheduler)
+    np.testing.assert_array_equal(before, sample(old_format, seed=11, top_k=8, top_p=0.9))
 
 
 @pytest.mark.parametrize("prior_factory", [tiny_maskgit, tiny_gpt], ids=["maskgit", "gpt"])
