@@ -281,11 +281,10 @@ class Demo:
         return export
 
     def assemble(self, tokenizer_path: Path, prior_path: Path):
-        from pipelines.assemble import build_pipeline
+        from pipelines.assemble import build_pipeline, save_pipeline
 
         pipeline = build_pipeline(tokenizer_path, prior_path)
-        self.pipeline_dir.mkdir(parents=True, exist_ok=True)
-        pipeline.save_pretrained(self.pipeline_dir, safe_serialization=True)
+        save_pipeline(pipeline, self.pipeline_dir, tokenizer_path, prior_path)
         return pipeline
 
     def sample_grid(self, pipeline, train_classes: list[int], class_names: list[str]) -> Path:

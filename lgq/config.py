@@ -70,6 +70,9 @@ class TrainConfig:
     expected_num_processes: Optional[int] = None  # assert the world size (catches silent 1-process launches)
     num_workers: int = 0  # DataLoader workers per process
     progress_bar: bool = True
+    push_to_hub: bool = False  # upload the final export (with its README.md model card) with huggingface_hub
+    hub_model_id: Optional[str] = None  # "user/name" or "name"; default: <output_dir name>-<export name>
+    hub_private: bool = False
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size,

@@ -315,6 +315,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._stream: Iterator | None = None
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, logs) of every log step of this process
+        self.image_log_history: list[tuple[int, dict[str, float]]] = []  # (step, scalars) of every image-log step
 
         if cfg.resume is None and list_checkpoints(self.checkpoint_dir):
             raise ValueError(
@@ -594,6 +595,7 @@ class Trainer:
         scalars = {k: float(v) for k, v in values.items() if not (torch.is_tensor(v) and v.dim() == 3)}
         if scalars:
             self.accelerator.log(scalars, step=step)
+            self.image_log_history.append((step, scalars))
         if not self.is_main:
             return
         from PIL import Image
@@ -667,10 +669,23 @@ class Trainer:
         """Flush and close trackers."""
         self.accelerator.end_training()
 
-    def finish(self, name: str, logs: Mapping[str, float], description: str | None = None) -> Path:
-        """The end of a train script: ``export(name)``, print the closing line, close the trackers."""
+    def finish(self, name: str, logs: Mapping[str, float], description: str | None = None, card=None) -> Path:
+        """The end of a train script: ``export(name)``, its model card (``card``: an ``lgq.hub.CardInfo``, written
+        as README.md), the upload when ``train.push_to_hub``, the closing line, then close the trackers."""
         path = self.export(name)
         cls = json.loads((path / "config.json").read_text()).get("_class_name") if self.is_main else None
+        if self.is_main and card is not None:
+            from lgq.hub import write_model_card
+
+            write_model_card(path, card)
+        if self.is_main and self.cfg.push_to_hub:
+            from lgq.hub import push_folder_to_hub
+
+            repo_id = self.cfg.hub_model_id or f"{self.output_dir.resolve().name}-{name}"
+            url = push_folder_to_hub(path, repo_id, private=self.cfg.hub_private,
+                                     commit_message=f"{description or name} after {self.step} steps")
+            self.print(f"pushed {path} to the Hub: {url}")
+        self.accelerator.wait_for_everyone()
         self.print(f"final step {self.step}: loss {logs.get('loss', float('nan')):.4f}; exported the "
                    f"{'EMA ' if self.ema is not None else ''}{description or name} to {path} "
                    f"(load with {cls}.from_pretrained('{path}'))")

@@ -218,8 +218,9 @@ class LGQPipeline(DiffusionPipeline):
             for name, tensor in list(quantizer.named_parameters()) + list(quantizer.named_buffers()):
                 if tensor.dtype == torch.float32:
                     saved[name] = tensor.detach().clone()
-        # diffusers' ModelMixin.to warns about fp32 modules on every dtype cast (even with none declared);
-        # the quantizer is handled here, so that warning is muted for the duration of the cast.
+        # diffusers' ModelMixin.to casts every tensor, including LGQTokenizer._keep_in_fp32_modules (honoured only
+        # by from_pretrained(torch_dtype=...)), and warns about it: the quantizer is restored below, so the warning
+        # is muted for the duration of the cast.
         modeling_logger = logging.getLogger("diffusers.models.modeling_utils")
         level = modeling_logger.level
         modeling_logger.setLevel(logging.ERROR)

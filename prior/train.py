@@ -28,7 +28,7 @@ from torch import nn
 from lgq.training import Trainer, build_optimizer
 from prior.config import PriorModelConfig, PriorRunConfig, resolve_data_shape
 from prior.tokens import TokenDataset, tokenizer_fingerprint
-from tokenizer.train import load_run_config  # (same command line: --config, --resume, --print-config, key=value)
+from tokenizer.train import load_run_config, training_rows  # (same command line and card rows as the tokenizer)
 
 
 class PriorTrainingLoss(nn.Module):
@@ -163,8 +163,50 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
 
     # --- run, export ---------------------------------------------------------------------------------------
     logs = trainer.fit(training_step, on_image_log=on_image_log)
-    trainer.finish("prior", logs, f"{cfg.model.prior_type} prior")
+    trainer.finish("prior", logs, f"{cfg.model.prior_type} prior",
+                   card=prior_card(cfg, prior, shape, trainer, train_set, logs))
     return trainer
+
+
+def prior_card(cfg: PriorRunConfig, prior: nn.Module, shape: dict, trainer: Trainer, train_set, logs):
+    """The export's model card: prior type, K, grid, classes, token data, steps, the last training metrics."""
+    from lgq.hub import CardInfo
+
+    h, w = shape["grid_size"]
+    maskgit = cfg.model.prior_type == "maskgit"
+    names = train_set.class_names or []
+    accuracy = "masked_accuracy" if maskgit else "accuracy"
+    metrics = [(label, float(logs[key])) for label, key in (("training loss", "loss"), (f"training {accuracy}", accuracy))
+               if key in logs]
+    backbone = "bidirectional MaskGIT transformer (transformers BertModel)" if maskgit else \
+        "autoregressive GPT (transformers LlamaForCausalLM)"
+    classes = f"{shape['num_classes']}" + (f": {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}" if names else "")
+    cls = type(prior)
+    steps = "num_inference_steps=12, " if maskgit else ""
+    usage = (f'from {cls.__module__} import {cls.__name__}\n'
+             f'from pipelines.assemble import build_pipeline\n\n'
+             f'prior = {cls.__name__}.from_pretrained("<this folder or hub id>").eval()\n'
+             f'tokens = prior.generate([0, 1])                 # int64 [2, {h}, {w}] token grids\n'
+             f'pipe = build_pipeline("<tokenizer folder>", "<this folder>")   # or python -m pipelines.assemble\n'
+             f'images = pipe([0, 1], {steps}guidance_scale=3.0).images')
+    return CardInfo(
+        kind="prior",
+        title=f"{'MaskGIT' if maskgit else 'GPT'} token prior, K = {shape['codebook_size']}, {shape['num_classes']} classes",
+        description=(f"A class-conditional {backbone} over {h} x {w} grids of tokens from an lgq tokenizer (codebook "
+                     f"size {shape['codebook_size']}); classifier-free guidance through a null class (label dropout "
+                     f"{cfg.model.label_dropout}). Pair it with its tokenizer in an LGQPipeline."),
+        facts=[("prior", cls.__name__), ("codebook size K", shape["codebook_size"]), ("token grid", f"{h} x {w}"),
+               ("classes", classes),
+               ("size", f"{cfg.model.num_layers} layers x {cfg.model.hidden_size} hidden, {cfg.model.num_heads} heads, "
+                        f"{sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters"),
+               ("tokenizer fingerprint", train_set.tokenizer_hash)],
+        training=[("data", f"token grids {cfg.data.token_paths} ({len(train_set)} grids)"), *training_rows(cfg, trainer)],
+        metrics=metrics,
+        metrics_protocol=(f"the last logged training batch at step {trainer.step} (cross-entropy "
+                          f"{'on the masked tokens only' if maskgit else 'over all positions'}). No generation FID/IS "
+                          f"was computed here: assemble a pipeline and run `eval/gen_fid.py`."),
+        usage=usage, tags=[cfg.model.prior_type, "class-conditional"],
+    )
 
 
 if __name__ == "__main__":

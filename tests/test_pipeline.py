@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +152,18 @@ def test_bf16_prior_keeps_quantizer_fp32_and_bit_exact(pipe, tmp_path):
     assert not loaded.prior.training
 
 
+def test_tokenizer_from_pretrained_keeps_the_quantizer_fp32(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    loaded = LGQTokenizer.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)  # _keep_in_fp32_modules
+    assert next(loaded.decoder.parameters()).dtype == torch.bfloat16
+    for name, tensor in loaded.quantizer.state_dict().items():
+        reference = tokenizer.quantizer.state_dict()[name]
+        if reference.is_floating_point():
+            assert tensor.dtype == torch.float32, name
+            torch.testing.assert_close(tensor, reference, rtol=0, atol=0)
+
+
 def test_gpt_prior_inside_pipeline_round_trip(tmp_path):
     pipeline = LGQPipeline(tokenizer=tiny_tokenizer(), prior=tiny_gpt(), scheduler=None)
     before = sample(pipeline, seed=11, top_k=8, top_p=0.9)
@@ -161,6 +174,14 @@ def test_gpt_prior_inside_pipeline_round_trip(tmp_path):
     loaded = LGQPipeline.from_pretrained(tmp_path)
     assert isinstance(loaded.scheduler, AutoregressiveScheduler) and not loaded.prior.training
     np.testing.assert_array_equal(before, sample(loaded, seed=11, top_k=8, top_p=0.9))
+    # folders saved before GPT pipelines had a scheduler (model_index "scheduler": [null, null]) still load
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["scheduler"] = [None, None]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(tmp_path / "scheduler")
+    old_format = LGQPipeline.from_pretrained(tmp_path)
+    assert isinstance(old_format.scheduler, AutoregressiveScheduler)
+    np.testing.assert_array_equal(before, sample(old_format, seed=11, top_k=8, top_p=0.9))
 
 
 @pytest.mark.parametrize("prior_factory", [tiny_maskgit, tiny_gpt], ids=["maskgit", "gpt"])
@@ -178,6 +199,32 @@ def test_assemble_command_detects_prior_type(tmp_path, prior_factory, capsys):
     else:
         assert isinstance(loaded.scheduler, AutoregressiveScheduler)
     assert sample(loaded, labels=[1]).shape == (1, 8, 8, 3)
+
+
+def test_assemble_writes_model_cards_and_pushes(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from lgq.hub import CardInfo, read_card_metadata, write_model_card
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    tiny_maskgit().save_pretrained(tmp_path / "prior")
+    write_model_card(tmp_path / "prior", CardInfo(kind="prior", title="tiny prior", description="a test prior",
+                                                  training=[("optimisation steps", 30)], metrics=[("training loss", 1.25)],
+                                                  metrics_protocol="the last training batch"))
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, **kw: f"https://hub.example/{kw['repo_id']}")
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
+    output = tmp_path / "pipeline"
+    assemble.main(["--tokenizer", str(tmp_path / "tokenizer"), "--prior", str(tmp_path / "prior"),
+                   "--output", str(output), "--push-to-hub", "--hub-model-id", "someone/lgq-pipeline"])
+    card = (output / "README.md").read_text()
+    for text in ("LGQPipeline: MaskGITPrior", "| scheduler | MaskGITScheduler |", "| prior: optimisation steps | 30 |",
+                 "| prior: training loss | 1.25 |", "the tokenizer export had no model card", "eval/gen_fid.py",
+                 "LGQPipeline.from_pretrained", "license: apache-2.0", "num_inference_steps=12"):
+        assert text in card, text
+    assert read_card_metadata(output / "prior")["title"] == "tiny prior"  # the component's card travels with it
+    assert [(u["repo_id"], Path(u["folder_path"])) for u in uploads] == [("someone/lgq-pipeline", output)]
+    assert "pushed" in capsys.readouterr().out
 
 
 def test_assemble_rejects_bad_exports(tmp_path):

@@ -42,7 +42,8 @@ def class_patterned_tokens(num_grids: int = 32, seed: int = 0) -> tuple[np.ndarr
 def token_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tokens") / "train"
     tokens, labels = class_patterned_tokens()
-    save_token_directory(directory, tokens, labels, codebook_size=K, num_classes=CLASSES)
+    save_token_directory(directory, tokens, labels, codebook_size=K, num_classes=CLASSES,
+                         class_names=[f"class_{c}" for c in range(CLASSES)])
     return directory
 
 
@@ -59,9 +60,16 @@ def mean_of(history, key: str, steps) -> float:
 
 
 @pytest.mark.parametrize("prior_type", ["maskgit", "gpt"])
-def test_tiny_prior_learns_and_exports(prior_type, token_dir, tmp_path, capsys):
+def test_tiny_prior_learns_and_exports(prior_type, token_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    uploads = []  # the Hub upload is replaced: tests never reach the network
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, **kw: f"https://hub.example/{kw['repo_id']}")
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: uploads.append((kw, sorted(p.name for p in Path(kw["folder_path"]).iterdir()))))
     trainer = train(tmp_path / "run", token_dir, f"model.prior_type={prior_type}", "train.max_steps=30",
-                    "train.log_every=1", "train.checkpoint_every=0", "train.image_log_every=15")
+                    "train.log_every=1", "train.checkpoint_every=0", "train.image_log_every=15",
+                    "train.push_to_hub=true", f"train.hub_model_id=someone/tiny-{prior_type}")
     history = trainer.history
     assert [s for s, _ in history] == list(range(1, 31))
     accuracy = "masked_accuracy" if prior_type == "maskgit" else "accuracy"
@@ -83,8 +91,18 @@ def test_tiny_prior_learns_and_exports(prior_type, token_dir, tmp_path, capsys):
 
         options = {}
     assert f"load with {Prior.__name__}.from_pretrained(" in capsys.readouterr().out  # the prior, not its loss wrapper
+    # the export's model card, then the upload of the whole folder (card included) to the requested repo
+    card = (tmp_path / "run" / "prior" / "README.md").read_text()
+    for text in (Prior.__name__, f"| codebook size K | {K} |", "class_0, class_1", "| optimisation steps | 30 |",
+                 "training loss", "Protocol: the last logged training batch at step 30", "license: apache-2.0",
+                 f"{Prior.__name__}.from_pretrained("):
+        assert text in card, text
+    (upload, files), = uploads
+    assert upload["repo_id"] == f"someone/tiny-{prior_type}" and Path(upload["folder_path"]) == tmp_path / "run" / "prior"
+    assert {"README.md", "config.json", "diffusion_pytorch_model.safetensors"} <= set(files)
     prior = Prior.from_pretrained(str(tmp_path / "run" / "prior")).eval()
     assert (prior.codebook_size, prior.num_classes, prior.grid_size) == (K, CLASSES, (GRID, GRID))
+    assert prior.config.class_names == [f"class_{c}" for c in range(CLASSES)]  # from the token data's meta.json
     samples = prior.generate([0, 1, 2, 3], guidance_scale=2.0, generator=torch.Generator().manual_seed(0), **options)
     assert samples.shape == (4, GRID, GRID) and samples.dtype == torch.int64
     assert 0 <= int(samples.min()) and int(samples.max()) < K

@@ -96,6 +96,11 @@ def test_uninterrupted_run_learns_logs_and_exports(uninterrupted_run):
         "val_reconstructions_step0000004.png", "val_reconstructions_step0000008.png"]
     saved = load_config(TokenizerRunConfig, uninterrupted_run / "config.yaml")
     assert saved.train.max_steps == 8 and saved.model.codebook_size == 64
+    card = (uninterrupted_run / "tokenizer" / "README.md").read_text()  # the export's model card
+    for text in ("LGQ image tokenizer, K = 64", "| codebook size K | 64 |", "| token grid | 8 x 8 at 16 px",
+                 "| optimisation steps | 8 |", "PSNR (dB)", "at step 8 with the training weights", "synthetic",
+                 "LGQTokenizer.from_pretrained", "license: apache-2.0"):
+        assert text in card, text
 
 
 def test_tiny_training_lowers_reconstruction_loss(tmp_path):

@@ -88,6 +88,11 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
     """Discrete image tokenizer: VQGAN encoder/decoder around a quantizer chosen by name."""
 
     _supports_gradient_checkpointing = False
+    # The quantizer (codebook, LGQ's temperature state, ...) stays fp32: diffusers honours this in
+    # ``from_pretrained(..., torch_dtype=...)``, which loads every tensor under ``quantizer.`` in fp32. Its
+    # ``ModelMixin.to(dtype)`` casts everything regardless (it only warns), so ``LGQPipeline.to`` restores the
+    # quantizer's fp32 tensors after a cast.
+    _keep_in_fp32_modules = ["quantizer"]
 
     @register_to_config
     def __init__(

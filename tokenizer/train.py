@@ -156,8 +156,65 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
 
     # --- run, export -----------------------------------------------------------------------------------
     logs = trainer.fit(training_step, on_log=on_log, on_image_log=on_image_log)
-    trainer.finish("tokenizer", logs)
+    trainer.finish("tokenizer", logs, card=tokenizer_card(cfg, tokenizer, trainer, len(train_set)))
     return trainer
+
+
+def describe_data(data, num_images: int) -> str:
+    """One line naming the training data of a run: set, location, resolution, size."""
+    where = f" at {data.root}" if data.root else ""
+    return f"{data.name}{where}, train split, {data.image_size} px, {num_images} images"
+
+
+def training_rows(cfg, trainer: Trainer) -> list[tuple[str, object]]:
+    """The training facts shared by the tokenizer and prior model cards."""
+    return [("optimisation steps", trainer.step), ("global batch", trainer.images_per_step),
+            ("processes", trainer.accelerator.num_processes), ("learning rate", cfg.train.lr),
+            ("mixed precision", trainer.mixed_precision),
+            ("weights", f"EMA (decay {cfg.train.ema_decay})" if cfg.train.ema_decay > 0 else "raw training weights")]
+
+
+TOKENIZER_USAGE = """from tokenizer.model import LGQTokenizer
+
+tokenizer = LGQTokenizer.from_pretrained("<this folder or hub id>").eval()
+indices = tokenizer.encode(images)        # images: float [B, 3, H, W] in [-1, 1] -> int64 [B, h, w]
+reconstruction = tokenizer.decode(indices)"""
+
+
+def tokenizer_card(cfg: TokenizerRunConfig, tokenizer, trainer: Trainer, num_train_images: int):
+    """The export's model card: quantizer, K, grid, training data and steps, the last validation metrics."""
+    from lgq.hub import CardInfo
+
+    f = int(tokenizer.downsample_factor)
+    grid = cfg.data.image_size // f
+    validation = [(step, logs) for step, logs in trainer.image_log_history if "val/psnr" in logs]
+    metrics, protocol = [], ("Reconstruction metrics of the validation images appear here when eval.num_val_images "
+                             "> 0 and train.image_log_every > 0; for rFID, SSIM and LPIPS run "
+                             "`python -m eval.reconstruction --tokenizer <this folder> ...`.")
+    if validation:
+        step, logs = validation[-1]
+        metrics = [("PSNR (dB)", float(logs["val/psnr"])), ("active codes", float(logs["val/active_codes"])),
+                   ("code perplexity", float(logs["val/perplexity"]))]
+        protocol = (f"measured during training at step {step} with the training weights (not the EMA) on the first "
+                    f"{cfg.eval.num_val_images} images of the '{cfg.data.name}' validation split at "
+                    f"{cfg.data.image_size} px; PSNR per image on [0, 1], averaged; active codes and perplexity "
+                    f"exp(H) from the histogram of those images' hard indices (eval/metrics.py). rFID, SSIM, LPIPS: "
+                    f"`python -m eval.reconstruction --tokenizer <this folder> ...`.")
+    options = ", ".join(f"{k}={v}" for k, v in sorted(cfg.model.quantizer_options.items())) or "defaults"
+    name = cfg.model.quantizer.upper()
+    return CardInfo(
+        kind="tokenizer",
+        title=f"{name} image tokenizer, K = {tokenizer.codebook_size}",
+        description=(f"A VQGAN-style convolutional encoder/decoder with a {name} quantizer: it maps a "
+                     f"{cfg.data.image_size} x {cfg.data.image_size} RGB image to a {grid} x {grid} grid of discrete "
+                     f"tokens in [0, {tokenizer.codebook_size}) and decodes token grids back to images."),
+        facts=[("quantizer", f"{cfg.model.quantizer} ({options})"), ("codebook size K", tokenizer.codebook_size),
+               ("token grid", f"{grid} x {grid} at {cfg.data.image_size} px (downsampling {f})"),
+               ("latent dim", cfg.model.latent_dim),
+               ("parameters", f"{sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M")],
+        training=[("data", describe_data(cfg.data, num_train_images)), *training_rows(cfg, trainer)],
+        metrics=metrics, metrics_protocol=protocol, usage=TOKENIZER_USAGE, tags=[cfg.model.quantizer],
+    )
 
 
 if __name__ == "__main__":
