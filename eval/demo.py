@@ -52,13 +52,22 @@ import torch
 
 from lgq.cli import resolve_config_path  # the recipes ship with the package
 
-TOKENIZER_CONFIG = "configs/tokenizer/builtin.yaml"
-PRIOR_CONFIG = "configs/prior/builtin.yaml"
+# The demo's data sets: the recipe files of each and whether extraction adds horizontal flips.
+DEMO_DATASETS: dict[str, dict[str, Any]] = {
+    "glyphs": {"tokenizer_config": "configs/tokenizer/glyphs.yaml", "prior_config": "configs/prior/glyphs.yaml",
+               "flip": False,  # a mirrored digit is not its class
+               "description": "digits rendered in the fonts that ship with matplotlib (`data.name=glyphs`)"},
+    "builtin": {"tokenizer_config": "configs/tokenizer/builtin.yaml", "prior_config": "configs/prior/builtin.yaml",
+                "flip": True,
+                "description": "crops of the built-in scikit-image photos (`data.name=builtin`)"},
+}
+DEFAULT_DEMO_DATASET = "glyphs"
 
-# Overrides of each size on top of the builtin configs (steps are then multiplied by --steps-scale).
+# Overrides of each size on top of the data set's recipe files (steps are then multiplied by --steps-scale);
+# "data" holds the data overrides per demo data set.
 SIZES: dict[str, dict[str, Any]] = {
     "default": {
-        "data": [],
+        "data": {},
         "tokenizer": [],
         "prior": [],
         "samples_per_class": 8,
@@ -67,7 +76,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "classifier": {},
     },
     "quick": {
-        "data": ["data.crops_per_photo=32", "data.val_crops_per_photo=16"],
+        "data": {"builtin": ["data.crops_per_photo=32", "data.val_crops_per_photo=16"],
+                 "glyphs": ["data.num_images=5000", "data.num_val_images=500"]},
         "tokenizer": ["train.max_steps=80", "train.warmup_steps=10", "model.codebook_size=256",
                       "train.image_log_every=40", "train.checkpoint_every=40"],
         "prior": ["train.max_steps=150", "train.warmup_steps=10"],
@@ -77,7 +87,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "classifier": {},
     },
     "tiny": {
-        "data": ["data.image_size=32", "data.crops_per_photo=4", "data.val_crops_per_photo=4"],
+        "data": {"builtin": ["data.image_size=32", "data.crops_per_photo=4", "data.val_crops_per_photo=4"],
+                 "glyphs": ["data.num_images=40", "data.num_val_images=20"]},
         "tokenizer": ["train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4", "model.base_channels=8",
                       "model.channel_multipliers=[1,2,2]", "model.latent_dim=8", "model.codebook_size=64",
                       "train.image_log_every=0", "train.checkpoint_every=0", "train.log_every=1",
@@ -197,6 +208,7 @@ class Demo:
         self.args = args
         self.size = "tiny" if args.tiny else ("quick" if args.quick else "default")
         self.preset = SIZES[self.size]
+        self.dataset = DEMO_DATASETS[args.data]
         self.out = Path(args.output_dir)
         self.device = resolve_device(args.device)
         self.timings: dict[str, dict[str, Any]] = {}
@@ -218,8 +230,16 @@ class Demo:
         print(f"    {name}: {'reused' if reused else 'done'} in {seconds:.1f} s", flush=True)
         return value
 
+    @property
+    def tokenizer_config(self) -> str:
+        return self.dataset["tokenizer_config"]
+
+    @property
+    def prior_config(self) -> str:
+        return self.dataset["prior_config"]
+
     def data_overrides(self) -> list[str]:
-        return list(self.preset["data"])
+        return list(self.preset["data"].get(self.args.data, []))
 
     def data_config(self):
         from lgq.config import load_config
@@ -227,8 +247,8 @@ class Demo:
 
         from omegaconf import OmegaConf
 
-        builtin = OmegaConf.load(resolve_config_path(TOKENIZER_CONFIG)).get("data", {})
-        dotlist = [f"{k}={v}" for k, v in builtin.items()] + [o[len("data."):] for o in self.data_overrides()]
+        recipe = OmegaConf.load(resolve_config_path(self.tokenizer_config)).get("data", {})
+        dotlist = [f"{k}={v}" for k, v in recipe.items()] + [o[len("data."):] for o in self.data_overrides()]
         return load_config(DataConfig, None, dotlist + ["random_flip=false"])
 
     # -- stages --------------------------------------------------------------------------------
@@ -236,12 +256,12 @@ class Demo:
         from tokenizer.train import main as train_tokenizer
 
         overrides = [*self.data_overrides(), *self.preset["tokenizer"], f"train.output_dir={self.tokenizer_dir}"]
-        overrides = scaled_steps(resolve_config_path(TOKENIZER_CONFIG), overrides, self.args.steps_scale)
+        overrides = scaled_steps(resolve_config_path(self.tokenizer_config), overrides, self.args.steps_scale)
         if has_checkpoints(self.tokenizer_dir):
             print(f"    resuming the interrupted tokenizer run in {self.tokenizer_dir}")
             overrides.append("train.resume=latest")
         self.results["tokenizer_overrides"] = overrides
-        trainer = train_tokenizer(["--config", str(resolve_config_path(TOKENIZER_CONFIG)), *overrides])
+        trainer = train_tokenizer(["--config", str(resolve_config_path(self.tokenizer_config)), *overrides])
         self.results["tokenizer_training"] = {
             "steps": trainer.step,
             "final_loss": last_logged(trainer.history, "loss"),
@@ -252,9 +272,10 @@ class Demo:
     def extract(self, tokenizer_path: Path) -> dict:
         from prior.extract import main as extract_main
 
-        argv = [f"tokenizer={tokenizer_path}", f"output={self.tokens_dir}", "split=train", "flip=true",
-                "data.name=builtin", *[o for o in self.data_overrides()]]
         cfg = self.data_config()
+        argv = [f"tokenizer={tokenizer_path}", f"output={self.tokens_dir}", "split=train",
+                f"flip={'true' if self.dataset['flip'] else 'false'}", f"data.name={cfg.name}",
+                *[o for o in self.data_overrides()]]
         argv.append(f"data.image_size={cfg.image_size}")
         return extract_main(argv)
 
@@ -263,7 +284,7 @@ class Demo:
             from prior.train import main as train_prior
         except ImportError as err:
             raise RuntimeError(f"prior/train.py is not available ({err}): the prior stage cannot run") from err
-        config = resolve_config_path(PRIOR_CONFIG)
+        config = resolve_config_path(self.prior_config)
         if not config.is_file():
             raise FileNotFoundError(f"prior config {config} does not exist")
         overrides = [*self.preset["prior"], f"data.tokens={self.tokens_dir}", f"data.tokenizer={tokenizer_path}",
@@ -365,16 +386,16 @@ class Demo:
             samples["resolution"] = list(pipeline.image_size)
         if extractor is not None:
             data_options = [o[len("data."):] for o in self.data_overrides()]
-            generation = evaluate_generation(samples, "builtin:train", extractor, batch_size=32,
+            generation = evaluate_generation(samples, f"{data_cfg.name}:train", extractor, batch_size=32,
                                              data_overrides=data_options, image_size=data_cfg.image_size,
                                              isc_splits=min(10, num_samples))
         else:
-            generation = evaluate_generation({}, "builtin:train", None, weights_note=fid_reason)
+            generation = evaluate_generation({}, f"{data_cfg.name}:train", None, weights_note=fid_reason)
         if classifier is not None:
             generation.update(classifier_report(*classifier, samples["images"], samples["labels"], real_val_u8,
                                                 device=self.device))
         generation["protocol"] = {"num_samples": num_samples if samples is not None else 0,
-                                  "classes": train_classes, "reference": "builtin train split (all crops)",
+                                  "classes": train_classes, "reference": f"{data_cfg.name} train split",
                                   "num_inference_steps": int(self.preset["sample_steps"]),
                                   "guidance_scale": self.args.guidance_scale, "seed": self.args.seed}
         return {"reconstruction": reconstruction, "reconstruction_other_splits": other_splits, "generation": generation}
@@ -417,11 +438,11 @@ class Demo:
               f"steps x{self.args.steps_scale}", flush=True)
 
         tokenizer_export = find_export(self.tokenizer_dir, ("LGQTokenizer",))
-        tokenizer_path = self.stage(1, "tokenizer", "train the LGQ tokenizer on the built-in photos",
+        tokenizer_path = self.stage(1, "tokenizer", f"train the LGQ tokenizer on {self.args.data}",
                                     self.train_tokenizer if tokenizer_export is None else lambda: tokenizer_export,
                                     reused=tokenizer_export is not None)
         tokens_done = (self.tokens_dir / "meta.json").is_file()
-        meta = self.stage(2, "tokens", "extract token grids (train split + flips)",
+        meta = self.stage(2, "tokens", "extract token grids of the train split" + (" (+ flips)" if self.dataset["flip"] else ""),
                           lambda: self.extract(tokenizer_path), reused=tokens_done)
         prior_export = find_export(self.prior_dir, ("MaskGITPrior", "GPTPrior"))
         prior_path = self.stage(3, "prior", "train the class-conditional MaskGIT prior",
@@ -476,7 +497,8 @@ class Demo:
                 "size": self.size, "steps_scale": self.args.steps_scale, "device": str(self.device),
                 "torch_threads": threads, "usable_cores": usable_cores(), "load_average_at_end": load,
                 "seed": self.args.seed, "guidance_scale": self.args.guidance_scale,
-                "tokenizer_config": TOKENIZER_CONFIG, "prior_config": PRIOR_CONFIG,
+                "data": self.args.data, "data_description": self.dataset["description"],
+                "tokenizer_config": self.tokenizer_config, "prior_config": self.prior_config,
                 "size_overrides": {k: v for k, v in self.preset.items()},
                 "tokenizer_overrides": self.results.get("tokenizer_overrides"),
                 "prior_overrides": self.results.get("prior_overrides"),
@@ -557,8 +579,8 @@ def render_report(metrics: dict) -> str:
         f"threads ({s['usable_cores']} usable cores; load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in s['load_average_at_end']) if s['load_average_at_end'] else 'n/a'}), "
         f"torch {s['torch']}.", "",
-        "What ran: an LGQ tokenizer trained on crops of the built-in scikit-image photos "
-        f"(`{s['tokenizer_config']}`), token grids of its train split (+ horizontal flips), a class-conditional "
+        f"What ran: an LGQ tokenizer trained on {s.get('data_description', s.get('data', 'the demo data'))} "
+        f"(`{s['tokenizer_config']}`), token grids of its train split, a class-conditional "
         f"MaskGIT prior (`{s['prior_config']}`), assembled into an `LGQPipeline` (`{metrics['paths']['pipeline']}`).",
         "",
         "## Timings", "", "| stage | seconds | |", "|---|---:|---|",
@@ -615,6 +637,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="the one folder everything is written to")
+    parser.add_argument("--data", default=DEFAULT_DEMO_DATASET, choices=tuple(DEMO_DATASETS),
+                        help="glyphs: coloured digits in matplotlib's fonts (class = digit; default); "
+                             "builtin: crops of the built-in photos (class = photo)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer steps, smaller data (a few minutes on CPU)")
     size.add_argument("--tiny", action="store_true", help="32 px, a handful of steps (smoke test, ~1 min)")

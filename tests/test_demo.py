@@ -24,7 +24,7 @@ def offline_cpu(monkeypatch):
 
 def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys):
     out = tmp_path / "demo"
-    argv = ["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1"]  # tiny models: 1 thread is enough
+    argv = ["--tiny", "--data", "builtin", "--output-dir", str(out), "--device", "cpu", "--threads", "1"]  # 1 thread
     metrics = demo.main(argv)
     first_log = capsys.readouterr().out
 
@@ -90,11 +90,29 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
     assert again["tokenizer_training"] == saved["tokenizer_training"] is not None
 
 
+@pytest.mark.slow
+def test_tiny_demo_on_glyphs_the_default_data(tmp_path, offline_cpu):
+    """The default demo data: glyphs (class = digit), no flips, generation scored against glyphs' train split."""
+    out = tmp_path / "demo"
+    demo.main(["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["settings"]["data"] == "glyphs" and saved["settings"]["tokenizer_config"].endswith("glyphs.yaml")
+    assert saved["samples"]["rows"] == [str(digit) for digit in range(10)]
+    assert saved["tokens"]["count"] == 40 and saved["tokens"]["augmentations"] == ["none"]  # no flips
+    assert saved["generation"]["protocol"]["reference"] == "glyphs train split"
+    for key in ("psnr",):
+        assert 0.0 < saved["reconstruction"]["baselines"]["equal_bits_thumbnail"][key] <= 100.0
+    assert 0.0 <= saved["generation"]["classifier_accuracy"] <= 1.0
+    assert "coloured digits" in (out / "report.md").read_text() or "glyphs" in (out / "report.md").read_text()
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):
         demo.parse_args(["--steps-scale", "0"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--quick", "--tiny"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--data", "mnist"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             demo.resolve_device("cuda")

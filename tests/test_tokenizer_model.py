@@ -342,6 +342,16 @@ def test_no_norm_layer_is_instance_normalisation(base_channels):
         assert model.encoder.norm_out.num_groups == 32
 
 
+def test_norm_none_backbone_has_no_norm_layers_and_bad_kind_is_named():
+    model = tiny_tokenizer(norm="none")  # the pre-quantizer GroupNorm + LayerNorm stay (same for every quantizer)
+    backbone = [*model.encoder.modules(), *model.decoder.modules()]
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in backbone)
+    assert isinstance(model.pre_quantizer_norm.group_norm, torch.nn.GroupNorm)
+    assert model(images()).reconstruction.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        tiny_tokenizer(norm="batch")
+
+
 @pytest.mark.parametrize("min_channels_per_group, erased", [(1, True), (4, False)])
 def test_decoder_final_norm_keeps_per_image_channel_means(min_channels_per_group, erased):
     """The mechanism of the mean-colour bug: GroupNorm with one channel per group (instance norm) in front of

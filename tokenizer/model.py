@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -29,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from tokenizer.modules import (MIN_CHANNELS_PER_GROUP, PRE_QUANTIZER_NORMS, Decoder, Encoder, PreQuantizerNorm,
-                               group_norm, resolve_attention_levels)
+                               make_norm_layer, resolve_attention_levels)
 from tokenizer.quantizers import QuantizerOutput, build_quantizer
 from tokenizer.quantizers.base import fp32_quantizer_math
 
@@ -42,6 +41,7 @@ class TokenizerModelConfig:
     `attention_resolutions`: "lowest", "none" or a list of level indices (0 = full resolution).
     `pre_quantizer_norm`: the latent normalisation in front of every quantizer, one of
     "groupnorm_layernorm" (default; the authors' model), "layernorm" (per-token LayerNorm only) or "none".
+    `norm`: the backbone's normalisation, "group" (GroupNorm, VQGAN; default) or "none" (the laptop glyphs recipe).
     `norm_min_channels_per_group`: floor on channels per GroupNorm group in the whole network (default 4, as
     in VQGAN's 128 channels / 32 groups; 1 allows instance normalisation in narrow layers, see
     `tokenizer.modules.group_norm`). Wide recipes (>= 128 channels) are unaffected.
@@ -58,6 +58,7 @@ class TokenizerModelConfig:
     codebook_size: int = 16384
     quantizer_options: dict = field(default_factory=dict)
     pre_quantizer_norm: str = "groupnorm_layernorm"
+    norm: str = "group"
     norm_min_channels_per_group: int = MIN_CHANNELS_PER_GROUP
 
 
@@ -108,6 +109,7 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         codebook_size: int = _DEFAULTS.codebook_size,
         quantizer_options: dict | None = None,
         pre_quantizer_norm: str = _DEFAULTS.pre_quantizer_norm,
+        norm: str = _DEFAULTS.norm,
         norm_min_channels_per_group: int = _DEFAULTS.norm_min_channels_per_group,
     ):
         super().__init__()
@@ -133,12 +135,12 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         attention_levels = resolve_attention_levels(attention_resolutions, num_levels)
         self.in_channels = int(in_channels)
         self.downsample_factor = 2 ** (num_levels - 1)
-        norm_layer = partial(group_norm, min_channels_per_group=int(norm_min_channels_per_group))
+        norm_layer = make_norm_layer(norm, norm_min_channels_per_group)
         self.encoder = Encoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
                                attention_levels, dropout, norm_layer)
         self.decoder = Decoder(in_channels, base_channels, channel_multipliers, num_res_blocks, latent_dim,
                                attention_levels, dropout, norm_layer)
-        self.pre_quantizer_norm = PreQuantizerNorm(latent_dim, pre_quantizer_norm, norm_layer)
+        self.pre_quantizer_norm = PreQuantizerNorm(latent_dim, pre_quantizer_norm, int(norm_min_channels_per_group))
         self.quantizer = build_quantizer(quantizer, latent_dim, codebook_size, **dict(quantizer_options or {}))
 
     def __getattr__(self, name: str) -> Any:

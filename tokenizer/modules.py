@@ -14,6 +14,7 @@ receives (METHOD.md section 1): a GroupNorm on the latent channels, then a per-t
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -51,6 +52,21 @@ def group_norm(channels: int, min_channels_per_group: int = MIN_CHANNELS_PER_GRO
 
 
 NormLayer = Callable[[int], nn.Module]  # channels -> normalisation module
+NORM_KINDS = ("group", "none")
+
+
+def make_norm_layer(kind: str = "group", min_channels_per_group: int = MIN_CHANNELS_PER_GROUP) -> NormLayer:
+    """The backbone's normalisation: "group" = `group_norm` (VQGAN), "none" = identity.
+
+    "none" keeps each image's absolute colour in the residual stream: at laptop width (16-32 channels) and a few
+    hundred steps a GroupNorm network learned per-image colours several times slower than the same network
+    without norms (measured on glyphs; see configs/tokenizer/glyphs.yaml).
+    """
+    if kind == "group":
+        return partial(group_norm, min_channels_per_group=int(min_channels_per_group))
+    if kind == "none":
+        return lambda channels: nn.Identity()
+    raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
 
 
 class ResBlock(nn.Module):
@@ -274,13 +290,13 @@ class PreQuantizerNorm(nn.Module):
     parameters. Computed in fp32 with autocast off (like the quantizer); returns fp32.
     """
 
-    def __init__(self, channels: int, kind: str = "groupnorm_layernorm", norm_layer: NormLayer = group_norm):
+    def __init__(self, channels: int, kind: str = "groupnorm_layernorm", min_channels_per_group: int = MIN_CHANNELS_PER_GROUP):
         super().__init__()
         if kind not in PRE_QUANTIZER_NORMS:
             raise ValueError(f"pre_quantizer_norm must be one of {PRE_QUANTIZER_NORMS}, got {kind!r}")
         self.kind = kind
         self.channels = int(channels)
-        self.group_norm = norm_layer(channels) if kind == "groupnorm_layernorm" else None
+        self.group_norm = group_norm(channels, min_channels_per_group) if kind == "groupnorm_layernorm" else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
