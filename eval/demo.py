@@ -648,7 +648,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training length by F")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on CPU (default: usable cores minus the load average, >= 1)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance of sampling")
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance of sampling")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--force", action="store_true", help="retrain every stage instead of reusing exports")
     parser.add_argument("--no-classifier", action="store_true",

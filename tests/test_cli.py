@@ -98,6 +98,7 @@ def test_wheel_ships_configs_and_runs_without_the_source_tree(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         assert "lgq/configs/tokenizer/builtin.yaml" in names and "lgq/configs/prior/builtin.yaml" in names
+        assert "lgq/configs/tokenizer/glyphs.yaml" in names and "lgq/configs/prior/glyphs.yaml" in names
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         assert "lgq-train-tokenizer = lgq.cli:train_tokenizer" in entry_points
         archive.extractall(site)
@@ -105,7 +106,8 @@ def test_wheel_ships_configs_and_runs_without_the_source_tree(tmp_path):
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     check = ("import lgq.cli, eval.demo; from lgq.cli import resolve_config_path as r; "
-             "print(lgq.cli.__file__); print(r(eval.demo.TOKENIZER_CONFIG)); print(r(eval.demo.PRIOR_CONFIG))")
+             "print(lgq.cli.__file__); d = eval.demo.DEMO_DATASETS[eval.demo.DEFAULT_DEMO_DATASET]; "
+             "print(r(d['tokenizer_config'])); print(r(d['prior_config']))")
     out = subprocess.run([PYTHON, "-c", check], cwd=work, env=env, capture_output=True, text=True, check=True).stdout
     paths = out.split()
     assert all(p.startswith(str(site)) for p in paths), paths  # the installed package, not the checkout
