@@ -8,7 +8,8 @@ output folder ``OUT``:
 
 1. ``tokenizer``  train a small LGQ tokenizer (configs/tokenizer/builtin.yaml, ``tokenizer.train.main``)
                   -> ``OUT/tokenizer_run/tokenizer`` (save_pretrained export)
-2. ``tokens``     token grids of the train split, each image plus its horizontal flip (``prior.extract``)
+2. ``tokens``     token grids of the train split, plus horizontal flips where the data set flips
+                  (``lgq.data.DATASET_DEFAULTS``: builtin yes, glyphs no) (``prior.extract``)
                   -> ``OUT/tokens``
 3. ``prior``      a small class-conditional MaskGIT prior on them (configs/prior/builtin.yaml,
                   ``prior.train.main``) -> ``OUT/prior_run/prior``
@@ -51,14 +52,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lgq.cli import resolve_config_path  # the recipes ship with the package
+from lgq.data import DATASET_DEFAULTS
 
-# The demo's data sets: the recipe files of each and whether extraction adds horizontal flips.
+# The demo's data sets and their recipe files. Whether extraction adds horizontal flips is the data set's own
+# default (lgq.data.DATASET_DEFAULTS[name]["random_flip"]: a mirrored digit is not its class).
 DEMO_DATASETS: dict[str, dict[str, Any]] = {
     "glyphs": {"tokenizer_config": "configs/tokenizer/glyphs.yaml", "prior_config": "configs/prior/glyphs.yaml",
-               "flip": False,  # a mirrored digit is not its class
                "description": "digits rendered in the fonts that ship with matplotlib (`data.name=glyphs`)"},
     "builtin": {"tokenizer_config": "configs/tokenizer/builtin.yaml", "prior_config": "configs/prior/builtin.yaml",
-                "flip": True,
                 "description": "crops of the built-in scikit-image photos (`data.name=builtin`)"},
 }
 DEFAULT_DEMO_DATASET = "glyphs"
@@ -238,6 +239,10 @@ class Demo:
     def prior_config(self) -> str:
         return self.dataset["prior_config"]
 
+    def flips(self) -> bool:
+        """Extraction adds flipped grids exactly when the data set flips in training (its own default)."""
+        return bool(DATASET_DEFAULTS[self.data_config().name]["random_flip"])
+
     def data_overrides(self) -> list[str]:
         return list(self.preset["data"].get(self.args.data, []))
 
@@ -274,7 +279,7 @@ class Demo:
 
         cfg = self.data_config()
         argv = [f"tokenizer={tokenizer_path}", f"output={self.tokens_dir}", "split=train",
-                f"flip={'true' if self.dataset['flip'] else 'false'}", f"data.name={cfg.name}",
+                f"flip={'true' if self.flips() else 'false'}", f"data.name={cfg.name}",
                 *[o for o in self.data_overrides()]]
         argv.append(f"data.image_size={cfg.image_size}")
         return extract_main(argv)
@@ -442,8 +447,8 @@ class Demo:
                                     self.train_tokenizer if tokenizer_export is None else lambda: tokenizer_export,
                                     reused=tokenizer_export is not None)
         tokens_done = (self.tokens_dir / "meta.json").is_file()
-        meta = self.stage(2, "tokens", "extract token grids of the train split" + (" (+ flips)" if self.dataset["flip"] else ""),
-                          lambda: self.extract(tokenizer_path), reused=tokens_done)
+        tokens_description = "extract token grids of the train split" + (" (+ flips)" if self.flips() else "")
+        meta = self.stage(2, "tokens", tokens_description, lambda: self.extract(tokenizer_path), reused=tokens_done)
         prior_export = find_export(self.prior_dir, ("MaskGITPrior", "GPTPrior"))
         prior_path = self.stage(3, "prior", "train the class-conditional MaskGIT prior",
                                 (lambda: self.train_prior(tokenizer_path)) if prior_export is None

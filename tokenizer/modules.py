@@ -31,8 +31,8 @@ def num_groups_for(channels: int, max_groups: int = 32, min_channels_per_group: 
     GroupNorm needs channels % g == 0. With min_channels_per_group = 1 a narrow layer (channels <= 32)
     gets one group per channel, i.e. instance normalisation.
     """
-    max_groups = max(1, min(max_groups, channels // max(1, int(min_channels_per_group))))
-    for groups in range(min(max_groups, channels), 0, -1):
+    max_groups = max(1, min(max_groups, channels // max(1, int(min_channels_per_group))))  # <= channels
+    for groups in range(max_groups, 0, -1):
         if channels % groups == 0:
             return groups
     return 1
