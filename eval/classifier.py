@@ -222,7 +222,12 @@ def load_split(data_cfg, split: str, max_images: int | None = None) -> tuple[tor
 def data_identity(data_cfg) -> dict[str, Any]:
     """The data config fields that define the classifier's data (everything but ``DATA_KEYS_NOT_IDENTIFYING``)."""
     config = dataclasses.asdict(data_cfg)
-    return {k: v for k, v in sorted(config.items()) if k not in DATA_KEYS_NOT_IDENTIFYING}
+    identity = {k: v for k, v in sorted(config.items()) if k not in DATA_KEYS_NOT_IDENTIFYING}
+    if data_cfg.name == "glyphs":  # the rendering ranges live in the code: a cache made with other ranges must not match
+        from lgq.data import GlyphImages
+
+        identity["glyph_geometry"] = GlyphImages.geometry()
+    return identity
 
 
 def train_classifier(data_cfg, train_cfg: ClassifierTrainConfig | None = None,

@@ -1,6 +1,6 @@
 """Equal-budget quantizer study: one command sweeps quantizer x codebook size K x seed.
 
-    python -m eval.study [--config configs/study/builtin.yaml] [--quick] [--output-dir outputs/study]
+    python -m eval.study [--config configs/study/glyphs.yaml] [--quick] [--output-dir outputs/study]
         [--quantizers lgq vq fsq simvq lfq ibq] [--K 256 1024 4096] [--seeds 0 1 2]
         [--launcher inprocess|accelerate] [--dry-run] [--no-memory] [key=value ...]
 
@@ -66,14 +66,15 @@ import types
 from pathlib import Path
 from typing import Any, Sequence
 
-DEFAULT_CONFIG = "configs/study/builtin.yaml"
+DEFAULT_CONFIG = "configs/study/glyphs.yaml"
 LAUNCHERS = ("inprocess", "accelerate")
 STUDY_KEYS = {"tokenizer_configs", "quantizer_config", "quantizers", "codebook_sizes", "seeds", "overrides",
               "launcher", "accelerate_args", "evaluation", "measure_memory", "quick", "output_dir", "collapse_fraction"}
 EVALUATION_KEYS = {"split", "num_images", "batch_size", "inception_weights"}
 BASELINE_COLUMNS = ("psnr_mean_colour", "psnr_token_grid_thumbnail", "psnr_equal_bits_thumbnail",
                     "psnr_lead_over_equal_bits_db")
-TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid", "active_codes",
+TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid",
+                 "classifier_accuracy", "classifier_fd", "classifier_kid_mean", "active_codes",
                  "utilisation", "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec",
                  "quantizer_peak_mib", "final_loss", "train_seconds", "collapsed", "collapse_step")
 # per-run fields that identify a run or are the same for every seed: not averaged
@@ -85,7 +86,8 @@ NOT_AGGREGATED = {"config", "evaluation", "quantizer_memory", "effective_rate", 
 # the figures of the (quantizer, K) table, as (field, header)
 ROW_TABLE = (("psnr", "PSNR dB"), ("psnr_equal_bits_thumbnail", "equal-bits PSNR"),
              ("psnr_lead_over_equal_bits_db", "lead over equal-bits dB"), ("ssim", "SSIM"), ("rfid", "rFID"),
-             ("active_codes", "active"), ("utilisation", "util."), ("perplexity", "perplexity"),
+             ("classifier_accuracy", "recon. classified"), ("classifier_fd", "FD (classifier)"),
+             ("classifier_kid_mean", "KID (classifier)"), ("active_codes", "active"), ("utilisation", "util."), ("perplexity", "perplexity"),
              ("bits_per_token", "bits/token"), ("images_per_sec", "img/s"), ("quantizer_peak_mib", "quant. peak MiB"),
              ("train_seconds", "train s"))
 
@@ -171,16 +173,31 @@ def run_name(quantizer: str, codebook_size: int, seed: int) -> str:
     return f"{quantizer}_K{codebook_size}_s{seed}"
 
 
-def config_files_for(study: StudyConfig, quantizer: str) -> list[str]:
+def config_files_for(study: StudyConfig, quantizer: str, output_dir: Path | None = None) -> list[str]:
+    """The recipe files of one quantizer's runs. A recipe written for one quantizer (``model.quantizer``) may
+    carry options of that quantizer only (``model.quantizer_options``, e.g. LGQ's ``quant_loss_weight``): for
+    every other quantizer the study trains from a copy without them, ``<output_dir>/recipes/<quantizer>-<name>``,
+    so every other value of the recipe stays identical and each quantizer keeps its own defaults."""
+    from omegaconf import OmegaConf
+
     from lgq.cli import resolve_config_path
 
     files = list(study.tokenizer_configs)
     if study.quantizer_config:
         files.append(study.quantizer_config.format(quantizer=quantizer))
     files = [str(resolve_config_path(path)) for path in files]
-    for path in files:
+    for index, path in enumerate(files):
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer config {path!r} (quantizer {quantizer}) does not exist")
+        recipe = OmegaConf.load(path)
+        model = recipe.get("model") or {}
+        if model.get("quantizer_options") and model.get("quantizer", quantizer) != quantizer and output_dir is not None:
+            del recipe.model["quantizer_options"]
+            copy = output_dir / "recipes" / f"{quantizer}-{Path(path).name}"
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(f"# {path} without its {model.get('quantizer')}-only quantizer_options (eval/study.py)\n"
+                            + OmegaConf.to_yaml(recipe))
+            files[index] = str(copy)
     return files
 
 
@@ -222,7 +239,7 @@ def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], c
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     runs, skipped = [], []
-    files = {quantizer: config_files_for(study, quantizer) for quantizer in quantizers}
+    files = {quantizer: config_files_for(study, quantizer, output_dir) for quantizer in quantizers}
     for seed in seeds:
         for quantizer in quantizers:
             for K in codebook_sizes:
@@ -328,16 +345,35 @@ def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str
     weights = evaluation.get("inception_weights")
     compute_fid = inception_weights_available(weights, allow_download=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    classifier = study_classifier(spec.run_dir.parent, run_cfg.data, device)
     metrics = evaluate_reconstruction(
         tokenizer, dataset, num_images=evaluation.get("num_images"), batch_size=int(evaluation.get("batch_size", 32)),
         inception_weights=weights, compute_fid=compute_fid, allow_download=False, device=device,
-        return_code_counts=True)
+        return_code_counts=True, return_images=classifier is not None)
+    if classifier is not None:
+        from eval.classifier import classifier_report
+
+        real_u8, recon_u8, labels = metrics.pop("images_u8"), metrics.pop("reconstructions_u8"), metrics.pop("labels")
+        metrics.update(classifier_report(*classifier, recon_u8, labels, real_u8, device=device))
     if not compute_fid:
         metrics["notes"] = [n for n in metrics["notes"] if not n.startswith("rFID")] + [
             "rFID not computed: Inception weights unavailable (see eval/fid.py for how to provide them)"]
     write_json(spec.run_dir / "code_counts.json", {"codebook_size": spec.codebook_size,
                                                    "counts": metrics.pop("code_counts")})
     return metrics
+
+
+def study_classifier(output_dir: Path, data_cfg, device) -> tuple | None:
+    """(folder, classifier, metadata) of the study data set's classifier (eval.classifier), trained once into
+    ``<output_dir>/classifier/<name>-<size>px`` and shared by every run; None for fewer than 2 classes."""
+    from eval.classifier import load_or_train_classifier
+    from lgq.data import build_image_dataset
+
+    if build_image_dataset(data_cfg, "train").num_classes < 2:
+        return None
+    folder = output_dir / "classifier" / f"{data_cfg.name}-{data_cfg.image_size}px"
+    model, metadata, _ = load_or_train_classifier(folder, data_cfg, device=device)
+    return folder, model, metadata
 
 
 def _comparable(config: dict) -> dict:
@@ -409,6 +445,9 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "baselines": metrics["baselines"],
         **{f"psnr_{name}": entry["psnr"] for name, entry in metrics["baselines"].items()},
         "psnr_lead_over_equal_bits_db": metrics["baselines"]["equal_bits_thumbnail"]["psnr_gain_db"],
+        # the data set's classifier on the reconstructions (null without one): does the content survive?
+        **{key: metrics.get(key) for key in ("classifier_accuracy", "classifier_fd", "classifier_kid_mean")},
+        "classifier_fd_name": metrics.get("classifier_fd_name"),
         "active_codes": codebook["active_codes"], "utilisation": codebook["utilisation"],
         "perplexity": codebook["perplexity"], "bits_per_token": codebook["bits_per_token"],
         "log2_active_codes": codebook["log2_active_codes"], "bits_per_image": codebook.get("bits_per_image"),

@@ -575,7 +575,8 @@ class GlyphImages(Dataset):
     256 consecutive items at once (so an item does not depend on the data set length):
     font ~ uniform over ``fonts``; longer ink side = ``s * image_size`` with
     ``s ~ U(MIN_SIZE, MAX_SIZE)``; rotation ``~ U(-MAX_ROTATION, MAX_ROTATION)`` degrees;
-    centre offset uniform within the range that keeps the rotated glyph box inside the image;
+    centre offset uniform within ``MAX_OFFSET`` times the range that keeps the rotated glyph box inside
+    the image;
     background and foreground RGB uniform in [0, 1]^3 subject to a luma difference
     ``|Y(fg) - Y(bg)| >= min_contrast`` (first of 64 candidate pairs that satisfies it, else
     black or white on that background, whichever is farther).
@@ -587,9 +588,14 @@ class GlyphImages(Dataset):
     equals a train item. There is no flip (a mirrored character is not its class).
     """
 
-    MIN_SIZE = 0.5
+    # Geometry ranges: wide enough that no two glyphs align, narrow enough that a CPU-sized prior learns the
+    # digits' shapes in minutes. Measured (MaskGIT 128x4, 900 steps on the tokens of an 8x8 LGQ tokenizer): with
+    # sizes 0.5-0.9, rotations up to 15 degrees and the full offset range 12-18% of class-conditional samples were
+    # classified as their digit; with these ranges 90% (README, "The one-command demo").
+    MIN_SIZE = 0.75
     MAX_SIZE = 0.9
-    MAX_ROTATION = 15.0
+    MAX_ROTATION = 8.0
+    MAX_OFFSET = 0.4
     COLOUR_CANDIDATES = 64
     PARAMETER_BLOCK = 256
 
@@ -627,6 +633,12 @@ class GlyphImages(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    @classmethod
+    def geometry(cls) -> dict[str, float]:
+        """The rendering ranges (size, rotation, offset): part of what defines the data set."""
+        return {"min_size": cls.MIN_SIZE, "max_size": cls.MAX_SIZE, "max_rotation": cls.MAX_ROTATION,
+                "max_offset": cls.MAX_OFFSET}
+
     def _parameter_block(self, block: int) -> dict[str, np.ndarray]:
         """Parameters of items ``[block * B, (block + 1) * B)``, drawn at once from
         ``numpy.random.default_rng((seed, split, block))`` (B = ``PARAMETER_BLOCK``)."""
@@ -639,7 +651,7 @@ class GlyphImages(Dataset):
             # half extent of the rotated square ink box, as a fraction of the image side
             radians = np.radians(angle)
             room = np.maximum(0.0, 0.5 - 0.5 * size * (np.abs(np.cos(radians)) + np.abs(np.sin(radians))))
-            offset = rng.uniform(-1.0, 1.0, size=(n, 2)) * room[:, None]
+            offset = rng.uniform(-1.0, 1.0, size=(n, 2)) * (self.MAX_OFFSET * room)[:, None]
             pairs = rng.random((n, self.COLOUR_CANDIDATES, 2, 3))
             ok = np.abs(luma(pairs[:, :, 0]) - luma(pairs[:, :, 1])) >= self.min_contrast  # [n, candidates]
             chosen = pairs[np.arange(n), np.argmax(ok, axis=1)]  # first pair with enough contrast

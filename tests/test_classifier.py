@@ -148,3 +148,18 @@ def test_reconstruction_command_adds_classifier_figures_and_refuses_other_data(c
     assert "classifier accuracy on reconstructions" in capsys.readouterr().out
     with pytest.raises(ClassifierCacheMismatch, match="data.num_val_images"):
         reconstruction.main([*argv, "--data.num_val_images", "64"])
+
+
+def test_glyph_cache_made_with_other_rendering_ranges_is_refused(tmp_path, monkeypatch):
+    """The glyph geometry (size / rotation / offset ranges) lives in the code, not the data config: a cached
+    classifier made before a change of those ranges must be refused, not silently reused."""
+    from eval.classifier import check_metadata, data_identity
+    from lgq.data import GlyphImages
+
+    data_cfg = DataConfig(name="glyphs", image_size=32)
+    metadata = {"dataset": {"name": "glyphs", "image_size": 32, "num_classes": 10,
+                            "config": json.loads(json.dumps(data_identity(data_cfg)))}}
+    check_metadata(metadata, tmp_path, data_cfg)  # same ranges: accepted
+    monkeypatch.setattr(GlyphImages, "MAX_ROTATION", GlyphImages.MAX_ROTATION + 7.0)
+    with pytest.raises(ClassifierCacheMismatch, match=r"data\.glyph_geometry"):
+        check_metadata(metadata, tmp_path, data_cfg)

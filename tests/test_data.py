@@ -224,7 +224,7 @@ def test_glyphs_train_and_val_are_disjoint():
         assert {p["label"] for p in params} == set(range(10))
         assert len({p["font"] for p in params}) >= 8
         sizes = [p["size"] for p in params]
-        assert min(sizes) < GlyphImages.MIN_SIZE + 0.1 and max(sizes) > GlyphImages.MAX_SIZE - 0.1
+        assert min(sizes) < GlyphImages.MIN_SIZE + 0.03 and max(sizes) > GlyphImages.MAX_SIZE - 0.03
 
 
 def test_glyphs_have_the_minimum_contrast():

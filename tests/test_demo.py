@@ -37,6 +37,7 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
     for stage in ("tokenizer", "tokens", "prior", "pipeline", "samples", "evaluation", "total"):
         assert stage in saved["timings"], stage
         assert saved["timings"][stage]["reused"] is False
+    assert saved["timings"]["total_s"] == saved["timings"]["total"]["seconds"] > 0
     rec = saved["reconstruction"]
     assert 0.0 < rec["psnr"] < 100.0 and -1.0 <= rec["ssim"] <= 1.0
     assert 1 <= rec["codebook"]["active_codes"] <= 64 and rec["codebook"]["codebook_size"] == 64
