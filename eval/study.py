@@ -47,7 +47,8 @@ seeds whose run collapsed.
 
 Outputs in ``<output-dir>``: results.json ({"rows": one per (quantizer, K), "runs": one per run, "skipped",
 "collapse_rule"}), results.csv (the rows), runs.csv (the runs), results.md (both tables) and plots/*.png
-(rate-distortion with error bars over seeds, utilisation vs K, sorted code-usage histograms, training curves).
+(rate-distortion with error bars over seeds, utilisation vs K, sorted code-usage histograms, training curves), and
+per run plots/geometry/<run>/ (eval.codebook_geometry: geometry.json and codebook_geometry.png).
 """
 from __future__ import annotations
 
@@ -759,6 +760,7 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, plot_dir / "code_usage.png"))
+    paths.extend(geometry_plots(results, plot_dir / "geometry"))
 
     # the total loss holds each quantizer's own terms (LFQ's entropy term is negative): not comparable, so plot
     # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer;
@@ -785,6 +787,24 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, plot_dir / "training_curves.png"))
+    return paths
+
+
+def geometry_plots(results: Sequence[dict], geometry_dir: Path) -> list[Path]:
+    """Per run with an export and code_counts.json: eval.codebook_geometry's JSON and plot in geometry_dir/<run>/."""
+    from eval.codebook_geometry import write_codebook_geometry
+    from tokenizer.model import LGQTokenizer
+
+    paths = []
+    for r in results:
+        run_dir = Path(r.get("run_dir", ""))
+        counts_path, export = run_dir / "code_counts.json", run_dir / "tokenizer"
+        if counts_path.is_file() and export.is_dir():
+            tokenizer = LGQTokenizer.from_pretrained(str(export))
+            geometry = write_codebook_geometry(tokenizer, json.loads(counts_path.read_text())["counts"],
+                                               geometry_dir / run_dir.name, title=run_dir.name,
+                                               protocol={"counts_file": str(counts_path)})
+            paths.append(Path(geometry["plot"]))
     return paths
 
 

@@ -130,6 +130,8 @@ COMMANDS = {
     "lgq-eval-generation": "eval.gen_fid",
     "lgq-demo": "eval.demo",
     "lgq-study": "eval.study",
+    "lgq-prune-tokenizer": "tokenizer.prune",
+    "lgq-codebook-geometry": "eval.codebook_geometry",
 }
 
 
@@ -155,3 +157,5 @@ eval_reconstruction = _entry_point(COMMANDS["lgq-eval-reconstruction"])
 eval_generation = _entry_point(COMMANDS["lgq-eval-generation"])
 demo = _entry_point(COMMANDS["lgq-demo"])
 study = _entry_point(COMMANDS["lgq-study"])
+prune_tokenizer = _entry_point(COMMANDS["lgq-prune-tokenizer"])
+codebook_geometry = _entry_point(COMMANDS["lgq-codebook-geometry"])

@@ -207,6 +207,11 @@ class DataConfig:
         """The split names ``build_image_dataset`` accepts for this data set."""
         return DATASET_SPLITS[self.name]
 
+    def check_split(self, split: str) -> None:
+        """ValueError naming the valid splits unless ``split`` is one of ``splits()``."""
+        if split not in self.splits():
+            raise ValueError(f"split must be one of {self.splits()} for data.name={self.name!r}, got {split!r}")
+
 
 def _as_data_config(cfg: Any) -> DataConfig:
     if isinstance(cfg, DataConfig):

@@ -76,9 +76,7 @@ class ExtractConfig:
     data: DataConfig = field(default_factory=DataConfig.unresolved)
 
     def validate(self) -> None:
-        if self.split not in self.data.splits():
-            raise ValueError(f"split must be one of {self.data.splits()} for data.name={self.data.name!r}, "
-                             f"got {self.split!r}")
+        self.data.check_split(self.split)
         if self.flip and self.data.name == "glyphs":
             raise ValueError("flip=true with data.name='glyphs': a mirrored character is not an image of its "
                              "class; extract without flip")

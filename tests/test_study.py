@@ -113,6 +113,10 @@ def test_sweep_over_seeds_writes_runs_rows_table_plots_and_reuses_finished_runs(
     for plot in ("rate_distortion", "utilisation_vs_K", "code_usage", "training_curves"):
         png = out / "plots" / f"{plot}.png"
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    for r in results:  # the codebook geometry of every run, from its evaluation counts
+        geometry = json.loads((out / "plots" / "geometry" / r["run"] / "geometry.json").read_text())
+        assert geometry["codebook_size"] == 1024 and geometry["active_codes"] == r["active_codes"]
+        assert (out / "plots" / "geometry" / r["run"] / "codebook_geometry.png").read_bytes()[:4] == b"\x89PNG"
 
     # second invocation: finished runs are reused, nothing is retrained
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/tokenizer/*")}

@@ -63,6 +63,7 @@ class TokenizerModelConfig:
 
 
 _DEFAULTS = TokenizerModelConfig()
+CODEBOOK_PRUNING_KEY = "codebook_pruning"  # config entry of a pruned export (tokenizer/prune.py)
 
 
 @dataclass
@@ -154,8 +155,17 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
     # --- loading ---------------------------------------------------------------------
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        """diffusers' config -> __init__ arguments, after `migrate_legacy_config` (from_config / from_pretrained)."""
-        return super().extract_init_dict(migrate_legacy_config(config_dict), **kwargs)
+        """diffusers' config -> __init__ arguments, after `migrate_legacy_config` (from_config / from_pretrained).
+
+        ``codebook_pruning`` (the record `tokenizer.prune` writes: kept codes, old-to-new index map) is no
+        constructor argument: it is passed on as a stored config entry, so the loaded model's config keeps it.
+        """
+        config = migrate_legacy_config(config_dict)
+        pruning = config.pop(CODEBOOK_PRUNING_KEY, None)
+        init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config, **kwargs)
+        if pruning is not None:
+            hidden_dict[CODEBOOK_PRUNING_KEY] = pruning
+        return init_dict, unused_kwargs, hidden_dict
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):

@@ -1,0 +1,75 @@
+"""eval/codebook_geometry.py on a tiny tokenizer whose codebook is known: centres on a line at 0, 1, 3, 7, 15."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from eval.codebook_geometry import GEOMETRY_FILE, PLOT_FILE, codebook_geometry, main
+from tokenizer.model import LGQTokenizer
+
+POSITIONS = [0.0, 1.0, 3.0, 7.0, 15.0]
+COUNTS = [10, 5, 3, 1, 0]
+
+
+def line_tokenizer(quantizer: str = "lgq") -> LGQTokenizer:
+    torch.manual_seed(0)
+    model = LGQTokenizer(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, latent_dim=4,
+                         codebook_size=len(POSITIONS), attention_resolutions="none", quantizer=quantizer).eval()
+    centres = torch.zeros(len(POSITIONS), 4)
+    centres[:, 1] = torch.tensor(POSITIONS)
+    model.quantizer.codebook.data.copy_(centres)
+    return model
+
+
+def test_geometry_of_a_known_codebook(tmp_path):
+    line_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "counts.json").write_text(json.dumps({"counts": COUNTS}))
+    main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "geo"), "--counts",
+          str(tmp_path / "counts.json"), "--neighbours", "2"])
+    geometry = json.loads((tmp_path / "geo" / GEOMETRY_FILE).read_text())
+    assert (tmp_path / "geo" / PLOT_FILE).stat().st_size > 10_000
+    assert geometry["codebook_size"] == 5 and geometry["latent_dim"] == 4 and geometry["neighbours"] == 2
+    assert geometry["num_tokens"] == 19 and geometry["active_codes"] == 4 and geometry["dead_codes"] == 1
+    per_code = geometry["per_code"]
+    assert per_code["counts"] == COUNTS
+    # nearest other centre: 0->1, 1->0, 3->1, 7->3, 15->7; second nearest: 0->3, 1->3, 3->0, 7->1 (6), 15->3 (12)
+    assert per_code["nearest_neighbour_distance"] == pytest.approx([1, 1, 2, 4, 8])
+    assert per_code["knn_distance"] == pytest.approx([3, 2, 3, 6, 12])
+    assert geometry["nearest_neighbour_distance"]["q00"] == pytest.approx(1)
+    assert geometry["nearest_neighbour_distance"]["q50"] == pytest.approx(2)
+    assert geometry["nearest_neighbour_distance"]["q100"] == pytest.approx(8)
+    assert geometry["knn_distance_median_used"] == pytest.approx(3) and geometry["knn_distance_median_unused"] == pytest.approx(12)
+    # usage ranks 5,4,3,2,1 against k-NN distance ranks 2.5,1,2.5,4,5: rho = -8 / sqrt(10 * 9.5)
+    assert geometry["usage_knn_distance_spearman"] == pytest.approx(-8 / math.sqrt(95))
+    # collinear centres: one principal axis holds all the variance; coordinates = position - mean (up to sign)
+    assert geometry["pca_explained_variance_ratio"] == pytest.approx([1.0, 0.0], abs=1e-12)
+    first_axis = [abs(point[0]) for point in per_code["pca"]]
+    mean = sum(POSITIONS) / len(POSITIONS)
+    assert first_axis == pytest.approx([abs(p - mean) for p in POSITIONS])
+    assert geometry["duplicate_centres"] == 0 and geometry["quantizer"] == "lgq"
+
+
+def test_duplicates_and_degenerate_usage():
+    centres = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    geometry = codebook_geometry(centres, torch.tensor([4, 4, 4]), neighbours=8)  # n clipped to K - 1
+    assert geometry["neighbours"] == 2 and geometry["duplicate_centres"] == 2
+    assert geometry["usage_knn_distance_spearman"] is None  # constant usage: no rank correlation
+    assert geometry["knn_distance_median_unused"] is None
+    with pytest.raises(ValueError, match="must agree"):
+        codebook_geometry(centres, torch.tensor([1, 2]))
+
+
+def test_counting_over_a_split_and_bad_counts_file(tmp_path):
+    line_tokenizer("vq").save_pretrained(tmp_path / "tok")
+    geometry = main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "geo"), "--split", "train",
+                     "--data.name", "synthetic", "--data.image_size", "16", "--data.num_images", "6",
+                     "--data.num_classes", "3", "--batch-size", "4"])
+    assert geometry["num_tokens"] == 6 * 8 * 8 and geometry["protocol"]["num_images"] == 6
+    assert sum(geometry["per_code"]["counts"]) == 6 * 64
+    (tmp_path / "bad.json").write_text(json.dumps({"counts": [1, 2]}))
+    with pytest.raises(ValueError, match="2 counts, the tokenizer has K=5"):
+        main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "g2"), "--counts",
+              str(tmp_path / "bad.json")])
