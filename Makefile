@@ -19,13 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: env
-	$(PY) -m eval.demo $(ARGS)
+	$(PY) -m experiments.demo $(ARGS)
 
 test: env
 	$(OFFLINE_ENV) $(PY) -m pytest -q $(ARGS)
 
 bench: env
-	$(PY) -m eval.bench_quantizers $(ARGS)
+	$(PY) -m experiments.bench_quantizers $(ARGS)
 
 # one-shot check of every stage on one CUDA GPU (README "Checking a GPU machine"); refuses without CUDA
 gpu-check: env

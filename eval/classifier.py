@@ -51,7 +51,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from eval.metrics import thumbnail_images, to_uint8
+from common.metrics import thumbnail_images, to_uint8
 
 CLASSIFIER_FEATURE_EXTRACTOR = "lgq-classifier"
 METADATA_FILE = "classifier.json"
@@ -207,7 +207,7 @@ def default_classifier_dir(data_cfg) -> Path:
 
 def load_split(data_cfg, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """(uint8 images [N, 3, S, S], int64 labels [N], data set) of the first ``max_images`` items of a split."""
-    from lgq.data import build_image_dataset
+    from common.data import build_image_dataset
 
     dataset = build_image_dataset(data_cfg, split)
     count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
@@ -490,7 +490,7 @@ def sanity_figures(folder: str | os.PathLike, classifier: ImageClassifier, metad
     """What the metric reads on known cases, from the real val split (shuffled with ``seed``, cut in halves A, B):
 
     FD/KID(A, B) (two draws of the real distribution: near 0), FD/KID(A, blur(B)) with blur = bicubic
-    upsampling of an S/4 x S/4 thumbnail (``eval.metrics.thumbnail_images``: clearly larger), and the accuracy of "samples" that ignore the requested labels (B with A's labels: chance,
+    upsampling of an S/4 x S/4 thumbnail (``common.metrics.thumbnail_images``: clearly larger), and the accuracy of "samples" that ignore the requested labels (B with A's labels: chance,
     1 / num_classes for balanced classes) next to the accuracy on B with its own labels.
     """
     images, labels, _ = load_split(data_cfg, "val")
@@ -514,7 +514,7 @@ def sanity_figures(folder: str | os.PathLike, classifier: ImageClassifier, metad
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None):
-    from lgq.data import split_data_options
+    from common.data import split_data_options
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
@@ -536,14 +536,14 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--sanity", action="store_true",
                         help="sanity figures on real val: FD/KID of one half vs the other and vs the other half "
                              "blurred (bicubic from S/4 thumbnails); accuracy of a 'generator' that ignores labels")
-    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field (e.g. --data.name glyphs)."
+    parser.epilog = "Data options: --data.<field> value for every common.data.DataConfig field (e.g. --data.name glyphs)."
     args = parser.parse_args(rest)
     args.data_overrides = data_overrides
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from eval.reconstruction import load_data_config
+    from common.data import load_data_config
 
     args = parse_args(argv)
     if args.threads is not None:

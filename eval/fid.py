@@ -1,7 +1,7 @@
 """FID and Inception Score with torch-fidelity's standard Inception ("inception-v3-compat").
 
 Protocol (recorded in every result dict): images are converted once with
-``eval.metrics.to_uint8`` (float [-1, 1] -> uint8), fed to torch-fidelity's
+``common.metrics.to_uint8`` (float [-1, 1] -> uint8), fed to torch-fidelity's
 inception-v3-compat feature extractor (TF-compatible bilinear resize to 299x299),
 FID uses the 2048-d pool features, IS the 1008-way "logits_unbiased" (torch-fidelity's
 defaults). Statistics are accumulated in streaming form (float64 sums on the CPU), so
@@ -42,7 +42,8 @@ from typing import Any, Iterable, Union
 import numpy as np
 import torch
 
-from eval.metrics import to_uint8
+from common.files import atomic_write
+from common.metrics import to_uint8
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FID_FEATURE_LAYER = "2048"
@@ -198,13 +199,10 @@ class FIDStatistics:
 
 def save_fid_statistics(path: str | os.PathLike, stats: FIDStatistics) -> Path:
     """Write ``mu``, ``sigma``, ``num_images`` and JSON ``metadata`` (protocol) to an .npz file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
-             metadata=np.array(json.dumps(stats.metadata)))
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
+                 metadata=np.array(json.dumps(stats.metadata)))
+    return Path(path)
 
 
 def load_fid_statistics(path: str | os.PathLike) -> FIDStatistics:

@@ -17,7 +17,7 @@ Protocol:
 * each process extracts Inception features (``eval.fid``) of its samples and writes a shard; the main
   process orders everything by sample index, accumulates the FID statistics (float64 sums), the
   Inception Score (torch-fidelity's split/shuffle, seed 2020) and compares with the reference:
-  an image folder (every image file, sorted), a data split (``lgq.data`` with ``--data.<field>``
+  an image folder (every image file, sorted), a data split (``common.data`` with ``--data.<field>``
   options; image size defaults to the pipeline's) or an .npz with ``mu``/``sigma`` (our
   ``eval.fid.save_fid_statistics`` or pytorch-fid / ADM-style) or with images ``arr_0`` (NHWC uint8);
   statistics without our protocol metadata (ADM's reference batches) are used as they are and the JSON
@@ -42,8 +42,9 @@ import torch
 if __package__ in (None, ""):  # run as a script (accelerate launch eval/gen_fid.py): make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.metrics import to_uint8  # noqa: E402
-from lgq.data import DATASET_NAMES as DATA_REFERENCE_NAMES, DATASET_SPLITS  # noqa: E402
+from common.files import atomic_write  # noqa: E402
+from common.metrics import to_uint8  # noqa: E402
+from common.data import DATASET_NAMES as DATA_REFERENCE_NAMES, DATASET_SPLITS  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -203,8 +204,8 @@ def parse_data_reference(reference: str) -> tuple[str, str] | None:
 
 
 def build_reference_dataset(reference: str, data_overrides: Sequence[str], image_size: int):
-    from eval.reconstruction import load_data_config
-    from lgq.data import build_image_dataset
+    from common.data import load_data_config
+    from common.data import build_image_dataset
 
     name, split = parse_data_reference(reference)
     cfg = load_data_config([f"name={name}", *data_overrides], image_size=image_size, random_flip=False)
@@ -303,12 +304,9 @@ def merge_shards(shards: Sequence[dict[str, Any]], num_samples: int) -> dict[str
 
 def save_samples_npz(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor) -> Path:
     """ADM-evaluator layout: arr_0 uint8 [N, H, W, 3]; plus labels [N]."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy(), labels=labels.numpy())
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as f:
+        np.savez(f, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy(), labels=labels.numpy())
+    return Path(path)
 
 
 def save_grid(path: str | os.PathLike, images: torch.Tensor, max_images: int = 64) -> Path:
@@ -329,8 +327,8 @@ def parse_args(argv: Sequence[str] | None = None):
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
-    from lgq.cli import config_help
-    from lgq.data import DataConfig
+    from common.cli import config_help
+    from common.data import DataConfig
 
     parser = argparse.ArgumentParser(prog="python -m eval.gen_fid", description=__doc__,
                                      epilog="data keys (with --reference data):\n" + config_help(DataConfig, "data."),
@@ -380,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     from accelerate import Accelerator
 
     from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable
-    from eval.reconstruction import write_json
+    from common.files import write_json
     from pipelines.pipeline_lgq import LGQPipeline
 
     accelerator = Accelerator()

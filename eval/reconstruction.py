@@ -5,12 +5,12 @@
 
 Protocol (every figure is written to the JSON together with it):
 
-* evaluation set: the ``--split`` of the data set built by ``lgq.data.build_image_dataset`` from the
+* evaluation set: the ``--split`` of the data set built by ``common.data.build_image_dataset`` from the
   ``--data.<field>`` options (``DataConfig`` fields, e.g. ``--data.root``, ``--data.image_size``);
   all images, or with ``--num-images N`` a class-balanced subset (classes taken round robin, items
   of each class in a seeded random order; exactly N / C per class when C divides N);
 * every image x is encoded to hard indices and decoded: x_hat = tokenizer.decode(tokenizer.encode(x));
-  both are converted once to uint8 (``eval.metrics.to_uint8``), the form images are stored and seen
+  both are converted once to uint8 (``common.metrics.to_uint8``), the form images are stored and seen
   by Inception;
 * rFID: FID(real images, reconstructions) with torch-fidelity's inception-v3-compat features
   (``eval.fid``; streaming statistics). Without Inception weights rFID is ``null`` and the JSON
@@ -20,8 +20,8 @@ Protocol (every figure is written to the JSON together with it):
   (Gaussian 11x11, sigma 1.5), averaged; LPIPS-VGG v0.1 (the published metric) when its weights are
   available, else absent (never a uniform-head variant);
 * codebook statistics over the WHOLE evaluation set from one bincount of the hard indices
-  (``eval.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image);
-* trivial baselines on the same images, PSNR and SSIM as above (``eval.metrics.baseline_plan``):
+  (``common.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image);
+* trivial baselines on the same images, PSNR and SSIM as above (``common.metrics.baseline_plan``):
   each image's own mean colour (24 bits), bicubic upsampling of an 8-bit RGB thumbnail of the
   token-grid size (h x w pixels for h x w tokens) and of the thumbnail whose size in bits is closest
   to the tokenizer's NOMINAL rate, tokens per image x log2 K ("equal-bits thumbnail"; the measured
@@ -31,8 +31,6 @@ Protocol (every figure is written to the JSON together with it):
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -43,9 +41,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from eval.metrics import (BASELINE_NAMES, baseline_images, baseline_plan, code_histogram, codebook_statistics,
+from common.metrics import (BASELINE_NAMES, baseline_images, baseline_plan, code_histogram, codebook_statistics,
                           lpips_distance, nominal_bits_per_image, psnr, ssim, to_uint8)
-from lgq.data import split_data_options  # the --data.<field> option parser every command shares
+from common.data import load_data_config, split_data_options  # the --data.<field> options every command shares
+from common.files import write_json
 
 PSNR_CAP_DB = 100.0
 
@@ -247,7 +246,7 @@ def evaluate_reconstruction(
         "quantizer": getattr(tokenizer.config, "quantizer", None),
         "reconstruction": "decode(encode(x)) from hard indices; uint8 for PSNR/SSIM/FID",
         "psnr": f"per image on [0, 1] (uint8 / 255), capped at {PSNR_CAP_DB} dB, averaged over images",
-        "ssim": "per image, Gaussian window 11x11 sigma 1.5 (eval.metrics.ssim), averaged over images",
+        "ssim": "per image, Gaussian window 11x11 sigma 1.5 (common.metrics.ssim), averaged over images",
         "lpips": getattr(lpips_model, "variant", "LPIPS-VGG v0.1") if lpips_model is not None else None,
         "codebook_statistics": "one bincount of hard indices over the whole evaluation set",
         "nominal_bits_per_image": nominal_bits_per_image(tokens_per_image, int(counts.numel())),
@@ -324,36 +323,7 @@ def baseline_table(result: dict[str, Any]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
-def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write JSON atomically (temporary file + rename); non-finite floats become null."""
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(payload), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
 # ----------------------------------------------------------------------------- CLI
-def load_data_config(overrides: Sequence[str], **defaults: Any):
-    """``DataConfig`` from ``field=value`` overrides (typos and wrong types raise naming the key)."""
-    from lgq.config import load_config
-    from lgq.data import DataConfig
-
-    given = {item.split("=", 1)[0] for item in overrides}
-    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given and v is not None]
-    return load_config(DataConfig, None, [*extra, *overrides])
-
-
 def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
     """(LPIPS network or None, note or None) for --lpips auto|on|off."""
     if mode == "off":
@@ -376,8 +346,8 @@ def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
 def parse_args(argv: Sequence[str] | None = None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
-    from lgq.cli import config_help
-    from lgq.data import DataConfig
+    from common.cli import config_help
+    from common.data import DataConfig
 
     parser = argparse.ArgumentParser(prog="python -m eval.reconstruction", description=__doc__,
                                      epilog=config_help(DataConfig, "data."),
@@ -409,7 +379,7 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from lgq.data import build_image_dataset
+    from common.data import build_image_dataset
     from tokenizer.model import LGQTokenizer
 
     data_cfg = load_data_config(args.data_overrides)

@@ -93,7 +93,7 @@ images = pipe(labels, {steps}guidance_scale=3.0, generator=torch.Generator().man
 def pipeline_card(pipeline, tokenizer_path: str | os.PathLike, prior_path: str | os.PathLike):
     """The pipeline's model card: its components (from their configs) and their training and metrics (from the
     components' own model cards, when the exports have them)."""
-    from lgq.hub import CardInfo, read_card_metadata
+    from common.hub import CardInfo, read_card_metadata
 
     tokenizer_card, prior_card = read_card_metadata(tokenizer_path), read_card_metadata(prior_path)
     tokenizer, prior, scheduler = pipeline.tokenizer, pipeline.prior, pipeline.scheduler
@@ -131,7 +131,7 @@ def pipeline_card(pipeline, tokenizer_path: str | os.PathLike, prior_path: str |
 def save_pipeline(pipeline, output: str | os.PathLike, tokenizer_path: str | os.PathLike,
                   prior_path: str | os.PathLike) -> Path:
     """save_pretrained (safetensors) plus model cards: the pipeline's README.md and its components' cards."""
-    from lgq.hub import CARD_FILE, write_model_card
+    from common.hub import CARD_FILE, write_model_card
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
           f"({pipeline.num_classes} classes, token grid {pipeline.grid_size}), tokenizer K={pipeline.tokenizer.codebook_size}, "
           f"images {h}x{w}, scheduler {type(pipeline.scheduler).__name__ if pipeline.scheduler is not None else 'none'}")
     if args.push_to_hub:
-        from lgq.hub import push_folder_to_hub
+        from common.hub import push_folder_to_hub
 
         url = push_folder_to_hub(output, args.hub_model_id or output.resolve().name, private=args.hub_private)
         print(f"pushed {output} to the Hub: {url}")

@@ -4,7 +4,7 @@
         --data.root /data/imagenet --data.image_size 256 --output tokens/imagenet_train --flip
 
 Arguments are the fields of ``ExtractConfig`` as ``--key value`` / ``--flag`` or ``key=value``
-(``--batch-size 8`` == ``batch_size=8``; the style of every command, ``lgq/cli.py``);
+(``--batch-size 8`` == ``batch_size=8``; the style of every command, ``common/cli.py``);
 ``--config FILE.yaml`` merges a YAML file first; ``--help`` lists every key with its default.
 
 How the work is split and resumed: the data set (deterministic transform, no random flip) is cut
@@ -37,7 +37,8 @@ import torch
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, Subset
 
-from lgq.data import DataConfig
+from common.data import DataConfig
+from common.files import atomic_write
 from prior.tokens import (
     LABELS_FILE,
     META_FILE,
@@ -94,12 +95,8 @@ def chunk_path(output: Path, index: int) -> Path:
 
 
 def _save_chunk(path: Path, tokens: np.ndarray, labels: np.ndarray, first_image: int, rank: int) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, tokens=tokens, labels=labels, first_image=np.int64(first_image), rank=np.int64(rank))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_chunk(path: Path, expected_rows: int, grid: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -286,10 +283,10 @@ def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: 
 
 # ----------------------------------------------------------------------------- command line
 def parse_config(argv: Sequence[str]) -> ExtractConfig:
-    """The command line (lgq.cli style: ``--key value`` / ``key=value`` / ``--flag`` for ExtractConfig's keys,
+    """The command line (common.cli style: ``--key value`` / ``key=value`` / ``--flag`` for ExtractConfig's keys,
     ``--config FILE.yaml``, ``--help`` listing every key with its default) -> ExtractConfig."""
-    from lgq.cli import make_parser, parse_command_line
-    from lgq.config import load_config
+    from common.cli import make_parser, parse_command_line
+    from common.config import load_config
 
     parser = make_parser("python -m prior.extract", __doc__.split("\n\n")[0], ExtractConfig)
     args, overrides = parse_command_line(parser, argv, ExtractConfig)
@@ -318,7 +315,7 @@ def make_accelerator():
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from lgq.data import build_image_dataset
+    from common.data import build_image_dataset
     from tokenizer.model import LGQTokenizer
 
     cfg = parse_config(sys.argv[1:] if argv is None else argv)

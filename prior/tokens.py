@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.files import atomic_write, write_bytes_atomic
+
 TOKEN_FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.npy"
 LABELS_FILE = "labels.npy"
@@ -101,28 +103,14 @@ def tokenizer_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_meta(directory: str | os.PathLike, meta: dict) -> None:
-    _atomic_write_bytes(Path(directory) / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+    write_bytes_atomic(Path(directory) / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """np.save to a temporary name, fsync, rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """np.save through ``common.files.atomic_write``: readers never see a half-written file."""
+    with atomic_write(path) as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build_meta(*, codebook_size: int, grid_size, count: int, num_images: int | None = None,

@@ -5,7 +5,7 @@
     accelerate launch prior/train.py --config configs/prior/imagenet_maskgit_b.yaml \
         data.tokens=/data/tokens/imagenet_train data.tokenizer=/models/lgq --resume latest
 
-Per optimisation step (the loop itself lives in ``lgq.training.Trainer.fit``):
+Per optimisation step (the loop itself lives in ``common.training.Trainer.fit``):
   maskgit  L = sum_{masked i} CE(p(t_i | t_unmasked, y), t_i) / #masked, cosine mask ratio
            (prior.maskgit.MaskGITPrior.masking_loss), logged with the accuracy on masked tokens
   gpt      L = (1/L) sum_i CE(p(t_i | t_<i, y), t_i) (prior.gpt.GPTPrior.loss), logged with the accuracy
@@ -25,10 +25,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lgq.training import Trainer, build_optimizer
+from common.cli import load_run_config
+from common.hub import CardInfo, training_rows
+from common.training import Trainer, build_optimizer
 from prior.config import PriorModelConfig, PriorRunConfig, resolve_data_shape
 from prior.tokens import TokenDataset, tokenizer_fingerprint
-from tokenizer.train import load_run_config, training_rows  # (same command line and card rows as the tokenizer)
 
 
 class PriorTrainingLoss(nn.Module):
@@ -170,8 +171,6 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
 
 def prior_card(cfg: PriorRunConfig, prior: nn.Module, shape: dict, trainer: Trainer, train_set, logs):
     """The export's model card: prior type, K, grid, classes, token data, steps, the last training metrics."""
-    from lgq.hub import CardInfo
-
     h, w = shape["grid_size"]
     maskgit = cfg.model.prior_type == "maskgit"
     names = train_set.class_names or []

@@ -13,13 +13,13 @@ Stages, in order, each timed on one GPU (bf16 autocast, quantizer in fp32):
   gpt_b        prior/train.py with imagenet_gpt_b.yaml, ``--prior-steps`` steps
   sample_*     pipelines.assemble + LGQPipeline sampling of one batch (MaskGIT 12 steps CFG 3; GPT KV cache)
   gen_fid      eval/gen_fid.py on ``--fid-samples`` MaskGIT samples against the synthetic val split
-  quantizers   eval.bench_quantizers (N = 16384 tokens, C = 64) for K = 16384, 65536 and 262144
+  quantizers   experiments.bench_quantizers (N = 16384 tokens, C = 64) for K = 16384, 65536 and 262144
                (FSQ has no levels table entry for 262144 and is left out there)
 
 It stops at the first stage that raises (the traceback names it) and prints one table
 (stage, work, s/step, img/s, peak memory, wall time), written as JSON to ``<output>/gpu_check.json``.
 Peak memory: torch.cuda.max_memory_allocated() over the stage (none on CPU); for the quantizer rows the
-benchmark's own peak above its inputs (``eval.bench_quantizers``, also on CPU).
+benchmark's own peak above its inputs (``experiments.bench_quantizers``, also on CPU).
 On a machine without CUDA it refuses unless ``--dry-run`` is given. The LPIPS VGG16 and Inception weights
 are downloaded on first use (internet needed once; they are cached in $TORCH_HOME/hub/checkpoints).
 """
@@ -173,7 +173,7 @@ def stage_gen_fid(args, cfg, out: Path, pipeline: str) -> dict[str, Any]:
 
 
 def stage_quantizers(cfg, out: Path, device: torch.device) -> dict[str, Any]:
-    from eval.bench_quantizers import parse_args as bench_args, run_configuration
+    from experiments.bench_quantizers import parse_args as bench_args, run_configuration
 
     bench = cfg["bench"]
     rows = []

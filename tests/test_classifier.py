@@ -12,7 +12,7 @@ from eval.classifier import (ClassifierCacheMismatch, ClassifierTrainConfig, cla
                              classifier_report, feature_distances, load_classifier, load_or_train_classifier,
                              load_split, predict)
 from eval.gen_fid import balanced_class_labels, save_samples_npz
-from lgq.data import DataConfig
+from common.data import DataConfig
 
 NUM_CLASSES = 4
 DATA = dict(name="synthetic", image_size=16, num_images=192, num_val_images=128, num_classes=NUM_CLASSES)

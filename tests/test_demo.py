@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from eval import demo
+from experiments import demo
 
 
 @pytest.fixture()

@@ -147,7 +147,7 @@ def checkpoint_and_export(run_dir, step: int, export_file) -> dict[str, torch.Te
 def assert_finite_history(run_dir, steps):
     import math
 
-    from lgq.training import read_history
+    from common.training import read_history
 
     history = read_history(run_dir)
     assert [row["step"] for row in history] == list(steps)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lgq.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from prior.config import PriorRunConfig
 from prior.tokens import save_token_directory, tokenizer_fingerprint
 

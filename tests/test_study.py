@@ -1,4 +1,4 @@
-"""eval.study: the quantizer x K x seed sweep on a tiny synthetic config (two quantizers, one K, a few steps)."""
+"""experiments.study: the quantizer x K x seed sweep on a tiny synthetic config (two quantizers, one K, a few steps)."""
 import csv
 import json
 import math
@@ -11,7 +11,7 @@ import pytest
 
 from ddp import free_port  # tests/ddp.py
 from eval import study
-from lgq.training import read_history
+from common.training import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tokenizer" / "tiny.yaml"

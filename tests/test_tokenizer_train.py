@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lgq.config import load_config
+from common.config import load_config
 from ddp import run_ddp  # tests/ddp.py (pytest puts tests/ on sys.path)
 from tokenizer.config import TokenizerRunConfig
 
@@ -128,7 +128,7 @@ def test_tiny_training_lowers_reconstruction_loss(tmp_path):
 def test_vq_with_its_default_data_driven_init_uses_more_than_a_tenth_of_the_codebook(tmp_path):
     """VQ's codebook starts from encoder latents (init="random", the default): after a tiny run the exported
     tokenizer uses > 10% of K = 128 codes on the training images (a N(0, 1) codebook collapsed to a few codes)."""
-    from lgq.data import DataConfig, build_image_dataset
+    from common.data import DataConfig, build_image_dataset
     from tokenizer.model import LGQTokenizer
     from tokenizer.train import main
 

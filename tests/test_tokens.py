@@ -233,7 +233,7 @@ def synthetic_args(n=10):
 
 
 def lgq_reference(model, n=10):
-    from lgq.data import DataConfig, build_image_dataset
+    from common.data import DataConfig, build_image_dataset
 
     data = build_image_dataset(DataConfig(name="synthetic", image_size=16, num_images=n, num_classes=3,
                                           random_flip=False), "train")

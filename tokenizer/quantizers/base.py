@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eval.metrics import perplexity_from_counts
+from common.metrics import perplexity_from_counts
 
 
 @dataclass

@@ -33,7 +33,7 @@ recomputes each chunk's probabilities from the saved inputs and per-token log-no
 peak memory grows with chunk * K.
 
 ``lgq_dense_reference`` is the plain autograd implementation over full N x K tensors; the tests
-and ``eval/bench_quantizers.py`` compare the chunked module against it.
+and ``experiments/bench_quantizers.py`` compare the chunked module against it.
 """
 from __future__ import annotations
 

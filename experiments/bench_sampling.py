@@ -1,6 +1,6 @@
 """Sampling throughput of the priors: MaskGIT (8 and 16 steps) vs GPT (with / without KV cache).
 
-    python -m eval.bench_sampling [--device cpu|cuda] [--batch-size 8] [--grid 16] [--codebook-size 16384]
+    python -m experiments.bench_sampling [--device cpu|cuda] [--batch-size 8] [--grid 16] [--codebook-size 16384]
         [--size small|base] [--num-classes 1000] [--guidance-scale 2.0] [--repeats 3] [--no-cache-repeats N] [--no-kv-free-gpt]
 
 Randomly initialised priors (sampling cost does not depend on the weights):

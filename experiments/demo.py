@@ -1,6 +1,6 @@
 """The one-command demo: the whole system on the built-in scikit-image photos (``make demo``).
 
-    python -m eval.demo [--output-dir outputs/demo] [--quick] [--device auto] [--inception-weights PATH]
+    python -m experiments.demo [--output-dir outputs/demo] [--quick] [--device auto] [--inception-weights PATH]
                         [--steps-scale F] [--threads N] [--force]
 
 Stages (a line per stage; the training/extraction stages show their own tqdm bars), all written to ONE
@@ -9,7 +9,7 @@ output folder ``OUT``:
 1. ``tokenizer``  train a small LGQ tokenizer (configs/tokenizer/builtin.yaml, ``tokenizer.train.main``)
                   -> ``OUT/tokenizer_run/tokenizer`` (save_pretrained export)
 2. ``tokens``     token grids of the train split, plus horizontal flips where the data set flips
-                  (``lgq.data.DATASET_DEFAULTS``: builtin yes, glyphs no) (``prior.extract``)
+                  (``common.data.DATASET_DEFAULTS``: builtin yes, glyphs no) (``prior.extract``)
                   -> ``OUT/tokens``
 3. ``prior``      a small class-conditional MaskGIT prior on them (configs/prior/builtin.yaml,
                   ``prior.train.main``) -> ``OUT/prior_run/prior``
@@ -51,11 +51,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lgq.cli import resolve_config_path  # the recipes ship with the package
-from lgq.data import DATASET_DEFAULTS
+from common.cli import resolve_config_path  # the recipes ship with the package
+from common.data import DATASET_DEFAULTS
+from common.training import has_checkpoints
 
 # The demo's data sets and their recipe files. Whether extraction adds horizontal flips is the data set's own
-# default (lgq.data.DATASET_DEFAULTS[name]["random_flip"]: a mirrored digit is not its class).
+# default (common.data.DATASET_DEFAULTS[name]["random_flip"]: a mirrored digit is not its class).
 DEMO_DATASETS: dict[str, dict[str, Any]] = {
     "glyphs": {"tokenizer_config": "configs/tokenizer/glyphs.yaml", "prior_config": "configs/prior/glyphs.yaml",
                "description": "digits rendered in the fonts that ship with matplotlib (`data.name=glyphs`)"},
@@ -177,12 +178,6 @@ def find_export(run_dir: Path, class_names: Sequence[str]) -> Path | None:
     return None
 
 
-def has_checkpoints(run_dir: Path) -> bool:
-    from lgq.training import list_checkpoints
-
-    return bool(list_checkpoints(run_dir / "checkpoints"))
-
-
 def last_logged(history: Sequence[tuple[int, dict]], key: str) -> float | None:
     for _, logs in reversed(history or []):
         if key in logs:
@@ -247,8 +242,8 @@ class Demo:
         return list(self.preset["data"].get(self.args.data, []))
 
     def data_config(self):
-        from lgq.config import load_config
-        from lgq.data import DataConfig
+        from common.config import load_config
+        from common.data import DataConfig
 
         from omegaconf import OmegaConf
 
@@ -314,7 +309,7 @@ class Demo:
         return pipeline
 
     def sample_grid(self, pipeline, train_classes: list[int], class_names: list[str]) -> Path:
-        from eval.metrics import to_uint8
+        from common.metrics import to_uint8
 
         columns = int(self.preset["samples_per_class"])
         labels = torch.tensor([c for c in train_classes for _ in range(columns)])
@@ -332,10 +327,10 @@ class Demo:
         from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
         from eval.classifier import classifier_report
         from eval.gen_fid import evaluate_generation, generate_samples
-        from eval.metrics import to_uint8
+        from common.metrics import to_uint8
         from eval.reconstruction import evaluate_reconstruction
-        from lgq.data import build_image_dataset
-        from tokenizer.train import image_grid
+        from common.data import build_image_dataset
+        from common.metrics import image_grid
 
         data_cfg = self.data_config()
         val_set = build_image_dataset(data_cfg, "val")
@@ -413,7 +408,7 @@ class Demo:
         if self.args.no_classifier:
             self.notes.append("classifier metric skipped (--no-classifier)")
             return None
-        from lgq.data import build_image_dataset
+        from common.data import build_image_dataset
 
         if build_image_dataset(data_cfg, "train").num_classes < 2:
             self.notes.append(f"classifier metric skipped: data set {data_cfg.name!r} has fewer than 2 classes")
@@ -459,7 +454,7 @@ class Demo:
                               else (lambda: self.assemble(tokenizer_path, prior_path)), reused=pipeline_done)
         pipeline = pipeline.to(self.device)
 
-        from lgq.data import build_image_dataset
+        from common.data import build_image_dataset
 
         train_set = build_image_dataset(self.data_config(), "train")
         train_classes = list(train_set.split_labels)
@@ -523,7 +518,7 @@ class Demo:
         }
 
     def write_outputs(self, metrics: dict) -> None:
-        from eval.reconstruction import write_json
+        from common.files import write_json
 
         write_json(self.out / "metrics.json", metrics)
         (self.out / "report.md").write_text(render_report(metrics))
@@ -639,7 +634,7 @@ def render_report(metrics: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="the one folder everything is written to")
     parser.add_argument("--data", default=DEFAULT_DEMO_DATASET, choices=tuple(DEMO_DATASETS),

@@ -105,6 +105,14 @@ Made with [lgq](https://pypi.org/project/lgq/) (Learnable Geometric Quantization
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def training_rows(cfg, trainer) -> list[tuple[str, object]]:
+    """The training facts shared by the tokenizer and prior model cards."""
+    return [("optimisation steps", trainer.step), ("global batch", trainer.images_per_step),
+            ("processes", trainer.accelerator.num_processes), ("learning rate", cfg.train.lr),
+            ("mixed precision", trainer.mixed_precision),
+            ("weights", f"EMA (decay {cfg.train.ema_decay})" if cfg.train.ema_decay > 0 else "raw training weights")]
+
+
 def write_model_card(folder: str | os.PathLike, info: CardInfo) -> Path:
     """Write ``folder/README.md``; returns its path."""
     path = Path(folder) / CARD_FILE

@@ -21,7 +21,7 @@ Four sources, chosen by ``DataConfig.name``:
     Tiny deterministic procedural images (a coloured shape on a gradient per class) for
     tests, see :class:`SyntheticShapes`.
 
-Preview any of them: ``python -m lgq.data --preview grid.png --data.name glyphs``.
+Preview any of them: ``python -m common.data --preview grid.png --data.name glyphs``.
 
 Randomness: everything sampled per item (builtin crop boxes, glyph parameters, synthetic shapes) is a
 pure function of ``(seed, split, index)``, so epochs and resumed runs see the same
@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from common.config import load_config
 
 DATASET_NAMES = ("builtin", "imagefolder", "glyphs", "synthetic")
 # Splits each data set offers (``build_image_dataset(cfg, split)``).
@@ -864,9 +866,16 @@ class SafeImageFolder(Dataset):
 
 # ----------------------------------------------------------------------------- preview
 
+def load_data_config(overrides: Sequence[str], **defaults: Any):
+    """``DataConfig`` from ``field=value`` overrides (typos and wrong types raise naming the key)."""
+    given = {item.split("=", 1)[0] for item in overrides}
+    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given and v is not None]
+    return load_config(DataConfig, None, [*extra, *overrides])
+
+
 def split_data_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate ``--data.<field> value`` / ``--data.<field>=value`` / ``data.<field>=value`` (-> ``field=value``)
-    from the rest (the lgq.cli style for the data config's keys)."""
+    from the rest (the common.cli style for the data config's keys)."""
     rest, overrides = [], []
     argv = [str(a) for a in argv]
     i = 0
@@ -922,7 +931,7 @@ def measure_throughput(dataset: Dataset, num_items: int = 4000) -> dict[str, flo
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[Path]:
-    """``python -m lgq.data [--preview OUT.png] [--benchmark N] [--split S] [--rows R] [--columns C] [--scale K]
+    """``python -m common.data [--preview OUT.png] [--benchmark N] [--split S] [--rows R] [--columns C] [--scale K]
     [--data.<field> V ...]``: save a grid of items and/or measure the item throughput on 1 thread."""
     import argparse
     import sys
@@ -930,7 +939,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
     from PIL import Image
 
     rest, overrides = split_data_options(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m lgq.data",
+    parser = argparse.ArgumentParser(prog="python -m common.data",
                                      description="Save a PNG grid of data set items and/or measure their throughput.")
     parser.add_argument("--preview", default=None, help="PNG file to write")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N items on 1 torch thread")
@@ -938,11 +947,10 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--columns", type=int, default=None, help="default: the number of classes in the split")
     parser.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
-    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field."
+    parser.epilog = "Data options: --data.<field> value for every common.data.DataConfig field."
     args = parser.parse_args(rest)
     if args.preview is None and args.benchmark <= 0:
         parser.error("give --preview OUT.png and/or --benchmark N")
-    from lgq.config import load_config
 
     cfg = load_config(DataConfig, None, overrides)
     dataset = build_image_dataset(cfg, args.split)

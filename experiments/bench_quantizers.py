@@ -1,6 +1,6 @@
 """Quantizer benchmark: forward+backward time and peak memory per quantizer and codebook size.
 
-    python -m eval.bench_quantizers [--K 4096 16384 65536] [--N 16384] [--dim 64]
+    python -m experiments.bench_quantizers [--K 4096 16384 65536] [--N 16384] [--dim 64]
         [--device cpu|cuda] [--repeats 3] [--quantizers lgq vq fsq simvq lfq] [--include-dense]
 
 One training-like step = ``out = q(z)``, ``(out.loss + mean(out.quantized^2)).backward()`` on
@@ -145,7 +145,7 @@ def run_configuration(name: str, args, codebook_size: int) -> dict:
         need = dense_bytes_estimate(args.N, codebook_size) / 1e9
         return {"quantizer": name, "K": codebook_size, "N": args.N,
                 "status": f"skipped (dense needs ~{need:.0f} GB > {DENSE_LIMIT_BYTES / 1e9:.0f} GB limit)"}
-    cmd = [sys.executable, "-m", "eval.bench_quantizers", "--worker", name, "--K", str(codebook_size),
+    cmd = [sys.executable, "-m", "experiments.bench_quantizers", "--worker", name, "--K", str(codebook_size),
            "--N", str(args.N), "--dim", str(args.dim), "--device", args.device, "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lgq.config import TrainConfig, save_config
+from common.config import TrainConfig, save_config
+from common.files import write_bytes_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
 HISTORY_FILE = "history.jsonl"  # <output_dir>/history.jsonl: one {"step": s, **logs} line per log step
@@ -151,6 +152,11 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir/checkpoints`` holds a completed checkpoint (an interrupted run that can resume)."""
+    return bool(list_checkpoints(Path(run_dir) / "checkpoints"))
+
+
 def resolve_resume_path(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
     """None -> None; "latest" -> newest checkpoint or None if there is none; else an existing path."""
     if not resume:
@@ -188,9 +194,7 @@ def truncate_history(output_dir: str | os.PathLike, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [row for row in read_history(output_dir) if row["step"] <= last_step]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(temporary, path)
+    write_bytes_atomic(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
 
 def resolve_trackers(tracker: str | list[str]) -> list[str]:
@@ -670,16 +674,16 @@ class Trainer:
         self.accelerator.end_training()
 
     def finish(self, name: str, logs: Mapping[str, float], description: str | None = None, card=None) -> Path:
-        """The end of a train script: ``export(name)``, its model card (``card``: an ``lgq.hub.CardInfo``, written
+        """The end of a train script: ``export(name)``, its model card (``card``: an ``common.hub.CardInfo``, written
         as README.md), the upload when ``train.push_to_hub``, the closing line, then close the trackers."""
         path = self.export(name)
         cls = json.loads((path / "config.json").read_text()).get("_class_name") if self.is_main else None
         if self.is_main and card is not None:
-            from lgq.hub import write_model_card
+            from common.hub import write_model_card
 
             write_model_card(path, card)
         if self.is_main and self.cfg.push_to_hub:
-            from lgq.hub import push_folder_to_hub
+            from common.hub import push_folder_to_hub
 
             repo_id = self.cfg.hub_model_id or f"{self.output_dir.resolve().name}-{name}"
             url = push_folder_to_hub(path, repo_id, private=self.cfg.hub_private,

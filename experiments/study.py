@@ -1,6 +1,6 @@
 """Equal-budget quantizer study: one command sweeps quantizer x codebook size K x seed.
 
-    python -m eval.study [--config configs/study/builtin.yaml] [--quick] [--output-dir outputs/study]
+    python -m experiments.study [--config configs/study/builtin.yaml] [--quick] [--output-dir outputs/study]
         [--quantizers lgq vq fsq simvq lfq ibq] [--K 256 1024 4096] [--seeds 0 1 2]
         [--launcher inprocess|accelerate] [--dry-run] [--no-memory] [key=value ...]
 
@@ -36,7 +36,7 @@ A = #{k: c_k > 0}, utilisation A / K, perplexity exp(H(c / sum c)), bits per tok
 log2 A; training throughput = median images/s over the logged windows (the first window, which holds
 start-up, is dropped when there are several); quantizer peak memory = the most tensor memory one
 forward+backward step of the quantizer alone holds at once, on N = batch_size x tokens_per_image tokens
-of dimension latent_dim (eval.bench_quantizers: allocator events on CPU, max_memory_allocated on CUDA);
+of dimension latent_dim (experiments.bench_quantizers: allocator events on CPU, max_memory_allocated on CUDA);
 the trivial baselines' PSNRs on the same images (``psnr_mean_colour``, ``psnr_token_grid_thumbnail``,
 ``psnr_equal_bits_thumbnail``; eval.reconstruction) and ``psnr_lead_over_equal_bits_db`` = PSNR minus
 the equal-bits thumbnail's PSNR.
@@ -65,6 +65,9 @@ import time
 import types
 from pathlib import Path
 from typing import Any, Sequence
+
+from common.files import write_json
+from common.training import has_checkpoints
 
 DEFAULT_CONFIG = "configs/study/builtin.yaml"
 LAUNCHERS = ("inprocess", "accelerate")
@@ -112,7 +115,7 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     """Read a study YAML; unknown keys and wrong types raise ValueError naming them."""
     from omegaconf import OmegaConf
 
-    from lgq.cli import resolve_config_path
+    from common.cli import resolve_config_path
 
     path = resolve_config_path(path)
     if not path.is_file():
@@ -172,7 +175,7 @@ def run_name(quantizer: str, codebook_size: int, seed: int) -> str:
 
 
 def config_files_for(study: StudyConfig, quantizer: str) -> list[str]:
-    from lgq.cli import resolve_config_path
+    from common.cli import resolve_config_path
 
     files = list(study.tokenizer_configs)
     if study.quantizer_config:
@@ -186,7 +189,7 @@ def config_files_for(study: StudyConfig, quantizer: str) -> list[str]:
 
 def load_run_config(spec: RunSpec):
     """The merged TokenizerRunConfig of one run (raises on typos / invalid values)."""
-    from lgq.config import load_config
+    from common.config import load_config
     from tokenizer.config import TokenizerRunConfig
 
     return load_config(TokenizerRunConfig, spec.config_files, spec.overrides)
@@ -239,12 +242,6 @@ def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], c
 
 
 # ----------------------------------------------------------------------------- one run
-def has_checkpoints(run_dir: Path) -> bool:
-    from lgq.training import list_checkpoints
-
-    return bool(list_checkpoints(run_dir / "checkpoints"))
-
-
 def train_script_path() -> str:
     """tokenizer/train.py, relative to the working directory when it lies below it (readable commands)."""
     script = Path(__file__).resolve().parents[1] / "tokenizer" / "train.py"
@@ -265,7 +262,7 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
     """Train (or resume) one run; writes and returns its train_record.json {"train_seconds", "resumed"}.
 
     The logged values stay in the run's ``history.jsonl`` (written by the Trainer's main process under either
-    launcher; a resumed run's file covers the whole run, see ``lgq.training.truncate_history``)."""
+    launcher; a resumed run's file covers the whole run, see ``common.training.truncate_history``)."""
     resume = has_checkpoints(spec.run_dir)
     start = time.time()
     if launcher == "accelerate":
@@ -301,17 +298,17 @@ def training_summary(history: list[dict] | None) -> dict[str, Any]:
 
 
 def quantizer_peak_memory(quantizer: str, codebook_size: int, num_tokens: int, dim: int) -> dict[str, Any]:
-    """Peak memory of one quantizer forward+backward step (eval.bench_quantizers, fresh subprocess)."""
+    """Peak memory of one quantizer forward+backward step (experiments.bench_quantizers, fresh subprocess)."""
     import torch
 
-    from eval.bench_quantizers import run_configuration
+    from experiments.bench_quantizers import run_configuration
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args = types.SimpleNamespace(N=int(num_tokens), dim=int(dim), device=device, repeats=1, timeout=600)
     row = run_configuration(quantizer, args, int(codebook_size))
     return {"peak_bytes": row.get("peak_bytes"), "step_seconds": row.get("seconds"), "status": row.get("status"),
             "num_tokens": int(num_tokens), "dim": int(dim), "device": device,
-            "protocol": "eval.bench_quantizers: one warm-up + 1 timed step, default quantizer options"}
+            "protocol": "experiments.bench_quantizers: one warm-up + 1 timed step, default quantizer options"}
 
 
 def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +317,7 @@ def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str
 
     from eval.fid import inception_weights_available
     from eval.reconstruction import evaluate_reconstruction
-    from lgq.data import build_image_dataset
+    from common.data import build_image_dataset
     from tokenizer.model import LGQTokenizer
 
     tokenizer = LGQTokenizer.from_pretrained(str(spec.run_dir / "tokenizer"))
@@ -393,7 +390,7 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
     if measure_memory:
         memory = quantizer_peak_memory(spec.quantizer, spec.codebook_size,
                                        run_cfg.train.batch_size * tokens_per_image, run_cfg.model.latent_dim)
-    from lgq.training import read_history
+    from common.training import read_history
 
     history = read_history(spec.run_dir)
     summary = training_summary(history)
@@ -531,12 +528,6 @@ def aggregate_runs(results: Sequence[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- merged outputs
-def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    from eval.reconstruction import write_json as atomic_write_json
-
-    return atomic_write_json(path, payload)
-
-
 def table_rows(results: Sequence[dict]) -> list[dict]:
     """Per-run table rows (TABLE_COLUMNS); collapse fields from the run's ``collapse`` report."""
     rows = []
@@ -583,7 +574,7 @@ def markdown_summary(rows: Sequence[dict], fraction: float) -> str:
     """The (quantizer, K) table: mean ± std over seeds and the collapsed-seed count (``aggregate_runs``)."""
     header = ["quantizer", "K", "seeds", "collapsed", "steps", *(label for _, label in ROW_TABLE)]
     lines = [f"Mean ± sample std over seeds. collapsed = seeds whose training-batch hard perplexity or active "
-             f"codes ended below {fraction:g} x K (eval.study.detect_collapse).", "",
+             f"codes ended below {fraction:g} x K (experiments.study.detect_collapse).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["quantizer"], str(row["K"]), str(row["num_seeds"]), f"{row['collapsed_seeds']}/{row['num_seeds']}",
@@ -634,7 +625,7 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lgq.training import read_history
+    from common.training import read_history
 
     plot_dir = output_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -759,10 +750,10 @@ def _save(fig, path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from lgq.cli import config_help
+    from common.cli import config_help
     from tokenizer.config import TokenizerRunConfig
 
-    parser = argparse.ArgumentParser(prog="python -m eval.study", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__ + "\n" + config_help(TokenizerRunConfig),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="study YAML (configs/study/*.yaml)")
@@ -778,10 +769,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
                              "than 2 on a machine whose cores are busy with other work")
-    from lgq.cli import parse_command_line
+    from common.cli import parse_command_line
     from tokenizer.config import TokenizerRunConfig
 
-    # tokenizer config keys for every run: key=value or --key value (lgq.cli style; --help lists them)
+    # tokenizer config keys for every run: key=value or --key value (common.cli style; --help lists them)
     args, args.overrides = parse_command_line(parser, argv, TokenizerRunConfig)
     return args
 
@@ -810,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         import torch
 
         torch.set_num_threads(args.threads)
-    from lgq.training import read_history
+    from common.training import read_history
 
     results = []
     start = time.time()
