@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`.
+# Two entry points (see README): `make demo` and `make test` (everything, what CI runs); `make test-fast` skips
+# the tests marked slow (multi-process and end-to-end runs).
 # Both create the virtual environment in .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_DISABLE_TELEMETRY := 1
 OFFLINE_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: env demo test bench gpu-check
+.PHONY: env demo test test-fast bench gpu-check
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +24,9 @@ demo: env
 
 test: env
 	$(OFFLINE_ENV) $(PY) -m pytest -q $(ARGS)
+
+test-fast: env
+	$(OFFLINE_ENV) $(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: env
 	$(PY) -m experiments.bench_quantizers $(ARGS)

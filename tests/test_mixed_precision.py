@@ -14,12 +14,7 @@ from tokenizer.quantizers import QUANTIZERS, QuantizerOutput
 QUANTIZER_OPTIONS = {"fsq": {"levels": [4, 4]}}  # K = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def accelerate_mixed_precision_forward(module: torch.nn.Module):
