@@ -35,8 +35,8 @@ import math
 import torch
 from torch import nn
 
-from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
-from tokenizer.quantizers.vq import latents_to_tokens, quantizer_output, tokens_to_latents
+from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, fp32_quantizer_math, latents_to_tokens,
+                                       quantizer_output, tokens_to_latents)
 
 FSQ_LEVELS: dict[int, tuple[int, ...]] = {
     256: (8, 8, 4),

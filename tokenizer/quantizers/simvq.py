@@ -19,15 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
-from tokenizer.quantizers.vq import (
-    check_weight,
-    latents_to_tokens,
-    nearest_code_indices,
-    nearest_neighbour_chunk_size,
-    quantizer_output,
-    tokens_to_latents,
-)
+from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, check_weight, fp32_quantizer_math,
+                                       latents_to_tokens, nearest_code_indices, nearest_neighbour_chunk_size,
+                                       quantizer_output, tokens_to_latents)
 
 
 class SimVQuantizer(Quantizer):
