@@ -40,6 +40,7 @@ from diffusers.image_processor import VaeImageProcessor
 from prior.gpt import GPTPrior
 from prior.maskgit import MaskGITPrior
 from prior.scheduler import GUIDANCE_SCHEDULES, AutoregressiveScheduler, MaskGITScheduler, guidance_scale_at
+from prior.tokens import check_class_labels
 from tokenizer.model import LGQTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -49,40 +50,6 @@ REQUIRED_COMPONENTS = ("tokenizer", "prior")
 def is_maskgit_prior(prior: Any) -> bool:
     """True for priors decoded by iterative unmasking with a MaskGITScheduler (MaskGIT family)."""
     return isinstance(prior, MaskGITPrior)
-
-
-def validate_class_labels(class_labels: Any, num_classes: int) -> torch.Tensor:
-    """Class labels (int, sequence of ints, 1-D integer tensor / array) -> int64 tensor [B].
-
-    Raises ValueError naming the valid range [0, num_classes) for anything else: floats, bools,
-    strings, None, nested or empty sequences, out-of-range values.
-    """
-    valid = f"integers in [0, {num_classes}) (num_classes={num_classes})"
-    if isinstance(class_labels, (bool, np.bool_)):
-        raise ValueError(f"class_labels must be {valid}, got a bool")
-    if isinstance(class_labels, (int, np.integer)):
-        labels = torch.tensor([int(class_labels)], dtype=torch.int64)
-    elif isinstance(class_labels, (list, tuple)):
-        bad = [v for v in class_labels if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))]
-        if bad:
-            raise ValueError(f"class_labels must be {valid}, got non-integer entries {bad[:5]!r}")
-        labels = torch.tensor([int(v) for v in class_labels], dtype=torch.int64)
-    elif isinstance(class_labels, (torch.Tensor, np.ndarray)):
-        labels = torch.as_tensor(class_labels)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be {valid}, got a tensor of dtype {labels.dtype}")
-        if labels.dim() == 0:
-            labels = labels.reshape(1)
-        labels = labels.long()
-    else:
-        raise ValueError(f"class_labels must be {valid} (an int, a list of ints or a LongTensor), "
-                         f"got {type(class_labels).__name__}")
-    if labels.dim() != 1 or labels.numel() == 0:
-        raise ValueError(f"class_labels must be a non-empty 1-D sequence of {valid}, got shape {tuple(labels.shape)}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"class_labels must be {valid}, got values in [{lo}, {hi}]")
-    return labels
 
 
 def _check_positive_number(name: str, value: Any, allow_zero: bool = False) -> float:
@@ -329,7 +296,7 @@ class LGQPipeline(DiffusionPipeline):
                 the step's guided logits); a returned dict's "tokens" replaces the tokens (for GPT only the
                 positions not yet fed to the prior take effect). ``pipe._interrupt = True`` stops after the step.
         """
-        labels = validate_class_labels(class_labels, self.num_classes)
+        labels = check_class_labels(class_labels, self.num_classes)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if output_type != "latent" and self.tokenizer is None:
@@ -442,5 +409,5 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
     return index
 
 
-__all__ = ["LGQPipeline", "sample_token_grids", "validate_class_labels", "check_pipeline_folder", "is_maskgit_prior",
+__all__ = ["LGQPipeline", "sample_token_grids", "check_pipeline_folder", "is_maskgit_prior",
            "OUTPUT_TYPES"]

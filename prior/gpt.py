@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prior.maskgit import check_prior_hyperparameters, drop_labels
+from prior.base import check_prior_hyperparameters, drop_labels
 from prior.scheduler import apply_guidance, filter_logits  # noqa: F401  (filter_logits: re-exported for callers)
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
 
@@ -92,12 +92,10 @@ class GPTPrior(ModelMixin, ConfigMixin):
         return self.transformer.get_input_embeddings()
 
     def _labels_for_model(self, class_labels, batch: int) -> torch.Tensor:
-        labels = torch.as_tensor(class_labels, device=self.device)
-        if labels.dtype.is_floating_point or labels.shape != (batch,):
-            raise ValueError(f"class_labels must be integer [B={batch}], got {labels.dtype} {tuple(labels.shape)}")
-        if int(labels.min()) < 0 or int(labels.max()) > self.null_class:
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}) (or {self.null_class} = null class)")
-        return labels.long()
+        labels = check_class_labels(class_labels, self.num_classes, self.device, null_class=self.null_class)
+        if labels.shape != (batch,):
+            raise ValueError(f"class_labels must have shape [B={batch}], got {tuple(labels.shape)}")
+        return labels
 
     def _embed(self, class_labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """[class embedding, token embeddings of ``tokens``] -> [B, 1 + tokens.shape[1], D]."""
