@@ -38,7 +38,7 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def codebook_statistics(counts: torch.Tensor, tokens_per_image: int | None = None) -> dict[str, float]:
-    """Codebook statistics of METHOD.md section 4 from a histogram of hard indices.
+    """Codebook statistics of docs/method.md §4 from a histogram of hard indices.
 
     active codes   = #{k : c_k > 0}
     utilisation    = active / K

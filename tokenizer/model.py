@@ -3,7 +3,7 @@
     z = N(E(x)),  (q, indices) = Q(z),  x_hat = D(q)
 
 N (``pre_quantizer_norm``, `tokenizer.modules.PreQuantizerNorm`) is the same for every quantizer: by default
-the encoder's final GroupNorm on the latent channels followed by a per-token LayerNorm (METHOD.md section 1),
+the encoder's final GroupNorm on the latent channels followed by a per-token LayerNorm (docs/method.md §1),
 so all quantizers, and their data-driven initialisations, see the same normalised latents.
 
 Images are float tensors in [-1, 1], [B, 3, H, W]; H and W must be divisible by

@@ -1,4 +1,4 @@
-"""Finite scalar quantization (FSQ, Mentzer et al. 2023), METHOD.md section 2.
+"""Finite scalar quantization (FSQ, Mentzer et al. 2023), docs/method.md §2.
 
 Tokens x_n in R^C are projected to d = len(levels) channels, each channel j is bounded to L_j
 values with a shifted tanh, rounded with a straight-through estimator and normalised to [-1, 1]:

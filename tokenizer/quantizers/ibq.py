@@ -1,4 +1,4 @@
-"""Index backpropagation quantization (IBQ, Shi et al. 2024), METHOD.md section 2 (extra baseline).
+"""Index backpropagation quantization (IBQ, Shi et al. 2024), docs/method.md §2 (extra baseline).
 
 Dot-product logits over one learnable codebook, a softmax, and a one-hot straight-through estimator:
 

@@ -1,4 +1,4 @@
-"""Lookup-free quantization (LFQ, MAGVIT-v2, Yu et al. 2023), METHOD.md section 2.
+"""Lookup-free quantization (LFQ, MAGVIT-v2, Yu et al. 2023), docs/method.md §2.
 
 Tokens x_n in R^C are projected to b = log2 K channels u_n = P_in x_n and quantized per channel to
 the sign (the implicit codebook is {-1, +1}^b):

@@ -1,4 +1,4 @@
-"""Learnable Geometric Quantization (LGQ), METHOD.md section 1.
+"""Learnable Geometric Quantization (LGQ), docs/method.md §1.
 
 Latents x_n in R^C (already normalised by the model's pre-quantizer norm, the same for every quantizer:
 `tokenizer.modules.PreQuantizerNorm`) are softly assigned to K learnable

@@ -1,4 +1,4 @@
-"""SimVQ (Zhu et al. 2024), METHOD.md section 2: a frozen random codebook behind a learned linear map.
+"""SimVQ (Zhu et al. 2024), docs/method.md §2: a frozen random codebook behind a learned linear map.
 
 The codebook B in R^{K x C} is a fixed Gaussian buffer (B_kc ~ N(0, 1/C), drawn from a generator
 seeded with ``seed``, saved in the state dict); the codes actually used are its image under a

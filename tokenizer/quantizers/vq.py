@@ -1,4 +1,4 @@
-"""Vector quantization (VQ-VAE / VQGAN), METHOD.md section 2.
+"""Vector quantization (VQ-VAE / VQGAN), docs/method.md §2.
 
 Tokens x_n in R^C (optionally projected to a low-dimensional lookup space e_n = P_in x_n in R^d
 and l2-normalised there, LlamaGen-style) are replaced by their nearest code
