@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prior.base import check_prior_hyperparameters, drop_labels
+from prior.base import TokenGridGenerator, check_prior_hyperparameters, drop_labels
 from prior.scheduler import apply_guidance, filter_logits  # noqa: F401  (filter_logits: re-exported for callers)
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
 
@@ -33,7 +33,7 @@ from prior.tokens import check_class_labels, check_token_grid, normalize_grid_si
 KV_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-class GPTPrior(ModelMixin, ConfigMixin):
+class GPTPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
     """Class-conditional autoregressive prior over token grids [B, h, w] with values in [0, K).
 
     Args:
@@ -43,6 +43,8 @@ class GPTPrior(ModelMixin, ConfigMixin):
         label_dropout: probability of replacing a label by the null class during training.
         class_names: optional name of each class (length num_classes), from the training data.
     """
+
+    decoding = "autoregressive"  # prior.sampling: decoded one token per step (AutoregressiveScheduler)
 
     @register_to_config
     def __init__(
@@ -158,28 +160,3 @@ class GPTPrior(ModelMixin, ConfigMixin):
             cond, uncond = logits.chunk(2)
             logits = apply_guidance(cond, uncond, guidance_scale)
         return logits
-
-    @torch.no_grad()
-    def generate(
-        self,
-        class_labels,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        use_cache: bool = True,
-        guidance_schedule: str = "constant",
-    ) -> torch.Tensor:
-        """Sample tokens [B, h, w] in raster order, without a tokenizer, through ``LGQPipeline``'s sampling loop
-        (``pipelines.pipeline_lgq.sample_token_grids``) with an ``AutoregressiveScheduler``.
-
-        use_cache=False recomputes the whole prefix at every position (same tokens, slower; for
-        checking the cache). guidance_schedule "linear": s_i = 1 + (s - 1)(i + 1)/L over positions.
-        The other arguments mean the same as in ``LGQPipeline.__call__``.
-        """
-        from pipelines.pipeline_lgq import sample_token_grids
-
-        return sample_token_grids(self, class_labels, None, guidance_scale=guidance_scale, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache,
-                                  guidance_schedule=guidance_schedule)
