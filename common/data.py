@@ -31,8 +31,11 @@ each worker from the base seed, so flips are reproducible there too).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,10 @@ from typing import Any, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from common.config import load_config
 
@@ -217,7 +223,7 @@ def _as_data_config(cfg: Any) -> DataConfig:
     if not isinstance(cfg, Mapping):  # OmegaConf DictConfig is a Mapping
         raise TypeError(f"cfg must be a DataConfig or a mapping, got {type(cfg).__name__}")
     try:
-        from omegaconf import DictConfig, OmegaConf
+        from omegaconf import DictConfig, OmegaConf  # lazy: plain mappings and dataclasses are handled without omegaconf
 
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -273,7 +279,7 @@ def _maybe_flip(image: torch.Tensor, random_flip: bool) -> torch.Tensor:
 
 def builtin_photo_dir() -> Path:
     """Folder of scikit-image's bundled sample images (read directly: no pooch fetch)."""
-    import skimage.data
+    import skimage.data  # lazy: scikit-image is slow to import; only the builtin data set needs its photos
 
     return Path(skimage.data.__file__).resolve().parent
 
@@ -286,8 +292,6 @@ def load_builtin_photo(name: str) -> np.ndarray:
     if name not in BUILTIN_PHOTO_NAMES:
         raise ValueError(f"unknown builtin photo {name!r}; choose from {BUILTIN_PHOTO_NAMES}")
     if name not in _PHOTO_CACHE:
-        from PIL import Image
-
         path = builtin_photo_dir() / BUILTIN_PHOTOS[BUILTIN_PHOTO_NAMES.index(name)]
         if not path.is_file():
             raise FileNotFoundError(f"builtin photo {name!r} not found at {path} (scikit-image install incomplete?)")
@@ -409,7 +413,7 @@ class BuiltinPhotoCrops(Dataset):
 
 def matplotlib_font_dir() -> Path:
     """Folder of the TrueType fonts bundled with matplotlib (DejaVu, STIX, Computer Modern)."""
-    import matplotlib
+    import matplotlib  # lazy: only the glyphs data set needs matplotlib (for its bundled fonts)
 
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
@@ -431,7 +435,7 @@ class GlyphFont:
 def _glyph_name_matches(glyph_name: str, char: str) -> bool:
     """Whether a font's glyph name denotes ``char`` (Adobe Glyph List name, "uniXXXX", optional
     ".suffix" or "oldstyle" suffix, as in Computer Modern's "zerooldstyle")."""
-    from fontTools import agl
+    from fontTools import agl  # lazy: only the glyphs data set reads font files
 
     base = glyph_name.split(".", 1)[0]
     if base.endswith("oldstyle"):
@@ -442,8 +446,6 @@ def _glyph_name_matches(glyph_name: str, char: str) -> bool:
 def _render_ink_mask(font_path: Path, char: str, ink_size: int) -> np.ndarray:
     """``char`` rendered in white on black, cropped to its ink, scaled so its longer ink side is
     ``ink_size`` px, centred in a square of side ``ink_size + 4`` (uint8)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     reference = 4 * ink_size  # measure at a large size, then render at the size that fits
     font = ImageFont.truetype(str(font_path), reference)
     box = font.getbbox(char)
@@ -483,7 +485,7 @@ def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[G
     boxes); every rendered glyph has ink; no two characters render identically.
     """
     try:
-        from fontTools.ttLib import TTFont
+        from fontTools.ttLib import TTFont  # lazy: only the glyphs data set reads font files
     except ImportError:  # pragma: no cover - fontTools is a matplotlib dependency
         TTFont = None
     if TTFont is not None:
@@ -518,8 +520,6 @@ def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[G
 
 
 def _to_pil(mask: np.ndarray):
-    from PIL import Image
-
     return Image.fromarray(mask)
 
 
@@ -621,7 +621,6 @@ class GlyphImages(Dataset):
         self._fonts = fonts
         self.fonts = [f.name for f in fonts]
         self.skipped_fonts = dict(skipped)
-        from PIL import Image
 
         self._mask_images = [[Image.fromarray(m) for m in f.masks] for f in fonts]
         self._blocks: dict[int, dict[str, np.ndarray]] = {}
@@ -664,8 +663,6 @@ class GlyphImages(Dataset):
 
     def render_mask(self, label: int, font: int, size: float, angle: float, offset: tuple[float, float]) -> np.ndarray:
         """Ink coverage in [0, 1] (float32 ``[S, S]``) of character ``label`` in font ``font``."""
-        from PIL import Image
-
         mask_image = self._mask_images[font][label]
         side, canvas = mask_image.size[0], self._canvas
         # canvas point p -> mask point q = c_mask + k * R(-angle) (p - c_canvas)
@@ -769,9 +766,6 @@ class SafeImageFolder(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int = 256,
                  random_flip: bool = False):
-        from torchvision import transforms
-        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         root = Path(root).expanduser()
@@ -826,8 +820,6 @@ class SafeImageFolder(Dataset):
     @staticmethod
     def load_rgb(path: str):
         """Open and fully decode ``path`` as an RGB PIL image (raises on bad/truncated files)."""
-        from PIL import Image
-
         with open(path, "rb") as handle:
             with Image.open(handle) as img:
                 return img.convert("RGB")  # convert() forces the full decode
@@ -917,8 +909,6 @@ def preview_grid(dataset: Dataset, rows: int = 8, columns: int | None = None, pa
 def measure_throughput(dataset: Dataset, num_items: int = 4000) -> dict[str, float]:
     """Items per second of ``dataset[i]`` for ``i < num_items`` (cycling), in CPU time of this process and
     in wall time (CPU time does not count other processes sharing the cores)."""
-    import time
-
     count = min(num_items, 64)
     for i in range(count):  # warm up (font masks, first parameter blocks)
         dataset[i % len(dataset)]
@@ -933,11 +923,6 @@ def measure_throughput(dataset: Dataset, num_items: int = 4000) -> dict[str, flo
 def main(argv: Optional[List[str]] = None) -> Optional[Path]:
     """``python -m common.data [--preview OUT.png] [--benchmark N] [--split S] [--rows R] [--columns C] [--scale K]
     [--data.<field> V ...]``: save a grid of items and/or measure the item throughput on 1 thread."""
-    import argparse
-    import sys
-
-    from PIL import Image
-
     rest, overrides = split_data_options(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m common.data",
                                      description="Save a PNG grid of data set items and/or measure their throughput.")

@@ -45,12 +45,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
+import torch_fidelity
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from tqdm.auto import tqdm
 
+from common.data import build_image_dataset, load_data_config, split_data_options
 from common.metrics import thumbnail_images, to_uint8
 
 CLASSIFIER_FEATURE_EXTRACTOR = "lgq-classifier"
@@ -207,8 +210,6 @@ def default_classifier_dir(data_cfg) -> Path:
 
 def load_split(data_cfg, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """(uint8 images [N, 3, S, S], int64 labels [N], data set) of the first ``max_images`` items of a split."""
-    from common.data import build_image_dataset
-
     dataset = build_image_dataset(data_cfg, split)
     count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     images, labels = [], []
@@ -257,8 +258,6 @@ def _train_classifier(data_cfg, train_cfg: ClassifierTrainConfig | None, device,
     shuffle = torch.Generator().manual_seed(train_cfg.seed)
     iterator = range(train_cfg.epochs)
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(iterator, desc=f"classifier ({data_cfg.name}, {images.shape[0]} train images)")
     classifier.train()
     loss = torch.zeros(())
@@ -404,8 +403,6 @@ class ClassifierFeatureExtractor(FeatureExtractorBase):
 
 
 def register_with_torch_fidelity() -> None:
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-
     if FEATURE_EXTRACTORS_REGISTRY.get(CLASSIFIER_FEATURE_EXTRACTOR) is not ClassifierFeatureExtractor:
         FEATURE_EXTRACTORS_REGISTRY.pop(CLASSIFIER_FEATURE_EXTRACTOR, None)  # a reloaded module re-registers
         register_feature_extractor(CLASSIFIER_FEATURE_EXTRACTOR, ClassifierFeatureExtractor)
@@ -435,8 +432,6 @@ def feature_distances(folder: str | os.PathLike, real_images: torch.Tensor, othe
     MMD^2 with the kernel k(a, b) = (a.b / d + 1)^3 (torch-fidelity's defaults). Returns
     ``{"fd", "kid_mean", "kid_std", "fd_name", "kid_name", "num_real", "num_other", "kid_subset_size"}``.
     """
-    import torch_fidelity
-
     metadata = read_metadata(folder)
     real_u8, other_u8 = to_uint8(real_images).cpu(), to_uint8(other_images).cpu()
     if min(real_u8.shape[0], other_u8.shape[0]) < 2:
@@ -514,8 +509,6 @@ def sanity_figures(folder: str | os.PathLike, classifier: ImageClassifier, metad
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None):
-    from common.data import split_data_options
-
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
     parser = argparse.ArgumentParser(prog="python -m eval.classifier", description=__doc__,
@@ -543,8 +536,6 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from common.data import load_data_config
-
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -41,6 +41,9 @@ from typing import Any, Iterable, Union
 
 import numpy as np
 import torch
+import torch_fidelity
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor
 
 from common.files import atomic_write
 from common.metrics import to_uint8
@@ -134,8 +137,6 @@ _MODEL_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
 def _load_torch_fidelity_inception(path: str, device: torch.device) -> torch.nn.Module:
     key = (os.path.realpath(path), str(device))
     if key not in _MODEL_CACHE:
-        from torch_fidelity.utils import create_feature_extractor
-
         model = create_feature_extractor(
             FEATURE_EXTRACTOR, [FID_FEATURE_LAYER, ISC_FEATURE_LAYER], cuda=False,
             feature_extractor_weights_path=path, verbose=False,
@@ -381,8 +382,6 @@ def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) per split, mean and std over splits (torch-fidelity's implementation)."""
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-
     if logits.dim() != 2 or logits.shape[0] < splits:
         raise ValueError(f"inception_score needs [N >= splits={splits}, C] logits, got {tuple(logits.shape)}")
     result = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=seed)
@@ -400,8 +399,6 @@ def calculate_fid(images: ImageSource, reference: Union[ImageSource, FIDStatisti
     "fid_feature_layer", "isc_feature_layer", "inception_input_size", "weights_source", "weights_path",
     "torch_fidelity_version"}``. Raises :class:`InceptionWeightsUnavailable` when the weights are missing.
     """
-    import torch_fidelity
-
     extractor = InceptionFeatureExtractor(inception_weights_path, device, allow_download=allow_download)
     accumulator = compute_inception_features(images, extractor, batch_size, keep_logits=isc)
     stats = accumulator.statistics(extractor.protocol())

@@ -32,6 +32,13 @@ import subprocess
 import sys
 import time
 
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from tokenizer.quantizers import build_quantizer
+from tokenizer.quantizers.lgq import lgq_dense_reference
+
 DEFAULT_QUANTIZERS = ("lgq", "vq", "fsq", "simvq", "lfq")
 DENSE_NAME = "lgq-dense"
 DENSE_LIMIT_BYTES = 12e9  # skip the dense reference when N*K*4 bytes*6 exceeds this
@@ -43,8 +50,6 @@ def dense_bytes_estimate(num_tokens: int, codebook_size: int) -> float:
 
 
 def make_latents(num_tokens: int, dim: int, device: str):
-    import torch
-
     generator = torch.Generator().manual_seed(0)
     if num_tokens % 256 == 0:
         shape = (num_tokens // 256, dim, 16, 16)
@@ -55,14 +60,9 @@ def make_latents(num_tokens: int, dim: int, device: str):
 
 def build_step(name: str, codebook_size: int, num_tokens: int, dim: int, device: str):
     """Return a zero-argument closure running one forward+backward step."""
-    import torch
-    import torch.nn.functional as F
-
     torch.manual_seed(0)
     z = make_latents(num_tokens, dim, device)
     if name == DENSE_NAME:
-        from tokenizer.quantizers.lgq import lgq_dense_reference
-
         centres = torch.randn(codebook_size, dim, device=device, requires_grad=True)
 
         def step():
@@ -73,7 +73,6 @@ def build_step(name: str, codebook_size: int, num_tokens: int, dim: int, device:
             z.grad = centres.grad = None
 
         return step
-    from tokenizer.quantizers import build_quantizer
 
     quantizer = build_quantizer(name, dim=dim, codebook_size=codebook_size).to(device).train()
 
@@ -90,8 +89,6 @@ def cpu_allocated_peak_bytes(step) -> int:
     """Peak of the running sum of CPU allocations (+) and frees (-) recorded by torch.profiler
     while ``step()`` runs: max_t sum_{events e <= t} nbytes(e), i.e. the most tensor memory the step
     held at once beyond what was allocated before it."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e for e in prof.profiler.kineto_results.events()
@@ -105,8 +102,6 @@ def cpu_allocated_peak_bytes(step) -> int:
 
 def run_worker(name: str, codebook_size: int, num_tokens: int, dim: int, device: str, repeats: int) -> dict:
     """One configuration in this (fresh) process; returns a JSON-able result row."""
-    import torch
-
     row = {"quantizer": name, "K": codebook_size, "N": num_tokens, "dim": dim, "device": device}
     try:
         step = build_step(name, codebook_size, num_tokens, dim, device)

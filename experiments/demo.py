@@ -50,10 +50,24 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
+from omegaconf import OmegaConf
+from torchvision.utils import make_grid
 
 from common.cli import resolve_config_path  # the recipes ship with the package
-from common.data import DATASET_DEFAULTS
+from common.config import load_config
+from common.data import DATASET_DEFAULTS, DataConfig, build_image_dataset
+from common.files import write_json
+from common.metrics import image_grid, to_uint8
 from common.training import has_checkpoints
+from eval.classifier import ClassifierTrainConfig, classifier_report, load_or_train_classifier
+from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
+from eval.gen_fid import evaluate_generation, generate_samples
+from eval.reconstruction import BASELINE_LABELS, evaluate_reconstruction
+from pipelines.assemble import build_pipeline, save_pipeline
+from pipelines.pipeline_lgq import LGQPipeline
+from prior.extract import main as extract_main
+from tokenizer.train import main as train_tokenizer
 
 # The demo's data sets and their recipe files. Whether extraction adds horizontal flips is the data set's own
 # default (common.data.DATASET_DEFAULTS[name]["random_flip"]: a mirrored digit is not its class).
@@ -151,7 +165,6 @@ def scaled_steps(config_file: Path, overrides: Sequence[str], scale: float) -> l
     """Overrides with ``train.max_steps`` (and warm-up, logging/checkpoint periods) multiplied by ``scale``."""
     if scale == 1.0:
         return list(overrides)
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(list(overrides)))
     train = cfg.get("train", {})
@@ -186,14 +199,10 @@ def last_logged(history: Sequence[tuple[int, dict]], key: str) -> float | None:
 
 
 def uint8_grid(images_u8: torch.Tensor, nrow: int) -> torch.Tensor:
-    from torchvision.utils import make_grid
-
     return make_grid(images_u8, nrow=nrow, padding=2, pad_value=255)
 
 
 def save_png(grid_u8: torch.Tensor, path: Path) -> Path:
-    from PIL import Image
-
     Image.fromarray(grid_u8.permute(1, 2, 0).contiguous().numpy()).save(path)
     return path
 
@@ -242,19 +251,12 @@ class Demo:
         return list(self.preset["data"].get(self.args.data, []))
 
     def data_config(self):
-        from common.config import load_config
-        from common.data import DataConfig
-
-        from omegaconf import OmegaConf
-
         recipe = OmegaConf.load(resolve_config_path(self.tokenizer_config)).get("data", {})
         dotlist = [f"{k}={v}" for k, v in recipe.items()] + [o[len("data."):] for o in self.data_overrides()]
         return load_config(DataConfig, None, dotlist + ["random_flip=false"])
 
     # -- stages --------------------------------------------------------------------------------
     def train_tokenizer(self) -> Path:
-        from tokenizer.train import main as train_tokenizer
-
         overrides = [*self.data_overrides(), *self.preset["tokenizer"], f"train.output_dir={self.tokenizer_dir}"]
         overrides = scaled_steps(resolve_config_path(self.tokenizer_config), overrides, self.args.steps_scale)
         if has_checkpoints(self.tokenizer_dir):
@@ -270,8 +272,6 @@ class Demo:
         return trainer.output_dir / "tokenizer"
 
     def extract(self, tokenizer_path: Path) -> dict:
-        from prior.extract import main as extract_main
-
         cfg = self.data_config()
         argv = [f"tokenizer={tokenizer_path}", f"output={self.tokens_dir}", "split=train",
                 f"flip={'true' if self.flips() else 'false'}", f"data.name={cfg.name}",
@@ -281,7 +281,7 @@ class Demo:
 
     def train_prior(self, tokenizer_path: Path) -> Path:
         try:
-            from prior.train import main as train_prior
+            from prior.train import main as train_prior  # lazy: an install without the prior stage reports the ImportError below
         except ImportError as err:
             raise RuntimeError(f"prior/train.py is not available ({err}): the prior stage cannot run") from err
         config = resolve_config_path(self.prior_config)
@@ -302,15 +302,11 @@ class Demo:
         return export
 
     def assemble(self, tokenizer_path: Path, prior_path: Path):
-        from pipelines.assemble import build_pipeline, save_pipeline
-
         pipeline = build_pipeline(tokenizer_path, prior_path)
         save_pipeline(pipeline, self.pipeline_dir, tokenizer_path, prior_path)
         return pipeline
 
     def sample_grid(self, pipeline, train_classes: list[int], class_names: list[str]) -> Path:
-        from common.metrics import to_uint8
-
         columns = int(self.preset["samples_per_class"])
         labels = torch.tensor([c for c in train_classes for _ in range(columns)])
         generator = torch.Generator(device="cpu").manual_seed(self.args.seed)
@@ -324,14 +320,6 @@ class Demo:
         return save_png(grid, self.out / "samples.png")
 
     def evaluate(self, pipeline, tokenizer, train_classes: list[int]) -> dict:
-        from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
-        from eval.classifier import classifier_report
-        from eval.gen_fid import evaluate_generation, generate_samples
-        from common.metrics import to_uint8
-        from eval.reconstruction import evaluate_reconstruction
-        from common.data import build_image_dataset
-        from common.metrics import image_grid
-
         data_cfg = self.data_config()
         val_set = build_image_dataset(data_cfg, "val")
         extractor, fid_reason = None, None
@@ -403,12 +391,9 @@ class Demo:
     def classifier(self, data_cfg):
         """(folder, classifier, metadata) of the data set's classifier (eval.classifier), trained once into
         ``OUT/classifier/<name>-<size>px`` and reused; None with --no-classifier or fewer than 2 classes."""
-        from eval.classifier import ClassifierTrainConfig, load_or_train_classifier
-
         if self.args.no_classifier:
             self.notes.append("classifier metric skipped (--no-classifier)")
             return None
-        from common.data import build_image_dataset
 
         if build_image_dataset(data_cfg, "train").num_classes < 2:
             self.notes.append(f"classifier metric skipped: data set {data_cfg.name!r} has fewer than 2 classes")
@@ -424,8 +409,6 @@ class Demo:
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from pipelines.pipeline_lgq import LGQPipeline
-
         start = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.args.force:
@@ -453,8 +436,6 @@ class Demo:
                               (lambda: LGQPipeline.from_pretrained(self.pipeline_dir)) if pipeline_done
                               else (lambda: self.assemble(tokenizer_path, prior_path)), reused=pipeline_done)
         pipeline = pipeline.to(self.device)
-
-        from common.data import build_image_dataset
 
         train_set = build_image_dataset(self.data_config(), "train")
         train_classes = list(train_set.split_labels)
@@ -518,8 +499,6 @@ class Demo:
         }
 
     def write_outputs(self, metrics: dict) -> None:
-        from common.files import write_json
-
         write_json(self.out / "metrics.json", metrics)
         (self.out / "report.md").write_text(render_report(metrics))
 
@@ -534,8 +513,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def baseline_markdown(rec: dict) -> list[str]:
     """Markdown rows: the tokenizer against the trivial baselines of eval.reconstruction (PSNR lead in dB)."""
-    from eval.reconstruction import BASELINE_LABELS
-
     bits = rec["protocol"].get("nominal_bits_per_image")
     lines = ["The tokenizer against trivial baselines on the same images (bits per image: the tokenizer's nominal "
              "rate tokens x log2 K; the thumbnails are 8-bit RGB, upsampled bicubically):", "",

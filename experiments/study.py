@@ -66,8 +66,21 @@ import types
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from omegaconf import OmegaConf
+
+from common.cli import config_help, parse_command_line, resolve_config_path
+from common.config import load_config
+from common.data import build_image_dataset
 from common.files import write_json
-from common.training import has_checkpoints
+from common.training import has_checkpoints, read_history
+from eval.fid import inception_weights_available
+from eval.reconstruction import evaluate_reconstruction
+from experiments.bench_quantizers import run_configuration
+from tokenizer.config import TokenizerRunConfig
+from tokenizer.model import LGQTokenizer
+from tokenizer.quantizers import QUANTIZERS, build_quantizer
+from tokenizer.train import main as train_main
 
 DEFAULT_CONFIG = "configs/study/builtin.yaml"
 LAUNCHERS = ("inprocess", "accelerate")
@@ -113,10 +126,6 @@ class StudyConfig:
 
 def load_study_config(path: str | os.PathLike) -> StudyConfig:
     """Read a study YAML; unknown keys and wrong types raise ValueError naming them."""
-    from omegaconf import OmegaConf
-
-    from common.cli import resolve_config_path
-
     path = resolve_config_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study config {str(path)!r} does not exist")
@@ -175,8 +184,6 @@ def run_name(quantizer: str, codebook_size: int, seed: int) -> str:
 
 
 def config_files_for(study: StudyConfig, quantizer: str) -> list[str]:
-    from common.cli import resolve_config_path
-
     files = list(study.tokenizer_configs)
     if study.quantizer_config:
         files.append(study.quantizer_config.format(quantizer=quantizer))
@@ -189,16 +196,11 @@ def config_files_for(study: StudyConfig, quantizer: str) -> list[str]:
 
 def load_run_config(spec: RunSpec):
     """The merged TokenizerRunConfig of one run (raises on typos / invalid values)."""
-    from common.config import load_config
-    from tokenizer.config import TokenizerRunConfig
-
     return load_config(TokenizerRunConfig, spec.config_files, spec.overrides)
 
 
 def combination_problem(run_cfg) -> str | None:
     """Why this quantizer cannot take this K (None if it can): builds the quantizer once to ask it."""
-    from tokenizer.quantizers import build_quantizer
-
     model = run_cfg.model
     try:
         build_quantizer(model.quantizer, model.latent_dim, model.codebook_size, **dict(model.quantizer_options or {}))
@@ -211,8 +213,6 @@ def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], c
               seeds: Sequence[int], extra_overrides: Sequence[str] = ()) -> tuple[list[RunSpec], list[tuple[str, str]]]:
     """(runs to do, [(run name, reason skipped)]) for the cross product quantizer x K x seed, seed-major (every
     (quantizer, K) at the first seed, then at the next, ...) so an interrupted sweep covers the whole grid early."""
-    from tokenizer.quantizers import QUANTIZERS
-
     for name in quantizers:
         if name not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {name!r}; choose from {sorted(QUANTIZERS)}")
@@ -272,8 +272,6 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
             return {"train_seconds": None, "resumed": resume}
         subprocess.run(cmd, check=True)
     else:
-        from tokenizer.train import main as train_main
-
         print(f"[study] training {spec.name}" + (" (resuming from its latest checkpoint)" if resume else ""),
               flush=True)
         if dry_run:
@@ -299,10 +297,6 @@ def training_summary(history: list[dict] | None) -> dict[str, Any]:
 
 def quantizer_peak_memory(quantizer: str, codebook_size: int, num_tokens: int, dim: int) -> dict[str, Any]:
     """Peak memory of one quantizer forward+backward step (experiments.bench_quantizers, fresh subprocess)."""
-    import torch
-
-    from experiments.bench_quantizers import run_configuration
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args = types.SimpleNamespace(N=int(num_tokens), dim=int(dim), device=device, repeats=1, timeout=600)
     row = run_configuration(quantizer, args, int(codebook_size))
@@ -313,13 +307,6 @@ def quantizer_peak_memory(quantizer: str, codebook_size: int, num_tokens: int, d
 
 def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str, Any]:
     """eval.reconstruction on the run's export; writes code_counts.json, returns the metrics dict."""
-    import torch
-
-    from eval.fid import inception_weights_available
-    from eval.reconstruction import evaluate_reconstruction
-    from common.data import build_image_dataset
-    from tokenizer.model import LGQTokenizer
-
     tokenizer = LGQTokenizer.from_pretrained(str(spec.run_dir / "tokenizer"))
     dataset = build_image_dataset(run_cfg.data, split=evaluation.get("split", "val"))
     weights = evaluation.get("inception_weights")
@@ -347,8 +334,6 @@ def _comparable(config: dict) -> dict:
 
 def check_same_recipe(spec: RunSpec, run_cfg) -> None:
     """Refuse to reuse or resume a run folder that was made with a different recipe (ValueError)."""
-    from omegaconf import OmegaConf
-
     current = _comparable(_config_dict(run_cfg))
     result_path, saved_path = spec.run_dir / "result.json", spec.run_dir / "config.yaml"
     if result_path.is_file():
@@ -390,7 +375,6 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
     if measure_memory:
         memory = quantizer_peak_memory(spec.quantizer, spec.codebook_size,
                                        run_cfg.train.batch_size * tokens_per_image, run_cfg.model.latent_dim)
-    from common.training import read_history
 
     history = read_history(spec.run_dir)
     summary = training_summary(history)
@@ -428,14 +412,10 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
 
 
 def _torch_threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
 def _config_dict(run_cfg) -> dict:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(OmegaConf.structured(run_cfg), resolve=True)
 
 
@@ -619,58 +599,68 @@ def _write_csv(path: Path, columns: list[str], rows: Sequence[dict]) -> Path:
 
 # ----------------------------------------------------------------------------- plots
 def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
-    """PNG figures in <output_dir>/plots (matplotlib, Agg backend); error bars = sample std over seeds."""
-    import matplotlib
+    """PNG figures in <output_dir>/plots (matplotlib, Agg backend); error bars = sample std over seeds:
+    rate-distortion, utilisation vs K, code-usage curves and training curves."""
+    import matplotlib  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from common.training import read_history
+    import matplotlib.pyplot as plt  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     plot_dir = output_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     rows = aggregate_runs(results)
     quantizers = list(dict.fromkeys(r["quantizer"] for r in results))
     colours = {q: plt.cm.tab10(i % 10) for i, q in enumerate(quantizers)}
-    paths = []
+    return [plot_rate_distortion(plt, results, rows, colours, plot_dir / "rate_distortion.png"),
+            plot_utilisation(plt, rows, colours, plot_dir / "utilisation_vs_K.png"),
+            plot_code_usage(plt, results, colours, plot_dir / "code_usage.png"),
+            plot_training_curves(plt, results, colours, plot_dir / "training_curves.png")]
 
-    def errorbars(ax, x_key, y_key, log_x=False):
-        for q in quantizers:
-            points = [row for row in rows if row["quantizer"] == q and row.get(f"{x_key}_mean") is not None
-                      and row.get(f"{y_key}_mean") is not None]
-            if not points:
-                continue
-            points.sort(key=lambda row: row[f"{x_key}_mean"])
-            xs = [row[f"{x_key}_mean"] for row in points]
-            ys = [row[f"{y_key}_mean"] for row in points]
-            x_err = [row.get(f"{x_key}_std") or 0.0 for row in points]
-            y_err = [row.get(f"{y_key}_std") or 0.0 for row in points]
-            ax.errorbar(xs, ys, xerr=x_err, yerr=y_err, color=colours[q], label=q, marker="o", capsize=3,
-                        linewidth=0.8)
-            for row, x, y in zip(points, xs, ys):
-                ax.annotate(f"K{row['K']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if log_x:
-            ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
 
+def errorbars(ax, rows: Sequence[dict], colours: dict, x_key: str, y_key: str, log_x: bool = False) -> None:
+    """One line per quantizer through its (mean x, mean y) points over K, with std error bars and K labels."""
+    for q in colours:
+        points = [row for row in rows if row["quantizer"] == q and row.get(f"{x_key}_mean") is not None
+                  and row.get(f"{y_key}_mean") is not None]
+        if not points:
+            continue
+        points.sort(key=lambda row: row[f"{x_key}_mean"])
+        xs = [row[f"{x_key}_mean"] for row in points]
+        ys = [row[f"{y_key}_mean"] for row in points]
+        x_err = [row.get(f"{x_key}_std") or 0.0 for row in points]
+        y_err = [row.get(f"{y_key}_std") or 0.0 for row in points]
+        ax.errorbar(xs, ys, xerr=x_err, yerr=y_err, color=colours[q], label=q, marker="o", capsize=3,
+                    linewidth=0.8)
+        for row, x, y in zip(points, xs, ys):
+            ax.annotate(f"K{row['K']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+
+
+def plot_rate_distortion(plt, results: Sequence[dict], rows: Sequence[dict], colours: dict, path: Path) -> Path:
+    """PSNR (and rFID when measured) against active codes and against bits per token."""
     distortions = [("psnr", "PSNR (dB, higher is better)")]
     if any(r.get("rfid") is not None for r in results):
         distortions.append(("rfid", "rFID (lower is better)"))
     fig, axes = plt.subplots(len(distortions), 2, figsize=(10, 4 * len(distortions)), squeeze=False)
     for row_index, (key, label) in enumerate(distortions):
-        errorbars(axes[row_index][0], "active_codes", key, log_x=True)
+        errorbars(axes[row_index][0], rows, colours, "active_codes", key, log_x=True)
         axes[row_index][0].set_xlabel("active codes (log2 axis)")
         axes[row_index][0].set_ylabel(label)
-        errorbars(axes[row_index][1], "bits_per_token", key)
+        errorbars(axes[row_index][1], rows, colours, "bits_per_token", key)
         axes[row_index][1].set_xlabel("bits per token = log2 perplexity")
         axes[row_index][1].set_ylabel(label)
     axes[0][0].legend()
     fig.suptitle("Rate-distortion (evaluation set; mean ± std over seeds)")
     fig.tight_layout()
-    paths.append(_save(fig, plot_dir / "rate_distortion.png"))
+    return _save(fig, path)
 
+
+def plot_utilisation(plt, rows: Sequence[dict], colours: dict, path: Path) -> Path:
+    """Codebook utilisation (active / K) against K, one line per quantizer."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for q in quantizers:
+    for q in colours:
         points = sorted((row["K"], row["utilisation_mean"], row.get("utilisation_std") or 0.0) for row in rows
                         if row["quantizer"] == q and row.get("utilisation_mean") is not None)
         if points:
@@ -683,16 +673,20 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths.append(_save(fig, plot_dir / "utilisation_vs_K.png"))
+    return _save(fig, path)
 
+
+def first_label(labelled: set[str], quantizer: str) -> str | None:
+    """The quantizer's name the first time (one legend entry per quantizer), then None."""
+    if quantizer in labelled:
+        return None
+    labelled.add(quantizer)
+    return quantizer
+
+
+def plot_code_usage(plt, results: Sequence[dict], colours: dict, path: Path) -> Path:
+    """Rank-frequency curves of the used codes, one line per run."""
     labelled: set[str] = set()
-
-    def label_once(quantizer: str) -> str | None:
-        if quantizer in labelled:
-            return None
-        labelled.add(quantizer)
-        return quantizer
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         counts_path = Path(r.get("run_dir", "")) / "code_counts.json"
@@ -702,7 +696,7 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
         total = max(sum(counts), 1)
         frequencies = [c / total for c in counts if c > 0]
         ax.plot(range(1, len(frequencies) + 1), frequencies, color=colours[r["quantizer"]], alpha=0.6,
-                label=label_once(r["quantizer"]))
+                label=first_label(labelled, r["quantizer"]))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("code rank (used codes, sorted by frequency; one line per run)")
@@ -710,17 +704,20 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(_save(fig, plot_dir / "code_usage.png"))
+    return _save(fig, path)
 
+
+def plot_training_curves(plt, results: Sequence[dict], colours: dict, path: Path) -> Path:
+    """Pixel MSE and code perplexity on the training batches over the steps, one line per run."""
     # the total loss holds each quantizer's own terms (LFQ's entropy term is negative): not comparable, so plot
     # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer;
     # an x marks the step from which a run stayed collapsed
-    labelled.clear()
+    labelled: set[str] = set()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     curves = (("l2", "pixel MSE on training batches"), ("codebook/perplexity", "code perplexity on training batches"))
     for r in results:
         history = read_history(r.get("run_dir", ""))
-        label = label_once(r["quantizer"])
+        label = first_label(labelled, r["quantizer"])
         collapse_step = (r.get("collapse") or {}).get("collapse_step")
         for ax, (key, _) in zip(axes, curves):
             points = [(row["step"], row[key]) for row in history if key in row]
@@ -736,12 +733,11 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    paths.append(_save(fig, plot_dir / "training_curves.png"))
-    return paths
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -750,9 +746,6 @@ def _save(fig, path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from common.cli import config_help
-    from tokenizer.config import TokenizerRunConfig
-
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__ + "\n" + config_help(TokenizerRunConfig),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -769,8 +762,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
                              "than 2 on a machine whose cores are busy with other work")
-    from common.cli import parse_command_line
-    from tokenizer.config import TokenizerRunConfig
 
     # tokenizer config keys for every run: key=value or --key value (common.cli style; --help lists them)
     args, args.overrides = parse_command_line(parser, argv, TokenizerRunConfig)
@@ -798,10 +789,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
 
         torch.set_num_threads(args.threads)
-    from common.training import read_history
 
     results = []
     start = time.time()

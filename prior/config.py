@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from common.config import ConfigError, TrainConfig
+from prior.tokens import normalize_grid_size
 
 PRIOR_TYPES = ("maskgit", "gpt")
 
@@ -161,8 +162,6 @@ def resolve_data_shape(model: PriorModelConfig, meta: dict, source: str) -> dict
     Returns {"codebook_size": K, "grid_size": (h, w), "num_classes": C}; ConfigError on a conflict
     or when C is known neither from the data nor from the config.
     """
-    from prior.tokens import normalize_grid_size
-
     stored = {"codebook_size": int(meta["codebook_size"]), "grid_size": normalize_grid_size(meta["grid_size"]),
               "num_classes": None if meta.get("num_classes") is None else int(meta["num_classes"])}
     given = {"codebook_size": model.codebook_size,

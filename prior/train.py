@@ -24,12 +24,16 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torchvision.utils import make_grid
 
 from common.cli import load_run_config
 from common.hub import CardInfo, training_rows
 from common.training import Trainer, build_optimizer
 from prior.config import PriorModelConfig, PriorRunConfig, resolve_data_shape
+from prior.gpt import GPTPrior
+from prior.maskgit import MaskGITPrior
 from prior.tokens import TokenDataset, tokenizer_fingerprint
+from tokenizer.model import LGQTokenizer
 
 
 class PriorTrainingLoss(nn.Module):
@@ -60,10 +64,7 @@ def build_prior(model_cfg: PriorModelConfig, codebook_size: int, grid_size: tupl
                   hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                   mlp_ratio=model_cfg.mlp_ratio, dropout=model_cfg.dropout, label_dropout=model_cfg.label_dropout)
     if model_cfg.prior_type == "maskgit":
-        from prior.maskgit import MaskGITPrior
-
         return MaskGITPrior(**common)
-    from prior.gpt import GPTPrior
 
     return GPTPrior(num_kv_heads=model_cfg.num_kv_heads, **common)
 
@@ -72,8 +73,6 @@ def load_token_data(cfg: PriorRunConfig):
     """(TokenDataset, {K, grid, C}, tokenizer or None): the tokens checked against data.tokenizer and model.*."""
     tokenizer, expected_hash = None, None
     if cfg.data.tokenizer:
-        from tokenizer.model import LGQTokenizer
-
         if not Path(cfg.data.tokenizer).exists():
             raise FileNotFoundError(f"data.tokenizer: {cfg.data.tokenizer} does not exist")
         tokenizer = LGQTokenizer.from_pretrained(cfg.data.tokenizer).eval()
@@ -143,8 +142,6 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
 
     @torch.no_grad()
     def on_image_log(step: int) -> dict[str, object]:
-        from torchvision.utils import make_grid
-
         sampler = (trainer.ema.module if trainer.ema is not None else trainer.unwrap("model")).prior
         was_training = sampler.training
         sampler.eval()

@@ -289,7 +289,7 @@ def build_tokenizer(cfg: TokenizerModelConfig | Mapping[str, Any] | None = None,
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     else:
         try:
-            from omegaconf import DictConfig, OmegaConf
+            from omegaconf import DictConfig, OmegaConf  # lazy: plain dicts and dataclasses are handled without omegaconf
 
             if isinstance(cfg, DictConfig):
                 cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -342,7 +342,7 @@ def _looks_like_local_path(path: str) -> bool:
 def _plain(value: Any) -> Any:
     """OmegaConf containers / tuples -> plain Python (JSON-serialisable config)."""
     try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+        from omegaconf import DictConfig, ListConfig, OmegaConf  # lazy: plain dicts and dataclasses are handled without omegaconf
 
         if isinstance(value, (DictConfig, ListConfig)):
             return OmegaConf.to_container(value, resolve=True)
