@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ddp import free_port  # tests/ddp.py
-from eval import study
+from experiments import study
 from common.training import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
