@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`.
+# Two entry points (see README): `make demo` and `make test` (everything, what CI runs); `make test-fast` skips
+# the tests marked slow (multi-process and end-to-end runs).
 # Both create the virtual environment in .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_DISABLE_TELEMETRY := 1
 OFFLINE_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: env demo test bench gpu-check
+.PHONY: env demo test test-fast bench gpu-check
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -19,13 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: env
-	$(PY) -m eval.demo $(ARGS)
+	$(PY) -m experiments.demo $(ARGS)
 
 test: env
 	$(OFFLINE_ENV) $(PY) -m pytest -q $(ARGS)
 
+test-fast: env
+	$(OFFLINE_ENV) $(PY) -m pytest -q -m "not slow" $(ARGS)
+
 bench: env
-	$(PY) -m eval.bench_quantizers $(ARGS)
+	$(PY) -m experiments.bench_quantizers $(ARGS)
 
 # one-shot check of every stage on one CUDA GPU (README "Checking a GPU machine"); refuses without CUDA
 gpu-check: env

@@ -45,13 +45,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
+import torch_fidelity
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from tqdm.auto import tqdm
 
-from eval.metrics import thumbnail_images, to_uint8
+from common.data import GlyphImages, build_image_dataset, load_data_config, split_data_options
+from common.metrics import thumbnail_images, to_uint8
 
 CLASSIFIER_FEATURE_EXTRACTOR = "lgq-classifier"
 METADATA_FILE = "classifier.json"
@@ -207,8 +210,6 @@ def default_classifier_dir(data_cfg) -> Path:
 
 def load_split(data_cfg, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """(uint8 images [N, 3, S, S], int64 labels [N], data set) of the first ``max_images`` items of a split."""
-    from lgq.data import build_image_dataset
-
     dataset = build_image_dataset(data_cfg, split)
     count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     images, labels = [], []
@@ -224,8 +225,6 @@ def data_identity(data_cfg) -> dict[str, Any]:
     config = dataclasses.asdict(data_cfg)
     identity = {k: v for k, v in sorted(config.items()) if k not in DATA_KEYS_NOT_IDENTIFYING}
     if data_cfg.name == "glyphs":  # the rendering ranges live in the code: a cache made with other ranges must not match
-        from lgq.data import GlyphImages
-
         identity["glyph_geometry"] = GlyphImages.geometry()
     return identity
 
@@ -262,8 +261,6 @@ def _train_classifier(data_cfg, train_cfg: ClassifierTrainConfig | None, device,
     shuffle = torch.Generator().manual_seed(train_cfg.seed)
     iterator = range(train_cfg.epochs)
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(iterator, desc=f"classifier ({data_cfg.name}, {images.shape[0]} train images)")
     classifier.train()
     loss = torch.zeros(())
@@ -409,8 +406,6 @@ class ClassifierFeatureExtractor(FeatureExtractorBase):
 
 
 def register_with_torch_fidelity() -> None:
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-
     if FEATURE_EXTRACTORS_REGISTRY.get(CLASSIFIER_FEATURE_EXTRACTOR) is not ClassifierFeatureExtractor:
         FEATURE_EXTRACTORS_REGISTRY.pop(CLASSIFIER_FEATURE_EXTRACTOR, None)  # a reloaded module re-registers
         register_feature_extractor(CLASSIFIER_FEATURE_EXTRACTOR, ClassifierFeatureExtractor)
@@ -440,8 +435,6 @@ def feature_distances(folder: str | os.PathLike, real_images: torch.Tensor, othe
     MMD^2 with the kernel k(a, b) = (a.b / d + 1)^3 (torch-fidelity's defaults). Returns
     ``{"fd", "kid_mean", "kid_std", "fd_name", "kid_name", "num_real", "num_other", "kid_subset_size"}``.
     """
-    import torch_fidelity
-
     metadata = read_metadata(folder)
     real_u8, other_u8 = to_uint8(real_images).cpu(), to_uint8(other_images).cpu()
     if min(real_u8.shape[0], other_u8.shape[0]) < 2:
@@ -495,7 +488,7 @@ def sanity_figures(folder: str | os.PathLike, classifier: ImageClassifier, metad
     """What the metric reads on known cases, from the real val split (shuffled with ``seed``, cut in halves A, B):
 
     FD/KID(A, B) (two draws of the real distribution: near 0), FD/KID(A, blur(B)) with blur = bicubic
-    upsampling of an S/4 x S/4 thumbnail (``eval.metrics.thumbnail_images``: clearly larger), and the accuracy of "samples" that ignore the requested labels (B with A's labels: chance,
+    upsampling of an S/4 x S/4 thumbnail (``common.metrics.thumbnail_images``: clearly larger), and the accuracy of "samples" that ignore the requested labels (B with A's labels: chance,
     1 / num_classes for balanced classes) next to the accuracy on B with its own labels.
     """
     images, labels, _ = load_split(data_cfg, "val")
@@ -519,8 +512,6 @@ def sanity_figures(folder: str | os.PathLike, classifier: ImageClassifier, metad
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None):
-    from lgq.data import split_data_options
-
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
     parser = argparse.ArgumentParser(prog="python -m eval.classifier", description=__doc__,
@@ -541,15 +532,13 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--sanity", action="store_true",
                         help="sanity figures on real val: FD/KID of one half vs the other and vs the other half "
                              "blurred (bicubic from S/4 thumbnails); accuracy of a 'generator' that ignores labels")
-    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field (e.g. --data.name glyphs)."
+    parser.epilog = "Data options: --data.<field> value for every common.data.DataConfig field (e.g. --data.name glyphs)."
     args = parser.parse_args(rest)
     args.data_overrides = data_overrides
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from eval.reconstruction import load_data_config
-
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

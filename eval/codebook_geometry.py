@@ -20,6 +20,7 @@ from a ``code_counts.json`` ({"counts": [...]}, what the study writes per run). 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -28,6 +29,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
+
+from common.cli import config_help
+from common.data import (DataConfig, build_image_dataset, class_balanced_indices, dataset_labels, load_data_config,
+                         split_data_options)
+from common.files import write_json
+from common.metrics import codebook_statistics
+from common.training import make_accelerator
+from tokenizer.model import LGQTokenizer
+from tokenizer.prune import count_code_usage, decoder_codes
 
 GEOMETRY_FILE = "geometry.json"
 PLOT_FILE = "codebook_geometry.png"
@@ -72,9 +83,8 @@ def quantile_summary(values: torch.Tensor) -> dict[str, float]:
 
 def codebook_geometry(centres: torch.Tensor, counts: torch.Tensor, neighbours: int = 8) -> dict[str, Any]:
     """The JSON-ready geometry of centres [K, C] with hard usage counts [K] (module doc)."""
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # lazy: scipy is needed by this one statistic only
 
-    from eval.metrics import codebook_statistics
 
     counts = torch.as_tensor(counts).long().reshape(-1)
     if centres.dim() != 2 or centres.shape[0] != counts.numel():
@@ -115,10 +125,10 @@ def codebook_geometry(centres: torch.Tensor, counts: torch.Tensor, neighbours: i
 
 def plot_geometry(geometry: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """The four panels of the module doc as one PNG (matplotlib, Agg)."""
-    import matplotlib
+    import matplotlib  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     per_code = geometry["per_code"]
     counts = np.asarray(per_code["counts"], dtype=np.float64)
@@ -167,8 +177,6 @@ def plot_geometry(geometry: dict[str, Any], path: str | Path, title: str = "") -
 def write_codebook_geometry(tokenizer, counts, output_dir: str | Path, neighbours: int = 8, title: str = "",
                             protocol: dict[str, Any] | None = None) -> dict[str, Any]:
     """geometry.json + codebook_geometry.png for ``tokenizer`` (an LGQTokenizer) with usage ``counts`` [K]."""
-    from eval.reconstruction import write_json
-    from tokenizer.prune import decoder_codes
 
     centres = decoder_codes(tokenizer.quantizer).cpu()
     geometry = codebook_geometry(centres, torch.as_tensor(counts), neighbours)
@@ -182,8 +190,6 @@ def write_codebook_geometry(tokenizer, counts, output_dir: str | Path, neighbour
 
 
 def parse_args(argv: Sequence[str] | None = None):
-    from lgq.cli import config_help
-    from lgq.data import DataConfig, split_data_options
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
@@ -204,7 +210,6 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from tokenizer.model import LGQTokenizer
 
     args = parse_args(argv)
     if not Path(args.tokenizer).is_dir():
@@ -217,14 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         protocol = {"counts_file": str(Path(args.counts).resolve())}
         accelerator = None
     else:
-        import dataclasses
 
-        from torch.utils.data import Subset
 
-        from eval.reconstruction import class_balanced_indices, dataset_labels, load_data_config
-        from lgq.data import build_image_dataset
-        from prior.extract import make_accelerator
-        from tokenizer.prune import count_code_usage
 
         data_cfg = dataclasses.replace(load_data_config(args.data_overrides), random_flip=False)
         data_cfg.check_split(args.split)

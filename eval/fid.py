@@ -1,7 +1,7 @@
 """FID and Inception Score with torch-fidelity's standard Inception ("inception-v3-compat").
 
 Protocol (recorded in every result dict): images are converted once with
-``eval.metrics.to_uint8`` (float [-1, 1] -> uint8), fed to torch-fidelity's
+``common.metrics.to_uint8`` (float [-1, 1] -> uint8), fed to torch-fidelity's
 inception-v3-compat feature extractor (TF-compatible bilinear resize to 299x299),
 FID uses the 2048-d pool features, IS the 1008-way "logits_unbiased" (torch-fidelity's
 defaults). Statistics are accumulated in streaming form (float64 sums on the CPU), so
@@ -41,8 +41,12 @@ from typing import Any, Iterable, Union
 
 import numpy as np
 import torch
+import torch_fidelity
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor
 
-from eval.metrics import to_uint8
+from common.files import atomic_write
+from common.metrics import to_uint8
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FID_FEATURE_LAYER = "2048"
@@ -133,8 +137,6 @@ _MODEL_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
 def _load_torch_fidelity_inception(path: str, device: torch.device) -> torch.nn.Module:
     key = (os.path.realpath(path), str(device))
     if key not in _MODEL_CACHE:
-        from torch_fidelity.utils import create_feature_extractor
-
         model = create_feature_extractor(
             FEATURE_EXTRACTOR, [FID_FEATURE_LAYER, ISC_FEATURE_LAYER], cuda=False,
             feature_extractor_weights_path=path, verbose=False,
@@ -198,13 +200,10 @@ class FIDStatistics:
 
 def save_fid_statistics(path: str | os.PathLike, stats: FIDStatistics) -> Path:
     """Write ``mu``, ``sigma``, ``num_images`` and JSON ``metadata`` (protocol) to an .npz file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
-             metadata=np.array(json.dumps(stats.metadata)))
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images),
+                 metadata=np.array(json.dumps(stats.metadata)))
+    return Path(path)
 
 
 def load_fid_statistics(path: str | os.PathLike) -> FIDStatistics:
@@ -383,8 +382,6 @@ def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) per split, mean and std over splits (torch-fidelity's implementation)."""
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-
     if logits.dim() != 2 or logits.shape[0] < splits:
         raise ValueError(f"inception_score needs [N >= splits={splits}, C] logits, got {tuple(logits.shape)}")
     result = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=seed)
@@ -402,8 +399,6 @@ def calculate_fid(images: ImageSource, reference: Union[ImageSource, FIDStatisti
     "fid_feature_layer", "isc_feature_layer", "inception_input_size", "weights_source", "weights_path",
     "torch_fidelity_version"}``. Raises :class:`InceptionWeightsUnavailable` when the weights are missing.
     """
-    import torch_fidelity
-
     extractor = InceptionFeatureExtractor(inception_weights_path, device, allow_download=allow_download)
     accumulator = compute_inception_features(images, extractor, batch_size, keep_logits=isc)
     stats = accumulator.statistics(extractor.protocol())

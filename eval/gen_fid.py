@@ -17,7 +17,7 @@ Protocol:
 * each process extracts Inception features (``eval.fid``) of its samples and writes a shard; the main
   process orders everything by sample index, accumulates the FID statistics (float64 sums), the
   Inception Score (torch-fidelity's split/shuffle, seed 2020) and compares with the reference:
-  an image folder (every image file, sorted), a data split (``lgq.data`` with ``--data.<field>``
+  an image folder (every image file, sorted), a data split (``common.data`` with ``--data.<field>``
   options; image size defaults to the pipeline's) or an .npz with ``mu``/``sigma`` (our
   ``eval.fid.save_fid_statistics`` or pytorch-fid / ADM-style) or with images ``arr_0`` (NHWC uint8);
   statistics without our protocol metadata (ADM's reference batches) are used as they are and the JSON
@@ -38,12 +38,24 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script (accelerate launch eval/gen_fid.py): make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.metrics import to_uint8  # noqa: E402
-from lgq.data import DATASET_NAMES as DATA_REFERENCE_NAMES, DATASET_SPLITS  # noqa: E402
+from common.cli import config_help  # noqa: E402
+from common.data import (DATASET_NAMES as DATA_REFERENCE_NAMES, DATASET_SPLITS, DataConfig,  # noqa: E402
+                         build_image_dataset, load_data_config, split_data_options)
+from common.files import atomic_write, write_json  # noqa: E402
+from common.metrics import to_uint8  # noqa: E402
+from eval.fid import (FID_FEATURE_DIM_WARNING, InceptionFeatureAccumulator, InceptionFeatureExtractor,  # noqa: E402
+                      InceptionWeightsUnavailable, compute_inception_features, frechet_distance, inception_score,
+                      load_fid_statistics)
+from pipelines.pipeline_lgq import LGQPipeline  # noqa: E402
+from torch.utils.data import DataLoader
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -112,8 +124,6 @@ def generate_samples(
     my_batches = shard_batches(num_batches, rank, world_size)
     iterator = my_batches
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(my_batches, desc=f"sampling (rank {rank})")
     for b in iterator:
         start, stop = b * batch_size, min((b + 1) * batch_size, int(num_samples))
@@ -143,8 +153,6 @@ def generate_samples(
 # ----------------------------------------------------------------------------- references
 def image_folder_batches(folder: str | os.PathLike, batch_size: int = 64):
     """uint8 [B, 3, H, W] batches of every image file under ``folder`` (sorted, recursive; same-size runs)."""
-    from PIL import Image
-
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(folder)!r}")
@@ -172,8 +180,6 @@ FOREIGN_STATISTICS_NOTE = (
 
 def npz_reference(path: str | os.PathLike, extractor, batch_size: int):
     """FIDStatistics from an .npz: ``mu``/``sigma`` used as they are, else images ``arr_0`` [N, H, W, 3] uint8."""
-    from eval.fid import load_fid_statistics
-
     with np.load(path, allow_pickle=False) as data:
         has_stats = "mu" in data.files and "sigma" in data.files
         has_images = "arr_0" in data.files
@@ -184,7 +190,6 @@ def npz_reference(path: str | os.PathLike, extractor, batch_size: int):
     images = np.load(path, mmap_mode=None)["arr_0"]
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"reference arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    from eval.fid import compute_inception_features
 
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
     return compute_inception_features(tensor, extractor, batch_size).statistics(extractor.protocol()), "images"
@@ -203,9 +208,6 @@ def parse_data_reference(reference: str) -> tuple[str, str] | None:
 
 
 def build_reference_dataset(reference: str, data_overrides: Sequence[str], image_size: int):
-    from eval.reconstruction import load_data_config
-    from lgq.data import build_image_dataset
-
     name, split = parse_data_reference(reference)
     cfg = load_data_config([f"name={name}", *data_overrides], image_size=image_size, random_flip=False)
     return build_image_dataset(cfg, split=split), cfg, split
@@ -214,11 +216,7 @@ def build_reference_dataset(reference: str, data_overrides: Sequence[str], image
 def reference_statistics(reference: str, extractor, batch_size: int = 64, data_overrides: Sequence[str] = (),
                          image_size: int = 256):
     """(FIDStatistics, description dict) of ``reference`` (module docstring for the accepted forms)."""
-    from eval.fid import compute_inception_features
-
     if parse_data_reference(reference) is not None:
-        from torch.utils.data import DataLoader
-
         dataset, cfg, split = build_reference_dataset(reference, data_overrides, image_size)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         stats = compute_inception_features(loader, extractor, batch_size).statistics(extractor.protocol())
@@ -244,9 +242,6 @@ def evaluate_generation(samples: dict[str, Any], reference: str | None, extracto
     Returns ``{"fid", "inception_score_mean", "inception_score_std", "reference": {...}, "notes": [...],
     "inception_weights": {...}}``; without an extractor every figure is None and ``notes`` say why.
     """
-    from eval.fid import (FID_FEATURE_DIM_WARNING, InceptionFeatureAccumulator, frechet_distance,
-                          inception_score)
-
     result: dict[str, Any] = {"fid": None, "inception_score_mean": None, "inception_score_std": None,
                               "reference": {"spec": reference}, "inception_weights": None, "notes": []}
     if extractor is None:
@@ -303,19 +298,13 @@ def merge_shards(shards: Sequence[dict[str, Any]], num_samples: int) -> dict[str
 
 def save_samples_npz(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor) -> Path:
     """ADM-evaluator layout: arr_0 uint8 [N, H, W, 3]; plus labels [N]."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy(), labels=labels.numpy())
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as f:
+        np.savez(f, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy(), labels=labels.numpy())
+    return Path(path)
 
 
 def save_grid(path: str | os.PathLike, images: torch.Tensor, max_images: int = 64) -> Path:
     """The first ``max_images`` samples (uint8 [N, 3, H, W]) as one PNG grid."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
     grid = make_grid(images[:max_images], nrow=int(np.ceil(np.sqrt(min(len(images), max_images)))), padding=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,12 +314,8 @@ def save_grid(path: str | os.PathLike, images: torch.Tensor, max_images: int = 6
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None):
-    from eval.reconstruction import split_data_options
-
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
-    from lgq.cli import config_help
-    from lgq.data import DataConfig
 
     parser = argparse.ArgumentParser(prog="python -m eval.gen_fid", description=__doc__,
                                      epilog="data keys (with --reference data):\n" + config_help(DataConfig, "data."),
@@ -376,25 +361,17 @@ def default_classes(args, pipeline) -> tuple[list[int], str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Sample on every process, gather the shards on the main process, measure, write the JSON (main only;
+    the other processes return None)."""
     args = parse_args(argv)
-    from accelerate import Accelerator
-
-    from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable
-    from eval.reconstruction import write_json
-    from pipelines.pipeline_lgq import LGQPipeline
-
     accelerator = Accelerator()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if args.expected_num_processes is not None and world != args.expected_num_processes:
-        raise RuntimeError(f"launched with {world} process(es), expected {args.expected_num_processes}")
+    if args.expected_num_processes is not None and accelerator.num_processes != args.expected_num_processes:
+        raise RuntimeError(f"launched with {accelerator.num_processes} process(es), expected "
+                           f"{args.expected_num_processes}")
     if args.num_samples < 1 or args.batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be positive")
-    dtype = getattr(torch, args.torch_dtype)
-    pipeline = LGQPipeline.from_pretrained(args.pipeline, torch_dtype=None if dtype == torch.float32 else dtype)
-    pipeline.set_progress_bar_config(disable=True)
-    pipeline = pipeline.to(accelerator.device)
+    pipeline = load_pipeline(args.pipeline, args.torch_dtype, accelerator.device)
     classes, classes_source = default_classes(args, pipeline)
-
     extractor, weights_note = None, None
     try:
         extractor = InceptionFeatureExtractor(args.inception_weights, device=accelerator.device)
@@ -402,6 +379,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         weights_note = str(err)
 
     start = time.time()
+    samples = sample_on_every_process(args, pipeline, classes, extractor, accelerator)
+    if samples is None:
+        return None
+    seconds = time.time() - start
+    result = evaluate_generation(samples, args.reference, extractor, args.batch_size, args.data_overrides,
+                                 pipeline.image_size[0], isc=not args.no_isc, isc_splits=args.isc_splits,
+                                 weights_note=weights_note)
+    result["protocol"] = generation_protocol(args, pipeline, samples, classes, classes_source,
+                                             accelerator.num_processes, seconds)
+    write_outputs(args, samples, result)
+    report(args, result, accelerator.num_processes)
+    return result
+
+
+def load_pipeline(path: str, torch_dtype: str, device: torch.device) -> LGQPipeline:
+    """The pipeline in ``torch_dtype`` on ``device``, its progress bar off."""
+    dtype = getattr(torch, torch_dtype)
+    pipeline = LGQPipeline.from_pretrained(path, torch_dtype=None if dtype == torch.float32 else dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def sample_on_every_process(args: argparse.Namespace, pipeline: LGQPipeline, classes: list[int], extractor,
+                            accelerator: Accelerator) -> dict[str, Any] | None:
+    """Each process generates its share and writes it to ``<output>.shards/``; the main process merges the
+    shards (in sample order) and returns them, the others return None."""
+    world, rank = accelerator.num_processes, accelerator.process_index
     shard = generate_samples(
         pipeline, args.num_samples, batch_size=args.batch_size, classes=classes,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
@@ -410,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         keep_images=bool(args.save_npz or args.save_grid) or extractor is None,
         progress=accelerator.is_local_main_process,
     )
-    shard_dir = Path(str(args.output) + ".shards")
+    shard_dir = shard_folder(args.output)
     if accelerator.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -418,16 +422,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     accelerator.wait_for_everyone()  # the last collective: every process reaches the two barriers above
     if not accelerator.is_main_process:  # (not a barrier after the main's evaluation: the reference features
         return None                      # can take longer than the NCCL barrier timeout)
-
     shards = [torch.load(shard_dir / f"rank{r:05d}.pt", weights_only=True) for r in range(world)]
     samples = merge_shards(shards, args.num_samples)
     samples["resolution"] = list(pipeline.image_size)
-    seconds = time.time() - start
-    result = evaluate_generation(samples, args.reference, extractor, args.batch_size, args.data_overrides,
-                                 pipeline.image_size[0], isc=not args.no_isc, isc_splits=args.isc_splits,
-                                 weights_note=weights_note)
+    return samples
+
+
+def shard_folder(output: str | os.PathLike) -> Path:
+    """``<output>.shards``: where each process leaves its samples for the main process."""
+    return Path(str(output) + ".shards")
+
+
+def generation_protocol(args: argparse.Namespace, pipeline: LGQPipeline, samples: dict[str, Any],
+                        classes: list[int], classes_source: str, world: int, seconds: float) -> dict[str, Any]:
+    """What the figures were measured on: pipeline, sampling options, seeding, labels, processes, time."""
     counts = torch.bincount(samples["labels"], minlength=pipeline.num_classes)
-    result["protocol"] = {
+    return {
         "pipeline": str(Path(args.pipeline).resolve()),
         "prior": type(pipeline.prior).__name__,
         "num_samples": args.num_samples,
@@ -449,6 +459,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         "sampling_seconds": round(seconds, 2),
         "data_overrides": list(args.data_overrides),
     }
+
+
+def write_outputs(args: argparse.Namespace, samples: dict[str, Any], result: dict[str, Any]) -> None:
+    """The optional sample archive and grid, then the JSON; the shards are removed."""
     if args.save_npz:
         save_samples_npz(args.save_npz, samples["images"], samples["labels"])
         result["samples_npz"] = str(args.save_npz)
@@ -456,8 +470,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         save_grid(args.save_grid, samples["images"])
         result["grid"] = str(args.save_grid)
     write_json(args.output, result)
-    shutil.rmtree(shard_dir, ignore_errors=True)
+    shutil.rmtree(shard_folder(args.output), ignore_errors=True)
 
+
+def report(args: argparse.Namespace, result: dict[str, Any], world: int) -> None:
+    """One summary line, the notes and where the JSON went (stdout)."""
     def fmt(v):
         return "n/a" if v is None else f"{v:.4f}"
 
@@ -467,7 +484,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"metrics written to {args.output}")
-    return result
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,12 +5,12 @@
 
 Protocol (every figure is written to the JSON together with it):
 
-* evaluation set: the ``--split`` of the data set built by ``lgq.data.build_image_dataset`` from the
+* evaluation set: the ``--split`` of the data set built by ``common.data.build_image_dataset`` from the
   ``--data.<field>`` options (``DataConfig`` fields, e.g. ``--data.root``, ``--data.image_size``);
   all images, or with ``--num-images N`` a class-balanced subset (classes taken round robin, items
   of each class in a seeded random order; exactly N / C per class when C divides N);
 * every image x is encoded to hard indices and decoded: x_hat = tokenizer.decode(tokenizer.encode(x));
-  both are converted once to uint8 (``eval.metrics.to_uint8``), the form images are stored and seen
+  both are converted once to uint8 (``common.metrics.to_uint8``), the form images are stored and seen
   by Inception;
 * rFID: FID(real images, reconstructions) with torch-fidelity's inception-v3-compat features
   (``eval.fid``; streaming statistics). Without Inception weights rFID is ``null`` and the JSON
@@ -20,8 +20,8 @@ Protocol (every figure is written to the JSON together with it):
   (Gaussian 11x11, sigma 1.5), averaged; LPIPS-VGG v0.1 (the published metric) when its weights are
   available, else absent (never a uniform-head variant);
 * codebook statistics over the WHOLE evaluation set from one bincount of the hard indices
-  (``eval.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image);
-* trivial baselines on the same images, PSNR and SSIM as above (``eval.metrics.baseline_plan``):
+  (``common.metrics.codebook_statistics``: active codes, utilisation, perplexity, bits per token/image);
+* trivial baselines on the same images, PSNR and SSIM as above (``common.metrics.baseline_plan``):
   each image's own mean colour (24 bits), bicubic upsampling of an 8-bit RGB thumbnail of the
   token-grid size (h x w pixels for h x w tokens) and of the thumbnail whose size in bits is closest
   to the tokenizer's NOMINAL rate, tokens per image x log2 K ("equal-bits thumbnail"; the measured
@@ -31,8 +31,7 @@ Protocol (every figure is written to the JSON together with it):
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import dataclasses
 import os
 import sys
 import time
@@ -42,58 +41,23 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
-from eval.metrics import (BASELINE_NAMES, baseline_images, baseline_plan, code_histogram, codebook_statistics,
-                          lpips_distance, nominal_bits_per_image, psnr, ssim, to_uint8)
-from lgq.data import split_data_options  # the --data.<field> option parser every command shares
-
-PSNR_CAP_DB = 100.0
-
-
-# ----------------------------------------------------------------------------- subsets
-def dataset_labels(dataset: Dataset) -> list[int]:
-    """The label of every item: ``dataset.targets`` when present (ImageFolder), else read item by item."""
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == len(dataset):
-        return [int(t) for t in targets]
-    return [int(dataset[i][1]) for i in range(len(dataset))]
-
-
-def class_balanced_indices(labels: Sequence[int], num_images: int, seed: int = 0) -> list[int]:
-    """A class-balanced subset of ``num_images`` item indices.
-
-    Classes (sorted) are visited round robin; each class yields its items in a random order drawn
-    from ``numpy.random.default_rng((seed, class))``. Every class contributes floor(N / C) or
-    ceil(N / C) items (exactly N / C when C divides N) unless a class runs out, in which case the
-    remaining classes fill up. Returned indices are sorted (data set order).
-    """
-    labels = [int(v) for v in labels]
-    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-    if num_images > len(labels):
-        raise ValueError(f"num_images={num_images} exceeds the {len(labels)} images of the evaluation set")
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(label, []).append(index)
-    queues = {}
-    for label, items in sorted(by_class.items()):
-        order = np.random.default_rng((int(seed), label)).permutation(len(items))
-        queues[label] = [items[i] for i in order]
-    chosen: list[int] = []
-    position = 0
-    while len(chosen) < num_images:
-        for label in sorted(queues):
-            if position < len(queues[label]) and len(chosen) < num_images:
-                chosen.append(queues[label][position])
-        position += 1
-    return sorted(chosen)
-
+from common.cli import config_help
+from common.data import load_data_config, split_data_options  # the --data.<field> options every command shares
+from common.data import DataConfig, build_image_dataset, class_balanced_indices, dataset_labels
+from common.files import write_json
+from common.metrics import (PSNR_CAP_DB, BASELINE_NAMES, baseline_images, baseline_plan, code_histogram, codebook_statistics,
+                            lpips_distance, nominal_bits_per_image, psnr, ssim, to_uint8)
+from eval.classifier import classifier_report, load_classifier
+from eval.fid import (FID_FEATURE_DIM_WARNING, InceptionFeatureAccumulator, InceptionFeatureExtractor,
+                      InceptionWeightsUnavailable, frechet_distance, is_offline)
+from tokenizer.losses import LPIPS
+from tokenizer.model import LGQTokenizer
 
 # ----------------------------------------------------------------------------- evaluation
 def _resolve_inception(inception_weights: str | os.PathLike | None, device: torch.device, allow_download: bool):
     """(extractor, None) or (None, reason) - never a substitute network."""
-    from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable
-
     try:
         return InceptionFeatureExtractor(inception_weights, device=device, allow_download=allow_download), None
     except InceptionWeightsUnavailable as err:
@@ -132,11 +96,42 @@ def evaluate_reconstruction(
     device = torch.device(device) if device is not None else tokenizer.device
     tokenizer = tokenizer.to(device).eval()
     notes: list[str] = []
+    indices, balance, labels_used = evaluation_subset(dataset, num_images, seed)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    extractor = _inception_or_note(compute_fid, inception_weights, device, allow_download, notes)
+    lpips_model = _published_lpips_or_note(lpips_model, device, notes)
 
+    start = time.time()
+    tally = ReconstructionTally(int(tokenizer.codebook_size), extractor, lpips_model, keep_images=return_images)
+    for images, labels in tqdm(loader, desc="reconstruction", unit="batch", disable=not progress):
+        images = images.to(device=device, dtype=torch.float32)
+        tokens = tokenizer.encode(images.to(tokenizer.dtype))
+        tally.add(images, tokens, tokenizer.decode(tokens).float(), labels)
+
+    result = tally.figures()
+    fid_protocol: dict[str, Any] = {"inception_weights": None}
+    if extractor is not None:
+        result["rfid"] = tally.rfid()
+        fid_protocol = {"inception_weights": extractor.protocol()}
+        if tally.num_images < FID_FEATURE_DIM_WARNING:
+            notes.append(f"rFID from {tally.num_images} images (< {FID_FEATURE_DIM_WARNING}) is biased upwards: "
+                         f"compare only with rFIDs over the same number of images")
+    result["protocol"] = {**_reconstruction_protocol(tally, dataset, tokenizer, lpips_model, balance, labels_used,
+                                                      seed, time.time() - start),
+                          **fid_protocol, **(protocol or {})}
+    result["notes"] = notes
+    if return_code_counts:
+        result["code_counts"] = tally.counts.tolist()
+    if return_images:
+        result.update(images_u8=torch.cat(tally.kept_real), reconstructions_u8=torch.cat(tally.kept_recon),
+                      labels=torch.cat(tally.kept_labels))
+    return result
+
+
+def evaluation_subset(dataset: Dataset, num_images: int | None, seed: int) -> tuple[list[int], str, list | None]:
+    """(indices, how they were chosen, their labels or None): every image, or a class-balanced subset."""
     if num_images is None:
-        indices = list(range(len(dataset)))
-        balance = "all images of the split"
-        labels_used = None
+        indices, balance, labels_used = list(range(len(dataset))), "all images of the split", None
     else:
         labels = dataset_labels(dataset)
         indices = class_balanced_indices(labels, int(num_images), seed=seed)
@@ -144,97 +139,114 @@ def evaluate_reconstruction(
         balance = f"class-balanced subset (round robin over classes, seed {seed})"
     if not indices:
         raise ValueError("the evaluation set is empty")
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return indices, balance, labels_used
 
-    extractor = None
-    if compute_fid:
-        extractor, reason = _resolve_inception(inception_weights, device, allow_download)
-        if extractor is None:
-            notes.append(f"rFID not computed: {reason}")
-    else:
+
+def _inception_or_note(compute_fid: bool, inception_weights, device, allow_download: bool, notes: list[str]):
+    """The Inception feature extractor for rFID, or None with the reason appended to ``notes``."""
+    if not compute_fid:
         notes.append("rFID not computed: disabled (compute_fid=False)")
+        return None
+    extractor, reason = _resolve_inception(inception_weights, device, allow_download)
+    if extractor is None:
+        notes.append(f"rFID not computed: {reason}")
+    return extractor
+
+
+def _published_lpips_or_note(lpips_model: torch.nn.Module | None, device, notes: list[str]):
+    """``lpips_model`` on ``device`` if it is the published LPIPS; None (noted) without one; a ValueError for an
+    LPIPS-like network with uniform heads (its figures are not the published metric)."""
     if lpips_model is None:
         notes.append("LPIPS not computed: no LPIPS network given (weights unavailable or disabled)")
-    elif not getattr(lpips_model, "uses_lpips_heads", False):
+        return None
+    if not getattr(lpips_model, "uses_lpips_heads", False):
         raise ValueError("reported LPIPS must be the published metric: lpips_model has uniform heads "
                          "(tokenizer.losses.LPIPS(uniform_heads=True)); pass the published heads or no model")
-    else:
-        lpips_model = lpips_model.to(device)
+    return lpips_model.to(device)
 
-    from eval.fid import InceptionFeatureAccumulator
 
-    real_features = InceptionFeatureAccumulator()
-    recon_features = InceptionFeatureAccumulator()
-    counts = torch.zeros(int(tokenizer.codebook_size), dtype=torch.int64)
-    psnr_values, ssim_values, lpips_values = [], [], []
-    plan = None
-    baseline_values: dict[str, dict[str, list]] = {name: {"psnr": [], "ssim": []} for name in BASELINE_NAMES}
-    grid_shape = None
-    resolution = None
-    start = time.time()
-    kept_real, kept_recon, kept_labels = [], [], []
-    from tqdm.auto import tqdm
+class ReconstructionTally:
+    """The per-batch measurements of an evaluation, summed: code histogram, per-image PSNR / SSIM / LPIPS,
+    the baselines' PSNR / SSIM, Inception features of both sides, and (optionally) the uint8 images."""
 
-    for images, labels in tqdm(loader, desc="reconstruction", unit="batch", disable=not progress):
-        images = images.to(device=device, dtype=torch.float32)
-        tokens = tokenizer.encode(images.to(tokenizer.dtype))
-        reconstructions = tokenizer.decode(tokens).float()
-        grid_shape = tuple(tokens.shape[1:])
-        resolution = tuple(images.shape[-2:])
-        counts += code_histogram(tokens.cpu(), counts.numel())
+    def __init__(self, codebook_size: int, extractor, lpips_model, keep_images: bool = False):
+        self.extractor, self.lpips_model, self.keep_images = extractor, lpips_model, keep_images
+        self.counts = torch.zeros(codebook_size, dtype=torch.int64)
+        self.psnr_values, self.ssim_values, self.lpips_values = [], [], []
+        self.baseline_values: dict[str, dict[str, list]] = {name: {"psnr": [], "ssim": []} for name in BASELINE_NAMES}
+        self.real_features, self.recon_features = InceptionFeatureAccumulator(), InceptionFeatureAccumulator()
+        self.kept_real, self.kept_recon, self.kept_labels = [], [], []
+        self.plan = self.grid_shape = self.resolution = None
+
+    def add(self, images: torch.Tensor, tokens: torch.Tensor, reconstructions: torch.Tensor, labels) -> None:
+        """One batch: images and reconstructions float [B, 3, H, W] in [-1, 1], tokens [B, h, w]."""
+        self.grid_shape = tuple(tokens.shape[1:])
+        self.resolution = tuple(images.shape[-2:])
+        self.counts += code_histogram(tokens.cpu(), self.counts.numel())
         real_u8, recon_u8 = to_uint8(images), to_uint8(reconstructions)
-        psnr_values.append(psnr(real_u8, recon_u8, max_db=PSNR_CAP_DB).double().cpu())
-        ssim_values.append(ssim(real_u8, recon_u8).double().cpu())
-        if return_images:
-            kept_real.append(real_u8.cpu())
-            kept_recon.append(recon_u8.cpu())
-            kept_labels.append(torch.as_tensor(labels).long().cpu())
-        if plan is None:
-            plan = baseline_plan(resolution, grid_shape,
-                                 nominal_bits_per_image(grid_shape[0] * grid_shape[1], counts.numel()))
-        for name, images_u8 in baseline_images(real_u8, plan).items():
-            baseline_values[name]["psnr"].append(psnr(real_u8, images_u8, max_db=PSNR_CAP_DB).double().cpu())
-            baseline_values[name]["ssim"].append(ssim(real_u8, images_u8).double().cpu())
-        if lpips_model is not None:
-            lpips_values.append(lpips_distance(images, reconstructions, lpips_model).double().cpu())
-        if extractor is not None:
-            real_features.update(real_u8, extractor)
-            recon_features.update(recon_u8, extractor)
+        self.psnr_values.append(psnr(real_u8, recon_u8, max_db=PSNR_CAP_DB).double().cpu())
+        self.ssim_values.append(ssim(real_u8, recon_u8).double().cpu())
+        if self.keep_images:
+            self.kept_real.append(real_u8.cpu())
+            self.kept_recon.append(recon_u8.cpu())
+            self.kept_labels.append(torch.as_tensor(labels).long().cpu())
+        if self.plan is None:
+            self.plan = baseline_plan(self.resolution, self.grid_shape,
+                                      nominal_bits_per_image(self.tokens_per_image, self.counts.numel()))
+        for name, images_u8 in baseline_images(real_u8, self.plan).items():
+            self.baseline_values[name]["psnr"].append(psnr(real_u8, images_u8, max_db=PSNR_CAP_DB).double().cpu())
+            self.baseline_values[name]["ssim"].append(ssim(real_u8, images_u8).double().cpu())
+        if self.lpips_model is not None:
+            self.lpips_values.append(lpips_distance(images, reconstructions, self.lpips_model).double().cpu())
+        if self.extractor is not None:
+            self.real_features.update(real_u8, self.extractor)
+            self.recon_features.update(recon_u8, self.extractor)
 
-    num_evaluated = int(sum(v.numel() for v in psnr_values))
-    tokens_per_image = int(grid_shape[0] * grid_shape[1])
-    result: dict[str, Any] = {
-        "rfid": None,
-        "psnr": float(torch.cat(psnr_values).mean()),
-        "ssim": float(torch.cat(ssim_values).mean()),
-        "lpips": float(torch.cat(lpips_values).mean()) if lpips_values else None,
-        "codebook": codebook_statistics(counts, tokens_per_image=tokens_per_image),
-    }
-    result["baselines"] = {}
-    for name, entry in plan.items():
-        base_psnr = float(torch.cat(baseline_values[name]["psnr"]).mean())
-        base_ssim = float(torch.cat(baseline_values[name]["ssim"]).mean())
-        size = entry["thumbnail_size"]
-        result["baselines"][name] = {
-            "psnr": base_psnr, "ssim": base_ssim, "bits_per_image": entry["bits_per_image"],
-            "thumbnail_size": list(size) if size is not None else None,
-            "psnr_gain_db": result["psnr"] - base_psnr, "ssim_gain": result["ssim"] - base_ssim,
+    @property
+    def num_images(self) -> int:
+        return int(sum(v.numel() for v in self.psnr_values))
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.grid_shape[0] * self.grid_shape[1])
+
+    def figures(self) -> dict[str, Any]:
+        """{"rfid": None, "psnr", "ssim", "lpips", "codebook", "baselines"}: means over images."""
+        result: dict[str, Any] = {
+            "rfid": None,
+            "psnr": float(torch.cat(self.psnr_values).mean()),
+            "ssim": float(torch.cat(self.ssim_values).mean()),
+            "lpips": float(torch.cat(self.lpips_values).mean()) if self.lpips_values else None,
+            "codebook": codebook_statistics(self.counts, tokens_per_image=self.tokens_per_image),
         }
-    fid_protocol: dict[str, Any] = {"inception_weights": None}
-    if extractor is not None:
-        from eval.fid import FID_FEATURE_DIM_WARNING, frechet_distance
+        result["baselines"] = {}
+        for name, entry in self.plan.items():
+            base_psnr = float(torch.cat(self.baseline_values[name]["psnr"]).mean())
+            base_ssim = float(torch.cat(self.baseline_values[name]["ssim"]).mean())
+            size = entry["thumbnail_size"]
+            result["baselines"][name] = {
+                "psnr": base_psnr, "ssim": base_ssim, "bits_per_image": entry["bits_per_image"],
+                "thumbnail_size": list(size) if size is not None else None,
+                "psnr_gain_db": result["psnr"] - base_psnr, "ssim_gain": result["ssim"] - base_ssim,
+            }
+        return result
 
-        result["rfid"] = frechet_distance(real_features.statistics(extractor.protocol()),
-                                          recon_features.statistics(extractor.protocol()))
-        fid_protocol = {"inception_weights": extractor.protocol()}
-        if num_evaluated < FID_FEATURE_DIM_WARNING:
-            notes.append(f"rFID from {num_evaluated} images (< {FID_FEATURE_DIM_WARNING}) is biased upwards: "
-                         f"compare only with rFIDs over the same number of images")
+    def rfid(self) -> float:
+        """FID between the Inception features of the images and of their reconstructions."""
+        protocol = self.extractor.protocol()
+        return frechet_distance(self.real_features.statistics(protocol), self.recon_features.statistics(protocol))
+
+
+def _reconstruction_protocol(tally: ReconstructionTally, dataset, tokenizer, lpips_model, balance: str,
+                             labels_used: list | None, seed: int, seconds: float) -> dict[str, Any]:
+    """What the figures were measured on and how (the JSON's "protocol")."""
     images_per_class = None
     if labels_used is not None:
         values, frequency = np.unique(labels_used, return_counts=True)
         images_per_class = {int(v): int(c) for v, c in zip(values, frequency)}
-    result["protocol"] = {
+    num_evaluated, resolution, grid_shape = tally.num_images, tally.resolution, tally.grid_shape
+    tokens_per_image, counts = tally.tokens_per_image, tally.counts
+    return {
         "num_images": num_evaluated,
         "dataset_size": len(dataset),
         "class_balancing": balance,
@@ -247,7 +259,7 @@ def evaluate_reconstruction(
         "quantizer": getattr(tokenizer.config, "quantizer", None),
         "reconstruction": "decode(encode(x)) from hard indices; uint8 for PSNR/SSIM/FID",
         "psnr": f"per image on [0, 1] (uint8 / 255), capped at {PSNR_CAP_DB} dB, averaged over images",
-        "ssim": "per image, Gaussian window 11x11 sigma 1.5 (eval.metrics.ssim), averaged over images",
+        "ssim": "per image, Gaussian window 11x11 sigma 1.5 (common.metrics.ssim), averaged over images",
         "lpips": getattr(lpips_model, "variant", "LPIPS-VGG v0.1") if lpips_model is not None else None,
         "codebook_statistics": "one bincount of hard indices over the whole evaluation set",
         "nominal_bits_per_image": nominal_bits_per_image(tokens_per_image, int(counts.numel())),
@@ -255,17 +267,8 @@ def evaluate_reconstruction(
                       "the thumbnail closest in bits to the nominal rate tokens x log2 K (equal_bits_thumbnail); "
                       "psnr_gain_db = tokenizer PSNR - baseline PSNR"),
         "seed": seed,
-        "seconds": round(time.time() - start, 2),
-        **fid_protocol,
-        **(protocol or {}),
+        "seconds": round(seconds, 2),
     }
-    result["notes"] = notes
-    if return_code_counts:
-        result["code_counts"] = counts.tolist()
-    if return_images:
-        result.update(images_u8=torch.cat(kept_real), reconstructions_u8=torch.cat(kept_recon),
-                      labels=torch.cat(kept_labels))
-    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -324,42 +327,11 @@ def baseline_table(result: dict[str, Any]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
-def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write JSON atomically (temporary file + rename); non-finite floats become null."""
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(payload), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
 # ----------------------------------------------------------------------------- CLI
-def load_data_config(overrides: Sequence[str], **defaults: Any):
-    """``DataConfig`` from ``field=value`` overrides (typos and wrong types raise naming the key)."""
-    from lgq.config import load_config
-    from lgq.data import DataConfig
-
-    given = {item.split("=", 1)[0] for item in overrides}
-    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given and v is not None]
-    return load_config(DataConfig, None, [*extra, *overrides])
-
-
 def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
     """(LPIPS network or None, note or None) for --lpips auto|on|off."""
     if mode == "off":
         return None, "disabled (--lpips off)"
-    from eval.fid import is_offline
-    from tokenizer.losses import LPIPS
 
     cached_vgg = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
     if mode == "auto" and vgg_weights is None and not cached_vgg.is_file() and is_offline():
@@ -376,8 +348,6 @@ def build_lpips(mode: str, lpips_weights: str | None, vgg_weights: str | None):
 def parse_args(argv: Sequence[str] | None = None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     rest, data_overrides = split_data_options(argv)
-    from lgq.cli import config_help
-    from lgq.data import DataConfig
 
     parser = argparse.ArgumentParser(prog="python -m eval.reconstruction", description=__doc__,
                                      epilog=config_help(DataConfig, "data."),
@@ -409,8 +379,6 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from lgq.data import build_image_dataset
-    from tokenizer.model import LGQTokenizer
 
     data_cfg = load_data_config(args.data_overrides)
     if not Path(args.tokenizer).is_dir():
@@ -419,12 +387,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokenizer = LGQTokenizer.from_pretrained(args.tokenizer)
     dataset = build_image_dataset(data_cfg, split=args.split)
     lpips_model, lpips_note = build_lpips(args.lpips, args.lpips_weights, args.lpips_vgg_weights)
-    import dataclasses
 
     classifier = None
     if args.classifier is not None:
-        from eval.classifier import load_classifier
-
         classifier = load_classifier(args.classifier, data_cfg, device=device)  # mismatching data -> error
 
     result = evaluate_reconstruction(
@@ -436,8 +401,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return_images=classifier is not None,
     )
     if classifier is not None:
-        from eval.classifier import classifier_report
-
         real_u8, recon_u8, labels = result.pop("images_u8"), result.pop("reconstructions_u8"), result.pop("labels")
         result.update(classifier_report(args.classifier, *classifier, recon_u8, labels, real_u8, device=device))
     if lpips_note:

@@ -13,6 +13,7 @@ GPT priors get an ``AutoregressiveScheduler``. The result is saved with safetens
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -20,7 +21,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from common.hub import CARD_FILE, CardInfo, push_folder_to_hub, read_card_metadata, write_model_card
+from pipelines.pipeline_lgq import LGQPipeline
+from prior.sampling import is_maskgit_prior
 from prior.scheduler import MASK_SCHEDULES, MaskGITScheduler
+from tokenizer.model import LGQTokenizer
 
 # _class_name in the prior's config.json -> "module:Class"
 PRIOR_CLASSES = {
@@ -42,8 +47,6 @@ def _read_config(folder: str | os.PathLike, what: str, config_name: str = "confi
 
 def prior_class_for(prior_path: str | os.PathLike):
     """The prior class named by ``_class_name`` in ``prior_path/config.json`` (MaskGITPrior or GPTPrior)."""
-    import importlib
-
     class_name = _read_config(prior_path, "prior").get("_class_name")
     if class_name not in PRIOR_CLASSES:
         raise ValueError(f"{str(prior_path)!r}/config.json names prior class {class_name!r}; "
@@ -56,9 +59,6 @@ def build_pipeline(tokenizer_path: str | os.PathLike, prior_path: str | os.PathL
                    scheduler_path: str | os.PathLike | None = None, mask_schedule: str = "cosine",
                    choice_temperature: float = 4.5):
     """Load the tokenizer and prior exports and combine them into an `LGQPipeline` (eval mode, fp32)."""
-    from pipelines.pipeline_lgq import LGQPipeline, is_maskgit_prior
-    from tokenizer.model import LGQTokenizer
-
     tokenizer_config = _read_config(tokenizer_path, "tokenizer")
     if tokenizer_config.get("_class_name") != "LGQTokenizer":
         raise ValueError(f"{str(tokenizer_path)!r}/config.json describes {tokenizer_config.get('_class_name')!r}, "
@@ -93,8 +93,6 @@ images = pipe(labels, {steps}guidance_scale=3.0, generator=torch.Generator().man
 def pipeline_card(pipeline, tokenizer_path: str | os.PathLike, prior_path: str | os.PathLike):
     """The pipeline's model card: its components (from their configs) and their training and metrics (from the
     components' own model cards, when the exports have them)."""
-    from lgq.hub import CardInfo, read_card_metadata
-
     tokenizer_card, prior_card = read_card_metadata(tokenizer_path), read_card_metadata(prior_path)
     tokenizer, prior, scheduler = pipeline.tokenizer, pipeline.prior, pipeline.scheduler
     h, w = pipeline.grid_size
@@ -131,8 +129,6 @@ def pipeline_card(pipeline, tokenizer_path: str | os.PathLike, prior_path: str |
 def save_pipeline(pipeline, output: str | os.PathLike, tokenizer_path: str | os.PathLike,
                   prior_path: str | os.PathLike) -> Path:
     """save_pretrained (safetensors) plus model cards: the pipeline's README.md and its components' cards."""
-    from lgq.hub import CARD_FILE, write_model_card
-
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(output, safe_serialization=True)
@@ -166,16 +162,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     pipeline = build_pipeline(args.tokenizer, args.prior, args.scheduler, args.mask_schedule, args.choice_temperature)
     output = save_pipeline(pipeline, args.output, args.tokenizer, args.prior)
     if not args.no_verify:
-        from pipelines.pipeline_lgq import LGQPipeline
-
         LGQPipeline.from_pretrained(output)
     h, w = pipeline.image_size
     print(f"LGQPipeline written to {output}: prior {type(pipeline.prior).__name__} "
           f"({pipeline.num_classes} classes, token grid {pipeline.grid_size}), tokenizer K={pipeline.tokenizer.codebook_size}, "
           f"images {h}x{w}, scheduler {type(pipeline.scheduler).__name__ if pipeline.scheduler is not None else 'none'}")
     if args.push_to_hub:
-        from lgq.hub import push_folder_to_hub
-
         url = push_folder_to_hub(output, args.hub_model_id or output.resolve().name, private=args.hub_private)
         print(f"pushed {output} to the Hub: {url}")
     return output

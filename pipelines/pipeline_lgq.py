@@ -7,9 +7,9 @@
     images = tokenizer.decode(tokens.view(B, h, w))       # [B, 3, h*f, w*f] in [-1, 1]
     output = postprocess(images)                          # x -> (x + 1) / 2 in [0, 1]; PIL / numpy / torch
 
-The loop lives in ``LGQPipeline.__call__`` (progress bar, ``callback_on_step_end``); it is the only
-sampling loop of the project: ``MaskGITPrior.generate`` / ``GPTPrior.generate`` run it through a
-tokenizer-less pipeline with ``output_type="latent"``.
+The loop is ``prior.sampling.TokenSampling``, the only sampling loop of the project: ``LGQPipeline.__call__``
+runs it with its progress bar and ``callback_on_step_end`` and decodes the tokens; ``MaskGITPrior.generate`` /
+``GPTPrior.generate`` (``prior.sampling.sample_token_grids``) run it without a tokenizer.
 
 Components (recorded in ``model_index.json`` with their module paths, so this module imports them):
 
@@ -39,58 +39,13 @@ from diffusers.image_processor import VaeImageProcessor
 
 from prior.gpt import GPTPrior
 from prior.maskgit import MaskGITPrior
-from prior.scheduler import GUIDANCE_SCHEDULES, AutoregressiveScheduler, MaskGITScheduler, guidance_scale_at
+from prior.sampling import TokenSampling, check_sampling_options, check_scheduler, is_maskgit_prior
+from prior.scheduler import AutoregressiveScheduler, MaskGITScheduler
+from prior.tokens import check_class_labels
 from tokenizer.model import LGQTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 REQUIRED_COMPONENTS = ("tokenizer", "prior")
-
-
-def is_maskgit_prior(prior: Any) -> bool:
-    """True for priors decoded by iterative unmasking with a MaskGITScheduler (MaskGIT family)."""
-    return isinstance(prior, MaskGITPrior)
-
-
-def validate_class_labels(class_labels: Any, num_classes: int) -> torch.Tensor:
-    """Class labels (int, sequence of ints, 1-D integer tensor / array) -> int64 tensor [B].
-
-    Raises ValueError naming the valid range [0, num_classes) for anything else: floats, bools,
-    strings, None, nested or empty sequences, out-of-range values.
-    """
-    valid = f"integers in [0, {num_classes}) (num_classes={num_classes})"
-    if isinstance(class_labels, (bool, np.bool_)):
-        raise ValueError(f"class_labels must be {valid}, got a bool")
-    if isinstance(class_labels, (int, np.integer)):
-        labels = torch.tensor([int(class_labels)], dtype=torch.int64)
-    elif isinstance(class_labels, (list, tuple)):
-        bad = [v for v in class_labels if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))]
-        if bad:
-            raise ValueError(f"class_labels must be {valid}, got non-integer entries {bad[:5]!r}")
-        labels = torch.tensor([int(v) for v in class_labels], dtype=torch.int64)
-    elif isinstance(class_labels, (torch.Tensor, np.ndarray)):
-        labels = torch.as_tensor(class_labels)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be {valid}, got a tensor of dtype {labels.dtype}")
-        if labels.dim() == 0:
-            labels = labels.reshape(1)
-        labels = labels.long()
-    else:
-        raise ValueError(f"class_labels must be {valid} (an int, a list of ints or a LongTensor), "
-                         f"got {type(class_labels).__name__}")
-    if labels.dim() != 1 or labels.numel() == 0:
-        raise ValueError(f"class_labels must be a non-empty 1-D sequence of {valid}, got shape {tuple(labels.shape)}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"class_labels must be {valid}, got values in [{lo}, {hi}]")
-    return labels
-
-
-def _check_positive_number(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return float(value)
 
 
 class LGQPipeline(DiffusionPipeline):
@@ -125,20 +80,7 @@ class LGQPipeline(DiffusionPipeline):
         if tokenizer is not None and int(prior.codebook_size) != int(tokenizer.codebook_size):
             raise ValueError(f"prior codebook_size {prior.codebook_size} != tokenizer codebook_size "
                              f"{tokenizer.codebook_size}: the prior was trained on another tokenizer's tokens")
-        if is_maskgit_prior(prior):
-            if not isinstance(scheduler, MaskGITScheduler):
-                raise ValueError(f"a MaskGIT prior needs a MaskGITScheduler as scheduler, got {type(scheduler).__name__}")
-            if int(scheduler.config.codebook_size) != int(prior.codebook_size) or scheduler.mask_id != prior.mask_token_id:
-                raise ValueError(f"scheduler has codebook_size={scheduler.config.codebook_size}, mask id "
-                                 f"{scheduler.mask_id}; the prior has codebook_size={prior.codebook_size}, "
-                                 f"mask id {prior.mask_token_id}")
-        else:
-            scheduler = AutoregressiveScheduler(codebook_size=int(prior.codebook_size)) if scheduler is None else scheduler
-            if not isinstance(scheduler, AutoregressiveScheduler):
-                raise ValueError(f"a GPT prior is decoded by an AutoregressiveScheduler, got {type(scheduler).__name__}")
-            if int(scheduler.config.codebook_size) != int(prior.codebook_size):
-                raise ValueError(f"scheduler codebook_size {scheduler.config.codebook_size} != prior codebook_size "
-                                 f"{prior.codebook_size}")
+        scheduler = check_scheduler(prior, scheduler)
         self.register_modules(tokenizer=tokenizer, prior=prior, scheduler=scheduler)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
         self.set_eval_mode()
@@ -256,29 +198,14 @@ class LGQPipeline(DiffusionPipeline):
         return pipeline
 
     # ------------------------------------------------------------------ sampling
-    def check_call_options(self, *, top_k, top_p, mask_schedule, choice_temperature, use_cache,
-                           guidance_schedule, generator, batch_size: int,
+    def check_call_options(self, *, num_inference_steps, guidance_scale, temperature, top_k, top_p, mask_schedule,
+                           choice_temperature, use_cache, guidance_schedule, generator, batch_size: int,
                            callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
         """ValueError for options the prior type does not have, bad values, and bad callback inputs."""
-        maskgit = self.uses_scheduler
-        only = {"top_k": (top_k, False), "top_p": (top_p, False), "use_cache": (None if use_cache is True else use_cache, False),
-                "mask_schedule": (mask_schedule, True), "choice_temperature": (choice_temperature, True)}
-        for name, (value, for_maskgit) in only.items():
-            if value is not None and for_maskgit != maskgit:
-                raise ValueError(f"{name} is an option of {'MaskGIT' if for_maskgit else 'GPT'} priors; "
-                                 f"this pipeline's prior is a {type(self.prior).__name__}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        if top_p is not None and not 0.0 < _check_positive_number("top_p", top_p) <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-        if isinstance(generator, list):
-            if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
-                raise ValueError(f"generator must be one torch.Generator or a list of {batch_size} (one per class "
-                                 f"label), got a list of {len(generator)}")
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, a list of them or None, got {type(generator).__name__}")
+        check_sampling_options(self.prior, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               temperature=temperature, top_k=top_k, top_p=top_p, mask_schedule=mask_schedule,
+                               choice_temperature=choice_temperature, use_cache=use_cache,
+                               guidance_schedule=guidance_schedule, generator=generator, batch_size=batch_size)
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
         bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
@@ -329,22 +256,18 @@ class LGQPipeline(DiffusionPipeline):
                 the step's guided logits); a returned dict's "tokens" replaces the tokens (for GPT only the
                 positions not yet fed to the prior take effect). ``pipe._interrupt = True`` stops after the step.
         """
-        labels = validate_class_labels(class_labels, self.num_classes)
+        labels = check_class_labels(class_labels, self.num_classes)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if output_type != "latent" and self.tokenizer is None:
             raise ValueError(f"output_type={output_type!r} needs a tokenizer; this pipeline has none "
                              f"(use output_type='latent' for token grids)")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        guidance_scale = _check_positive_number("guidance_scale", guidance_scale, allow_zero=True)
-        temperature = _check_positive_number("temperature", temperature)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["tokens"]
-        self.check_call_options(top_k=top_k, top_p=top_p, mask_schedule=mask_schedule,
+        self.check_call_options(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                temperature=temperature, top_k=top_k, top_p=top_p, mask_schedule=mask_schedule,
                                 choice_temperature=choice_temperature, use_cache=use_cache,
                                 guidance_schedule=guidance_schedule, generator=generator, batch_size=len(labels),
                                 callback_on_step_end=callback_on_step_end,
@@ -352,44 +275,31 @@ class LGQPipeline(DiffusionPipeline):
         self.set_eval_mode()
         self._interrupt = False
         device = self._execution_device
-        prior, scheduler = self.prior, self.scheduler
-        labels = labels.to(device)
+        sampling = TokenSampling(self.prior, self.scheduler, labels, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, temperature=temperature, generator=generator,
+                                 top_k=top_k, top_p=top_p, mask_schedule=mask_schedule,
+                                 choice_temperature=choice_temperature, guidance_schedule=guidance_schedule,
+                                 use_cache=use_cache, device=device)
+        self._num_timesteps = len(sampling.timesteps)
 
-        # 1. timesteps and this call's step options (per-call options never touch the saved configs)
-        if self.uses_scheduler:
-            scheduler.set_timesteps(int(num_inference_steps), device=device, mask_schedule=mask_schedule)
-            step_options = {"choice_temperature": choice_temperature}
-        else:
-            scheduler.set_timesteps(prior.seq_len, device=device)
-            step_options = {"top_k": top_k, "top_p": top_p}
-        timesteps = scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        guided = guidance_scale != 1.0 or guidance_schedule != "constant"
-
-        # 2. start from "nothing decoded" and let the scheduler fill in tokens from the prior's logits
-        tokens = torch.full((len(labels), prior.seq_len), scheduler.mask_id, dtype=torch.long, device=device)
-        state = prior.start_sampling(labels, guided=guided, use_cache=use_cache)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps.tolist()):
-                scale = guidance_scale_at(i, len(timesteps), guidance_scale, guidance_schedule)
-                logits = prior.sampling_logits(tokens, t, scale, state)
-                tokens = scheduler.step(logits, t, tokens, generator=generator, temperature=temperature,
-                                        **step_options).prev_sample
+        with self.progress_bar(total=len(sampling.timesteps)) as progress_bar:
+            def after_step(i: int, t: int, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
                 if callback_on_step_end is not None:
                     step_tensors = {"tokens": tokens, "logits": logits}
                     callback_kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     tokens = callback_outputs.pop("tokens", tokens)
                 progress_bar.update()
-                if self.interrupt:
-                    break
+                return tokens, self.interrupt
+
+            tokens = sampling.run(after_step)
         tokens = tokens.view(len(labels), *self.grid_size)
 
         # 3. decode
         if output_type == "latent":
             images = tokens
         else:
-            if (tokens == scheduler.mask_id).any():
+            if (tokens == self.scheduler.mask_id).any():
                 raise RuntimeError("sampling stopped with undecided tokens (interrupted?): use output_type='latent'")
             images = self.tokenizer.decode(tokens.to(self.tokenizer.device))  # [-1, 1]
             images = self.image_processor.postprocess(images.float(), output_type=output_type)
@@ -397,19 +307,6 @@ class LGQPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
-
-
-def sample_token_grids(prior: Any, class_labels: Any, scheduler: MaskGITScheduler | AutoregressiveScheduler | None = None,
-                       **call_options: Any) -> torch.Tensor:
-    """Token grids [B, h, w] from ``prior`` alone (no tokenizer), through ``LGQPipeline.__call__`` (the one
-    sampling loop) with the progress bar off; the prior's train/eval mode is restored afterwards."""
-    was_training = prior.training
-    pipeline = LGQPipeline(tokenizer=None, prior=prior, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    try:
-        return pipeline(class_labels, output_type="latent", **call_options).images
-    finally:
-        prior.train(was_training)
 
 
 def check_pipeline_folder(path: str | os.PathLike) -> dict:
@@ -442,5 +339,5 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
     return index
 
 
-__all__ = ["LGQPipeline", "sample_token_grids", "validate_class_labels", "check_pipeline_folder", "is_maskgit_prior",
+__all__ = ["LGQPipeline", "check_pipeline_folder", "is_maskgit_prior",
            "OUTPUT_TYPES"]

@@ -1,18 +1,19 @@
-"""Run configuration of `prior/train.py` (schema for `lgq.config.load_config`).
+"""Run configuration of `prior/train.py` (schema for `common.config.load_config`).
 
     accelerate launch prior/train.py --config configs/prior/tiny.yaml data.tokens=runs/tokens/train model.prior_type=gpt
 
 Sections: ``model`` (prior type + transformer size; K, grid and number of classes come from the token
 data's meta.json), ``data`` (token directories, tokenizer for the fingerprint check and for decoding
 samples), ``sample`` (the class-conditional sample grid logged every ``train.image_log_every`` steps),
-``train`` (optimisation and bookkeeping, shared with the tokenizer stage: ``lgq.config.TrainConfig``).
+``train`` (optimisation and bookkeeping, shared with the tokenizer stage: ``common.config.TrainConfig``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lgq.config import ConfigError, TrainConfig
+from common.config import ConfigError, TrainConfig
+from prior.tokens import normalize_grid_size
 
 PRIOR_TYPES = ("maskgit", "gpt")
 
@@ -161,8 +162,6 @@ def resolve_data_shape(model: PriorModelConfig, meta: dict, source: str) -> dict
     Returns {"codebook_size": K, "grid_size": (h, w), "num_classes": C}; ConfigError on a conflict
     or when C is known neither from the data nor from the config.
     """
-    from prior.tokens import normalize_grid_size
-
     stored = {"codebook_size": int(meta["codebook_size"]), "grid_size": normalize_grid_size(meta["grid_size"]),
               "num_classes": None if meta.get("num_classes") is None else int(meta["num_classes"])}
     given = {"codebook_size": model.codebook_size,

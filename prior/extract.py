@@ -4,7 +4,7 @@
         --data.root /data/imagenet --data.image_size 256 --output tokens/imagenet_train --flip
 
 Arguments are the fields of ``ExtractConfig`` as ``--key value`` / ``--flag`` or ``key=value``
-(``--batch-size 8`` == ``batch_size=8``; the style of every command, ``lgq/cli.py``);
+(``--batch-size 8`` == ``batch_size=8``; the style of every command, ``common/cli.py``);
 ``--config FILE.yaml`` merges a YAML file first; ``--help`` lists every key with its default.
 
 How the work is split and resumed: the data set (deterministic transform, no random flip) is cut
@@ -34,23 +34,19 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
-from lgq.data import DataConfig
-from prior.tokens import (
-    LABELS_FILE,
-    META_FILE,
-    TOKENS_FILE,
-    build_meta,
-    normalize_grid_size,
-    read_meta,
-    save_npy_atomic,
-    token_dtype,
-    tokenizer_fingerprint,
-    validate_token_directory,
-    write_meta,
-)
+from common.cli import make_parser, parse_command_line
+from common.config import load_config
+from common.data import DataConfig, build_image_dataset
+from common.files import atomic_write
+from common.training import make_accelerator
+from prior.tokens import (LABELS_FILE, META_FILE, TOKENS_FILE, build_meta, normalize_grid_size, read_meta,
+                          save_npy_atomic, token_dtype, tokenizer_fingerprint, validate_token_directory, write_meta)
+from tokenizer.model import LGQTokenizer
 
 CHUNK_DIR = "_chunks"
 JOB_FILE = "job.json"
@@ -92,12 +88,8 @@ def chunk_path(output: Path, index: int) -> Path:
 
 
 def _save_chunk(path: Path, tokens: np.ndarray, labels: np.ndarray, first_image: int, rank: int) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, tokens=tokens, labels=labels, first_image=np.int64(first_image), rank=np.int64(rank))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_chunk(path: Path, expected_rows: int, grid: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -156,8 +148,6 @@ def extract_tokens(
     (image [3, S, S] in [-1, 1], label). Works in one process or under accelerate (see module doc).
     Returns the meta dictionary of the finished directory.
     """
-    from accelerate import Accelerator  # imported here: cheap module import for the helpers above
-
     accelerator = accelerator or Accelerator()
     output = Path(output)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -171,17 +161,49 @@ def extract_tokens(
     extra = dict(meta_extra or {})
     job = _job_record(num_images, int(chunk_size), augmentations, tokenizer_hash, extra)
 
-    # --- a finished directory: done (same job) or refuse (different job, unless overwrite)
-    if (output / META_FILE).is_file():
-        meta = read_meta(output)
-        if _same_job(meta.get("job", {}), job):
-            accelerator.print(f"{output} is already complete ({meta['count']} grids); nothing to do")
-            return validate_token_directory(output)
-        if not overwrite:
-            raise ValueError(
-                f"{output} already holds tokens made with other settings or another tokenizer "
-                f"(tokenizer {meta.get('tokenizer_hash')}); choose another --output or pass overwrite=true"
-            )
+    if _already_extracted(output, job, overwrite, accelerator):
+        return validate_token_directory(output)
+    chunk_dir = _prepare_chunk_folder(output, job, tokenizer_hash, overwrite, accelerator)
+
+    # --- this process's share of the missing chunks (listed by every process between two barriers)
+    num_chunks = math.ceil(num_images / chunk_size)
+    missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
+    accelerator.wait_for_everyone()  # nobody writes a chunk before every process has listed them
+    _encode_chunks(tokenizer, dataset, output, missing[rank::world], chunk_size=chunk_size, batch_size=batch_size,
+                   flip=flip, num_workers=num_workers, accelerator=accelerator, show_progress=show_progress)
+    accelerator.wait_for_everyone()
+
+    # --- merge (main process), in chunk = image order
+    if accelerator.is_main_process:
+        merge_chunks(output, num_images, chunk_size, augmentations, K, job,
+                     tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash, num_processes=world, **extra)
+        if not keep_chunks:
+            shutil.rmtree(chunk_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return validate_token_directory(output)
+
+
+def _already_extracted(output: Path, job: dict, overwrite: bool, accelerator) -> bool:
+    """True when ``output`` is a finished directory of the same job (nothing to do); a finished directory of
+    another job is refused unless ``overwrite``. Every process decides alike (no collective)."""
+    if not (output / META_FILE).is_file():
+        return False
+    meta = read_meta(output)
+    if _same_job(meta.get("job", {}), job):
+        accelerator.print(f"{output} is already complete ({meta['count']} grids); nothing to do")
+        return True
+    if not overwrite:
+        raise ValueError(
+            f"{output} already holds tokens made with other settings or another tokenizer "
+            f"(tokenizer {meta.get('tokenizer_hash')}); choose another --output or pass overwrite=true"
+        )
+    return False
+
+
+def _prepare_chunk_folder(output: Path, job: dict, tokenizer_hash: str, overwrite: bool, accelerator) -> Path:
+    """The chunk folder of ``job``, ready to resume: chunks of another job are refused (or, with
+    ``overwrite``, removed with the old results), half-written files deleted, the job recorded. Every process
+    passes the same two barriers."""
     chunk_dir = output / CHUNK_DIR
     job_file = chunk_dir / JOB_FILE
     previous = json.loads(job_file.read_text()) if job_file.is_file() else None
@@ -204,51 +226,42 @@ def extract_tokens(
             stale.unlink(missing_ok=True)
         job_file.write_text(json.dumps(job, indent=2, sort_keys=True, default=str))
     accelerator.wait_for_everyone()
+    return chunk_dir
 
-    # --- this process's share of the missing chunks (listed by every process between two barriers)
-    num_chunks = math.ceil(num_images / chunk_size)
-    missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
-    accelerator.wait_for_everyone()  # nobody writes a chunk before every process has listed them
-    mine = missing[rank::world]
-    pending_images = sum(min(chunk_size, num_images - c * chunk_size) for c in mine)
+
+def _encode_chunks(tokenizer, dataset, output: Path, chunks: Sequence[int], *, chunk_size: int, batch_size: int,
+                   flip: bool, num_workers: int, accelerator, show_progress: bool) -> None:
+    """Encode the images of ``chunks`` (chunk c = images [c * chunk_size, (c + 1) * chunk_size)) and write each
+    chunk atomically; the tokenizer runs in eval mode (no collective inside encode) and its mode is restored."""
+    K = int(tokenizer.codebook_size)
+    num_images = len(dataset)
+    num_views = len(AUGMENTATIONS[bool(flip)])
     progress = None
     if show_progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=pending_images, desc=f"encode (process 0 of {world})", unit="img")
-    device = accelerator.device
+        pending_images = sum(min(chunk_size, num_images - c * chunk_size) for c in chunks)
+        progress = tqdm(total=pending_images, desc=f"encode (process 0 of {accelerator.num_processes})", unit="img")
     was_training = bool(getattr(tokenizer, "training", False))
     if was_training:  # eval mode: no dropout, no quantizer updates, no collectives inside encode
         tokenizer.eval()
-    for c in mine:
+    for c in chunks:
         start, stop = c * chunk_size, min((c + 1) * chunk_size, num_images)
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers)
         grids, labels = [], []
         for images, batch_labels in loader:
-            batch_grids = encode_batch(tokenizer, images.to(device), flip)
+            batch_grids = encode_batch(tokenizer, images.to(accelerator.device), flip)
             if batch_grids.numel() and (int(batch_grids.min()) < 0 or int(batch_grids.max()) >= K):
                 raise ValueError(f"tokenizer returned indices outside [0, {K})")
             grids.append(batch_grids.cpu().numpy().astype(token_dtype(K)))
-            labels.append(torch.as_tensor(batch_labels).long().repeat_interleave(len(augmentations)).numpy())
+            labels.append(torch.as_tensor(batch_labels).long().repeat_interleave(num_views).numpy())
             if progress is not None:
                 progress.update(images.shape[0])
-        _save_chunk(chunk_path(output, c), np.concatenate(grids), np.concatenate(labels), start, rank)
+        _save_chunk(chunk_path(output, c), np.concatenate(grids), np.concatenate(labels), start,
+                    accelerator.process_index)
     if progress is not None:
         progress.close()
     if was_training:
         tokenizer.train()
-    accelerator.wait_for_everyone()
-
-    # --- merge (main process), in chunk = image order
-    if accelerator.is_main_process:
-        meta = merge_chunks(output, num_images, chunk_size, augmentations, K, job,
-                            tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash,
-                            num_processes=world, **extra)
-        if not keep_chunks:
-            shutil.rmtree(chunk_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return validate_token_directory(output)
 
 
 def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: list[str], codebook_size: int,
@@ -284,41 +297,14 @@ def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: 
 
 # ----------------------------------------------------------------------------- command line
 def parse_config(argv: Sequence[str]) -> ExtractConfig:
-    """The command line (lgq.cli style: ``--key value`` / ``key=value`` / ``--flag`` for ExtractConfig's keys,
+    """The command line (common.cli style: ``--key value`` / ``key=value`` / ``--flag`` for ExtractConfig's keys,
     ``--config FILE.yaml``, ``--help`` listing every key with its default) -> ExtractConfig."""
-    from lgq.cli import make_parser, parse_command_line
-    from lgq.config import load_config
-
     parser = make_parser("python -m prior.extract", __doc__.split("\n\n")[0], ExtractConfig)
     args, overrides = parse_command_line(parser, argv, ExtractConfig)
     return load_config(ExtractConfig, args.config or None, overrides)
 
 
-def make_accelerator():
-    """Accelerator on CUDA/MPS when present, else CPU (gloo for several processes).
-
-    Raises if the launcher started several processes that did not join one process group: they
-    would each extract everything into the same output folder.
-    """
-    from accelerate import Accelerator
-
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not (
-        torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
-    )
-    accelerator = Accelerator(cpu=use_cpu)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise RuntimeError(
-            f"the launcher started {launched} processes but accelerate sees {accelerator.num_processes}: "
-            "on CPU use `accelerate launch --multi_gpu --num_processes N` with ACCELERATE_USE_CPU=true"
-        )
-    return accelerator
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
-    from lgq.data import build_image_dataset
-    from tokenizer.model import LGQTokenizer
-
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     data_cfg = dataclasses.replace(cfg.data, random_flip=False)  # the only augmentation is the explicit flip
     accelerator = make_accelerator()

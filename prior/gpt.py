@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prior.maskgit import check_prior_hyperparameters, drop_labels
+from prior.base import TokenGridGenerator, check_prior_hyperparameters, drop_labels
 from prior.scheduler import apply_guidance, filter_logits  # noqa: F401  (filter_logits: re-exported for callers)
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
 
@@ -33,7 +33,7 @@ from prior.tokens import check_class_labels, check_token_grid, normalize_grid_si
 KV_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-class GPTPrior(ModelMixin, ConfigMixin):
+class GPTPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
     """Class-conditional autoregressive prior over token grids [B, h, w] with values in [0, K).
 
     Args:
@@ -43,6 +43,8 @@ class GPTPrior(ModelMixin, ConfigMixin):
         label_dropout: probability of replacing a label by the null class during training.
         class_names: optional name of each class (length num_classes), from the training data.
     """
+
+    decoding = "autoregressive"  # prior.sampling: decoded one token per step (AutoregressiveScheduler)
 
     @register_to_config
     def __init__(
@@ -92,12 +94,10 @@ class GPTPrior(ModelMixin, ConfigMixin):
         return self.transformer.get_input_embeddings()
 
     def _labels_for_model(self, class_labels, batch: int) -> torch.Tensor:
-        labels = torch.as_tensor(class_labels, device=self.device)
-        if labels.dtype.is_floating_point or labels.shape != (batch,):
-            raise ValueError(f"class_labels must be integer [B={batch}], got {labels.dtype} {tuple(labels.shape)}")
-        if int(labels.min()) < 0 or int(labels.max()) > self.null_class:
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}) (or {self.null_class} = null class)")
-        return labels.long()
+        labels = check_class_labels(class_labels, self.num_classes, self.device, null_class=self.null_class)
+        if labels.shape != (batch,):
+            raise ValueError(f"class_labels must have shape [B={batch}], got {tuple(labels.shape)}")
+        return labels
 
     def _embed(self, class_labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """[class embedding, token embeddings of ``tokens``] -> [B, 1 + tokens.shape[1], D]."""
@@ -160,28 +160,3 @@ class GPTPrior(ModelMixin, ConfigMixin):
             cond, uncond = logits.chunk(2)
             logits = apply_guidance(cond, uncond, guidance_scale)
         return logits
-
-    @torch.no_grad()
-    def generate(
-        self,
-        class_labels,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        use_cache: bool = True,
-        guidance_schedule: str = "constant",
-    ) -> torch.Tensor:
-        """Sample tokens [B, h, w] in raster order, without a tokenizer, through ``LGQPipeline``'s sampling loop
-        (``pipelines.pipeline_lgq.sample_token_grids``) with an ``AutoregressiveScheduler``.
-
-        use_cache=False recomputes the whole prefix at every position (same tokens, slower; for
-        checking the cache). guidance_schedule "linear": s_i = 1 + (s - 1)(i + 1)/L over positions.
-        The other arguments mean the same as in ``LGQPipeline.__call__``.
-        """
-        from pipelines.pipeline_lgq import sample_token_grids
-
-        return sample_token_grids(self, class_labels, None, guidance_scale=guidance_scale, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache,
-                                  guidance_schedule=guidance_schedule)

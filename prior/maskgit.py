@@ -29,42 +29,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from prior.base import TokenGridGenerator, check_prior_hyperparameters, drop_labels, uniform
 from prior.scheduler import apply_guidance
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
 
 
-def uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """u ~ U(0, 1) drawn on the generator's device (so a CPU generator drives CUDA models), moved to ``device``."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
-
-
-def check_prior_hyperparameters(codebook_size: int, num_classes: int, hidden_size: int, num_heads: int,
-                                label_dropout: float, class_names: list[str] | None = None) -> None:
-    """Constructor checks shared by the MaskGIT and GPT priors (clear ValueError naming the bad value)."""
-    if int(codebook_size) < 2:
-        raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
-    if not 0.0 <= label_dropout < 1.0:
-        raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
-    if class_names is not None and (len(class_names) != int(num_classes) or len(set(class_names)) != len(class_names)):
-        raise ValueError(f"class_names must hold {num_classes} distinct names (one per class), got {len(class_names)} "
-                         f"({len(set(class_names))} distinct)")
-
-
-def drop_labels(labels: torch.Tensor, null_class: int, probability: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Label dropout: each label is replaced by ``null_class`` with the given probability."""
-    if probability <= 0:
-        return labels
-    drop = uniform(labels.shape, generator, labels.device) < probability
-    return torch.where(drop, torch.full_like(labels, null_class), labels)
-
-
-class MaskGITPrior(ModelMixin, ConfigMixin):
+class MaskGITPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
     """Class-conditional MaskGIT over token grids [B, h, w] with values in [0, K).
 
     Args:
@@ -77,6 +47,8 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         class_names: optional name of each class (length num_classes), from the training data; the
             pipeline's ``id2label`` / ``get_label_ids`` read it.
     """
+
+    decoding = "maskgit"  # prior.sampling: decoded by iterative unmasking (MaskGITScheduler)
 
     @register_to_config
     def __init__(
@@ -218,32 +190,3 @@ class MaskGITPrior(ModelMixin, ConfigMixin):
         """Guided logits [M, K] at the M still-masked positions of ``tokens`` [B, L] (row-major): what
         ``MaskGITScheduler.step`` consumes; the fixed positions' logits are never needed."""
         return self.guided_logits(tokens, state["labels"], guidance_scale, positions=tokens == self.mask_token_id)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        class_labels,
-        num_inference_steps: int = 12,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        schedule: str | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        scheduler=None,
-        choice_temperature: float | None = None,
-        guidance_schedule: str = "constant",
-    ) -> torch.Tensor:
-        """Iterative parallel decoding -> tokens [B, h, w] int64 in [0, K), without a tokenizer.
-
-        Runs ``LGQPipeline``'s sampling loop (``pipelines.pipeline_lgq.sample_token_grids``) with ``scheduler``
-        (default: a cosine ``MaskGITScheduler``); the arguments mean the same as there (``schedule`` is the
-        pipeline's ``mask_schedule``: this call's schedule, the scheduler's config is never changed).
-        """
-        from pipelines.pipeline_lgq import sample_token_grids
-        from prior.scheduler import MaskGITScheduler
-
-        if scheduler is None:
-            scheduler = MaskGITScheduler(codebook_size=self.codebook_size, mask_token_id=self.mask_token_id)
-        return sample_token_grids(self, class_labels, scheduler, num_inference_steps=num_inference_steps,
-                                  guidance_scale=guidance_scale, temperature=temperature, mask_schedule=schedule,
-                                  generator=generator, choice_temperature=choice_temperature,
-                                  guidance_schedule=guidance_schedule)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.files import atomic_write, write_bytes_atomic
+
 TOKEN_FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.npy"
 LABELS_FILE = "labels.npy"
@@ -45,19 +47,46 @@ def normalize_grid_size(grid_size: int | Sequence[int]) -> tuple[int, int]:
     return grid  # type: ignore[return-value]
 
 
-def check_class_labels(class_labels: Any, num_classes: int, device: torch.device | None = None) -> torch.Tensor:
-    """Class labels as an int64 tensor [B]; ValueError unless integers in [0, num_classes)."""
+def check_class_labels(class_labels: Any, num_classes: int, device: torch.device | None = None,
+                       null_class: int | None = None) -> torch.Tensor:
+    """Class labels (int, sequence of ints, 1-D integer tensor / array) -> int64 tensor [B] (on ``device``).
+
+    The one class-label check of the project (prior training, the priors' forward, the pipeline). With
+    ``null_class`` that one extra id (the classifier-free guidance label) is accepted as well.
+
+    Raises ValueError naming the valid range [0, num_classes) for anything else: floats, bools,
+    strings, None, nested or empty sequences, out-of-range values.
+    """
+    valid = f"integers in [0, {num_classes}) (num_classes={num_classes})" + \
+        (f" or {null_class} (the null class)" if null_class is not None else "")
+    if isinstance(class_labels, (bool, np.bool_)):
+        raise ValueError(f"class_labels must be {valid}, got a bool")
     if isinstance(class_labels, (int, np.integer)):
-        class_labels = [int(class_labels)]
-    labels = torch.as_tensor(class_labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"class labels must be integers in [0, {num_classes}), got dtype {labels.dtype}")
+        labels = torch.tensor([int(class_labels)], dtype=torch.int64)
+    elif isinstance(class_labels, (list, tuple)):
+        bad = [v for v in class_labels if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))]
+        if bad:
+            raise ValueError(f"class_labels must be {valid}, got non-integer entries {bad[:5]!r}")
+        labels = torch.tensor([int(v) for v in class_labels], dtype=torch.int64)
+    elif isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        labels = torch.as_tensor(class_labels)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be {valid}, got a tensor of dtype {labels.dtype}")
+        if labels.dim() == 0:
+            labels = labels.reshape(1)
+        labels = labels.long()
+    else:
+        raise ValueError(f"class_labels must be {valid} (an int, a list of ints or a LongTensor), "
+                         f"got {type(class_labels).__name__}")
     if labels.dim() != 1 or labels.numel() == 0:
-        raise ValueError(f"class labels must be a non-empty 1-D sequence [B], got shape {tuple(labels.shape)}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"class labels must lie in [0, {num_classes}) (num_classes={num_classes}), got [{lo}, {hi}]")
-    return labels.long().to(device) if device is not None else labels.long()
+        raise ValueError(f"class_labels must be a non-empty 1-D sequence of {valid}, got shape {tuple(labels.shape)}")
+    outside = (labels < 0) | (labels >= num_classes)
+    if null_class is not None:
+        outside &= labels != null_class
+    if outside.any():
+        lo, hi = int(labels.min()), int(labels.max())
+        raise ValueError(f"class_labels must be {valid}, got values in [{lo}, {hi}]")
+    return labels.to(device) if device is not None else labels
 
 
 def check_token_grid(tokens: torch.Tensor, codebook_size: int, grid: tuple[int, int], allow_mask: bool = False,
@@ -101,28 +130,14 @@ def tokenizer_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_meta(directory: str | os.PathLike, meta: dict) -> None:
-    _atomic_write_bytes(Path(directory) / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+    write_bytes_atomic(Path(directory) / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """np.save to a temporary name, fsync, rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """np.save through ``common.files.atomic_write``: readers never see a half-written file."""
+    with atomic_write(path) as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build_meta(*, codebook_size: int, grid_size, count: int, num_images: int | None = None,

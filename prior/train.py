@@ -5,7 +5,7 @@
     accelerate launch prior/train.py --config configs/prior/imagenet_maskgit_b.yaml \
         data.tokens=/data/tokens/imagenet_train data.tokenizer=/models/lgq --resume latest
 
-Per optimisation step (the loop itself lives in ``lgq.training.Trainer.fit``):
+Per optimisation step (the loop itself lives in ``common.training.Trainer.fit``):
   maskgit  L = sum_{masked i} CE(p(t_i | t_unmasked, y), t_i) / #masked, cosine mask ratio
            (prior.maskgit.MaskGITPrior.masking_loss), logged with the accuracy on masked tokens
   gpt      L = (1/L) sum_i CE(p(t_i | t_<i, y), t_i) (prior.gpt.GPTPrior.loss), logged with the accuracy
@@ -24,11 +24,16 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torchvision.utils import make_grid
 
-from lgq.training import Trainer, build_optimizer
+from common.cli import load_run_config
+from common.hub import CardInfo, training_rows
+from common.training import Trainer, build_optimizer
 from prior.config import PriorModelConfig, PriorRunConfig, resolve_data_shape
+from prior.gpt import GPTPrior
+from prior.maskgit import MaskGITPrior
 from prior.tokens import TokenDataset, tokenizer_fingerprint
-from tokenizer.train import load_run_config, training_rows  # (same command line and card rows as the tokenizer)
+from tokenizer.model import LGQTokenizer
 
 
 class PriorTrainingLoss(nn.Module):
@@ -59,10 +64,7 @@ def build_prior(model_cfg: PriorModelConfig, codebook_size: int, grid_size: tupl
                   hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                   mlp_ratio=model_cfg.mlp_ratio, dropout=model_cfg.dropout, label_dropout=model_cfg.label_dropout)
     if model_cfg.prior_type == "maskgit":
-        from prior.maskgit import MaskGITPrior
-
         return MaskGITPrior(**common)
-    from prior.gpt import GPTPrior
 
     return GPTPrior(num_kv_heads=model_cfg.num_kv_heads, **common)
 
@@ -71,8 +73,6 @@ def load_token_data(cfg: PriorRunConfig):
     """(TokenDataset, {K, grid, C}, tokenizer or None): the tokens checked against data.tokenizer and model.*."""
     tokenizer, expected_hash = None, None
     if cfg.data.tokenizer:
-        from tokenizer.model import LGQTokenizer
-
         if not Path(cfg.data.tokenizer).exists():
             raise FileNotFoundError(f"data.tokenizer: {cfg.data.tokenizer} does not exist")
         tokenizer = LGQTokenizer.from_pretrained(cfg.data.tokenizer).eval()
@@ -142,8 +142,6 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
 
     @torch.no_grad()
     def on_image_log(step: int) -> dict[str, object]:
-        from torchvision.utils import make_grid
-
         sampler = (trainer.ema.module if trainer.ema is not None else trainer.unwrap("model")).prior
         was_training = sampler.training
         sampler.eval()
@@ -170,8 +168,6 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
 
 def prior_card(cfg: PriorRunConfig, prior: nn.Module, shape: dict, trainer: Trainer, train_set, logs):
     """The export's model card: prior type, K, grid, classes, token data, steps, the last training metrics."""
-    from lgq.hub import CardInfo
-
     h, w = shape["grid_size"]
     maskgit = cfg.model.prior_type == "maskgit"
     names = train_set.class_names or []

@@ -13,13 +13,13 @@ Stages, in order, each timed on one GPU (bf16 autocast, quantizer in fp32):
   gpt_b        prior/train.py with imagenet_gpt_b.yaml, ``--prior-steps`` steps
   sample_*     pipelines.assemble + LGQPipeline sampling of one batch (MaskGIT 12 steps CFG 3; GPT KV cache)
   gen_fid      eval/gen_fid.py on ``--fid-samples`` MaskGIT samples against the synthetic val split
-  quantizers   eval.bench_quantizers (N = 16384 tokens, C = 64) for K = 16384, 65536 and 262144
+  quantizers   experiments.bench_quantizers (N = 16384 tokens, C = 64) for K = 16384, 65536 and 262144
                (FSQ has no levels table entry for 262144 and is left out there)
 
 It stops at the first stage that raises (the traceback names it) and prints one table
 (stage, work, s/step, img/s, peak memory, wall time), written as JSON to ``<output>/gpu_check.json``.
 Peak memory: torch.cuda.max_memory_allocated() over the stage (none on CPU); for the quantizer rows the
-benchmark's own peak above its inputs (``eval.bench_quantizers``, also on CPU).
+benchmark's own peak above its inputs (``experiments.bench_quantizers``, also on CPU).
 On a machine without CUDA it refuses unless ``--dry-run`` is given. The LPIPS VGG16 and Inception weights
 are downloaded on first use (internet needed once; they are cached in $TORCH_HOME/hub/checkpoints).
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -107,7 +108,7 @@ def common_train_overrides(output_dir: Path, steps: int, num_workers: int) -> li
 
 # ----------------------------------------------------------------------------- the stages
 def stage_tokenizer(args, cfg, out: Path) -> dict[str, Any]:
-    from tokenizer.train import main
+    from tokenizer.train import main  # lazy: each stage imports what it runs (several entry points are named main)
 
     steps = args.tokenizer_steps
     configs = [item for path in cfg["tokenizer_configs"] for item in ("--config", str(path))]
@@ -120,7 +121,7 @@ def stage_tokenizer(args, cfg, out: Path) -> dict[str, Any]:
 
 
 def stage_extract(args, cfg, out: Path, tokenizer: str) -> dict[str, Any]:
-    from prior.extract import main
+    from prior.extract import main  # lazy: each stage imports what it runs (several entry points are named main)
 
     meta = main(["--tokenizer", tokenizer, "--output", str(out / "tokens"), "--batch-size", "64",
                  "--chunk-size", "256", "--data.name", "synthetic", "--data.image_size", str(cfg["image_size"]),
@@ -129,7 +130,7 @@ def stage_extract(args, cfg, out: Path, tokenizer: str) -> dict[str, Any]:
 
 
 def stage_prior(args, cfg, out: Path, name: str, tokens: str) -> dict[str, Any]:
-    from prior.train import main
+    from prior.train import main  # lazy: each stage imports what it runs (several entry points are named main)
 
     steps = args.prior_steps
     overrides = [*common_train_overrides(out / f"{name}_run", steps, cfg["num_workers"]), f"data.tokens={tokens}",
@@ -140,8 +141,8 @@ def stage_prior(args, cfg, out: Path, name: str, tokens: str) -> dict[str, Any]:
 
 
 def stage_sample(cfg, out: Path, name: str, tokenizer: str, prior: str, device: torch.device) -> dict[str, Any]:
-    from pipelines.assemble import main as assemble
-    from pipelines.pipeline_lgq import LGQPipeline
+    from pipelines.assemble import main as assemble  # lazy: each stage imports what it runs (several entry points are named main)
+    from pipelines.pipeline_lgq import LGQPipeline  # lazy: each stage imports what it runs (several entry points are named main)
 
     folder = assemble(["--tokenizer", tokenizer, "--prior", prior, "--output", str(out / f"pipeline_{name}")])
     pipeline = LGQPipeline.from_pretrained(folder).to(device)
@@ -157,7 +158,7 @@ def stage_sample(cfg, out: Path, name: str, tokenizer: str, prior: str, device: 
 
 
 def stage_gen_fid(args, cfg, out: Path, pipeline: str) -> dict[str, Any]:
-    from eval.gen_fid import main
+    from eval.gen_fid import main  # lazy: each stage imports what it runs (several entry points are named main)
 
     argv = ["--pipeline", pipeline, "--num-samples", str(args.fid_samples), "--batch-size", str(cfg["fid_batch"]),
             "--num-inference-steps", str(cfg["inference_steps"]), "--guidance-scale", "3.0",
@@ -173,7 +174,7 @@ def stage_gen_fid(args, cfg, out: Path, pipeline: str) -> dict[str, Any]:
 
 
 def stage_quantizers(cfg, out: Path, device: torch.device) -> dict[str, Any]:
-    from eval.bench_quantizers import parse_args as bench_args, run_configuration
+    from experiments.bench_quantizers import parse_args as bench_args, run_configuration  # lazy: each stage imports what it runs (several entry points are named main)
 
     bench = cfg["bench"]
     rows = []
@@ -190,7 +191,6 @@ def stage_quantizers(cfg, out: Path, device: torch.device) -> dict[str, Any]:
 
 
 def check_finite(stage: str, history: dict[int, dict[str, float]]) -> None:
-    import math
 
     bad = {(step, k): v for step, row in history.items() for k, v in row.items() if not math.isfinite(v)}
     if bad or not history:

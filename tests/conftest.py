@@ -12,6 +12,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,13 @@ def inception_weights_path(tmp_path_factory):
     from inception_utils import save_random_inception_weights
 
     return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception_random.pth")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the 2 cores are shared (one thread is several times faster than two
+    here) and float reductions become reproducible. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

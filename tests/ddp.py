@@ -1,7 +1,7 @@
 """Launch a real 2-process CPU DDP run (gloo) with accelerate, for tests.
 
 `accelerate launch --cpu --num_processes 2` silently runs ONE process; the working recipe
-is --multi_gpu with ACCELERATE_USE_CPU=true (see ENVIRONMENT.md). Scripts launched this
+is --multi_gpu with ACCELERATE_USE_CPU=true (docs/environment.md §1). Scripts launched this
 way should assert the world size they expect.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from eval import bench_quantizers, bench_sampling
+from experiments import bench_quantizers, bench_sampling
 
 MIB = 2**20
 

@@ -12,7 +12,7 @@ from eval.classifier import (ClassifierCacheMismatch, ClassifierTrainConfig, cla
                              classifier_report, feature_distances, load_classifier, load_or_train_classifier,
                              load_split, predict)
 from eval.gen_fid import balanced_class_labels, save_samples_npz
-from lgq.data import DataConfig
+from common.data import DataConfig, GlyphImages
 
 NUM_CLASSES = 4
 DATA = dict(name="synthetic", image_size=16, num_images=192, num_val_images=128, num_classes=NUM_CLASSES)
@@ -154,7 +154,6 @@ def test_glyph_cache_made_with_other_rendering_ranges_is_refused(tmp_path, monke
     """The glyph geometry (size / rotation / offset ranges) lives in the code, not the data config: a cached
     classifier made before a change of those ranges must be refused, not silently reused."""
     from eval.classifier import check_metadata, data_identity
-    from lgq.data import GlyphImages
 
     data_cfg = DataConfig(name="glyphs", image_size=32)
     metadata = {"dataset": {"name": "glyphs", "image_size": 32, "num_classes": 10,

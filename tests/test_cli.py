@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lgq import cli
+from common import cli
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -22,9 +22,9 @@ PYTHON = sys.executable
     ("prior.extract", "chunk_size"),
     ("eval.reconstruction", "data.image_size"),
     ("eval.gen_fid", "data.root"),
-    ("eval.study", "model.quantizer"),
+    ("experiments.study", "model.quantizer"),
     ("pipelines.assemble", "--mask-schedule"),
-    ("eval.demo", "--output-dir"),
+    ("experiments.demo", "--output-dir"),
 ])
 def test_every_command_has_help_listing_its_keys(command, key, capsys):
     module = __import__(command, fromlist=["main"])
@@ -76,7 +76,7 @@ def test_entry_points_run_the_module_mains(capsys):
     assert set(scripts) == set(cli.COMMANDS)
     for name, target in scripts.items():
         module, attr = target.split(":")
-        assert module == "lgq.cli" and callable(getattr(cli, attr)), name
+        assert module == "common.cli" and callable(getattr(cli, attr)), name
     assert cli.run("tokenizer.train", ["--config", "configs/tokenizer/tiny.yaml", "--print-config"]) == 0
     assert "quantizer:" in capsys.readouterr().out
 
@@ -97,21 +97,21 @@ def test_wheel_ships_configs_and_runs_without_the_source_tree(tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert "lgq/configs/tokenizer/builtin.yaml" in names and "lgq/configs/prior/builtin.yaml" in names
-        assert "lgq/configs/tokenizer/glyphs.yaml" in names and "lgq/configs/prior/glyphs.yaml" in names
+        assert "common/configs/tokenizer/builtin.yaml" in names and "common/configs/prior/builtin.yaml" in names
+        assert "common/configs/tokenizer/glyphs.yaml" in names and "common/configs/prior/glyphs.yaml" in names
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-        assert "lgq-train-tokenizer = lgq.cli:train_tokenizer" in entry_points
+        assert "lgq-train-tokenizer = common.cli:train_tokenizer" in entry_points
         archive.extractall(site)
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
-    check = ("import lgq.cli, eval.demo; from lgq.cli import resolve_config_path as r; "
-             "print(lgq.cli.__file__); d = eval.demo.DEMO_DATASETS[eval.demo.DEFAULT_DEMO_DATASET]; "
+    check = ("import common.cli, experiments.demo; from common.cli import resolve_config_path as r; "
+             "print(common.cli.__file__); d = experiments.demo.DEMO_DATASETS[experiments.demo.DEFAULT_DEMO_DATASET]; "
              "print(r(d['tokenizer_config'])); print(r(d['prior_config']))")
     out = subprocess.run([PYTHON, "-c", check], cwd=work, env=env, capture_output=True, text=True, check=True).stdout
     paths = out.split()
     assert all(p.startswith(str(site)) for p in paths), paths  # the installed package, not the checkout
-    run = subprocess.run([PYTHON, "-c", "import sys; from lgq.cli import train_tokenizer; sys.exit(train_tokenizer())",
+    run = subprocess.run([PYTHON, "-c", "import sys; from common.cli import train_tokenizer; sys.exit(train_tokenizer())",
                           "--config", "configs/tokenizer/builtin.yaml", "--print-config"],
                          cwd=work, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -1,11 +1,11 @@
-"""lgq/config.py: schema + YAML + dotlist merging and its error messages."""
+"""common/config.py: schema + YAML + dotlist merging and its error messages."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import pytest
 
-from lgq.config import ConfigError, ConfigTypeError, TrainConfig, load_config, save_config
+from common.config import ConfigError, ConfigTypeError, TrainConfig, load_config, save_config
 
 
 @dataclass

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lgq.data import (
+from common.data import (
     BUILTIN_PHOTO_NAMES,
     DATASET_NAMES,
     BuiltinPhotoCrops,
@@ -194,7 +194,7 @@ def test_glyphs_defaults_shapes_range_and_class_balance():
 
 
 def test_parent_configs_apply_the_chosen_data_sets_defaults():
-    from lgq.config import load_config
+    from common.config import load_config
     from prior.extract import ExtractConfig
     from tokenizer.config import TokenizerRunConfig
 
@@ -261,10 +261,10 @@ def test_glyph_fonts_lacking_characters_are_skipped_and_unreadable_fonts_named(t
 def test_glyph_fonts_whose_characters_render_identically_are_skipped(tmp_path, monkeypatch):
     import shutil
 
-    import lgq.data
+    import common.data
 
     # without usable glyph names (or fontTools) the rendering check alone must reject LastResort's boxes
-    monkeypatch.setattr(lgq.data, "_glyph_name_matches", lambda glyph_name, char: True)
+    monkeypatch.setattr(common.data, "_glyph_name_matches", lambda glyph_name, char: True)
     for name in ("DejaVuSerif.ttf", "LastResortHE-Regular.ttf"):
         shutil.copy(matplotlib_font_dir() / name, tmp_path / name)
     dataset = small_glyphs(glyph_font_dir=str(tmp_path))
@@ -273,7 +273,7 @@ def test_glyph_fonts_whose_characters_render_identically_are_skipped(tmp_path, m
 
 
 def test_preview_and_benchmark_command(tmp_path, capsys):
-    from lgq.data import main
+    from common.data import main
 
     out = main(["--preview", str(tmp_path / "grid.png"), "--rows", "2", "--data.name", "glyphs",
                 "--data.num_images=20", "--data.num_classes", "5"])

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from eval import demo
+from experiments import demo
 
 
 @pytest.fixture()
@@ -22,6 +22,7 @@ def offline_cpu(monkeypatch):
     torch.set_num_threads(threads)  # the demo sets the process-wide thread count
 
 
+@pytest.mark.slow
 def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys):
     out = tmp_path / "demo"
     argv = ["--tiny", "--data", "builtin", "--output-dir", str(out), "--device", "cpu", "--threads", "1"]  # 1 thread

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from eval import gen_fid, reconstruction
-from eval.metrics import (code_histogram, codebook_statistics, mean_colour_images, psnr, ssim,
+from common.metrics import (code_histogram, codebook_statistics, mean_colour_images, psnr, ssim,
                           thumbnail_images, to_uint8)
-from lgq.data import DataConfig, build_image_dataset
+from common.data import DataConfig, build_image_dataset
 from pipelines import LGQPipeline
 from prior.maskgit import MaskGITPrior
 from prior.scheduler import MaskGITScheduler

@@ -11,13 +11,7 @@ from prior.scheduler import MASK_SCHEDULES, MaskGITScheduler, mask_schedule, sam
 K, C, GRID = 16, 4, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine is shared: one intra-op thread is several times faster than two here
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**overrides):

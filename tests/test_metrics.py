@@ -27,7 +27,7 @@ from eval.fid import (
     resolve_inception_weights,
     save_fid_statistics,
 )
-from eval.metrics import (baseline_plan, code_histogram, codebook_statistics, equal_bits_thumbnail_size, lpips_distance,
+from common.metrics import (baseline_plan, code_histogram, codebook_statistics, equal_bits_thumbnail_size, lpips_distance,
                           mean_colour_images, mean_psnr, nominal_bits_per_image, psnr, ssim, thumbnail_images,
                           to_uint8)
 

@@ -14,12 +14,7 @@ from tokenizer.quantizers import QUANTIZERS, QuantizerOutput
 QUANTIZER_OPTIONS = {"fsq": {"levels": [4, 4]}}  # K = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def accelerate_mixed_precision_forward(module: torch.nn.Module):
@@ -147,7 +142,7 @@ def checkpoint_and_export(run_dir, step: int, export_file) -> dict[str, torch.Te
 def assert_finite_history(run_dir, steps):
     import math
 
-    from lgq.training import read_history
+    from common.training import read_history
 
     history = read_history(run_dir)
     assert [row["step"] for row in history] == list(steps)

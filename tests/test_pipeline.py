@@ -204,7 +204,7 @@ def test_assemble_command_detects_prior_type(tmp_path, prior_factory, capsys):
 def test_assemble_writes_model_cards_and_pushes(tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from lgq.hub import CardInfo, read_card_metadata, write_model_card
+    from common.hub import CardInfo, read_card_metadata, write_model_card
 
     tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
     tiny_maskgit().save_pretrained(tmp_path / "prior")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lgq.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from prior.config import PriorRunConfig
 from prior.tokens import save_token_directory, tokenizer_fingerprint
 
@@ -19,12 +19,7 @@ TINY = ROOT / "configs" / "prior" / "tiny.yaml"
 K, CLASSES, GRID = 16, 4, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 cores are shared; also makes float reductions reproducible
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def class_patterned_tokens(num_grids: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +54,7 @@ def mean_of(history, key: str, steps) -> float:
     return sum(values[s][key] for s in steps) / len(steps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior_type", ["maskgit", "gpt"])
 def test_tiny_prior_learns_and_exports(prior_type, token_dir, tmp_path, capsys, monkeypatch):
     import huggingface_hub
@@ -120,6 +116,7 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_equals_uninterrupted_run(token_dir, tmp_path):
     # dropout, label dropout, grad accumulation, EMA and sample grids between steps all consume or touch RNG
     settings = ["model.dropout=0.1", "train.max_steps=8", "train.batch_size=4", "train.grad_accum_steps=2",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lgq.data import DataConfig, build_image_dataset
+from common.data import DataConfig, build_image_dataset
 from tokenizer.model import LGQTokenizer
 from tokenizer.prune import (check_prunable, count_code_usage, decoder_codes, evaluate_pruning, main,
                              old_to_new_map, prune_tokenizer, remap_tokens, select_codes)
@@ -91,7 +91,7 @@ def test_removed_used_codes_go_to_the_nearest_kept_code(quantizer):
     images = all_images(data)
     old = source.encode(images)
     report = evaluate_pruning(source, pruned, kept, mapping, data, batch_size=5, progress=False)
-    from eval.metrics import psnr, to_uint8
+    from common.metrics import psnr, to_uint8
 
     real = to_uint8(images)
     expected_remapped = psnr(real, to_uint8(pruned.decode(mapping[old])), max_db=100.0).double().mean()

@@ -10,7 +10,8 @@ from tokenizer.quantizers.fsq import FSQ_LEVELS, FSQuantizer
 from tokenizer.quantizers.ibq import IBQuantizer
 from tokenizer.quantizers.lfq import LFQuantizer, binary_entropy
 from tokenizer.quantizers.simvq import SimVQuantizer
-from tokenizer.quantizers.vq import VectorQuantizer, nearest_code_indices
+from tokenizer.quantizers.base import nearest_code_indices
+from tokenizer.quantizers.vq import VectorQuantizer
 
 DIM, K = 8, 64
 NAMES = ["vq", "fsq", "simvq", "lfq", "ibq", "lgq"]

@@ -1,4 +1,4 @@
-"""eval.study: the quantizer x K x seed sweep on a tiny synthetic config (two quantizers, one K, a few steps)."""
+"""experiments.study: the quantizer x K x seed sweep on a tiny synthetic config (two quantizers, one K, a few steps)."""
 import csv
 import json
 import math
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ddp import free_port  # tests/ddp.py
-from eval import study
-from lgq.training import read_history
+from experiments import study
+from common.training import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tokenizer" / "tiny.yaml"
@@ -40,6 +40,7 @@ def write_study(tmp_path, **fields):
     return path
 
 
+@pytest.mark.slow
 def test_sweep_over_seeds_writes_runs_rows_table_plots_and_reuses_finished_runs(tmp_path, capsys):
     """The tiny grid 2 quantizers x 1 K x 2 seeds: per-run results, one row per (quantizer, K) with mean / std
     over the seeds (checked against the runs), collapse fields, tables, plots; a second call reuses every run."""
@@ -203,6 +204,7 @@ def test_dry_run_with_accelerate_prints_one_launch_per_run_and_resumes_interrupt
     assert not (out / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_accelerate_launcher_two_processes_records_history_and_resumes_an_interrupted_run(tmp_path, monkeypatch,
                                                                                           capfd):
     """A real 2-process CPU DDP run through ``--launcher accelerate`` (the GPU path), then the state of a run

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lgq.config import load_config
+from common.config import load_config
 from ddp import run_ddp  # tests/ddp.py (pytest puts tests/ on sys.path)
 from tokenizer.config import TokenizerRunConfig
 
@@ -56,6 +56,7 @@ def uninterrupted_run(tmp_path_factory) -> Path:
     return output_dir
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted_run(uninterrupted_run, tmp_path):
     output_dir = tmp_path / "run"
     script = ROOT / "tests" / "scripts" / "train_tokenizer_pause_after_checkpoint.py"
@@ -84,6 +85,7 @@ def test_kill_and_resume_equals_uninterrupted_run(uninterrupted_run, tmp_path):
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_learns_logs_and_exports(uninterrupted_run):
     from tokenizer.model import LGQTokenizer
 
@@ -103,6 +105,7 @@ def test_uninterrupted_run_learns_logs_and_exports(uninterrupted_run):
         assert text in card, text
 
 
+@pytest.mark.slow
 def test_tiny_training_lowers_reconstruction_loss(tmp_path):
     from tokenizer.train import main
 
@@ -125,10 +128,11 @@ def test_tiny_training_lowers_reconstruction_loss(tmp_path):
     assert 1 <= history[20]["codebook/active_codes"] <= 64
 
 
+@pytest.mark.slow
 def test_vq_with_its_default_data_driven_init_uses_more_than_a_tenth_of_the_codebook(tmp_path):
     """VQ's codebook starts from encoder latents (init="random", the default): after a tiny run the exported
     tokenizer uses > 10% of K = 128 codes on the training images (a N(0, 1) codebook collapsed to a few codes)."""
-    from lgq.data import DataConfig, build_image_dataset
+    from common.data import DataConfig, build_image_dataset
     from tokenizer.model import LGQTokenizer
     from tokenizer.train import main
 

@@ -18,12 +18,7 @@ from prior.tokens import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write(path, n=5, K=1024, grid=(2, 3), tokenizer_hash="abc", **extra):
@@ -233,7 +228,7 @@ def synthetic_args(n=10):
 
 
 def lgq_reference(model, n=10):
-    from lgq.data import DataConfig, build_image_dataset
+    from common.data import DataConfig, build_image_dataset
 
     data = build_image_dataset(DataConfig(name="synthetic", image_size=16, num_images=n, num_classes=3,
                                           random_flip=False), "train")
@@ -242,6 +237,7 @@ def lgq_reference(model, n=10):
     return model.encode(images), model.encode(images.flip(-1)), labels
 
 
+@pytest.mark.slow
 def test_extraction_command_with_a_tiny_lgq_tokenizer(tmp_path):
     model = tiny_lgq_tokenizer(tmp_path / "tok")
     meta = main(["--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), "--batch-size", "4",

@@ -1,4 +1,4 @@
-"""Engine tests (lgq/training.py) on a toy model: schedule, weight-decay groups, exact resume,
+"""Engine tests (common/training.py) on a toy model: schedule, weight-decay groups, exact resume,
 NaN guard, atomic checkpoints, keep-last-N, export."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from lgq.config import TrainConfig
-from lgq.training import (
+from common.config import TrainConfig
+from common.training import (
     NonFiniteLossError, Trainer, build_optimizer, list_checkpoints, lr_factor, parameter_groups, read_history,
 )
 
@@ -212,7 +212,7 @@ def test_guards_on_output_dir_resume_path_and_process_count(tmp_path):
 
 def test_trackers_as_accelerate_names_them(tmp_path, monkeypatch):
     from accelerate import utils as accelerate_utils
-    from lgq.training import resolve_trackers
+    from common.training import resolve_trackers
 
     assert resolve_trackers("none") == [] and resolve_trackers("tensorboard") == ["tensorboard"]
     assert "tensorboard" in resolve_trackers("all")  # tensorboard is in the default install

@@ -1,4 +1,4 @@
-"""Run configuration of `tokenizer/train.py` (schema for `lgq.config.load_config`).
+"""Run configuration of `tokenizer/train.py` (schema for `common.config.load_config`).
 
     accelerate launch tokenizer/train.py --config configs/tokenizer/tiny.yaml model.quantizer=fsq train.max_steps=50
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lgq.config import TrainConfig
-from lgq.data import DataConfig
+from common.config import TrainConfig
+from common.data import DataConfig
 from tokenizer.losses import TokenizerLossConfig
 from tokenizer.model import TokenizerModelConfig
 

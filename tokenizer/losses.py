@@ -16,6 +16,8 @@ that says how to supply them; uniform heads (not the published metric) only with
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from torchvision.models import VGG16_Weights
 
 from tokenizer.modules import num_groups_for
 
@@ -41,8 +45,6 @@ LPIPS_HEADS_HELP = (
 def packaged_lpips_heads_path() -> Path:
     """The LPIPS v0.1 VGG heads inside the installed `lpips` package (lpips/weights/v0.1/vgg.pth), located
     without importing the package; FileNotFoundError (with ``LPIPS_HEADS_HELP``) when it is not installed."""
-    import importlib.util
-
     spec = importlib.util.find_spec("lpips")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for location in locations:
@@ -112,8 +114,6 @@ class LPIPS(nn.Module):
             raise FileNotFoundError(f"LPIPS linear-head weights not found at {path!r} (expected LPIPS v0.1 vgg.pth). "
                                     f"{LPIPS_HEADS_HELP}")
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -184,8 +184,6 @@ def _build_vgg16_features(pretrained: bool, vgg_weights_path: str | os.PathLike 
             raise FileNotFoundError(f"VGG16 weights not found at {path!r} (expected torchvision's vgg16-397923af.pth)")
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        from torchvision.models import VGG16_Weights
-
         try:
             state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as err:  # offline: URLError / OSError / HTTPError from the download
@@ -363,13 +361,11 @@ class TokenizerLoss(nn.Module):
     @classmethod
     def from_config(cls, cfg: TokenizerLossConfig | Any) -> "TokenizerLoss":
         """Build from a `TokenizerLossConfig`, an OmegaConf node or a mapping."""
-        import dataclasses
-
         if dataclasses.is_dataclass(cfg):
             values = dataclasses.asdict(cfg)
         else:
             try:
-                from omegaconf import DictConfig, OmegaConf
+                from omegaconf import DictConfig, OmegaConf  # lazy: plain dicts and dataclasses are handled without omegaconf
 
                 if isinstance(cfg, DictConfig):
                     cfg = OmegaConf.to_container(cfg, resolve=True)

@@ -3,7 +3,7 @@
     z = N(E(x)),  (q, indices) = Q(z),  x_hat = D(q)
 
 N (``pre_quantizer_norm``, `tokenizer.modules.PreQuantizerNorm`) is the same for every quantizer: by default
-the encoder's final GroupNorm on the latent channels followed by a per-token LayerNorm (METHOD.md section 1),
+the encoder's final GroupNorm on the latent channels followed by a per-token LayerNorm (docs/method.md §1),
 so all quantizers, and their data-driven initialisations, see the same normalised latents.
 
 Images are float tensors in [-1, 1], [B, 3, H, W]; H and W must be divisible by
@@ -299,7 +299,7 @@ def build_tokenizer(cfg: TokenizerModelConfig | Mapping[str, Any] | None = None,
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     else:
         try:
-            from omegaconf import DictConfig, OmegaConf
+            from omegaconf import DictConfig, OmegaConf  # lazy: plain dicts and dataclasses are handled without omegaconf
 
             if isinstance(cfg, DictConfig):
                 cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -352,7 +352,7 @@ def _looks_like_local_path(path: str) -> bool:
 def _plain(value: Any) -> Any:
     """OmegaConf containers / tuples -> plain Python (JSON-serialisable config)."""
     try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+        from omegaconf import DictConfig, ListConfig, OmegaConf  # lazy: plain dicts and dataclasses are handled without omegaconf
 
         if isinstance(value, (DictConfig, ListConfig)):
             return OmegaConf.to_container(value, resolve=True)

@@ -10,7 +10,7 @@ Upsample (nearest x2 + conv) unless l = 0] -> GroupNorm -> SiLU -> conv_out (ima
 The decoder has one more ResBlock per level than the encoder, as in VQGAN.
 
 Between encoder and quantizer sits ``PreQuantizerNorm``, the latent geometry that every quantizer
-receives (METHOD.md section 1): a GroupNorm on the latent channels, then a per-token LayerNorm.
+receives (docs/method.md §1): a GroupNorm on the latent channels, then a per-token LayerNorm.
 """
 from __future__ import annotations
 

@@ -51,12 +51,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
-from lgq.data import DataConfig
-from tokenizer.model import CODEBOOK_PRUNING_KEY
+from common.cli import make_parser, parse_command_line
+from common.config import load_config
+from common.data import DataConfig, build_image_dataset, class_balanced_indices, dataset_labels
+from common.files import write_json
+from common.metrics import PSNR_CAP_DB, code_histogram, psnr, to_uint8
+from common.training import make_accelerator
+from tokenizer.model import CODEBOOK_PRUNING_KEY, LGQTokenizer
 
 # per-code tensors of each prunable quantizer's state dict (rows indexed by code)
 PER_CODE_TENSORS = {
@@ -135,7 +142,6 @@ def count_code_usage(tokenizer, dataset, accelerator=None, batch_size: int = 64,
     Process r of W encodes items r, r + W, ...; the counts are summed over processes with one
     ``accelerator.reduce`` of a [K] tensor, reached once by every process whatever its number of batches.
     """
-    from eval.metrics import code_histogram
 
     K = int(tokenizer.codebook_size)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -144,7 +150,6 @@ def count_code_usage(tokenizer, dataset, accelerator=None, batch_size: int = 64,
     counts = torch.zeros(K, dtype=torch.long, device=device)
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
-    from tqdm.auto import tqdm
 
     for images, _ in tqdm(loader, desc="count codes", unit="batch", disable=not (progress and rank == 0)):
         counts += code_histogram(tokenizer.encode(images.to(device, tokenizer.dtype)), K).to(device)
@@ -203,7 +208,6 @@ def remap_tokens(tokens, old_to_new):
     ``old_to_new`` is the list in ``pruned.config.codebook_pruning["old_to_new"]`` (or a tensor/array)."""
     if isinstance(tokens, torch.Tensor):
         return torch.as_tensor(old_to_new, dtype=torch.long, device=tokens.device)[tokens.long()]
-    import numpy as np
 
     mapping = np.asarray(old_to_new, dtype=np.int64)
     return mapping[np.asarray(tokens).astype(np.int64)].astype(np.asarray(tokens).dtype)
@@ -255,7 +259,7 @@ def save_export_atomically(model, output: Path, overwrite: bool) -> None:
 @torch.no_grad()
 def evaluate_pruning(source, pruned, kept: torch.Tensor, old_to_new: torch.Tensor, dataset, accelerator=None, batch_size: int = 64,
                      num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """PSNR (per image on uint8, averaged, ``eval.reconstruction.PSNR_CAP_DB`` cap) over ``dataset`` of
+    """PSNR (per image on uint8, averaged, ``common.metrics.PSNR_CAP_DB`` cap) over ``dataset`` of
 
     source:   source.decode(i),            i = source's indices
     pruned:   pruned.decode(j),            j = pruned's own indices (re-encoding)
@@ -264,8 +268,6 @@ def evaluate_pruning(source, pruned, kept: torch.Tensor, old_to_new: torch.Tenso
     (``kept``: old indices of the pruned codes, ascending), plus counts of images whose pruned reconstruction is bit-identical to the source's and of tokens whose
     code changed. Sharded like ``count_code_usage``; one ``accelerator.reduce`` of a fixed-size tensor.
     """
-    from eval.metrics import psnr, to_uint8
-    from eval.reconstruction import PSNR_CAP_DB
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     device = accelerator.device if accelerator is not None else source.device
@@ -275,7 +277,6 @@ def evaluate_pruning(source, pruned, kept: torch.Tensor, old_to_new: torch.Tenso
     totals = torch.zeros(8, dtype=torch.float64, device=device)
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
-    from tqdm.auto import tqdm
 
     for images, _ in tqdm(loader, desc="evaluate pruning", unit="batch", disable=not (progress and rank == 0)):
         images = images.to(device, source.dtype)
@@ -319,9 +320,7 @@ def evaluate_pruning(source, pruned, kept: torch.Tensor, old_to_new: torch.Tenso
 
 # ----------------------------------------------------------------------------- command line
 def parse_config(argv: Sequence[str]) -> PruneConfig:
-    """The command line in the lgq.cli style (``--key value`` / ``key=value``, ``--config FILE.yaml``, ``--help``)."""
-    from lgq.cli import make_parser, parse_command_line
-    from lgq.config import load_config
+    """The command line in the common.cli style (``--key value`` / ``key=value``, ``--config FILE.yaml``, ``--help``)."""
 
     parser = make_parser("python -m tokenizer.prune", __doc__.split("\n\n")[0], PruneConfig)
     args, overrides = parse_command_line(parser, argv, PruneConfig)
@@ -354,10 +353,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from eval.reconstruction import class_balanced_indices, dataset_labels, write_json
-    from lgq.data import build_image_dataset
-    from prior.extract import make_accelerator
-    from tokenizer.model import LGQTokenizer
 
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     start = time.time()

@@ -4,11 +4,11 @@
     accelerate launch tokenizer/train.py --config configs/tokenizer/imagenet_base.yaml \
         --config configs/tokenizer/imagenet_fsq.yaml data.root=/data/imagenet --resume latest
 
-Per optimisation step (the loop itself lives in ``lgq.training.Trainer.fit``):
+Per optimisation step (the loop itself lives in ``common.training.Trainer.fit``):
   generator step     L_G = L1 (+L2) + LPIPS + w_gan * lambda * GAN + quantizer loss   (tokenizer.losses)
   discriminator step hinge loss on (images, reconstructions.detach()), from loss.gan_start_step on
 Logged every train.log_every steps: every loss term, quantizer statistics (tau, ...), LR, images/s and
-codebook statistics (active codes / perplexity, eval.metrics.codebook_statistics) over a rolling window
+codebook statistics (active codes / perplexity, common.metrics.codebook_statistics) over a rolling window
 of the last eval.codebook_window batches of hard indices from all processes. Every
 train.image_log_every steps: validation PSNR + codebook statistics on eval.num_val_images images and a
 PNG grid (top: originals, bottom: reconstructions) in <output_dir>/images/ and the tracker.
@@ -17,55 +17,20 @@ to <output_dir>/tokenizer (load with LGQTokenizer.from_pretrained).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 from typing import Sequence
 
 import torch
 
-from eval.metrics import codebook_statistics, mean_psnr
-from lgq.config import load_config
-from lgq.data import build_image_dataset
-from lgq.training import Trainer, build_optimizer, init_quantizer_from_data
+from common.cli import load_run_config
+from common.hub import CardInfo, training_rows
+from common.metrics import codebook_statistics, image_grid, mean_psnr
+from common.data import build_image_dataset
+from common.training import Trainer, build_optimizer, init_quantizer_from_data
 from tokenizer.config import TokenizerRunConfig
 from tokenizer.losses import TokenizerLoss
 from tokenizer.model import build_tokenizer
-
-
-def parse_args(argv: Sequence[str] | None = None, description: str | None = None, schema=TokenizerRunConfig,
-               prog: str = "tokenizer/train.py") -> tuple[argparse.Namespace, list[str]]:
-    """The train scripts' command line (lgq.cli style): --config (repeatable), --resume, --print-config and the
-    config keys of ``schema`` as key=value / --key value. Shared by the tokenizer and prior scripts."""
-    from lgq.cli import make_parser, parse_command_line
-
-    parser = make_parser(prog, description or __doc__.split("\n\n")[0], schema)
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory (= train.resume=...)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (defaults <- files <- overrides) as YAML and exit")
-    args, overrides = parse_command_line(parser, argv, schema)
-    if args.resume is not None:
-        overrides.append(f"train.resume={args.resume}")
-    return args, overrides
-
-
-def load_run_config(schema, argv: Sequence[str] | None, description: str, prog: str):
-    """(config, print_only): the config of a train script's command line; with --print-config it is printed."""
-    from lgq.config import config_to_yaml
-
-    args, overrides = parse_args(argv, description, schema, prog)
-    cfg = load_config(schema, args.config or None, overrides)
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-    return cfg, args.print_config
-
-
-def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    """[3, 2H + pad, N W + pad] grid in [-1, 1]: originals in the top row, reconstructions below."""
-    from torchvision.utils import make_grid
-
-    pairs = torch.cat([originals, reconstructions.clamp(-1, 1)]).float().cpu()
-    return make_grid(pairs, nrow=originals.shape[0], padding=2, pad_value=1.0)
 
 
 def main(argv: Sequence[str] | None = None) -> Trainer | None:
@@ -166,14 +131,6 @@ def describe_data(data, num_images: int) -> str:
     return f"{data.name}{where}, train split, {data.image_size} px, {num_images} images"
 
 
-def training_rows(cfg, trainer: Trainer) -> list[tuple[str, object]]:
-    """The training facts shared by the tokenizer and prior model cards."""
-    return [("optimisation steps", trainer.step), ("global batch", trainer.images_per_step),
-            ("processes", trainer.accelerator.num_processes), ("learning rate", cfg.train.lr),
-            ("mixed precision", trainer.mixed_precision),
-            ("weights", f"EMA (decay {cfg.train.ema_decay})" if cfg.train.ema_decay > 0 else "raw training weights")]
-
-
 TOKENIZER_USAGE = """from tokenizer.model import LGQTokenizer
 
 tokenizer = LGQTokenizer.from_pretrained("<this folder or hub id>").eval()
@@ -183,8 +140,6 @@ reconstruction = tokenizer.decode(indices)"""
 
 def tokenizer_card(cfg: TokenizerRunConfig, tokenizer, trainer: Trainer, num_train_images: int):
     """The export's model card: quantizer, K, grid, training data and steps, the last validation metrics."""
-    from lgq.hub import CardInfo
-
     f = int(tokenizer.downsample_factor)
     grid = cfg.data.image_size // f
     validation = [(step, logs) for step, logs in trainer.image_log_history if "val/psnr" in logs]
@@ -198,7 +153,7 @@ def tokenizer_card(cfg: TokenizerRunConfig, tokenizer, trainer: Trainer, num_tra
         protocol = (f"measured during training at step {step} with the training weights (not the EMA) on the first "
                     f"{cfg.eval.num_val_images} images of the '{cfg.data.name}' validation split at "
                     f"{cfg.data.image_size} px; PSNR per image on [0, 1], averaged; active codes and perplexity "
-                    f"exp(H) from the histogram of those images' hard indices (eval/metrics.py). rFID, SSIM, LPIPS: "
+                    f"exp(H) from the histogram of those images' hard indices (common/metrics.py). rFID, SSIM, LPIPS: "
                     f"`python -m eval.reconstruction --tokenizer <this folder> ...`.")
     options = ", ".join(f"{k}={v}" for k, v in sorted(cfg.model.quantizer_options.items())) or "defaults"
     name = cfg.model.quantizer.upper()

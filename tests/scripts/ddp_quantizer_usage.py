@@ -72,7 +72,7 @@ def average_grad(grad: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def main(out_path: str) -> None:
-    state = PartialState(cpu=True)  # gloo on CPU (ENVIRONMENT.md: --multi_gpu + ACCELERATE_USE_CPU)
+    state = PartialState(cpu=True)  # gloo on CPU (docs/environment.md §1: --multi_gpu + ACCELERATE_USE_CPU)
     world = state.num_processes
     assert world == 2 and dist.is_initialized(), f"expected 2 DDP processes, got {world}"
     rank = state.process_index

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from lgq.training import Trainer
+from common.training import Trainer
 
 stage = sys.argv[1]
 if stage not in ("tokenizer", "prior"):

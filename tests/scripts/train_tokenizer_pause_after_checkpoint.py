@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from lgq.training import Trainer
+from common.training import Trainer
 from tokenizer.train import main
 
 pause_step = int(os.environ["LGQ_PAUSE_AFTER_STEP"])

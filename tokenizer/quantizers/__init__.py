@@ -1,6 +1,7 @@
 """Quantizer family behind one interface (see ``base.py``) and a registry by name."""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from tokenizer.quantizers.base import Quantizer, QuantizerOutput
@@ -17,8 +18,6 @@ QUANTIZERS: dict[str, str] = {
 
 
 def quantizer_class(name: str) -> type[Quantizer]:
-    import importlib
-
     key = str(name).lower()
     if key not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {name!r}; choose one of {sorted(QUANTIZERS)}")

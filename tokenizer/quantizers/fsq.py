@@ -1,4 +1,4 @@
-"""Finite scalar quantization (FSQ, Mentzer et al. 2023), METHOD.md section 2.
+"""Finite scalar quantization (FSQ, Mentzer et al. 2023), docs/method.md §2.
 
 Tokens x_n in R^C are projected to d = len(levels) channels, each channel j is bounded to L_j
 values with a shifted tanh, rounded with a straight-through estimator and normalised to [-1, 1]:
@@ -35,8 +35,8 @@ import math
 import torch
 from torch import nn
 
-from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
-from tokenizer.quantizers.vq import latents_to_tokens, quantizer_output, tokens_to_latents
+from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, fp32_quantizer_math, latents_to_tokens,
+                                       quantizer_output, tokens_to_latents)
 
 FSQ_LEVELS: dict[int, tuple[int, ...]] = {
     256: (8, 8, 4),

@@ -1,4 +1,4 @@
-"""Index backpropagation quantization (IBQ, Shi et al. 2024), METHOD.md section 2 (extra baseline).
+"""Index backpropagation quantization (IBQ, Shi et al. 2024), docs/method.md §2 (extra baseline).
 
 Dot-product logits over one learnable codebook, a softmax, and a one-hot straight-through estimator:
 
@@ -30,15 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
-from tokenizer.quantizers.lfq import entropy
-from tokenizer.quantizers.vq import (
-    check_weight,
-    latents_to_tokens,
-    nearest_neighbour_chunk_size,
-    quantizer_output,
-    tokens_to_latents,
-)
+from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, check_weight, entropy, fp32_quantizer_math,
+                                       latents_to_tokens, nearest_neighbour_chunk_size, quantizer_output,
+                                       tokens_to_latents)
 
 
 def _soft_path_chunk(x: torch.Tensor, codebook: torch.Tensor, entropy_temperature: float):

@@ -1,4 +1,4 @@
-"""Lookup-free quantization (LFQ, MAGVIT-v2, Yu et al. 2023), METHOD.md section 2.
+"""Lookup-free quantization (LFQ, MAGVIT-v2, Yu et al. 2023), docs/method.md §2.
 
 Tokens x_n in R^C are projected to b = log2 K channels u_n = P_in x_n and quantized per channel to
 the sign (the implicit codebook is {-1, +1}^b):
@@ -34,14 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
-from tokenizer.quantizers.vq import (
-    check_weight,
-    latents_to_tokens,
-    nearest_neighbour_chunk_size,
-    quantizer_output,
-    tokens_to_latents,
-)
+from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, check_weight, entropy, fp32_quantizer_math,
+                                       latents_to_tokens, nearest_neighbour_chunk_size, quantizer_output,
+                                       tokens_to_latents)
 
 ENTROPY_MODES = ("exact", "factorized")
 
@@ -50,11 +45,6 @@ def binary_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H_b(p) = -p log p - (1 - p) log(1 - p) with p = sigmoid(a), computed stably from a (nats)."""
     p = torch.sigmoid(logits)
     return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
-
-
-def entropy(p: torch.Tensor) -> torch.Tensor:
-    """H(p) = -sum_k p_k log p_k over the last dimension (nats), 0 log 0 := 0."""
-    return -(p * p.clamp_min(1e-30).log()).sum(-1)
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -156,4 +146,4 @@ class LFQuantizer(Quantizer):
                 f"temperature={self.temperature}, entropy_mode={self.entropy_mode}")
 
 
-__all__ = ["LFQuantizer", "entropy", "binary_entropy", "binary_entropy_from_logits"]
+__all__ = ["LFQuantizer", "binary_entropy", "binary_entropy_from_logits"]

@@ -1,4 +1,4 @@
-"""Learnable Geometric Quantization (LGQ), METHOD.md section 1.
+"""Learnable Geometric Quantization (LGQ), docs/method.md §1.
 
 Latents x_n in R^C (already normalised by the model's pre-quantizer norm, the same for every quantizer:
 `tokenizer.modules.PreQuantizerNorm`) are softly assigned to K learnable
@@ -33,7 +33,7 @@ recomputes each chunk's probabilities from the saved inputs and per-token log-no
 peak memory grows with chunk * K.
 
 ``lgq_dense_reference`` is the plain autograd implementation over full N x K tensors; the tests
-and ``eval/bench_quantizers.py`` compare the chunked module against it.
+and ``experiments/bench_quantizers.py`` compare the chunked module against it.
 """
 from __future__ import annotations
 
@@ -43,21 +43,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from tokenizer.quantizers.base import (
-    Quantizer,
-    QuantizerOutput,
-    fp32_quantizer_math,
-)
+from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, fp32_quantizer_math, nearest_code_indices,
+                                       nearest_neighbour_chunk_size)
 
 TAU_SCHEDULES = ("linear", "cosine", "constant")
 LOGIT_KINDS = ("euclidean", "cosine", "dot")
 INIT_METHODS = ("random", "kmeans++", "lloyd")
-CHUNK_BYTES_BUDGET = 64 * 2**20  # auto chunk: chunk * K fp32 values stay ~<= 64 MiB
-
-
-def auto_chunk_size(codebook_size: int, budget_bytes: int = CHUNK_BYTES_BUDGET) -> int:
-    """Tokens per chunk so that one [chunk, K] fp32 block fits in ``budget_bytes``."""
-    return max(1, budget_bytes // (4 * int(codebook_size)))
+auto_chunk_size = nearest_neighbour_chunk_size  # tokens per chunk: one [chunk, K] fp32 block stays ~<= 64 MiB
 
 
 def tau_at_progress(progress: float, tau_start: float, tau_end: float, schedule: str) -> float:
@@ -437,15 +429,6 @@ class LGQuantizer(Quantizer):
                 f"chunk_size={self.chunk_size}")
 
 
-def _nearest_centre(x: torch.Tensor, centres: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """argmin_k ||x_n - c_k||^2 = argmax_k (2 x_n.c_k - ||c_k||^2), in chunks of tokens."""
-    bias = -(centres * centres).sum(1)
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        out[start:start + chunk_size] = torch.addmm(bias, x[start:start + chunk_size], centres.t(), alpha=2.0).argmax(1)
-    return out
-
-
 def _kmeans_plus_plus(x: torch.Tensor, num_codes: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding: each next centre drawn with probability proportional to D(x)^2."""
     centres = x.new_empty(num_codes, x.shape[1])
@@ -463,7 +446,7 @@ def _kmeans_plus_plus(x: torch.Tensor, num_codes: int, generator: torch.Generato
 def _lloyd_steps(x: torch.Tensor, centres: torch.Tensor, steps: int, chunk_size: int) -> torch.Tensor:
     """``steps`` k-means (Lloyd) iterations; a centre with no assigned latent keeps its position."""
     for _ in range(steps):
-        assign = _nearest_centre(x, centres, chunk_size)
+        assign = nearest_code_indices(x, centres, chunk_size)
         counts = torch.bincount(assign, minlength=centres.shape[0]).to(x.dtype)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         filled = counts > 0

@@ -1,4 +1,4 @@
-"""SimVQ (Zhu et al. 2024), METHOD.md section 2: a frozen random codebook behind a learned linear map.
+"""SimVQ (Zhu et al. 2024), docs/method.md §2: a frozen random codebook behind a learned linear map.
 
 The codebook B in R^{K x C} is a fixed Gaussian buffer (B_kc ~ N(0, 1/C), drawn from a generator
 seeded with ``seed``, saved in the state dict); the codes actually used are its image under a
@@ -19,15 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.quantizers.base import Quantizer, fp32_quantizer_math
-from tokenizer.quantizers.vq import (
-    check_weight,
-    latents_to_tokens,
-    nearest_code_indices,
-    nearest_neighbour_chunk_size,
-    quantizer_output,
-    tokens_to_latents,
-)
+from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, check_weight, fp32_quantizer_math,
+                                       latents_to_tokens, nearest_code_indices, nearest_neighbour_chunk_size,
+                                       quantizer_output, tokens_to_latents)
 
 
 class SimVQuantizer(Quantizer):

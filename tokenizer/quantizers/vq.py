@@ -1,4 +1,4 @@
-"""Vector quantization (VQ-VAE / VQGAN), METHOD.md section 2.
+"""Vector quantization (VQ-VAE / VQGAN), docs/method.md §2.
 
 Tokens x_n in R^C (optionally projected to a low-dimensional lookup space e_n = P_in x_n in R^d
 and l2-normalised there, LlamaGen-style) are replaced by their nearest code
@@ -25,61 +25,17 @@ other nearest-neighbour quantizers (SimVQ). No N x K tensor larger than one chun
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.quantizers.base import Quantizer, QuantizerOutput, fp32_quantizer_math, is_distributed
+from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, check_weight, fp32_quantizer_math, is_distributed,
+                                       latents_to_tokens, nearest_code_indices, nearest_neighbour_chunk_size,
+                                       quantizer_output, tokens_to_latents)
 
-NEAREST_NEIGHBOUR_BYTES_BUDGET = 64 * 2**20  # one [chunk, K] fp32 distance block stays <= ~64 MiB
 VQ_INIT_METHODS = ("none", "random")
-
-
-def nearest_neighbour_chunk_size(codebook_size: int, budget_bytes: int = NEAREST_NEIGHBOUR_BYTES_BUDGET) -> int:
-    """Tokens per chunk so that one [chunk, K] fp32 score block fits in ``budget_bytes``."""
-    return max(1, budget_bytes // (4 * int(codebook_size)))
-
-
-@torch.no_grad()
-def nearest_code_indices(x: torch.Tensor, codes: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """i_n = argmin_k ||x_n - c_k||^2 = argmax_k (2 x_n.c_k - ||c_k||^2) for x [N, D], codes [K, D].
-
-    ||x_n||^2 does not change the argmin and is dropped. One matmul per chunk of tokens.
-    """
-    code_bias = -(codes * codes).sum(1)
-    indices = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        scores = torch.addmm(code_bias, x[start:start + chunk_size], codes.t(), alpha=2.0)
-        indices[start:start + chunk_size] = scores.argmax(1)
-    return indices
-
-
-def latents_to_tokens(z: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> fp32 tokens [B*H*W, C] (row order b, h, w)."""
-    return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-
-
-def tokens_to_latents(x: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of ``latents_to_tokens``: [B*H*W, C] -> [B, C, H, W]."""
-    return x.reshape(batch, height, width, x.shape[1]).permute(0, 3, 1, 2).contiguous()
-
-
-def quantizer_output(quantizer: Quantizer, quantized: torch.Tensor, indices: torch.Tensor, loss: torch.Tensor,
-                     latent_shape: torch.Size, **loss_terms: torch.Tensor) -> QuantizerOutput:
-    """Package token-level results: quantized [N, C] -> [B, C, H, W], indices [N] -> [B, H, W];
-    stats = hard-index statistics (perplexity, active codes) + the detached ``loss_terms``."""
-    batch, _, height, width = latent_shape
-    stats = {**quantizer.hard_stats(indices), **{name: value.detach() for name, value in loss_terms.items()}}
-    return QuantizerOutput(tokens_to_latents(quantized, batch, height, width), indices.reshape(batch, height, width), loss, stats)
-
-
-def check_weight(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 class VectorQuantizer(Quantizer):
@@ -266,5 +222,4 @@ class VectorQuantizer(Quantizer):
                 f"l2_normalize={self.l2_normalize}, ema={self.ema}, beta={self.beta}, reseed_dead={self.reseed_dead}")
 
 
-__all__ = ["VectorQuantizer", "nearest_code_indices", "nearest_neighbour_chunk_size", "latents_to_tokens", "tokens_to_latents",
-           "quantizer_output"]
+__all__ = ["VectorQuantizer"]

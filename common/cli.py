@@ -10,7 +10,7 @@
   (repeatable, merged in order) come before the key overrides.
 
 Config paths that start with ``configs/`` are looked up in the current folder first, then among the
-recipes shipped with the package (``lgq/configs/`` in an installed wheel, ``configs/`` in a checkout),
+recipes shipped with the package (``common/configs/`` in an installed wheel, ``configs/`` in a checkout),
 so ``--config configs/tokenizer/builtin.yaml`` works after ``pip install lgq`` from any folder.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from common.config import config_to_yaml, load_config
 
 KEY_VALUE = re.compile(r"^[A-Za-z_][\w.\-]*=")  # a config key assignment, e.g. train.max_steps=600
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"  # installed wheel: configs/ shipped as package data
@@ -120,6 +122,30 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     return args, overrides
 
 
+# ------------------------------------------------------------------------------------ the train scripts
+def parse_train_arguments(schema: Any, argv: Sequence[str] | None, description: str | None,
+                          prog: str) -> tuple[argparse.Namespace, list[str]]:
+    """The train scripts' command line (common.cli style): --config (repeatable), --resume, --print-config and the
+    config keys of ``schema`` as key=value / --key value. Shared by the tokenizer and prior scripts."""
+    parser = make_parser(prog, description, schema)
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory (= train.resume=...)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults <- files <- overrides) as YAML and exit")
+    args, overrides = parse_command_line(parser, argv, schema)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    return args, overrides
+
+
+def load_run_config(schema: Any, argv: Sequence[str] | None, description: str, prog: str):
+    """(config, print_only): the config of a train script's command line; with --print-config it is printed."""
+    args, overrides = parse_train_arguments(schema, argv, description, prog)
+    cfg = load_config(schema, args.config or None, overrides)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+    return cfg, args.print_config
+
+
 # ------------------------------------------------------------------------------------------- entry points
 COMMANDS = {
     "lgq-train-tokenizer": "tokenizer.train",
@@ -128,8 +154,8 @@ COMMANDS = {
     "lgq-assemble": "pipelines.assemble",
     "lgq-eval-reconstruction": "eval.reconstruction",
     "lgq-eval-generation": "eval.gen_fid",
-    "lgq-demo": "eval.demo",
-    "lgq-study": "eval.study",
+    "lgq-demo": "experiments.demo",
+    "lgq-study": "experiments.study",
     "lgq-prune-tokenizer": "tokenizer.prune",
     "lgq-codebook-geometry": "eval.codebook_geometry",
 }

@@ -1,6 +1,6 @@
 """The one-command demo: the whole system on the built-in scikit-image photos (``make demo``).
 
-    python -m eval.demo [--output-dir outputs/demo] [--quick] [--device auto] [--inception-weights PATH]
+    python -m experiments.demo [--output-dir outputs/demo] [--quick] [--device auto] [--inception-weights PATH]
                         [--steps-scale F] [--threads N] [--force]
 
 Stages (a line per stage; the training/extraction stages show their own tqdm bars), all written to ONE
@@ -9,7 +9,7 @@ output folder ``OUT``:
 1. ``tokenizer``  train a small LGQ tokenizer (configs/tokenizer/builtin.yaml, ``tokenizer.train.main``)
                   -> ``OUT/tokenizer_run/tokenizer`` (save_pretrained export)
 2. ``tokens``     token grids of the train split, plus horizontal flips where the data set flips
-                  (``lgq.data.DATASET_DEFAULTS``: builtin yes, glyphs no) (``prior.extract``)
+                  (``common.data.DATASET_DEFAULTS``: builtin yes, glyphs no) (``prior.extract``)
                   -> ``OUT/tokens``
 3. ``prior``      a small class-conditional MaskGIT prior on them (configs/prior/builtin.yaml,
                   ``prior.train.main``) -> ``OUT/prior_run/prior``
@@ -50,12 +50,27 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
+from omegaconf import OmegaConf
+from torchvision.utils import make_grid
 
-from lgq.cli import resolve_config_path  # the recipes ship with the package
-from lgq.data import DATASET_DEFAULTS
+from common.cli import resolve_config_path  # the recipes ship with the package
+from common.config import load_config
+from common.data import DATASET_DEFAULTS, DataConfig, build_image_dataset
+from common.files import write_json
+from common.metrics import image_grid, to_uint8
+from common.training import has_checkpoints
+from eval.classifier import ClassifierTrainConfig, classifier_report, load_or_train_classifier
+from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
+from eval.gen_fid import evaluate_generation, generate_samples
+from eval.reconstruction import BASELINE_LABELS, evaluate_reconstruction
+from pipelines.assemble import build_pipeline, save_pipeline
+from pipelines.pipeline_lgq import LGQPipeline
+from prior.extract import main as extract_main
+from tokenizer.train import main as train_tokenizer
 
 # The demo's data sets and their recipe files. Whether extraction adds horizontal flips is the data set's own
-# default (lgq.data.DATASET_DEFAULTS[name]["random_flip"]: a mirrored digit is not its class).
+# default (common.data.DATASET_DEFAULTS[name]["random_flip"]: a mirrored digit is not its class).
 DEMO_DATASETS: dict[str, dict[str, Any]] = {
     "glyphs": {"tokenizer_config": "configs/tokenizer/glyphs.yaml", "prior_config": "configs/prior/glyphs.yaml",
                "description": "digits rendered in the fonts that ship with matplotlib (`data.name=glyphs`)"},
@@ -150,7 +165,6 @@ def scaled_steps(config_file: Path, overrides: Sequence[str], scale: float) -> l
     """Overrides with ``train.max_steps`` (and warm-up, logging/checkpoint periods) multiplied by ``scale``."""
     if scale == 1.0:
         return list(overrides)
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(list(overrides)))
     train = cfg.get("train", {})
@@ -177,12 +191,6 @@ def find_export(run_dir: Path, class_names: Sequence[str]) -> Path | None:
     return None
 
 
-def has_checkpoints(run_dir: Path) -> bool:
-    from lgq.training import list_checkpoints
-
-    return bool(list_checkpoints(run_dir / "checkpoints"))
-
-
 def last_logged(history: Sequence[tuple[int, dict]], key: str) -> float | None:
     for _, logs in reversed(history or []):
         if key in logs:
@@ -191,14 +199,10 @@ def last_logged(history: Sequence[tuple[int, dict]], key: str) -> float | None:
 
 
 def uint8_grid(images_u8: torch.Tensor, nrow: int) -> torch.Tensor:
-    from torchvision.utils import make_grid
-
     return make_grid(images_u8, nrow=nrow, padding=2, pad_value=255)
 
 
 def save_png(grid_u8: torch.Tensor, path: Path) -> Path:
-    from PIL import Image
-
     Image.fromarray(grid_u8.permute(1, 2, 0).contiguous().numpy()).save(path)
     return path
 
@@ -247,19 +251,12 @@ class Demo:
         return list(self.preset["data"].get(self.args.data, []))
 
     def data_config(self):
-        from lgq.config import load_config
-        from lgq.data import DataConfig
-
-        from omegaconf import OmegaConf
-
         recipe = OmegaConf.load(resolve_config_path(self.tokenizer_config)).get("data", {})
         dotlist = [f"{k}={v}" for k, v in recipe.items()] + [o[len("data."):] for o in self.data_overrides()]
         return load_config(DataConfig, None, dotlist + ["random_flip=false"])
 
     # -- stages --------------------------------------------------------------------------------
     def train_tokenizer(self) -> Path:
-        from tokenizer.train import main as train_tokenizer
-
         overrides = [*self.data_overrides(), *self.preset["tokenizer"], f"train.output_dir={self.tokenizer_dir}"]
         overrides = scaled_steps(resolve_config_path(self.tokenizer_config), overrides, self.args.steps_scale)
         if has_checkpoints(self.tokenizer_dir):
@@ -275,8 +272,6 @@ class Demo:
         return trainer.output_dir / "tokenizer"
 
     def extract(self, tokenizer_path: Path) -> dict:
-        from prior.extract import main as extract_main
-
         cfg = self.data_config()
         argv = [f"tokenizer={tokenizer_path}", f"output={self.tokens_dir}", "split=train",
                 f"flip={'true' if self.flips() else 'false'}", f"data.name={cfg.name}",
@@ -286,7 +281,7 @@ class Demo:
 
     def train_prior(self, tokenizer_path: Path) -> Path:
         try:
-            from prior.train import main as train_prior
+            from prior.train import main as train_prior  # lazy: an install without the prior stage reports the ImportError below
         except ImportError as err:
             raise RuntimeError(f"prior/train.py is not available ({err}): the prior stage cannot run") from err
         config = resolve_config_path(self.prior_config)
@@ -307,15 +302,11 @@ class Demo:
         return export
 
     def assemble(self, tokenizer_path: Path, prior_path: Path):
-        from pipelines.assemble import build_pipeline, save_pipeline
-
         pipeline = build_pipeline(tokenizer_path, prior_path)
         save_pipeline(pipeline, self.pipeline_dir, tokenizer_path, prior_path)
         return pipeline
 
     def sample_grid(self, pipeline, train_classes: list[int], class_names: list[str]) -> Path:
-        from eval.metrics import to_uint8
-
         columns = int(self.preset["samples_per_class"])
         labels = torch.tensor([c for c in train_classes for _ in range(columns)])
         generator = torch.Generator(device="cpu").manual_seed(self.args.seed)
@@ -329,14 +320,6 @@ class Demo:
         return save_png(grid, self.out / "samples.png")
 
     def evaluate(self, pipeline, tokenizer, train_classes: list[int]) -> dict:
-        from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
-        from eval.classifier import classifier_report
-        from eval.gen_fid import evaluate_generation, generate_samples
-        from eval.metrics import to_uint8
-        from eval.reconstruction import evaluate_reconstruction
-        from lgq.data import build_image_dataset
-        from tokenizer.train import image_grid
-
         data_cfg = self.data_config()
         val_set = build_image_dataset(data_cfg, "val")
         extractor, fid_reason = None, None
@@ -408,12 +391,9 @@ class Demo:
     def classifier(self, data_cfg):
         """(folder, classifier, metadata) of the data set's classifier (eval.classifier), trained once into
         ``OUT/classifier/<name>-<size>px`` and reused; None with --no-classifier or fewer than 2 classes."""
-        from eval.classifier import ClassifierTrainConfig, load_or_train_classifier
-
         if self.args.no_classifier:
             self.notes.append("classifier metric skipped (--no-classifier)")
             return None
-        from lgq.data import build_image_dataset
 
         if build_image_dataset(data_cfg, "train").num_classes < 2:
             self.notes.append(f"classifier metric skipped: data set {data_cfg.name!r} has fewer than 2 classes")
@@ -429,8 +409,6 @@ class Demo:
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from pipelines.pipeline_lgq import LGQPipeline
-
         start = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.args.force:
@@ -458,8 +436,6 @@ class Demo:
                               (lambda: LGQPipeline.from_pretrained(self.pipeline_dir)) if pipeline_done
                               else (lambda: self.assemble(tokenizer_path, prior_path)), reused=pipeline_done)
         pipeline = pipeline.to(self.device)
-
-        from lgq.data import build_image_dataset
 
         train_set = build_image_dataset(self.data_config(), "train")
         train_classes = list(train_set.split_labels)
@@ -524,8 +500,6 @@ class Demo:
         }
 
     def write_outputs(self, metrics: dict) -> None:
-        from eval.reconstruction import write_json
-
         write_json(self.out / "metrics.json", metrics)
         (self.out / "report.md").write_text(render_report(metrics))
 
@@ -540,8 +514,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def baseline_markdown(rec: dict) -> list[str]:
     """Markdown rows: the tokenizer against the trivial baselines of eval.reconstruction (PSNR lead in dB)."""
-    from eval.reconstruction import BASELINE_LABELS
-
     bits = rec["protocol"].get("nominal_bits_per_image")
     lines = ["The tokenizer against trivial baselines on the same images (bits per image: the tokenizer's nominal "
              "rate tokens x log2 K; the thumbnails are 8-bit RGB, upsampled bicubically):", "",
@@ -642,7 +614,7 @@ def render_report(metrics: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="the one folder everything is written to")
     parser.add_argument("--data", default=DEFAULT_DEMO_DATASET, choices=tuple(DEMO_DATASETS),

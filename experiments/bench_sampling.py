@@ -1,6 +1,6 @@
 """Sampling throughput of the priors: MaskGIT (8 and 16 steps) vs GPT (with / without KV cache).
 
-    python -m eval.bench_sampling [--device cpu|cuda] [--batch-size 8] [--grid 16] [--codebook-size 16384]
+    python -m experiments.bench_sampling [--device cpu|cuda] [--batch-size 8] [--grid 16] [--codebook-size 16384]
         [--size small|base] [--num-classes 1000] [--guidance-scale 2.0] [--repeats 3] [--no-cache-repeats N] [--no-kv-free-gpt]
 
 Randomly initialised priors (sampling cost does not depend on the weights):
@@ -21,6 +21,11 @@ import statistics
 import sys
 import time
 
+import torch
+
+from prior.gpt import GPTPrior
+from prior.maskgit import MaskGITPrior
+
 SIZES = {
     "small": {"maskgit": dict(hidden_size=256, num_layers=4, num_heads=4),
               "gpt": dict(hidden_size=256, num_layers=4, num_heads=4)},
@@ -31,11 +36,6 @@ SIZES = {
 
 def build_priors(size: str, codebook_size: int, grid: int, num_classes: int, device: str):
     """{"maskgit": MaskGITPrior, "gpt": GPTPrior}, randomly initialised (seed 0), eval mode, on ``device``."""
-    import torch
-
-    from prior.gpt import GPTPrior
-    from prior.maskgit import MaskGITPrior
-
     torch.manual_seed(0)
     common = dict(codebook_size=codebook_size, num_classes=num_classes, grid_size=grid, mlp_ratio=4.0, dropout=0.0)
     return {"maskgit": MaskGITPrior(**common, **SIZES[size]["maskgit"]).to(device).eval(),
@@ -48,8 +48,6 @@ def time_generate(generate, device: str, repeats: int, label: str = "") -> list[
     The warm-up uses one image (same model, code path and options): it pays the one-off costs (lazy
     initialisation, kernel selection, allocator growth) without a full-batch call; the median of the
     repeats absorbs what is left."""
-    import torch
-
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -67,8 +65,6 @@ def time_generate(generate, device: str, repeats: int, label: str = "") -> list[
 
 
 def benchmark(args) -> list[dict]:
-    import torch
-
     priors = build_priors(args.size, args.codebook_size, args.grid, args.num_classes, args.device)
     all_labels = [i * args.num_classes // args.batch_size for i in range(args.batch_size)]
     tokens_per_image = args.grid * args.grid
@@ -132,8 +128,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    import torch
-
     args = parse_args(argv)
     load_before = os.getloadavg()
     rows = benchmark(args)

@@ -21,7 +21,7 @@ Four sources, chosen by ``DataConfig.name``:
     Tiny deterministic procedural images (a coloured shape on a gradient per class) for
     tests, see :class:`SyntheticShapes`.
 
-Preview any of them: ``python -m lgq.data --preview grid.png --data.name glyphs``.
+Preview any of them: ``python -m common.data --preview grid.png --data.name glyphs``.
 
 Randomness: everything sampled per item (builtin crop boxes, glyph parameters, synthetic shapes) is a
 pure function of ``(seed, split, index)``, so epochs and resumed runs see the same
@@ -31,8 +31,11 @@ each worker from the base seed, so flips are reproducible there too).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,12 @@ from typing import Any, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+from common.config import load_config
 
 DATASET_NAMES = ("builtin", "imagefolder", "glyphs", "synthetic")
 # Splits each data set offers (``build_image_dataset(cfg, split)``).
@@ -220,7 +228,7 @@ def _as_data_config(cfg: Any) -> DataConfig:
     if not isinstance(cfg, Mapping):  # OmegaConf DictConfig is a Mapping
         raise TypeError(f"cfg must be a DataConfig or a mapping, got {type(cfg).__name__}")
     try:
-        from omegaconf import DictConfig, OmegaConf
+        from omegaconf import DictConfig, OmegaConf  # lazy: plain mappings and dataclasses are handled without omegaconf
 
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -276,7 +284,7 @@ def _maybe_flip(image: torch.Tensor, random_flip: bool) -> torch.Tensor:
 
 def builtin_photo_dir() -> Path:
     """Folder of scikit-image's bundled sample images (read directly: no pooch fetch)."""
-    import skimage.data
+    import skimage.data  # lazy: scikit-image is slow to import; only the builtin data set needs its photos
 
     return Path(skimage.data.__file__).resolve().parent
 
@@ -289,8 +297,6 @@ def load_builtin_photo(name: str) -> np.ndarray:
     if name not in BUILTIN_PHOTO_NAMES:
         raise ValueError(f"unknown builtin photo {name!r}; choose from {BUILTIN_PHOTO_NAMES}")
     if name not in _PHOTO_CACHE:
-        from PIL import Image
-
         path = builtin_photo_dir() / BUILTIN_PHOTOS[BUILTIN_PHOTO_NAMES.index(name)]
         if not path.is_file():
             raise FileNotFoundError(f"builtin photo {name!r} not found at {path} (scikit-image install incomplete?)")
@@ -412,7 +418,7 @@ class BuiltinPhotoCrops(Dataset):
 
 def matplotlib_font_dir() -> Path:
     """Folder of the TrueType fonts bundled with matplotlib (DejaVu, STIX, Computer Modern)."""
-    import matplotlib
+    import matplotlib  # lazy: only the glyphs data set needs matplotlib (for its bundled fonts)
 
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
@@ -434,7 +440,7 @@ class GlyphFont:
 def _glyph_name_matches(glyph_name: str, char: str) -> bool:
     """Whether a font's glyph name denotes ``char`` (Adobe Glyph List name, "uniXXXX", optional
     ".suffix" or "oldstyle" suffix, as in Computer Modern's "zerooldstyle")."""
-    from fontTools import agl
+    from fontTools import agl  # lazy: only the glyphs data set reads font files
 
     base = glyph_name.split(".", 1)[0]
     if base.endswith("oldstyle"):
@@ -445,8 +451,6 @@ def _glyph_name_matches(glyph_name: str, char: str) -> bool:
 def _render_ink_mask(font_path: Path, char: str, ink_size: int) -> np.ndarray:
     """``char`` rendered in white on black, cropped to its ink, scaled so its longer ink side is
     ``ink_size`` px, centred in a square of side ``ink_size + 4`` (uint8)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     reference = 4 * ink_size  # measure at a large size, then render at the size that fits
     font = ImageFont.truetype(str(font_path), reference)
     box = font.getbbox(char)
@@ -486,7 +490,7 @@ def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[G
     boxes); every rendered glyph has ink; no two characters render identically.
     """
     try:
-        from fontTools.ttLib import TTFont
+        from fontTools.ttLib import TTFont  # lazy: only the glyphs data set reads font files
     except ImportError:  # pragma: no cover - fontTools is a matplotlib dependency
         TTFont = None
     if TTFont is not None:
@@ -521,8 +525,6 @@ def _check_glyph_font(path: Path, chars: str, ink_size: int) -> tuple[Optional[G
 
 
 def _to_pil(mask: np.ndarray):
-    from PIL import Image
-
     return Image.fromarray(mask)
 
 
@@ -630,7 +632,6 @@ class GlyphImages(Dataset):
         self._fonts = fonts
         self.fonts = [f.name for f in fonts]
         self.skipped_fonts = dict(skipped)
-        from PIL import Image
 
         self._mask_images = [[Image.fromarray(m) for m in f.masks] for f in fonts]
         self._blocks: dict[int, dict[str, np.ndarray]] = {}
@@ -679,8 +680,6 @@ class GlyphImages(Dataset):
 
     def render_mask(self, label: int, font: int, size: float, angle: float, offset: tuple[float, float]) -> np.ndarray:
         """Ink coverage in [0, 1] (float32 ``[S, S]``) of character ``label`` in font ``font``."""
-        from PIL import Image
-
         mask_image = self._mask_images[font][label]
         side, canvas = mask_image.size[0], self._canvas
         # canvas point p -> mask point q = c_mask + k * R(-angle) (p - c_canvas)
@@ -784,9 +783,6 @@ class SafeImageFolder(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int = 256,
                  random_flip: bool = False):
-        from torchvision import transforms
-        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         root = Path(root).expanduser()
@@ -841,8 +837,6 @@ class SafeImageFolder(Dataset):
     @staticmethod
     def load_rgb(path: str):
         """Open and fully decode ``path`` as an RGB PIL image (raises on bad/truncated files)."""
-        from PIL import Image
-
         with open(path, "rb") as handle:
             with Image.open(handle) as img:
                 return img.convert("RGB")  # convert() forces the full decode
@@ -881,9 +875,16 @@ class SafeImageFolder(Dataset):
 
 # ----------------------------------------------------------------------------- preview
 
+def load_data_config(overrides: Sequence[str], **defaults: Any):
+    """``DataConfig`` from ``field=value`` overrides (typos and wrong types raise naming the key)."""
+    given = {item.split("=", 1)[0] for item in overrides}
+    extra = [f"{k}={v}" for k, v in defaults.items() if k not in given and v is not None]
+    return load_config(DataConfig, None, [*extra, *overrides])
+
+
 def split_data_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate ``--data.<field> value`` / ``--data.<field>=value`` / ``data.<field>=value`` (-> ``field=value``)
-    from the rest (the lgq.cli style for the data config's keys)."""
+    from the rest (the common.cli style for the data config's keys)."""
     rest, overrides = [], []
     argv = [str(a) for a in argv]
     i = 0
@@ -925,8 +926,6 @@ def preview_grid(dataset: Dataset, rows: int = 8, columns: int | None = None, pa
 def measure_throughput(dataset: Dataset, num_items: int = 4000) -> dict[str, float]:
     """Items per second of ``dataset[i]`` for ``i < num_items`` (cycling), in CPU time of this process and
     in wall time (CPU time does not count other processes sharing the cores)."""
-    import time
-
     count = min(num_items, 64)
     for i in range(count):  # warm up (font masks, first parameter blocks)
         dataset[i % len(dataset)]
@@ -939,15 +938,10 @@ def measure_throughput(dataset: Dataset, num_items: int = 4000) -> dict[str, flo
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[Path]:
-    """``python -m lgq.data [--preview OUT.png] [--benchmark N] [--split S] [--rows R] [--columns C] [--scale K]
+    """``python -m common.data [--preview OUT.png] [--benchmark N] [--split S] [--rows R] [--columns C] [--scale K]
     [--data.<field> V ...]``: save a grid of items and/or measure the item throughput on 1 thread."""
-    import argparse
-    import sys
-
-    from PIL import Image
-
     rest, overrides = split_data_options(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m lgq.data",
+    parser = argparse.ArgumentParser(prog="python -m common.data",
                                      description="Save a PNG grid of data set items and/or measure their throughput.")
     parser.add_argument("--preview", default=None, help="PNG file to write")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N items on 1 torch thread")
@@ -955,11 +949,10 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--columns", type=int, default=None, help="default: the number of classes in the split")
     parser.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
-    parser.epilog = "Data options: --data.<field> value for every lgq.data.DataConfig field."
+    parser.epilog = "Data options: --data.<field> value for every common.data.DataConfig field."
     args = parser.parse_args(rest)
     if args.preview is None and args.benchmark <= 0:
         parser.error("give --preview OUT.png and/or --benchmark N")
-    from lgq.config import load_config
 
     cfg = load_config(DataConfig, None, overrides)
     dataset = build_image_dataset(cfg, args.split)
@@ -983,3 +976,42 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# ----------------------------------------------------------------------------- evaluation subsets
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """The label of every item: ``dataset.targets`` when present (ImageFolder), else read item by item."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return [int(t) for t in targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def class_balanced_indices(labels: Sequence[int], num_images: int, seed: int = 0) -> list[int]:
+    """A class-balanced subset of ``num_images`` item indices.
+
+    Classes (sorted) are visited round robin; each class yields its items in a random order drawn
+    from ``numpy.random.default_rng((seed, class))``. Every class contributes floor(N / C) or
+    ceil(N / C) items (exactly N / C when C divides N) unless a class runs out, in which case the
+    remaining classes fill up. Returned indices are sorted (data set order).
+    """
+    labels = [int(v) for v in labels]
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    if num_images > len(labels):
+        raise ValueError(f"num_images={num_images} exceeds the {len(labels)} images of the evaluation set")
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    queues = {}
+    for label, items in sorted(by_class.items()):
+        order = np.random.default_rng((int(seed), label)).permutation(len(items))
+        queues[label] = [items[i] for i in order]
+    chosen: list[int] = []
+    position = 0
+    while len(chosen) < num_images:
+        for label in sorted(queues):
+            if position < len(queues[label]) and len(chosen) < num_images:
+                chosen.append(queues[label][position])
+        position += 1
+    return sorted(chosen)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
 LICENSE = "apache-2.0"  # the project's licence (pyproject.toml); exports are released under it
 CARD_FILE = "README.md"
 
@@ -65,8 +67,6 @@ def _table(rows: Sequence[Sequence[Any]]) -> str:
 
 def render_model_card(info: CardInfo):
     """``CardInfo`` -> huggingface_hub ``ModelCard`` (YAML metadata + markdown body)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     data = ModelCardData(license=LICENSE, library_name="diffusers",
                          tags=["lgq", "image-tokenizer", "vector-quantization", *info.tags], lgq=info.metadata())
     if info.metrics:
@@ -105,6 +105,14 @@ Made with [lgq](https://pypi.org/project/lgq/) (Learnable Geometric Quantization
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def training_rows(cfg, trainer) -> list[tuple[str, object]]:
+    """The training facts shared by the tokenizer and prior model cards."""
+    return [("optimisation steps", trainer.step), ("global batch", trainer.images_per_step),
+            ("processes", trainer.accelerator.num_processes), ("learning rate", cfg.train.lr),
+            ("mixed precision", trainer.mixed_precision),
+            ("weights", f"EMA (decay {cfg.train.ema_decay})" if cfg.train.ema_decay > 0 else "raw training weights")]
+
+
 def write_model_card(folder: str | os.PathLike, info: CardInfo) -> Path:
     """Write ``folder/README.md``; returns its path."""
     path = Path(folder) / CARD_FILE
@@ -117,7 +125,6 @@ def read_card_metadata(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / CARD_FILE
     if not path.is_file():
         return None
-    from huggingface_hub import ModelCard
 
     return ModelCard.load(str(path)).data.to_dict().get("lgq")
 
@@ -128,8 +135,6 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
 
     Needs network access and a token (``huggingface-cli login`` or ``HF_TOKEN``); returns the repo URL.
     """
-    from huggingface_hub import HfApi
-
     if not repo_id or repo_id.count("/") > 1:
         raise ValueError(f"hub model id must look like 'name' or 'user/name', got {repo_id!r}")
     api = HfApi()

@@ -62,7 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # 0 = only the final checkpoint
     keep_checkpoints: int = 2  # keep the newest N checkpoints
     # accelerate's trackers: "none", one name ("tensorboard", "wandb", "mlflow", ...), a list of names, or "all" (every
-    # installed one); a requested tracker whose package is missing stops the run at start-up (lgq.training.resolve_trackers)
+    # installed one); a requested tracker whose package is missing stops the run at start-up (common.training.resolve_trackers)
     tracker: Any = "none"
     project_name: str = "lgq"
     run_name: Optional[str] = None

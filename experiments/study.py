@@ -1,6 +1,6 @@
 """Equal-budget quantizer study: one command sweeps quantizer x codebook size K x seed.
 
-    python -m eval.study [--config configs/study/glyphs.yaml] [--quick] [--output-dir outputs/study]
+    python -m experiments.study [--config configs/study/glyphs.yaml] [--quick] [--output-dir outputs/study]
         [--quantizers lgq vq fsq simvq lfq ibq] [--K 256 1024 4096] [--seeds 0 1 2]
         [--launcher inprocess|accelerate] [--dry-run] [--no-memory] [key=value ...]
 
@@ -36,7 +36,7 @@ A = #{k: c_k > 0}, utilisation A / K, perplexity exp(H(c / sum c)), bits per tok
 log2 A; training throughput = median images/s over the logged windows (the first window, which holds
 start-up, is dropped when there are several); quantizer peak memory = the most tensor memory one
 forward+backward step of the quantizer alone holds at once, on N = batch_size x tokens_per_image tokens
-of dimension latent_dim (eval.bench_quantizers: allocator events on CPU, max_memory_allocated on CUDA);
+of dimension latent_dim (experiments.bench_quantizers: allocator events on CPU, max_memory_allocated on CUDA);
 the trivial baselines' PSNRs on the same images (``psnr_mean_colour``, ``psnr_token_grid_thumbnail``,
 ``psnr_equal_bits_thumbnail``; eval.reconstruction) and ``psnr_lead_over_equal_bits_db`` = PSNR minus
 the equal-bits thumbnail's PSNR.
@@ -66,6 +66,24 @@ import time
 import types
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from common.cli import config_help, parse_command_line, resolve_config_path
+from common.config import load_config
+from common.data import build_image_dataset
+from common.files import write_json
+from common.training import has_checkpoints, read_history
+from eval.classifier import classifier_report, load_or_train_classifier
+from eval.codebook_geometry import write_codebook_geometry
+from eval.fid import inception_weights_available
+from eval.reconstruction import evaluate_reconstruction
+from experiments.bench_quantizers import run_configuration
+from tokenizer.config import TokenizerRunConfig
+from tokenizer.model import LGQTokenizer
+from tokenizer.quantizers import QUANTIZERS, build_quantizer
+from tokenizer.train import main as train_main
 
 DEFAULT_CONFIG = "configs/study/glyphs.yaml"
 LAUNCHERS = ("inprocess", "accelerate")
@@ -113,10 +131,6 @@ class StudyConfig:
 
 def load_study_config(path: str | os.PathLike) -> StudyConfig:
     """Read a study YAML; unknown keys and wrong types raise ValueError naming them."""
-    from omegaconf import OmegaConf
-
-    from lgq.cli import resolve_config_path
-
     path = resolve_config_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study config {str(path)!r} does not exist")
@@ -179,10 +193,6 @@ def config_files_for(study: StudyConfig, quantizer: str, output_dir: Path | None
     carry options of that quantizer only (``model.quantizer_options``, e.g. LGQ's ``quant_loss_weight``): for
     every other quantizer the study trains from a copy without them, ``<output_dir>/recipes/<quantizer>-<name>``,
     so every other value of the recipe stays identical and each quantizer keeps its own defaults."""
-    from omegaconf import OmegaConf
-
-    from lgq.cli import resolve_config_path
-
     files = list(study.tokenizer_configs)
     if study.quantizer_config:
         files.append(study.quantizer_config.format(quantizer=quantizer))
@@ -204,16 +214,11 @@ def config_files_for(study: StudyConfig, quantizer: str, output_dir: Path | None
 
 def load_run_config(spec: RunSpec):
     """The merged TokenizerRunConfig of one run (raises on typos / invalid values)."""
-    from lgq.config import load_config
-    from tokenizer.config import TokenizerRunConfig
-
     return load_config(TokenizerRunConfig, spec.config_files, spec.overrides)
 
 
 def combination_problem(run_cfg) -> str | None:
     """Why this quantizer cannot take this K (None if it can): builds the quantizer once to ask it."""
-    from tokenizer.quantizers import build_quantizer
-
     model = run_cfg.model
     try:
         build_quantizer(model.quantizer, model.latent_dim, model.codebook_size, **dict(model.quantizer_options or {}))
@@ -226,8 +231,6 @@ def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], c
               seeds: Sequence[int], extra_overrides: Sequence[str] = ()) -> tuple[list[RunSpec], list[tuple[str, str]]]:
     """(runs to do, [(run name, reason skipped)]) for the cross product quantizer x K x seed, seed-major (every
     (quantizer, K) at the first seed, then at the next, ...) so an interrupted sweep covers the whole grid early."""
-    from tokenizer.quantizers import QUANTIZERS
-
     for name in quantizers:
         if name not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {name!r}; choose from {sorted(QUANTIZERS)}")
@@ -257,12 +260,6 @@ def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], c
 
 
 # ----------------------------------------------------------------------------- one run
-def has_checkpoints(run_dir: Path) -> bool:
-    from lgq.training import list_checkpoints
-
-    return bool(list_checkpoints(run_dir / "checkpoints"))
-
-
 def train_script_path() -> str:
     """tokenizer/train.py, relative to the working directory when it lies below it (readable commands)."""
     script = Path(__file__).resolve().parents[1] / "tokenizer" / "train.py"
@@ -283,7 +280,7 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
     """Train (or resume) one run; writes and returns its train_record.json {"train_seconds", "resumed"}.
 
     The logged values stay in the run's ``history.jsonl`` (written by the Trainer's main process under either
-    launcher; a resumed run's file covers the whole run, see ``lgq.training.truncate_history``)."""
+    launcher; a resumed run's file covers the whole run, see ``common.training.truncate_history``)."""
     resume = has_checkpoints(spec.run_dir)
     start = time.time()
     if launcher == "accelerate":
@@ -293,8 +290,6 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
             return {"train_seconds": None, "resumed": resume}
         subprocess.run(cmd, check=True)
     else:
-        from tokenizer.train import main as train_main
-
         print(f"[study] training {spec.name}" + (" (resuming from its latest checkpoint)" if resume else ""),
               flush=True)
         if dry_run:
@@ -319,41 +314,28 @@ def training_summary(history: list[dict] | None) -> dict[str, Any]:
 
 
 def quantizer_peak_memory(quantizer: str, codebook_size: int, num_tokens: int, dim: int) -> dict[str, Any]:
-    """Peak memory of one quantizer forward+backward step (eval.bench_quantizers, fresh subprocess)."""
-    import torch
-
-    from eval.bench_quantizers import run_configuration
-
+    """Peak memory of one quantizer forward+backward step (experiments.bench_quantizers, fresh subprocess)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args = types.SimpleNamespace(N=int(num_tokens), dim=int(dim), device=device, repeats=1, timeout=600)
     row = run_configuration(quantizer, args, int(codebook_size))
     return {"peak_bytes": row.get("peak_bytes"), "step_seconds": row.get("seconds"), "status": row.get("status"),
             "num_tokens": int(num_tokens), "dim": int(dim), "device": device,
-            "protocol": "eval.bench_quantizers: one warm-up + 1 timed step, default quantizer options"}
+            "protocol": "experiments.bench_quantizers: one warm-up + 1 timed step, default quantizer options"}
 
 
 def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str, Any]:
     """eval.reconstruction on the run's export; writes code_counts.json, returns the metrics dict."""
-    import torch
-
-    from eval.fid import inception_weights_available
-    from eval.reconstruction import evaluate_reconstruction
-    from lgq.data import build_image_dataset
-    from tokenizer.model import LGQTokenizer
-
     tokenizer = LGQTokenizer.from_pretrained(str(spec.run_dir / "tokenizer"))
     dataset = build_image_dataset(run_cfg.data, split=evaluation.get("split", "val"))
     weights = evaluation.get("inception_weights")
     compute_fid = inception_weights_available(weights, allow_download=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    classifier = study_classifier(spec.run_dir.parent, run_cfg.data, device)
+    classifier = study_classifier(spec.run_dir.parent.parent, run_cfg.data, device)
     metrics = evaluate_reconstruction(
         tokenizer, dataset, num_images=evaluation.get("num_images"), batch_size=int(evaluation.get("batch_size", 32)),
         inception_weights=weights, compute_fid=compute_fid, allow_download=False, device=device,
         return_code_counts=True, return_images=classifier is not None)
     if classifier is not None:
-        from eval.classifier import classifier_report
-
         real_u8, recon_u8, labels = metrics.pop("images_u8"), metrics.pop("reconstructions_u8"), metrics.pop("labels")
         metrics.update(classifier_report(*classifier, recon_u8, labels, real_u8, device=device))
     if not compute_fid:
@@ -367,9 +349,6 @@ def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str
 def study_classifier(output_dir: Path, data_cfg, device) -> tuple | None:
     """(folder, classifier, metadata) of the study data set's classifier (eval.classifier), trained once into
     ``<output_dir>/classifier/<name>-<size>px`` and shared by every run; None for fewer than 2 classes."""
-    from eval.classifier import load_or_train_classifier
-    from lgq.data import build_image_dataset
-
     if build_image_dataset(data_cfg, "train").num_classes < 2:
         return None
     folder = output_dir / "classifier" / f"{data_cfg.name}-{data_cfg.image_size}px"
@@ -387,8 +366,6 @@ def _comparable(config: dict) -> dict:
 
 def check_same_recipe(spec: RunSpec, run_cfg) -> None:
     """Refuse to reuse or resume a run folder that was made with a different recipe (ValueError)."""
-    from omegaconf import OmegaConf
-
     current = _comparable(_config_dict(run_cfg))
     result_path, saved_path = spec.run_dir / "result.json", spec.run_dir / "config.yaml"
     if result_path.is_file():
@@ -430,7 +407,6 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
     if measure_memory:
         memory = quantizer_peak_memory(spec.quantizer, spec.codebook_size,
                                        run_cfg.train.batch_size * tokens_per_image, run_cfg.model.latent_dim)
-    from lgq.training import read_history
 
     history = read_history(spec.run_dir)
     summary = training_summary(history)
@@ -471,14 +447,10 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
 
 
 def _torch_threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
 def _config_dict(run_cfg) -> dict:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(OmegaConf.structured(run_cfg), resolve=True)
 
 
@@ -571,12 +543,6 @@ def aggregate_runs(results: Sequence[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- merged outputs
-def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    from eval.reconstruction import write_json as atomic_write_json
-
-    return atomic_write_json(path, payload)
-
-
 def table_rows(results: Sequence[dict]) -> list[dict]:
     """Per-run table rows (TABLE_COLUMNS); collapse fields from the run's ``collapse`` report."""
     rows = []
@@ -623,7 +589,7 @@ def markdown_summary(rows: Sequence[dict], fraction: float) -> str:
     """The (quantizer, K) table: mean ± std over seeds and the collapsed-seed count (``aggregate_runs``)."""
     header = ["quantizer", "K", "seeds", "collapsed", "steps", *(label for _, label in ROW_TABLE)]
     lines = [f"Mean ± sample std over seeds. collapsed = seeds whose training-batch hard perplexity or active "
-             f"codes ended below {fraction:g} x K (eval.study.detect_collapse).", "",
+             f"codes ended below {fraction:g} x K (experiments.study.detect_collapse).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["quantizer"], str(row["K"]), str(row["num_seeds"]), f"{row['collapsed_seeds']}/{row['num_seeds']}",
@@ -668,58 +634,69 @@ def _write_csv(path: Path, columns: list[str], rows: Sequence[dict]) -> Path:
 
 # ----------------------------------------------------------------------------- plots
 def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
-    """PNG figures in <output_dir>/plots (matplotlib, Agg backend); error bars = sample std over seeds."""
-    import matplotlib
+    """PNG figures in <output_dir>/plots (matplotlib, Agg backend); error bars = sample std over seeds:
+    rate-distortion, utilisation vs K, code-usage curves and training curves."""
+    import matplotlib  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lgq.training import read_history
+    import matplotlib.pyplot as plt  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     plot_dir = output_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     rows = aggregate_runs(results)
     quantizers = list(dict.fromkeys(r["quantizer"] for r in results))
     colours = {q: plt.cm.tab10(i % 10) for i, q in enumerate(quantizers)}
-    paths = []
+    return [plot_rate_distortion(plt, results, rows, colours, plot_dir / "rate_distortion.png"),
+            plot_utilisation(plt, rows, colours, plot_dir / "utilisation_vs_K.png"),
+            plot_code_usage(plt, results, colours, plot_dir / "code_usage.png"),
+            plot_training_curves(plt, results, colours, plot_dir / "training_curves.png"),
+            *geometry_plots(results, plot_dir / "geometry")]
 
-    def errorbars(ax, x_key, y_key, log_x=False):
-        for q in quantizers:
-            points = [row for row in rows if row["quantizer"] == q and row.get(f"{x_key}_mean") is not None
-                      and row.get(f"{y_key}_mean") is not None]
-            if not points:
-                continue
-            points.sort(key=lambda row: row[f"{x_key}_mean"])
-            xs = [row[f"{x_key}_mean"] for row in points]
-            ys = [row[f"{y_key}_mean"] for row in points]
-            x_err = [row.get(f"{x_key}_std") or 0.0 for row in points]
-            y_err = [row.get(f"{y_key}_std") or 0.0 for row in points]
-            ax.errorbar(xs, ys, xerr=x_err, yerr=y_err, color=colours[q], label=q, marker="o", capsize=3,
-                        linewidth=0.8)
-            for row, x, y in zip(points, xs, ys):
-                ax.annotate(f"K{row['K']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if log_x:
-            ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
 
+def errorbars(ax, rows: Sequence[dict], colours: dict, x_key: str, y_key: str, log_x: bool = False) -> None:
+    """One line per quantizer through its (mean x, mean y) points over K, with std error bars and K labels."""
+    for q in colours:
+        points = [row for row in rows if row["quantizer"] == q and row.get(f"{x_key}_mean") is not None
+                  and row.get(f"{y_key}_mean") is not None]
+        if not points:
+            continue
+        points.sort(key=lambda row: row[f"{x_key}_mean"])
+        xs = [row[f"{x_key}_mean"] for row in points]
+        ys = [row[f"{y_key}_mean"] for row in points]
+        x_err = [row.get(f"{x_key}_std") or 0.0 for row in points]
+        y_err = [row.get(f"{y_key}_std") or 0.0 for row in points]
+        ax.errorbar(xs, ys, xerr=x_err, yerr=y_err, color=colours[q], label=q, marker="o", capsize=3,
+                    linewidth=0.8)
+        for row, x, y in zip(points, xs, ys):
+            ax.annotate(f"K{row['K']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+
+
+def plot_rate_distortion(plt, results: Sequence[dict], rows: Sequence[dict], colours: dict, path: Path) -> Path:
+    """PSNR (and rFID when measured) against active codes and against bits per token."""
     distortions = [("psnr", "PSNR (dB, higher is better)")]
     if any(r.get("rfid") is not None for r in results):
         distortions.append(("rfid", "rFID (lower is better)"))
     fig, axes = plt.subplots(len(distortions), 2, figsize=(10, 4 * len(distortions)), squeeze=False)
     for row_index, (key, label) in enumerate(distortions):
-        errorbars(axes[row_index][0], "active_codes", key, log_x=True)
+        errorbars(axes[row_index][0], rows, colours, "active_codes", key, log_x=True)
         axes[row_index][0].set_xlabel("active codes (log2 axis)")
         axes[row_index][0].set_ylabel(label)
-        errorbars(axes[row_index][1], "bits_per_token", key)
+        errorbars(axes[row_index][1], rows, colours, "bits_per_token", key)
         axes[row_index][1].set_xlabel("bits per token = log2 perplexity")
         axes[row_index][1].set_ylabel(label)
     axes[0][0].legend()
     fig.suptitle("Rate-distortion (evaluation set; mean ± std over seeds)")
     fig.tight_layout()
-    paths.append(_save(fig, plot_dir / "rate_distortion.png"))
+    return _save(fig, path)
 
+
+def plot_utilisation(plt, rows: Sequence[dict], colours: dict, path: Path) -> Path:
+    """Codebook utilisation (active / K) against K, one line per quantizer."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for q in quantizers:
+    for q in colours:
         points = sorted((row["K"], row["utilisation_mean"], row.get("utilisation_std") or 0.0) for row in rows
                         if row["quantizer"] == q and row.get("utilisation_mean") is not None)
         if points:
@@ -732,16 +709,20 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths.append(_save(fig, plot_dir / "utilisation_vs_K.png"))
+    return _save(fig, path)
 
+
+def first_label(labelled: set[str], quantizer: str) -> str | None:
+    """The quantizer's name the first time (one legend entry per quantizer), then None."""
+    if quantizer in labelled:
+        return None
+    labelled.add(quantizer)
+    return quantizer
+
+
+def plot_code_usage(plt, results: Sequence[dict], colours: dict, path: Path) -> Path:
+    """Rank-frequency curves of the used codes, one line per run."""
     labelled: set[str] = set()
-
-    def label_once(quantizer: str) -> str | None:
-        if quantizer in labelled:
-            return None
-        labelled.add(quantizer)
-        return quantizer
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         counts_path = Path(r.get("run_dir", "")) / "code_counts.json"
@@ -751,7 +732,7 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
         total = max(sum(counts), 1)
         frequencies = [c / total for c in counts if c > 0]
         ax.plot(range(1, len(frequencies) + 1), frequencies, color=colours[r["quantizer"]], alpha=0.6,
-                label=label_once(r["quantizer"]))
+                label=first_label(labelled, r["quantizer"]))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("code rank (used codes, sorted by frequency; one line per run)")
@@ -759,18 +740,20 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(_save(fig, plot_dir / "code_usage.png"))
-    paths.extend(geometry_plots(results, plot_dir / "geometry"))
+    return _save(fig, path)
 
+
+def plot_training_curves(plt, results: Sequence[dict], colours: dict, path: Path) -> Path:
+    """Pixel MSE and code perplexity on the training batches over the steps, one line per run."""
     # the total loss holds each quantizer's own terms (LFQ's entropy term is negative): not comparable, so plot
     # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer;
     # an x marks the step from which a run stayed collapsed
-    labelled.clear()
+    labelled: set[str] = set()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     curves = (("l2", "pixel MSE on training batches"), ("codebook/perplexity", "code perplexity on training batches"))
     for r in results:
         history = read_history(r.get("run_dir", ""))
-        label = label_once(r["quantizer"])
+        label = first_label(labelled, r["quantizer"])
         collapse_step = (r.get("collapse") or {}).get("collapse_step")
         for ax, (key, _) in zip(axes, curves):
             points = [(row["step"], row[key]) for row in history if key in row]
@@ -786,15 +769,11 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    paths.append(_save(fig, plot_dir / "training_curves.png"))
-    return paths
+    return _save(fig, path)
 
 
 def geometry_plots(results: Sequence[dict], geometry_dir: Path) -> list[Path]:
     """Per run with an export and code_counts.json: eval.codebook_geometry's JSON and plot in geometry_dir/<run>/."""
-    from eval.codebook_geometry import write_codebook_geometry
-    from tokenizer.model import LGQTokenizer
-
     paths = []
     for r in results:
         run_dir = Path(r.get("run_dir", ""))
@@ -809,7 +788,7 @@ def geometry_plots(results: Sequence[dict], geometry_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -818,10 +797,7 @@ def _save(fig, path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from lgq.cli import config_help
-    from tokenizer.config import TokenizerRunConfig
-
-    parser = argparse.ArgumentParser(prog="python -m eval.study", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__ + "\n" + config_help(TokenizerRunConfig),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="study YAML (configs/study/*.yaml)")
@@ -837,10 +813,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
                              "than 2 on a machine whose cores are busy with other work")
-    from lgq.cli import parse_command_line
-    from tokenizer.config import TokenizerRunConfig
 
-    # tokenizer config keys for every run: key=value or --key value (lgq.cli style; --help lists them)
+    # tokenizer config keys for every run: key=value or --key value (common.cli style; --help lists them)
     args, args.overrides = parse_command_line(parser, argv, TokenizerRunConfig)
     return args
 
@@ -866,10 +840,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
 
         torch.set_num_threads(args.threads)
-    from lgq.training import read_history
 
     results = []
     start = time.time()

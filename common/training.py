@@ -32,6 +32,7 @@ resumed ends with bit-identical weights on the same hardware and config (tested 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -46,9 +47,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+from PIL import Image
+from accelerate import Accelerator, utils as accelerate_utils
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 
-from lgq.config import TrainConfig, save_config
+from common.config import TrainConfig, save_config
+from common.files import write_bytes_atomic
+from common.hub import push_folder_to_hub, write_model_card
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
 HISTORY_FILE = "history.jsonl"  # <output_dir>/history.jsonl: one {"step": s, **logs} line per log step
@@ -94,8 +102,6 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "cos
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR with ``lr_factor``; stepped once per optimisation step."""
-    import functools
-
     factor = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -151,6 +157,11 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir/checkpoints`` holds a completed checkpoint (an interrupted run that can resume)."""
+    return bool(list_checkpoints(Path(run_dir) / "checkpoints"))
+
+
 def resolve_resume_path(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
     """None -> None; "latest" -> newest checkpoint or None if there is none; else an existing path."""
     if not resume:
@@ -188,9 +199,7 @@ def truncate_history(output_dir: str | os.PathLike, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [row for row in read_history(output_dir) if row["step"] <= last_step]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(temporary, path)
+    write_bytes_atomic(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
 
 def resolve_trackers(tracker: str | list[str]) -> list[str]:
@@ -200,8 +209,6 @@ def resolve_trackers(tracker: str | list[str]) -> list[str]:
     names -> those names, after checking each one: an unknown name or a tracker whose package is missing raises
     ValueError now, instead of accelerate dropping it with a debug-level log and the run training unlogged.
     """
-    from accelerate import utils as accelerate_utils
-
     names = [tracker] if isinstance(tracker, str) else list(tracker)
     known = [t.value for t in accelerate_utils.LoggerType if t.value != "all"]
 
@@ -271,9 +278,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, run_config: Any = None, *, ddp_find_unused_parameters: bool = False):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
-
         cfg.validate()
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -387,8 +391,6 @@ class Trainer:
                 f"({accelerator.num_processes} process(es)); lower train.batch_size or use more data"
             )
         if self.cfg.ema_decay > 0 and ema_model is not None:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
             source = accelerator.unwrap_model(self.models[ema_model])
             # EMA_t = decay * EMA_{t-1} + (1 - decay) * theta_t (parameters and buffers), fp32, same device.
             self.ema = AveragedModel(source, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=True)
@@ -526,8 +528,6 @@ class Trainer:
         on_image_log(step) -> {name: image grid [3, H, W] in [-1, 1] or scalar}, every image_log_every steps.
         Returns the last reduced logs.
         """
-        from tqdm.auto import tqdm
-
         cfg, accelerator = self.cfg, self.accelerator
         step = self.progress.step
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not (self.is_main and cfg.progress_bar),
@@ -598,7 +598,6 @@ class Trainer:
             self.image_log_history.append((step, scalars))
         if not self.is_main:
             return
-        from PIL import Image
 
         for name, grid in values.items():
             if not (torch.is_tensor(grid) and grid.dim() == 3):
@@ -670,17 +669,13 @@ class Trainer:
         self.accelerator.end_training()
 
     def finish(self, name: str, logs: Mapping[str, float], description: str | None = None, card=None) -> Path:
-        """The end of a train script: ``export(name)``, its model card (``card``: an ``lgq.hub.CardInfo``, written
+        """The end of a train script: ``export(name)``, its model card (``card``: an ``common.hub.CardInfo``, written
         as README.md), the upload when ``train.push_to_hub``, the closing line, then close the trackers."""
         path = self.export(name)
         cls = json.loads((path / "config.json").read_text()).get("_class_name") if self.is_main else None
         if self.is_main and card is not None:
-            from lgq.hub import write_model_card
-
             write_model_card(path, card)
         if self.is_main and self.cfg.push_to_hub:
-            from lgq.hub import push_folder_to_hub
-
             repo_id = self.cfg.hub_model_id or f"{self.output_dir.resolve().name}-{name}"
             url = push_folder_to_hub(path, repo_id, private=self.cfg.hub_private,
                                      commit_message=f"{description or name} after {self.step} steps")
@@ -726,3 +721,22 @@ __all__ = [
     "parameter_groups", "excluded_from_weight_decay", "resolve_mixed_precision", "seed_for_step", "seed_everything",
     "list_checkpoints", "resolve_resume_path", "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
 ]
+
+
+def make_accelerator():
+    """Accelerator on CUDA/MPS when present, else CPU (gloo for several processes).
+
+    Raises if the launcher started several processes that did not join one process group: they
+    would each extract everything into the same output folder.
+    """
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not (
+        torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    )
+    accelerator = Accelerator(cpu=use_cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate sees {accelerator.num_processes}: "
+            "on CPU use `accelerate launch --multi_gpu --num_processes N` with ACCELERATE_USE_CPU=true"
+        )
+    return accelerator

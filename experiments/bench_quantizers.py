@@ -1,6 +1,6 @@
 """Quantizer benchmark: forward+backward time and peak memory per quantizer and codebook size.
 
-    python -m eval.bench_quantizers [--K 4096 16384 65536] [--N 16384] [--dim 64]
+    python -m experiments.bench_quantizers [--K 4096 16384 65536] [--N 16384] [--dim 64]
         [--device cpu|cuda] [--repeats 3] [--quantizers lgq vq fsq simvq lfq] [--include-dense]
 
 One training-like step = ``out = q(z)``, ``(out.loss + mean(out.quantized^2)).backward()`` on
@@ -32,6 +32,13 @@ import subprocess
 import sys
 import time
 
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from tokenizer.quantizers import build_quantizer
+from tokenizer.quantizers.lgq import lgq_dense_reference
+
 DEFAULT_QUANTIZERS = ("lgq", "vq", "fsq", "simvq", "lfq")
 DENSE_NAME = "lgq-dense"
 DENSE_LIMIT_BYTES = 12e9  # skip the dense reference when N*K*4 bytes*6 exceeds this
@@ -43,8 +50,6 @@ def dense_bytes_estimate(num_tokens: int, codebook_size: int) -> float:
 
 
 def make_latents(num_tokens: int, dim: int, device: str):
-    import torch
-
     generator = torch.Generator().manual_seed(0)
     if num_tokens % 256 == 0:
         shape = (num_tokens // 256, dim, 16, 16)
@@ -55,14 +60,9 @@ def make_latents(num_tokens: int, dim: int, device: str):
 
 def build_step(name: str, codebook_size: int, num_tokens: int, dim: int, device: str):
     """Return a zero-argument closure running one forward+backward step."""
-    import torch
-    import torch.nn.functional as F
-
     torch.manual_seed(0)
     z = make_latents(num_tokens, dim, device)
     if name == DENSE_NAME:
-        from tokenizer.quantizers.lgq import lgq_dense_reference
-
         centres = torch.randn(codebook_size, dim, device=device, requires_grad=True)
 
         def step():
@@ -73,7 +73,6 @@ def build_step(name: str, codebook_size: int, num_tokens: int, dim: int, device:
             z.grad = centres.grad = None
 
         return step
-    from tokenizer.quantizers import build_quantizer
 
     quantizer = build_quantizer(name, dim=dim, codebook_size=codebook_size).to(device).train()
 
@@ -90,8 +89,6 @@ def cpu_allocated_peak_bytes(step) -> int:
     """Peak of the running sum of CPU allocations (+) and frees (-) recorded by torch.profiler
     while ``step()`` runs: max_t sum_{events e <= t} nbytes(e), i.e. the most tensor memory the step
     held at once beyond what was allocated before it."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e for e in prof.profiler.kineto_results.events()
@@ -105,8 +102,6 @@ def cpu_allocated_peak_bytes(step) -> int:
 
 def run_worker(name: str, codebook_size: int, num_tokens: int, dim: int, device: str, repeats: int) -> dict:
     """One configuration in this (fresh) process; returns a JSON-able result row."""
-    import torch
-
     row = {"quantizer": name, "K": codebook_size, "N": num_tokens, "dim": dim, "device": device}
     try:
         step = build_step(name, codebook_size, num_tokens, dim, device)
@@ -145,7 +140,7 @@ def run_configuration(name: str, args, codebook_size: int) -> dict:
         need = dense_bytes_estimate(args.N, codebook_size) / 1e9
         return {"quantizer": name, "K": codebook_size, "N": args.N,
                 "status": f"skipped (dense needs ~{need:.0f} GB > {DENSE_LIMIT_BYTES / 1e9:.0f} GB limit)"}
-    cmd = [sys.executable, "-m", "eval.bench_quantizers", "--worker", name, "--K", str(codebook_size),
+    cmd = [sys.executable, "-m", "experiments.bench_quantizers", "--worker", name, "--K", str(codebook_size),
            "--N", str(args.N), "--dim", str(args.dim), "--device", args.device, "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

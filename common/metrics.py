@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torchvision.utils import make_grid
+
+PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite: every per-image PSNR is capped here
 
 
 def code_histogram(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
@@ -37,7 +40,7 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def codebook_statistics(counts: torch.Tensor, tokens_per_image: int | None = None) -> dict[str, float]:
-    """Codebook statistics of METHOD.md section 4 from a histogram of hard indices.
+    """Codebook statistics of docs/method.md §4 from a histogram of hard indices.
 
     active codes   = #{k : c_k > 0}
     utilisation    = active / K
@@ -90,6 +93,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     if not bool(finite.all()):
         raise ValueError(f"images contain {int((~finite).sum())} non-finite values (NaN/inf)")
     return ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """[3, 2H + pad, N W + pad] grid in [-1, 1]: originals in the top row, reconstructions below."""
+    pairs = torch.cat([originals, reconstructions.clamp(-1, 1)]).float().cpu()
+    return make_grid(pairs, nrow=originals.shape[0], padding=2, pad_value=1.0)
 
 
 def _paired_images(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float | None):

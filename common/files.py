@@ -1,0 +1,66 @@
+"""Files that readers never see half-written: the one "write a temporary file, fsync, rename" of the project.
+
+Every file the commands write for others to read (JSON results, token arrays and chunks, FID statistics,
+sample archives, the training history) goes through ``atomic_write``: the bytes go to ``<name>.tmp<pid>``
+beside the target, are flushed and fsync'ed, and ``os.replace`` puts the finished file in place in one step
+(atomic on POSIX and Windows within one file system). A crash leaves either the old file or the new one,
+plus at most a ``*.tmp<pid>`` file that the next writer overwrites or a reader may delete.
+
+Whole folders (checkpoints, the classifier cache) are renamed into place by their writers the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """``<path>.tmp<pid>``: the temporary name beside ``path`` that this process writes before the rename."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` (creating the parent folder); when the block ends without an
+    exception the file is flushed, fsync'ed and renamed onto ``path``; on an exception it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` to ``path`` through ``atomic_write``."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (nan, inf) replaced by None, in nested dicts, lists and tuples:
+    strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """``payload`` as indented, key-sorted JSON (non-finite floats become null), written atomically."""
+    return write_bytes_atomic(path, json.dumps(json_safe(payload), indent=2, sort_keys=True).encode())
