@@ -206,7 +206,7 @@ def config_files_for(study: StudyConfig, quantizer: str, output_dir: Path | None
             del recipe.model["quantizer_options"]
             copy = output_dir / "recipes" / f"{quantizer}-{Path(path).name}"
             copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_text(f"# {path} without its {model.get('quantizer')}-only quantizer_options (eval/study.py)\n"
+            copy.write_text(f"# {path} without its {model.get('quantizer')}-only quantizer_options (experiments/study.py)\n"
                             + OmegaConf.to_yaml(recipe))
             files[index] = str(copy)
     return files
