@@ -1,22 +1,23 @@
-"""The one-command demo: the whole system on the built-in scikit-image photos (``make demo``).
+"""The one-command demo: the whole system on the built-in glyphs, coloured digits (``make demo``).
 
-    python -m experiments.demo [--output-dir outputs/demo] [--quick] [--device auto] [--inception-weights PATH]
-                        [--steps-scale F] [--threads N] [--force]
+    python -m experiments.demo [--output-dir outputs/demo] [--data glyphs|builtin] [--quick] [--device auto]
+                               [--inception-weights PATH] [--steps-scale F] [--threads N] [--force]
 
 Stages (a line per stage; the training/extraction stages show their own tqdm bars), all written to ONE
 output folder ``OUT``:
 
-1. ``tokenizer``  train a small LGQ tokenizer (configs/tokenizer/builtin.yaml, ``tokenizer.train.main``)
+1. ``tokenizer``  train a small LGQ tokenizer (configs/tokenizer/<data>.yaml, ``tokenizer.train.main``)
                   -> ``OUT/tokenizer_run/tokenizer`` (save_pretrained export)
 2. ``tokens``     token grids of the train split, plus horizontal flips where the data set flips
                   (``common.data.DATASET_DEFAULTS``: builtin yes, glyphs no) (``prior.extract``)
                   -> ``OUT/tokens``
-3. ``prior``      a small class-conditional MaskGIT prior on them (configs/prior/builtin.yaml,
+3. ``prior``      a small class-conditional MaskGIT prior on them (configs/prior/<data>.yaml,
                   ``prior.train.main``) -> ``OUT/prior_run/prior``
 4. ``pipeline``   ``pipelines.assemble.build_pipeline`` -> ``OUT/pipeline`` (LGQPipeline folder)
 5. ``samples``    one row of samples per training class -> ``OUT/samples.png``
-6. ``evaluation`` reconstruction (PSNR, SSIM, codebook statistics on the val split; rFID with Inception
-                  weights) and generation (gFID / IS vs the train split with Inception weights)
+6. ``evaluation`` reconstruction (PSNR, SSIM, codebook statistics, trivial baselines on the val split; rFID
+                  with Inception weights) and generation (the data set's classifier: accuracy of the samples,
+                  FD/KID of its features; gFID / IS vs the train split with Inception weights)
                   -> ``OUT/reconstructions.png`` (top: originals, bottom: reconstructions)
 7. ``report``     ``OUT/metrics.json`` (every figure + protocol + settings + timings) and ``OUT/report.md``.
 
@@ -27,8 +28,8 @@ Resuming: a stage whose export already exists in ``OUT`` is reused (printed), un
 interrupted tokenizer / prior training resumes from its latest checkpoint, an interrupted extraction
 from its finished chunks. Samples and evaluation always run (they are quick).
 
-Sizes: default = the builtin configs (64 px crops, 8x8 tokens, K = 1024; aimed at < 20 min on 2 CPU
-cores); ``--quick`` = fewer steps and a smaller model (a few minutes); ``--tiny`` = 32 px, a handful of
+Sizes: default = the data set's recipes (glyphs: 32 px, 8x8 tokens, K = 256; ~15 min on one core of the
+2-core CPU, README "The demo"); ``--quick`` = fewer steps and a smaller model (a few minutes); ``--tiny`` = 32 px, a handful of
 steps (the end-to-end test). ``--steps-scale F`` multiplies every training length.
 
 Threads: on CPU, torch uses ``--threads`` intra-op threads, default = the cores this process may use
