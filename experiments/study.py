@@ -810,6 +810,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="inprocess (CPU default) or accelerate (one `accelerate launch` subprocess per run)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan / commands, train nothing")
     parser.add_argument("--no-memory", action="store_true", help="skip the quantizer peak-memory measurement")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: merge the runs that have finished (result.json) into the tables and "
+                             "plots, e.g. while a long sweep is still running; the others are listed as missing")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
                              "than 2 on a machine whose cores are busy with other work")
@@ -845,6 +848,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     results = []
     start = time.time()
+    if args.finished_only:
+        missing = [spec.name for spec in runs if not (spec.run_dir / "result.json").is_file()]
+        runs = [spec for spec in runs if spec.name not in missing]
+        print(f"[study] --finished-only: {len(runs)} finished run(s); not finished: {', '.join(missing) or 'none'}",
+              flush=True)
+        if not runs:
+            raise ValueError(f"--finished-only: no finished run in {output_dir}")
     for spec in runs:
         result = run_one(spec, study, launcher, study.measure_memory and not args.no_memory, dry_run=args.dry_run)
         if result is not None:

@@ -132,6 +132,14 @@ def test_sweep_over_seeds_writes_runs_rows_table_plots_and_reuses_finished_runs(
     with pytest.raises(ValueError, match=r"different recipe.*train\.max_steps"):
         study.main(["--config", str(config), "--output-dir", str(out), "train.max_steps=5"])
 
+    # --finished-only (a sweep still running): the finished runs are merged, the missing ones listed, none trained
+    capsys.readouterr()
+    partial = study.main(["--config", str(config), "--output-dir", str(out), "--seeds", "0", "1", "2", "--finished-only"])
+    log = capsys.readouterr().out
+    assert [r["run"] for r in partial] == [r["run"] for r in results] and "[study] training" not in log
+    assert "not finished: vq_K1024_s2, fsq_K1024_s2" in log and not (out / "runs" / "vq_K1024_s2").exists()
+    assert [row["seeds"] for row in json.loads((out / "results.json").read_text())["rows"]] == [[0, 1], [0, 1]]
+
 
 def test_collapse_is_detected_from_history_with_its_step():
     K = 1000  # threshold 1% = 10 codes
@@ -175,6 +183,23 @@ def test_invalid_combinations_are_skipped_with_a_reason(tmp_path):
     assert study.accelerate_command(run, ["--multi_gpu"], resume=True)[:6] == [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "tokenizer/train.py", "--config"]
     assert "--resume" in study.accelerate_command(run, [], resume=True)
+
+
+def test_options_of_the_recipes_own_quantizer_do_not_reach_the_others(tmp_path):
+    """A recipe written for LGQ may set LGQ-only options (quant_loss_weight): LGQ's runs keep them, the other
+    quantizers train from a copy of the recipe without them and are not skipped; everything else is identical."""
+    recipe = tmp_path / "lgq_recipe.yaml"
+    recipe.write_text("model:\n  quantizer: lgq\n  quantizer_options:\n    quant_loss_weight: 0.25\n")
+    config = write_study(tmp_path, tokenizer_configs=[str(TINY), str(recipe)], quantizers=["lgq", "fsq"],
+                         codebook_sizes=[256])
+    runs, skipped = study.plan_runs(study.load_study_config(config), tmp_path / "out", ["lgq", "fsq"], [256], [0])
+    assert skipped == [] and [spec.name for spec in runs] == ["lgq_K256_s0", "fsq_K256_s0"]
+    lgq_cfg, fsq_cfg = (study.load_run_config(spec) for spec in runs)
+    assert lgq_cfg.model.quantizer_options == {"quant_loss_weight": 0.25} and fsq_cfg.model.quantizer_options == {}
+    assert runs[0].config_files[-1] == str(recipe)
+    assert Path(runs[1].config_files[-1]) == tmp_path / "out" / "recipes" / "fsq-lgq_recipe.yaml"
+    assert lgq_cfg.train == fsq_cfg.train.__class__(**{**vars(fsq_cfg.train), "output_dir": lgq_cfg.train.output_dir,
+                                                       "seed": lgq_cfg.train.seed})
 
 
 def test_bad_study_config_names_the_problem(tmp_path):
