@@ -204,8 +204,13 @@ class ClassifierTrainConfig:
             raise ValueError(f"classifier widths must be positive integers, got {self.widths}")
 
 
+def classifier_dir(root: str | os.PathLike, data_cfg) -> Path:
+    """Where the classifier of a data set is cached under ``root``: ``<root>/<name>-<size>px``."""
+    return Path(root) / f"{data_cfg.name}-{data_cfg.image_size}px"
+
+
 def default_classifier_dir(data_cfg) -> Path:
-    return Path("outputs") / "classifiers" / f"{data_cfg.name}-{data_cfg.image_size}px"
+    return classifier_dir(Path("outputs") / "classifiers", data_cfg)
 
 
 def load_split(data_cfg, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:

@@ -61,7 +61,7 @@ from common.data import DATASET_DEFAULTS, DataConfig, build_image_dataset
 from common.files import write_json
 from common.metrics import image_grid, to_uint8
 from common.training import has_checkpoints
-from eval.classifier import ClassifierTrainConfig, classifier_report, load_or_train_classifier
+from eval.classifier import ClassifierTrainConfig, classifier_dir, classifier_report, load_or_train_classifier
 from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
 from eval.gen_fid import evaluate_generation, generate_samples
 from eval.reconstruction import BASELINE_LABELS, evaluate_reconstruction
@@ -399,7 +399,7 @@ class Demo:
         if build_image_dataset(data_cfg, "train").num_classes < 2:
             self.notes.append(f"classifier metric skipped: data set {data_cfg.name!r} has fewer than 2 classes")
             return None
-        folder = self.classifier_dir / f"{data_cfg.name}-{data_cfg.image_size}px"
+        folder = classifier_dir(self.classifier_dir, data_cfg)
         start = time.time()
         recipe = ClassifierTrainConfig(**self.preset["classifier"])
         model, metadata, trained = load_or_train_classifier(folder, data_cfg, recipe, device=self.device)

@@ -75,7 +75,7 @@ from common.config import load_config
 from common.data import build_image_dataset
 from common.files import write_json
 from common.training import has_checkpoints, read_history
-from eval.classifier import classifier_report, load_or_train_classifier
+from eval.classifier import classifier_dir, classifier_report, load_or_train_classifier
 from eval.codebook_geometry import write_codebook_geometry
 from eval.fid import inception_weights_available
 from eval.reconstruction import evaluate_reconstruction
@@ -351,7 +351,7 @@ def study_classifier(output_dir: Path, data_cfg, device) -> tuple | None:
     ``<output_dir>/classifier/<name>-<size>px`` and shared by every run; None for fewer than 2 classes."""
     if build_image_dataset(data_cfg, "train").num_classes < 2:
         return None
-    folder = output_dir / "classifier" / f"{data_cfg.name}-{data_cfg.image_size}px"
+    folder = classifier_dir(output_dir / "classifier", data_cfg)
     model, metadata, _ = load_or_train_classifier(folder, data_cfg, device=device)
     return folder, model, metadata
 

@@ -20,12 +20,7 @@ from tokenizer.prune import (check_prunable, count_code_usage, decoder_codes, ev
 K = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_tokenizer(quantizer: str = "lgq", options: dict | None = None, codebook_size: int = K) -> LGQTokenizer:

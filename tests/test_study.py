@@ -20,15 +20,7 @@ RUN_OVERRIDES = ["train.max_steps=4", "train.warmup_steps=1", "train.log_every=2
                  "data.num_val_images=8", "eval.quantizer_init_batches=1", "model.base_channels=8"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, 2 threads can be 10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_study(tmp_path, **fields):
