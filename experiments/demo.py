@@ -2,6 +2,7 @@
 
     python -m experiments.demo [--output-dir outputs/demo] [--data glyphs|builtin] [--quick] [--device auto]
                                [--inception-weights PATH] [--steps-scale F] [--threads N] [--force]
+                               [--guidance-scale G] [--temperature T] [--seed S]
 
 Stages (a line per stage; the training/extraction stages show their own tqdm bars), all written to ONE
 output folder ``OUT``:
@@ -313,11 +314,13 @@ class Demo:
         generator = torch.Generator(device="cpu").manual_seed(self.args.seed)
         with torch.no_grad():
             images = pipeline(labels, num_inference_steps=int(self.preset["sample_steps"]),
-                              guidance_scale=self.args.guidance_scale, generator=generator, output_type="pt").images
+                              guidance_scale=self.args.guidance_scale, temperature=self.args.temperature,
+                              generator=generator, output_type="pt").images
         grid = uint8_grid(to_uint8(images.cpu() * 2 - 1), nrow=columns)
         self.results["samples"] = {"rows": [class_names[c] for c in train_classes], "per_class": columns,
                                    "num_inference_steps": int(self.preset["sample_steps"]),
-                                   "guidance_scale": self.args.guidance_scale, "seed": self.args.seed}
+                                   "guidance_scale": self.args.guidance_scale, "temperature": self.args.temperature,
+                                   "seed": self.args.seed}
         return save_png(grid, self.out / "samples.png")
 
     def evaluate(self, pipeline, tokenizer, train_classes: list[int]) -> dict:
@@ -369,8 +372,8 @@ class Demo:
         if extractor is not None or classifier is not None:
             samples = generate_samples(pipeline, num_samples, batch_size=32, classes=train_classes,
                                        num_inference_steps=int(self.preset["sample_steps"]),
-                                       guidance_scale=self.args.guidance_scale, seed=self.args.seed,
-                                       generator_device="cpu", feature_extractor=extractor,
+                                       guidance_scale=self.args.guidance_scale, temperature=self.args.temperature,
+                                       seed=self.args.seed, generator_device="cpu", feature_extractor=extractor,
                                        keep_images=classifier is not None, progress=True)
             samples["resolution"] = list(pipeline.image_size)
         if extractor is not None:
@@ -386,7 +389,8 @@ class Demo:
         generation["protocol"] = {"num_samples": num_samples if samples is not None else 0,
                                   "classes": train_classes, "reference": f"{data_cfg.name} train split",
                                   "num_inference_steps": int(self.preset["sample_steps"]),
-                                  "guidance_scale": self.args.guidance_scale, "seed": self.args.seed}
+                                  "guidance_scale": self.args.guidance_scale, "temperature": self.args.temperature,
+                                  "seed": self.args.seed}
         return {"reconstruction": reconstruction, "reconstruction_other_splits": other_splits, "generation": generation}
 
     def classifier(self, data_cfg):
@@ -479,7 +483,7 @@ class Demo:
                 "size": self.size, "steps_scale": self.args.steps_scale, "device": str(self.device),
                 "torch_threads": threads, "usable_cores": usable_cores(), "load_average_at_end": load,
                 "seed": self.args.seed, "guidance_scale": self.args.guidance_scale,
-                "data": self.args.data, "data_description": self.dataset["description"],
+                "temperature": self.args.temperature, "data": self.args.data, "data_description": self.dataset["description"],
                 "tokenizer_config": self.tokenizer_config, "prior_config": self.prior_config,
                 "size_overrides": {k: v for k, v in self.preset.items()},
                 "tokenizer_overrides": self.results.get("tokenizer_overrides"),
@@ -604,7 +608,8 @@ def render_report(metrics: dict) -> str:
     if metrics.get("samples"):
         lines += [f"Sample grid: one row per training class ({', '.join(metrics['samples']['rows'])}), "
                   f"{metrics['samples']['num_inference_steps']} MaskGIT steps, guidance "
-                  f"{metrics['samples']['guidance_scale']}, seed {metrics['samples']['seed']}.", "",
+                  f"{metrics['samples']['guidance_scale']}, temperature {metrics['samples'].get('temperature', 1.0)}, "
+                  f"seed {metrics['samples']['seed']}.", "",
                   "![class-conditional samples](samples.png)", ""]
     notes = [*metrics.get("notes", []), *rec.get("notes", []), *gen.get("notes", [])]
     if notes:
@@ -630,6 +635,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on CPU (default: usable cores minus the load average, >= 1)")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance of sampling")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="softmax temperature of token sampling (0.7: more samples keep their digit than at 1.0, "
+                             "README demo section)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--force", action="store_true", help="retrain every stage instead of reusing exports")
     parser.add_argument("--no-classifier", action="store_true",
@@ -637,6 +645,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.steps_scale > 0:
         parser.error(f"--steps-scale must be > 0, got {args.steps_scale}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     return args

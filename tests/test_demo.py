@@ -93,11 +93,22 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
 
 
 @pytest.mark.slow
-def test_tiny_demo_on_glyphs_the_default_data(tmp_path, offline_cpu):
-    """The default demo data: glyphs (class = digit), no flips, generation scored against glyphs' train split."""
+def test_tiny_demo_on_glyphs_the_default_data(tmp_path, offline_cpu, monkeypatch):
+    """The default demo data: glyphs (class = digit), no flips, generation scored against glyphs' train split;
+    the sampling temperature reaches the sampler that makes the scored samples and is recorded."""
     out = tmp_path / "demo"
-    demo.main(["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1"])
+    seen = {}
+    real_generate_samples = demo.generate_samples
+
+    def spy(*args, **kwargs):
+        seen["temperature"] = kwargs.get("temperature")
+        return real_generate_samples(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "generate_samples", spy)
+    demo.main(["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1", "--temperature", "0.6"])
     saved = json.loads((out / "metrics.json").read_text())
+    assert seen["temperature"] == 0.6
+    assert saved["generation"]["protocol"]["temperature"] == saved["samples"]["temperature"] == 0.6
     assert saved["settings"]["data"] == "glyphs" and saved["settings"]["tokenizer_config"].endswith("glyphs.yaml")
     assert saved["samples"]["rows"] == [str(digit) for digit in range(10)]
     assert saved["tokens"]["count"] == 40 and saved["tokens"]["augmentations"] == ["none"]  # no flips
@@ -115,6 +126,9 @@ def test_bad_arguments_are_named():
         demo.parse_args(["--quick", "--tiny"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--data", "mnist"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--temperature", "0"])
+    assert demo.parse_args([]).temperature == 0.7  # the README's demo figures are measured at 0.7
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             demo.resolve_device("cuda")
