@@ -109,6 +109,10 @@ ROW_TABLE = (("psnr", "PSNR dB"), ("psnr_equal_bits_thumbnail", "equal-bits PSNR
              ("classifier_kid_mean", "KID (classifier)"), ("active_codes", "active"), ("utilisation", "util."), ("perplexity", "perplexity"),
              ("bits_per_token", "bits/token"), ("images_per_sec", "img/s"), ("quantizer_peak_mib", "quant. peak MiB"),
              ("train_seconds", "train s"))
+# the headline table (README): quality, the equal-bits baseline, the classifier and the codebook
+HEADLINE_TABLE = (("psnr", "PSNR dB"), ("psnr_lead_over_equal_bits_db", "lead over equal-bits dB"), ("ssim", "SSIM"),
+                  ("classifier_accuracy", "recon. classified"), ("classifier_fd", "FD (classifier)"),
+                  ("active_codes", "active codes"), ("bits_per_token", "bits/token"))
 
 
 # ----------------------------------------------------------------------------- study config
@@ -585,15 +589,17 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_summary(rows: Sequence[dict], fraction: float) -> str:
-    """The (quantizer, K) table: mean ± std over seeds and the collapsed-seed count (``aggregate_runs``)."""
-    header = ["quantizer", "K", "seeds", "collapsed", "steps", *(label for _, label in ROW_TABLE)]
+def markdown_summary(rows: Sequence[dict], fraction: float,
+                     columns: Sequence[tuple[str, str]] = ROW_TABLE) -> str:
+    """The (quantizer, K) table: mean ± std over seeds of ``columns`` and the collapsed-seed count
+    (``aggregate_runs``)."""
+    header = ["quantizer", "K", "seeds", "collapsed", "steps", *(label for _, label in columns)]
     lines = [f"Mean ± sample std over seeds. collapsed = seeds whose training-batch hard perplexity or active "
              f"codes ended below {fraction:g} x K (experiments.study.detect_collapse).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["quantizer"], str(row["K"]), str(row["num_seeds"]), f"{row['collapsed_seeds']}/{row['num_seeds']}",
-                 _fmt(row.get("steps")), *(_mean_std(row, key) for key, _ in ROW_TABLE)]
+                 _fmt(row.get("steps")), *(_mean_std(row, key) for key, _ in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -601,7 +607,8 @@ def markdown_summary(rows: Sequence[dict], fraction: float) -> str:
 def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tuple[str, str]] = (),
                  collapse_fraction: float = 0.01) -> dict[str, Path]:
     """results.json ({"rows", "runs", "skipped", "collapse_rule"}), results.csv (one row per (quantizer, K)),
-    runs.csv (one row per run) and results.md (both tables)."""
+    runs.csv (one row per run) and results.md (the headline table the README shows, the full (quantizer, K)
+    table and the per-run table)."""
     rows = aggregate_runs(results)
     rule = {"fraction_of_K": collapse_fraction,
             "definition": "training-batch hard perplexity or active codes below fraction_of_K * K at the last "
@@ -612,7 +619,9 @@ def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tu
     columns = list(dict.fromkeys(key for row in rows for key in row if key not in ("runs", "collapse_steps")))
     paths["csv"] = _write_csv(output_dir / "results.csv", columns, rows)
     paths["runs_csv"] = _write_csv(output_dir / "runs.csv", list(TABLE_COLUMNS), table_rows(results))
-    text = markdown_summary(rows, collapse_fraction) + "\n\nPer run:\n\n" + markdown_table(table_rows(results))
+    text = ("Headline:\n\n" + markdown_summary(rows, collapse_fraction, HEADLINE_TABLE)
+            + "\n\nAll columns:\n\n" + markdown_summary(rows, collapse_fraction)
+            + "\n\nPer run:\n\n" + markdown_table(table_rows(results)))
     if skipped:
         text += "\n\nSkipped:\n" + "\n".join(f"- {name}: {reason}" for name, reason in skipped)
     md_path = output_dir / "results.md"
@@ -866,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return []
     paths = write_merged(results, output_dir, skipped, study.collapse_fraction)
     plots = make_plots(results, output_dir)
-    print(markdown_summary(aggregate_runs(results), study.collapse_fraction))
+    print(markdown_summary(aggregate_runs(results), study.collapse_fraction, HEADLINE_TABLE))
     print(f"[study] {len(results)} run(s) in {time.time() - start:.0f} s; table {paths['md']}, csv {paths['csv']}, "
           f"plots: {', '.join(str(p) for p in plots)}", flush=True)
     return results

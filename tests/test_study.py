@@ -98,10 +98,12 @@ def test_sweep_over_seeds_writes_runs_rows_table_plots_and_reuses_finished_runs(
     assert [row["run"] for row in run_rows] == [r["run"] for r in results]
     assert all(math.isfinite(float(row["psnr_equal_bits_thumbnail"])) for row in run_rows)
     table = (out / "results.md").read_text()
-    summary_header = next(line for line in table.splitlines() if line.startswith("| quantizer | K | seeds |"))
-    assert "equal-bits PSNR" in summary_header and "lead over equal-bits dB" in summary_header
+    headline_header, full_header = [line for line in table.splitlines() if line.startswith("| quantizer | K | seeds |")]
+    assert "lead over equal-bits dB" in headline_header and "recon. classified" in headline_header
+    assert "equal-bits PSNR" in full_header and "lead over equal-bits dB" in full_header
+    assert table.index("Headline:") < table.index(headline_header) < table.index("All columns:")
     summary_lines = [line for line in table.splitlines() if line.startswith("| vq | 1024 | 2 |")]
-    assert len(summary_lines) == 1 and " ± " in summary_lines[0]
+    assert len(summary_lines) == 2 and all(" ± " in line for line in summary_lines)
     assert "below 0.01 x K" in table
     for plot in ("rate_distortion", "utilisation_vs_K", "code_usage", "training_curves"):
         png = out / "plots" / f"{plot}.png"
