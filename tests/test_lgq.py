@@ -284,7 +284,7 @@ def test_bad_inputs_raise_clear_errors():
         build_quantizer("lgq", 8, 4, temperature=1.0)
     with pytest.raises(ValueError, match="progress"):
         q.set_progress(float("nan"))
-    with pytest.raises(ValueError, match=r"latents \[N, 8\]"):
+    with pytest.raises(ValueError, match=r"latents \[N >= 1, 8\]"):
         q.init_from_latents(torch.randn(10, 3))
 
 

@@ -243,17 +243,53 @@ def test_vq_dead_codes_are_reseeded_from_current_latents():
     assert torch.allclose(q.usage_ema.sum(), torch.tensor(1.0), atol=1e-5)
 
 
-def test_vq_init_from_latents_random_sample():
-    q = make("vq", init="random")
+@pytest.mark.parametrize("name", ["vq", "ibq"])
+def test_init_from_latents_random_sample(name):
+    """VQ and IBQ get the data-driven init LGQ gets: K distinct encoder latents become the codes."""
+    q = make(name, init="random")
     assert q.needs_init
     x = torch.randn(200, DIM)
     q.init_from_latents(x)
     assert not q.needs_init
     assert all(((x - code).abs().amax(1) < 1e-6).any() for code in q.codebook.data)
-    assert make("vq").needs_init and make("vq").init == "random"  # default: data-driven init
-    assert not make("vq", init="none").needs_init
+    assert torch.unique(q.codebook.data, dim=0).shape[0] == K
+    assert make(name).needs_init and make(name).init == "random"  # default: data-driven init
+    assert not make(name, init="none").needs_init
     with pytest.raises(ValueError, match="latents"):
         q.init_from_latents(torch.randn(10, DIM + 1))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        q.init_from_latents(torch.full((10, DIM), float("nan")))
+    with pytest.raises(ValueError, match="init"):
+        make(name, init="kmeans")
+    few = make(name)
+    few.init_from_latents(torch.randn(3, DIM))  # fewer latents than codes: with replacement + noise, all distinct
+    assert torch.unique(few.codebook.data, dim=0).shape[0] == K
+
+
+def test_ibq_data_init_spreads_layernormed_latents_over_the_codes():
+    """IBQ picks argmax_k x . c_k. For LayerNorm'd latents (all of norm sqrt(C)) initialised into the codebook,
+    each such latent has its own code as the unique maximiser (Cauchy-Schwarz), so all K codes are used;
+    the release's small random codes put these latents on far fewer codes."""
+    torch.manual_seed(0)
+    x = F.layer_norm(torch.randn(K, DIM) + 2.0 * torch.randn(1, DIM), (DIM,))  # a shared direction, as early on
+    q = make("ibq").eval()
+    q.init_from_latents(x)
+    indices = q(x.t().reshape(1, DIM, 1, K)).indices.reshape(-1)
+    assert torch.equal(indices.sort().values, torch.arange(K))  # every code used once ...
+    assert torch.allclose(q.codebook[indices], x, atol=1e-6)  # ... by the latent it was copied from
+    release = make("ibq", init="none").eval()
+    assert torch.unique(release(x.t().reshape(1, DIM, 1, K)).indices).numel() < K
+
+
+def test_weights_saved_before_the_init_buffer_load_as_initialised():
+    """Old IBQ weights have no ``initialised`` entry: they load (strict) and are not re-initialised."""
+    trained = make("ibq")
+    trained.init_from_latents(torch.randn(100, DIM))
+    old_state = {k: v for k, v in trained.state_dict().items() if k != "initialised"}
+    fresh = make("ibq")
+    assert fresh.needs_init
+    fresh.load_state_dict(old_state)
+    assert not fresh.needs_init and torch.equal(fresh.codebook, trained.codebook)
 
 
 def test_vq_option_errors():

@@ -51,8 +51,6 @@ class Quantizer(nn.Module):
         self.codebook_size = int(codebook_size)
 
     # --- hooks -------------------------------------------------------------------
-    needs_init: bool = False
-
     def set_progress(self, progress: float) -> None:
         """Training progress in [0, 1]; default: nothing depends on it."""
 
@@ -103,6 +101,28 @@ class Quantizer(nn.Module):
         if self.syncs_across_processes():
             dist.all_reduce(count)
         return count
+
+    # --- data-driven initialisation (VQ, LGQ, IBQ) -------------------------------------------
+    # Subclasses that use these keep an ``initialised`` bool buffer (saved with the weights).
+    @property
+    def needs_init(self) -> bool:  # type: ignore[override]
+        return not bool(getattr(self, "initialised", True))
+
+    def check_init_latents(self, latents: torch.Tensor) -> None:
+        """``init_from_latents`` input check: latents [N >= 1, C], finite (ValueError naming the problem)."""
+        if latents.dim() != 2 or latents.shape[1] != self.dim or latents.shape[0] < 1:
+            raise ValueError(f"init_from_latents expects latents [N >= 1, {self.dim}], got shape {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("init_from_latents received NaN or Inf latents")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Weights saved before a quantizer had the ``initialised`` buffer hold a trained codebook: load them as
+        # initialised, so loading an old export never re-initialises (or fails on) its codes.
+        if hasattr(self, "initialised") and prefix + "initialised" not in state_dict:
+            state_dict[prefix + "initialised"] = torch.tensor(True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # --- dead-code re-seeding (VQ, LGQ) ---------------------------------------------------
     # Subclasses that use these keep a ``codebook`` parameter [K, D], a ``usage_ema`` buffer [K]
@@ -186,6 +206,20 @@ def nearest_code_indices(x: torch.Tensor, codes: torch.Tensor, chunk_size: int) 
         scores = torch.addmm(code_bias, x[start:start + chunk_size], codes.t(), alpha=2.0)
         indices[start:start + chunk_size] = scores.argmax(1)
     return indices
+
+
+def sample_codes_from_latents(latents: torch.Tensor, num_codes: int, generator: torch.Generator) -> torch.Tensor:
+    """K codes drawn from latents [N, C] (the data-driven init): a random subset without replacement when
+    N >= K; otherwise K draws with replacement plus Gaussian noise of 0.01 x the latents' std (0.01 for N = 1),
+    so no two codes coincide. Deterministic given ``generator`` (draws on its device). Returns [K, C]."""
+    num_latents = latents.shape[0]
+    if num_latents >= num_codes:
+        picks = torch.randperm(num_latents, generator=generator, device=generator.device)[:num_codes]
+        return latents[picks.to(latents.device)].clone()
+    picks = torch.randint(num_latents, (num_codes,), generator=generator, device=generator.device)
+    noise = torch.randn(num_codes, latents.shape[1], generator=generator, device=generator.device)
+    scale = 0.01 * float(latents.std()) if num_latents > 1 else 0.01
+    return latents[picks.to(latents.device)] + scale * noise.to(latents.device)
 
 
 def latents_to_tokens(z: torch.Tensor) -> torch.Tensor:

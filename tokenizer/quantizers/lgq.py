@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, fp32_quantizer_math, nearest_code_indices,
-                                       nearest_neighbour_chunk_size)
+                                       nearest_neighbour_chunk_size, sample_codes_from_latents)
 
 TAU_SCHEDULES = ("linear", "cosine", "constant")
 LOGIT_KINDS = ("euclidean", "cosine", "dot")
@@ -307,10 +307,6 @@ class LGQuantizer(Quantizer):
         self.register_buffer("usage_ema", torch.full((self.codebook_size,), 1.0 / self.codebook_size))
 
     # --- schedule / init hooks ----------------------------------------------------------------
-    @property
-    def needs_init(self) -> bool:  # type: ignore[override]
-        return not bool(self.initialised)
-
     def set_progress(self, progress: float) -> None:
         """Set tau from the schedule at training progress in [0, 1] (values outside are clamped)."""
         if not math.isfinite(float(progress)):
@@ -328,12 +324,7 @@ class LGQuantizer(Quantizer):
         initialised so a resumed run does not re-initialise (``needs_init`` becomes False).
         With fewer latents than K it warns and samples with replacement plus small noise.
         """
-        if latents.dim() != 2 or latents.shape[1] != self.dim:
-            raise ValueError(f"init_from_latents expects latents [N, {self.dim}], got shape {tuple(latents.shape)}")
-        if latents.shape[0] < 1:
-            raise ValueError("init_from_latents needs at least one latent")
-        if not torch.isfinite(latents).all():
-            raise ValueError("init_from_latents received NaN or Inf latents")
+        self.check_init_latents(latents)
         if generator is None:
             generator = torch.Generator(device=latents.device).manual_seed(0)
         x = latents.detach().to(device=generator.device, dtype=torch.float32)
@@ -344,13 +335,11 @@ class LGQuantizer(Quantizer):
                 f"plus small noise (pass at least K latents for a proper {self.init!r} init)",
                 stacklevel=2,
             )
-            picks = torch.randint(num_latents, (num_codes,), generator=generator, device=x.device)
-            noise_scale = 0.01 * float(x.std()) if num_latents > 1 else 0.01
-            centres = x[picks] + noise_scale * torch.randn(num_codes, self.dim, generator=generator, device=x.device)
+            centres = sample_codes_from_latents(x, num_codes, generator)
         elif self.init == "kmeans++":
             centres = _kmeans_plus_plus(x, num_codes, generator)
         else:
-            centres = x[torch.randperm(num_latents, generator=generator, device=x.device)[:num_codes]].clone()
+            centres = sample_codes_from_latents(x, num_codes, generator)
             if self.init == "lloyd":
                 centres = _lloyd_steps(x, centres, self.init_lloyd_steps, self.chunk_size)
         self.codebook.data.copy_(centres.to(self.codebook.device, self.codebook.dtype))

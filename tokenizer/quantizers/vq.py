@@ -33,7 +33,7 @@ from torch import nn
 
 from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, check_weight, fp32_quantizer_math, is_distributed,
                                        latents_to_tokens, nearest_code_indices, nearest_neighbour_chunk_size,
-                                       quantizer_output, tokens_to_latents)
+                                       quantizer_output, sample_codes_from_latents, tokens_to_latents)
 
 VQ_INIT_METHODS = ("none", "random")
 
@@ -129,10 +129,6 @@ class VectorQuantizer(Quantizer):
         codes = self.codebook.float()
         return F.normalize(codes, dim=1, eps=1e-6) if self.l2_normalize else codes
 
-    @property
-    def needs_init(self) -> bool:  # type: ignore[override]
-        return not bool(self.initialised)
-
     @torch.no_grad()
     def init_from_latents(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Copy K random encoder latents [N, C] (mapped to the lookup space) into the codebook.
@@ -141,21 +137,12 @@ class VectorQuantizer(Quantizer):
         Deterministic given ``generator`` (default: seeded with 0). Call it with the same latents
         on every rank in DDP. Marks the quantizer initialised.
         """
-        if latents.dim() != 2 or latents.shape[1] != self.dim or latents.shape[0] < 1:
-            raise ValueError(f"init_from_latents expects latents [N >= 1, {self.dim}], got shape {tuple(latents.shape)}")
-        if not torch.isfinite(latents).all():
-            raise ValueError("init_from_latents received NaN or Inf latents")
+        self.check_init_latents(latents)
         if generator is None:
             generator = torch.Generator(device=latents.device).manual_seed(0)
         with fp32_quantizer_math(latents.device.type):
             e = self.lookup_latents(latents.detach().float().to(self.codebook.device))
-        if e.shape[0] >= self.codebook_size:
-            picks = torch.randperm(e.shape[0], generator=generator, device=generator.device)[: self.codebook_size]
-            codes = e[picks.to(e.device)]
-        else:
-            picks = torch.randint(e.shape[0], (self.codebook_size,), generator=generator, device=generator.device)
-            noise = torch.randn(self.codebook_size, e.shape[1], generator=generator, device=generator.device)
-            codes = e[picks.to(e.device)] + 0.01 * e.std().clamp_min(1e-3) * noise.to(e.device)
+        codes = sample_codes_from_latents(e, self.codebook_size, generator)
         self.codebook.data.copy_(codes)
         if self.ema:
             self.ema_cluster_size.fill_(1.0)
