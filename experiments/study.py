@@ -110,9 +110,11 @@ ROW_TABLE = (("psnr", "PSNR dB"), ("psnr_equal_bits_thumbnail", "equal-bits PSNR
              ("bits_per_token", "bits/token"), ("images_per_sec", "img/s"), ("quantizer_peak_mib", "quant. peak MiB"),
              ("train_seconds", "train s"))
 # the headline table (README): quality, the equal-bits baseline, the classifier and the codebook
-HEADLINE_TABLE = (("psnr", "PSNR dB"), ("psnr_lead_over_equal_bits_db", "lead over equal-bits dB"), ("ssim", "SSIM"),
-                  ("classifier_accuracy", "recon. classified"), ("classifier_fd", "FD (classifier)"),
-                  ("active_codes", "active codes"), ("bits_per_token", "bits/token"))
+# (figure, column label, number format of mean and std)
+HEADLINE_TABLE = (("psnr", "PSNR dB", "{:.2f}"), ("psnr_lead_over_equal_bits_db", "lead over equal-bits dB", "{:+.2f}"),
+                  ("ssim", "SSIM", "{:.3f}"), ("classifier_accuracy", "recon. classified", "{:.3f}"),
+                  ("classifier_fd", "FD (classifier)", "{:.1f}"), ("active_codes", "active codes", "{:.0f}"),
+                  ("bits_per_token", "bits/token", "{:.2f}"))
 
 
 # ----------------------------------------------------------------------------- study config
@@ -566,10 +568,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _mean_std(row: dict, key: str) -> str:
+def _mean_std(row: dict, key: str, number_format: str | None = None) -> str:
+    """"mean ± std" of a row's figure (mean alone for one seed); ``number_format`` formats both, else 4/2
+    significant digits."""
     mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
     if mean is None:
         return "n/a"
+    if number_format is not None:
+        text = number_format.format(mean)
+        return text if std is None else f"{text} ± {number_format.format(std).lstrip('+')}"
     return _fmt(mean) if std is None else f"{_fmt(mean)} ± {std:.2g}"
 
 
@@ -589,17 +596,16 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_summary(rows: Sequence[dict], fraction: float,
-                     columns: Sequence[tuple[str, str]] = ROW_TABLE) -> str:
-    """The (quantizer, K) table: mean ± std over seeds of ``columns`` and the collapsed-seed count
-    (``aggregate_runs``)."""
-    header = ["quantizer", "K", "seeds", "collapsed", "steps", *(label for _, label in columns)]
+def markdown_summary(rows: Sequence[dict], fraction: float, columns: Sequence[tuple] = ROW_TABLE) -> str:
+    """The (quantizer, K) table: mean ± std over seeds of ``columns`` ((figure, label[, number format])) and
+    the collapsed-seed count (``aggregate_runs``)."""
+    header = ["quantizer", "K", "seeds", "collapsed", "steps", *(column[1] for column in columns)]
     lines = [f"Mean ± sample std over seeds. collapsed = seeds whose training-batch hard perplexity or active "
              f"codes ended below {fraction:g} x K (experiments.study.detect_collapse).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["quantizer"], str(row["K"]), str(row["num_seeds"]), f"{row['collapsed_seeds']}/{row['num_seeds']}",
-                 _fmt(row.get("steps")), *(_mean_std(row, key) for key, _ in columns)]
+                 _fmt(row.get("steps")), *(_mean_std(row, column[0], *column[2:]) for column in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

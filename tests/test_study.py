@@ -163,6 +163,10 @@ def test_rows_aggregate_seeds_and_count_collapsed_runs():
     assert "rfid_mean" not in row and "config/x_mean" not in row and "seed_mean" not in row
     (single,) = study.aggregate_runs(runs[:1])
     assert single["psnr_std"] is None and single["psnr_mean"] == 20.0
+    # the headline table formats mean and std alike, per column; one seed shows the mean alone
+    headline = study.markdown_summary([row, single], 0.01, [("psnr", "PSNR dB", "{:.2f}"), ("psnr", "lead", "{:+.1f}")])
+    assert "| vq | 256 | 3 | 2/3 | 9 | 22.00 ± 2.00 | +22.0 ± 2.0 |" in headline
+    assert "| vq | 256 | 1 | 1/1 | 9 | 20.00 | +20.0 |" in headline
 
 
 def test_invalid_combinations_are_skipped_with_a_reason(tmp_path):
