@@ -29,8 +29,8 @@ Resuming: a stage whose export already exists in ``OUT`` is reused (printed), un
 interrupted tokenizer / prior training resumes from its latest checkpoint, an interrupted extraction
 from its finished chunks. Samples and evaluation always run (they are quick).
 
-Sizes: default = the data set's recipes (glyphs: 32 px, 8x8 tokens, K = 256; ~15 min on one core of the
-2-core CPU, README "The demo"); ``--quick`` = fewer steps and a smaller model (a few minutes); ``--tiny`` = 32 px, a handful of
+Sizes: default = the data set's recipes (glyphs: 32 px, 8x8 tokens, K = 256; ~10 min with 2 threads on the
+idle 2-core CPU, ~15 min on one core, README "The demo"); ``--quick`` = fewer steps and a smaller model (a few minutes); ``--tiny`` = 32 px, a handful of
 steps (the end-to-end test). ``--steps-scale F`` multiplies every training length.
 
 Threads: on CPU, torch uses ``--threads`` intra-op threads, default = the cores this process may use
