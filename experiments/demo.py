@@ -34,7 +34,8 @@ idle 2-core CPU, ~15 min on one core, README "The demo"); ``--quick`` = fewer st
 steps (the end-to-end test). ``--steps-scale F`` multiplies every training length.
 
 Threads: on CPU, torch uses ``--threads`` intra-op threads, default = the cores this process may use
-(``os.sched_getaffinity``) minus the 1-minute load average at start, at least 1 (``default_threads``).
+(``os.sched_getaffinity``) minus the whole part of the 1-minute load average at start, at least 1
+(``default_threads``).
 More threads than free cores (oversubscription) made in-process training ~10x slower here (2 threads
 on 2 cores with load ~10: 22 s/step; 1 thread: 2.1 s/step); pass ``--threads`` to choose yourself.
 """
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -137,13 +139,15 @@ def usable_cores() -> int:
 def default_threads() -> int:
     """Intra-op threads for CPU training: the usable cores minus the ones other processes keep busy.
 
-    threads = clamp(cores - round(1-minute load average), 1, cores). Measured here (2 cores, load ~10
+    threads = clamp(cores - floor(1-minute load average), 1, cores): a core counts as busy only for a whole
+    runnable process's worth of load, because the demo's own start-up (imports, config) already adds up to
+    ~0.5 to the average on an idle machine (measured: 0.38 -> 0.51 within 20 s). Measured here (2 cores, load ~10
     from other jobs): the builtin tokenizer took 22 s/step with 2 threads and 2.1 s/step with 1 - OpenMP
     threads that wait for each other on an oversubscribed CPU are far slower than one thread.
     """
     cores = usable_cores()
     try:
-        busy = round(os.getloadavg()[0])
+        busy = math.floor(os.getloadavg()[0])
     except (AttributeError, OSError):
         busy = 0
     return max(1, min(cores, cores - busy))

@@ -138,7 +138,11 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(demo, "usable_cores", lambda: 4)
     monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
     assert demo.default_threads() == 4
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.6, 0.0, 0.0))  # the demo's own start-up on an idle machine
+    assert demo.default_threads() == 4
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.6, 0.0, 0.0))  # two busy cores
+    assert demo.default_threads() == 2
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
     assert demo.default_threads() == 1
     monkeypatch.setattr(demo.os, "getloadavg", lambda: (11.0, 0.0, 0.0))
     assert demo.default_threads() == 1
