@@ -30,8 +30,8 @@ interrupted tokenizer / prior training resumes from its latest checkpoint, an in
 from its finished chunks. Samples and evaluation always run (they are quick).
 
 Sizes: default = the data set's recipes (glyphs: 32 px, 8x8 tokens, K = 256; ~10 min with 2 threads on the
-idle 2-core CPU, ~15 min on one core, README "The demo"); ``--quick`` = fewer steps and a smaller model (a few minutes); ``--tiny`` = 32 px, a handful of
-steps (the end-to-end test). ``--steps-scale F`` multiplies every training length.
+idle 2-core CPU, ~15 min on one core, README "The demo"); ``--quick`` = fewer steps and a smaller model (a few
+minutes); ``--tiny`` = 32 px, a handful of steps (the end-to-end test). ``--steps-scale F`` multiplies every training length.
 
 Threads: on CPU, torch uses ``--threads`` intra-op threads, default = the cores this process may use
 (``os.sched_getaffinity``) minus the whole part of the 1-minute load average at start, at least 1
@@ -312,19 +312,21 @@ class Demo:
         save_pipeline(pipeline, self.pipeline_dir, tokenizer_path, prior_path)
         return pipeline
 
+    @property
+    def sampling_options(self) -> dict[str, Any]:
+        """The sampler settings of the grid and of the scored samples (and recorded with both)."""
+        return {"num_inference_steps": int(self.preset["sample_steps"]), "guidance_scale": self.args.guidance_scale,
+                "temperature": self.args.temperature}
+
     def sample_grid(self, pipeline, train_classes: list[int], class_names: list[str]) -> Path:
         columns = int(self.preset["samples_per_class"])
         labels = torch.tensor([c for c in train_classes for _ in range(columns)])
         generator = torch.Generator(device="cpu").manual_seed(self.args.seed)
         with torch.no_grad():
-            images = pipeline(labels, num_inference_steps=int(self.preset["sample_steps"]),
-                              guidance_scale=self.args.guidance_scale, temperature=self.args.temperature,
-                              generator=generator, output_type="pt").images
+            images = pipeline(labels, **self.sampling_options, generator=generator, output_type="pt").images
         grid = uint8_grid(to_uint8(images.cpu() * 2 - 1), nrow=columns)
         self.results["samples"] = {"rows": [class_names[c] for c in train_classes], "per_class": columns,
-                                   "num_inference_steps": int(self.preset["sample_steps"]),
-                                   "guidance_scale": self.args.guidance_scale, "temperature": self.args.temperature,
-                                   "seed": self.args.seed}
+                                   **self.sampling_options, "seed": self.args.seed}
         return save_png(grid, self.out / "samples.png")
 
     def evaluate(self, pipeline, tokenizer, train_classes: list[int]) -> dict:
@@ -375,9 +377,8 @@ class Demo:
         samples = None
         if extractor is not None or classifier is not None:
             samples = generate_samples(pipeline, num_samples, batch_size=32, classes=train_classes,
-                                       num_inference_steps=int(self.preset["sample_steps"]),
-                                       guidance_scale=self.args.guidance_scale, temperature=self.args.temperature,
-                                       seed=self.args.seed, generator_device="cpu", feature_extractor=extractor,
+                                       **self.sampling_options, seed=self.args.seed, generator_device="cpu",
+                                       feature_extractor=extractor,
                                        keep_images=classifier is not None, progress=True)
             samples["resolution"] = list(pipeline.image_size)
         if extractor is not None:
@@ -392,9 +393,7 @@ class Demo:
                                                 device=self.device))
         generation["protocol"] = {"num_samples": num_samples if samples is not None else 0,
                                   "classes": train_classes, "reference": f"{data_cfg.name} train split",
-                                  "num_inference_steps": int(self.preset["sample_steps"]),
-                                  "guidance_scale": self.args.guidance_scale, "temperature": self.args.temperature,
-                                  "seed": self.args.seed}
+                                  **self.sampling_options, "seed": self.args.seed}
         return {"reconstruction": reconstruction, "reconstruction_other_splits": other_splits, "generation": generation}
 
     def classifier(self, data_cfg):
