@@ -264,6 +264,9 @@ def test_init_from_latents_random_sample(name):
     few = make(name)
     few.init_from_latents(torch.randn(3, DIM))  # fewer latents than codes: with replacement + noise, all distinct
     assert torch.unique(few.codebook.data, dim=0).shape[0] == K
+    same = make(name)
+    same.init_from_latents(torch.ones(3, DIM))  # identical latents: the noise floor still separates the codes
+    assert torch.unique(same.codebook.data, dim=0).shape[0] == K
 
 
 def test_ibq_data_init_spreads_layernormed_latents_over_the_codes():

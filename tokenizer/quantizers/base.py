@@ -105,7 +105,8 @@ class Quantizer(nn.Module):
     # --- data-driven initialisation (VQ, LGQ, IBQ) -------------------------------------------
     # Subclasses that use these keep an ``initialised`` bool buffer (saved with the weights).
     @property
-    def needs_init(self) -> bool:  # type: ignore[override]
+    def needs_init(self) -> bool:
+        """True until ``init_from_latents`` ran (quantizers without data-driven init: always False)."""
         return not bool(getattr(self, "initialised", True))
 
     def check_init_latents(self, latents: torch.Tensor) -> None:
@@ -210,15 +211,15 @@ def nearest_code_indices(x: torch.Tensor, codes: torch.Tensor, chunk_size: int) 
 
 def sample_codes_from_latents(latents: torch.Tensor, num_codes: int, generator: torch.Generator) -> torch.Tensor:
     """K codes drawn from latents [N, C] (the data-driven init): a random subset without replacement when
-    N >= K; otherwise K draws with replacement plus Gaussian noise of 0.01 x the latents' std (0.01 for N = 1),
-    so no two codes coincide. Deterministic given ``generator`` (draws on its device). Returns [K, C]."""
+    N >= K; otherwise K draws with replacement plus Gaussian noise of 0.01 x max(the latents' std, 1e-3) (0.01
+    for N = 1), so no two codes coincide, even for identical latents. Deterministic given ``generator`` (draws on its device). Returns [K, C]."""
     num_latents = latents.shape[0]
     if num_latents >= num_codes:
         picks = torch.randperm(num_latents, generator=generator, device=generator.device)[:num_codes]
         return latents[picks.to(latents.device)].clone()
     picks = torch.randint(num_latents, (num_codes,), generator=generator, device=generator.device)
     noise = torch.randn(num_codes, latents.shape[1], generator=generator, device=generator.device)
-    scale = 0.01 * float(latents.std()) if num_latents > 1 else 0.01
+    scale = 0.01 * max(float(latents.std()), 1e-3) if num_latents > 1 else 0.01
     return latents[picks.to(latents.device)] + scale * noise.to(latents.device)
 
 

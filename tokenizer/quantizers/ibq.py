@@ -25,8 +25,10 @@ Initialisation: by default (``init="random"``) the codes are K random encoder la
 they stay N(0, 1/C): against LayerNorm'd latents (norm sqrt(C)) those codes are ~sqrt(C) times shorter than
 the latents, so on the glyphs study recipe one code won every argmax within 25 steps in all 3 runs (K = 256,
 1024, 4096), the sharpened entropy term (T_e = 0.01) sent no gradient back, and the runs ended with 1-3 active
-codes, below the mean-colour baseline (README, the quantizer study). Memory: the soft path (q_soft, the entropies) runs in chunks of tokens under activation
-checkpointing, so no N x K tensor beyond one chunk is alive, in forward or backward.
+codes, below the mean-colour baseline (README, the quantizer study).
+
+Memory: the soft path (q_soft, the entropies) runs in chunks of tokens under activation checkpointing, so no
+N x K tensor beyond one chunk is alive, in forward or backward.
 """
 from __future__ import annotations
 
