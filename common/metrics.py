@@ -310,3 +310,16 @@ def baseline_images(images: torch.Tensor, plan: dict[str, dict]) -> dict[str, to
     """Name -> uint8 images of each baseline in ``plan`` (:func:`baseline_plan`) for one batch."""
     return {name: mean_colour_images(images) if entry["thumbnail_size"] is None
             else thumbnail_images(images, entry["thumbnail_size"]) for name, entry in plan.items()}
+
+
+
+def nonnegative_distance(distance: float) -> float:
+    """max(0, d) for a distance d computed in floating point, e.g. the Frechet distance
+    FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+
+    Both FD terms are non-negative in exact arithmetic, but the trace term is a difference of nearly equal sums,
+    so for (nearly) identical feature sets rounding can leave the total slightly below zero (seen: -1.8e-08 for a
+    set against itself). A distance is never negative: the clamp changes only such rounding residues, far below
+    any reported digit.
+    """
+    return max(0.0, float(distance))

@@ -665,8 +665,9 @@ class Trainer:
         return path
 
     def end(self) -> None:
-        """Flush and close trackers."""
-        self.accelerator.end_training()
+        """Close the process group the one clean way (``end_process_group``), then flush and close trackers."""
+        end_process_group()
+        self.accelerator.end_training()  # trackers; the group is already gone
 
     def finish(self, name: str, logs: Mapping[str, float], description: str | None = None, card=None) -> Path:
         """The end of a train script: ``export(name)``, its model card (``card``: an ``common.hub.CardInfo``, written
@@ -721,6 +722,18 @@ __all__ = [
     "parameter_groups", "excluded_from_weight_decay", "resolve_mixed_precision", "seed_for_step", "seed_everything",
     "list_checkpoints", "resolve_resume_path", "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
 ]
+
+
+def end_process_group() -> None:
+    """The one clean end of every multi-process command: a barrier that every rank reaches, then
+    ``torch.distributed.destroy_process_group()``; no collective may follow it. A no-op in one process.
+
+    A rank that leaves the interpreter with the group still alive (or destroys it while another rank is still
+    in a collective) can abort in gloo's teardown (``terminate called without an active exception``, signal 6).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def make_accelerator():

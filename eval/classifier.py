@@ -54,7 +54,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from tqdm.auto import tqdm
 
 from common.data import GlyphImages, build_image_dataset, load_data_config, split_data_options
-from common.metrics import thumbnail_images, to_uint8
+from common.metrics import nonnegative_distance, thumbnail_images, to_uint8
 
 CLASSIFIER_FEATURE_EXTRACTOR = "lgq-classifier"
 METADATA_FILE = "classifier.json"
@@ -451,7 +451,8 @@ def feature_distances(folder: str | os.PathLike, real_images: torch.Tensor, othe
         kid_subset_size=subset, kid_subsets=kid_subsets, rng_seed=seed, cuda=torch.device(device).type == "cuda",
         batch_size=256, cache=False, save_cpu_ram=True, verbose=False)
     name = metadata["dataset"]["name"]
-    return {"fd": float(metrics["frechet_inception_distance"]), "kid_mean": float(metrics["kernel_inception_distance_mean"]),
+    # torch-fidelity does not clamp the FD's rounding residue at 0 (common.metrics.nonnegative_distance does)
+    return {"fd": nonnegative_distance(metrics["frechet_inception_distance"]), "kid_mean": float(metrics["kernel_inception_distance_mean"]),
             "kid_std": float(metrics["kernel_inception_distance_std"]), "fd_name": f"FD-{name}",
             "kid_name": f"KID-{name}", "num_real": int(real_u8.shape[0]), "num_other": int(other_u8.shape[0]),
             "kid_subset_size": subset}

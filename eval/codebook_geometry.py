@@ -36,7 +36,7 @@ from common.data import (DataConfig, build_image_dataset, class_balanced_indices
                          split_data_options)
 from common.files import write_json
 from common.metrics import codebook_statistics
-from common.training import make_accelerator
+from common.training import end_process_group, make_accelerator
 from tokenizer.model import LGQTokenizer
 from tokenizer.prune import count_code_usage, decoder_codes
 
@@ -232,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dataset = Subset(dataset, class_balanced_indices(dataset_labels(dataset), args.num_images))
         accelerator = make_accelerator()
         counts = count_code_usage(tokenizer, dataset, accelerator, args.batch_size, data_cfg.num_workers)
+        end_process_group()  # the main process alone writes what follows
         protocol = {"split": args.split, "num_images": len(dataset), "data": dataclasses.asdict(data_cfg)}
     protocol["tokenizer"] = str(Path(args.tokenizer).resolve())
     if accelerator is not None and not accelerator.is_main_process:

@@ -46,7 +46,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.utils import create_feature_extractor
 
 from common.files import atomic_write
-from common.metrics import to_uint8
+from common.metrics import nonnegative_distance, to_uint8
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FID_FEATURE_LAYER = "2048"
@@ -367,7 +367,8 @@ def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
 def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
     """FID = |mu_a - mu_b|^2 + tr(Sigma_a) + tr(Sigma_b) - 2 tr(sqrt(Sigma_a Sigma_b)) (see ``trace_sqrt_product``).
 
-    Equal to torch-fidelity's ``fid_statistics_to_metric`` up to float64 rounding.
+    Equal to torch-fidelity's ``fid_statistics_to_metric`` up to float64 rounding; a rounding residue below 0 is
+    clamped to 0 (``common.metrics.nonnegative_distance``).
     """
     if stats_a.mu.shape != stats_b.mu.shape:
         raise ValueError(f"feature dimensions differ: {stats_a.mu.shape[0]} vs {stats_b.mu.shape[0]}")
@@ -376,8 +377,8 @@ def frechet_distance(stats_a: FIDStatistics, stats_b: FIDStatistics) -> float:
         if extractor not in (None, FEATURE_EXTRACTOR):
             raise ValueError(f"statistics computed with feature extractor {extractor!r}, expected {FEATURE_EXTRACTOR!r}")
     mean_difference = stats_a.mu - stats_b.mu
-    return float(mean_difference @ mean_difference + np.trace(stats_a.sigma) + np.trace(stats_b.sigma)
-                 - 2.0 * trace_sqrt_product(stats_a.sigma, stats_b.sigma))
+    return nonnegative_distance(mean_difference @ mean_difference + np.trace(stats_a.sigma) + np.trace(stats_b.sigma)
+                                - 2.0 * trace_sqrt_product(stats_a.sigma, stats_b.sigma))
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:

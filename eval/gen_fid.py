@@ -50,6 +50,7 @@ from common.cli import config_help  # noqa: E402
 from common.data import (DATASET_NAMES as DATA_REFERENCE_NAMES, DATASET_SPLITS, DataConfig,  # noqa: E402
                          build_image_dataset, load_data_config, split_data_options)
 from common.files import atomic_write, write_json  # noqa: E402
+from common.training import end_process_group  # noqa: E402
 from common.metrics import to_uint8  # noqa: E402
 from eval.fid import (FID_FEATURE_DIM_WARNING, InceptionFeatureAccumulator, InceptionFeatureExtractor,  # noqa: E402
                       InceptionWeightsUnavailable, compute_inception_features, frechet_distance, inception_score,
@@ -419,9 +420,9 @@ def sample_on_every_process(args: argparse.Namespace, pipeline: LGQPipeline, cla
         shard_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     torch.save(shard, shard_dir / f"rank{rank:05d}.pt")
-    accelerator.wait_for_everyone()  # the last collective: every process reaches the two barriers above
-    if not accelerator.is_main_process:  # (not a barrier after the main's evaluation: the reference features
-        return None                      # can take longer than the NCCL barrier timeout)
+    end_process_group()  # the last collective (every process reaches it), before the main's evaluation: no barrier
+    if not accelerator.is_main_process:  # after it, since the reference features can take longer than the NCCL
+        return None                      # barrier timeout
     shards = [torch.load(shard_dir / f"rank{r:05d}.pt", weights_only=True) for r in range(world)]
     samples = merge_shards(shards, args.num_samples)
     samples["resolution"] = list(pipeline.image_size)

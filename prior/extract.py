@@ -43,7 +43,7 @@ from common.cli import make_parser, parse_command_line
 from common.config import load_config
 from common.data import DataConfig, build_image_dataset
 from common.files import atomic_write
-from common.training import make_accelerator
+from common.training import end_process_group, make_accelerator
 from prior.tokens import (LABELS_FILE, META_FILE, TOKENS_FILE, build_meta, normalize_grid_size, read_meta,
                           save_npy_atomic, token_dtype, tokenizer_fingerprint, validate_token_directory, write_meta)
 from tokenizer.model import LGQTokenizer
@@ -326,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     accelerator.print(f"token directory {cfg.output}: {meta['count']} grids {meta['grid_size']} "
                       f"(K={meta['codebook_size']}, augmentations {meta['augmentations']})")
+    end_process_group()
     return meta
 
 

@@ -196,7 +196,7 @@ def test_frechet_distance_equals_torch_fidelity_on_small_statistics(num_samples)
         assert frechet_distance(stats_b, stats_a) == pytest.approx(expected, rel=1e-6)  # symmetric
         # tr(sqrt(Sigma Sigma)) = tr(Sigma): the distance of a set to itself vanishes
         assert trace_sqrt_product(stats_a.sigma, stats_a.sigma) == pytest.approx(np.trace(stats_a.sigma), rel=1e-6)
-        assert abs(frechet_distance(stats_a, stats_a)) < 1e-6 * np.trace(stats_a.sigma)
+        assert 0.0 <= frechet_distance(stats_a, stats_a) < 1e-6 * np.trace(stats_a.sigma)  # never below zero
     # exact on a case with a closed form: diagonal covariances, tr sqrt(A B) = sum sqrt(a_i b_i)
     diag_a, diag_b = generator.uniform(0.1, 2.0, dim), generator.uniform(0.0, 2.0, dim)
     assert trace_sqrt_product(np.diag(diag_a), np.diag(diag_b)) == pytest.approx(np.sqrt(diag_a * diag_b).sum(), rel=1e-12)
@@ -348,3 +348,11 @@ def test_streaming_fid_equals_torch_fidelity_calculate_metrics(inception_feature
     ours = frechet_distance(statistics_of(features["smooth"][0][:n], extractor),
                             statistics_of(features["noise"][0][:n], extractor))
     assert ours == pytest.approx(expected, rel=1e-4)
+
+
+def test_nonnegative_distance_clamps_only_rounding_residues_below_zero():
+    from common.metrics import nonnegative_distance
+
+    assert nonnegative_distance(-1.8e-08) == 0.0  # a set against itself, seen from torch-fidelity
+    assert nonnegative_distance(0.0) == 0.0
+    assert nonnegative_distance(3.25) == 3.25 and nonnegative_distance(np.float64(1e-12)) == 1e-12

@@ -62,7 +62,7 @@ from common.config import load_config
 from common.data import DataConfig, build_image_dataset, class_balanced_indices, dataset_labels
 from common.files import write_json
 from common.metrics import PSNR_CAP_DB, code_histogram, psnr, to_uint8
-from common.training import make_accelerator
+from common.training import end_process_group, make_accelerator
 from tokenizer.model import CODEBOOK_PRUNING_KEY, LGQTokenizer
 
 # per-code tensors of each prunable quantizer's state dict (rows indexed by code)
@@ -392,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         save_export_atomically(pruned, output, cfg.overwrite)
     accelerator.wait_for_everyone()
     evaluation = evaluate_pruning(source, pruned, kept, mapping, dataset, accelerator, cfg.batch_size, data_cfg.num_workers)
+    end_process_group()
     report = {key: record[key] for key in ("source_codebook_size", "codebook_size", "rule", "removed_used_codes",
                                            "counted", "source_tokenizer")}
     report.update(output=str(output.resolve()), evaluation=evaluation, counts=counts.tolist(),

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
+from common.training import end_process_group
 from tokenizer.quantizers.lfq import LFQuantizer
 from tokenizer.quantizers.lgq import LGQuantizer
 
@@ -107,7 +108,7 @@ def main(out_path: str) -> None:
             "grad_total": grad_total,
             "grad_input": torch.cat(grads),
         }, out_path)
-    state.wait_for_everyone()
+    end_process_group()
 
 
 if __name__ == "__main__":

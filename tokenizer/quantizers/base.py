@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 
 from common.metrics import perplexity_from_counts
 
@@ -178,6 +177,26 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _DifferentiableAllReduceSum(torch.autograd.Function):
+    """y = sum_r x_r over processes r; dL/dx_r = sum_r' dL/dy_r' (the adjoint of a sum-all-reduce is itself).
+
+    Built on ``torch.distributed.all_reduce`` (stable API) in both directions, on a copy so the
+    input is never modified; replaces ``torch.distributed.nn.functional.all_reduce`` (deprecated).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over processes (identity when not distributed).
 
@@ -186,7 +205,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return t
-    return all_reduce(t, op=dist.ReduceOp.SUM)
+    return _DifferentiableAllReduceSum.apply(t)
 
 
 # ------------------------------------------------ helpers shared by the quantizer modules
