@@ -15,7 +15,7 @@ with a ``training_step(batch, step) -> dict`` function. The Trainer owns everyth
 The loop (``Trainer.fit``), per optimisation step s = 0 .. max_steps-1:
 
     seed all RNGs from (seed, s, process index)        -> dropout/augmentation independent of resume
-    model.set_progress(s / max_steps)                    -> schedules inside models (LGQ's tau)
+    model.set_training_step(s, max_steps, steps/epoch)   -> schedules inside models (LGQ's tau, own horizon)
     grad_accum_steps x: next micro-batch, training_step (gradient sync on the last one only)
     all-reduce the returned logs; stop on NaN/Inf      -> nothing is stepped or saved for a bad step
     per optimizer: clip grad norm, step, LR schedule step, zero grads
@@ -59,7 +59,7 @@ from common.files import write_bytes_atomic
 from common.hub import push_folder_to_hub, write_model_card
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
-HISTORY_FILE = "history.jsonl"  # <output_dir>/history.jsonl: one {"step": s, **logs} line per log step
+HISTORY_FILE = "history.jsonl"  # <output_dir>/history.jsonl: one {"step": s, **logs} line per log / image-log step
 NO_DECAY_NAME_PARTS = ("codebook", "centres", "centers", "embedding", "embed_tokens", "pos_embed")
 
 
@@ -177,7 +177,8 @@ def resolve_resume_path(resume: str | None, checkpoint_dir: str | os.PathLike) -
 
 def read_history(output_dir: str | os.PathLike) -> list[dict[str, float]]:
     """The logged values of a run, from <output_dir>/history.jsonl (written by the main process at every
-    log step, whatever the launcher or tracker). A line cut short by a crash is skipped; [] if no file."""
+    log step, whatever the launcher or tracker, plus one row of validation scalars, e.g. ``val/psnr``, per
+    image-log step). A line cut short by a crash is skipped; [] if no file."""
     path = Path(output_dir) / HISTORY_FILE
     if not path.is_file():
         return []
@@ -451,12 +452,25 @@ class Trainer:
         """Backward of one micro-batch loss, scaled by 1 / grad_accum_steps (grad scaler handled)."""
         self.accelerator.backward(loss / self.cfg.grad_accum_steps)
 
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimiser steps per epoch (batches per process // grad_accum_steps); None for data without a length."""
+        try:
+            return max(1, len(self.train_loader) // self.cfg.grad_accum_steps)
+        except TypeError:
+            return None
+
+    def _apply_schedules(self, module: nn.Module, step: int) -> None:
+        """Schedules inside a model at optimisation step s: ``set_training_step(s, max_steps, steps_per_epoch)``
+        where the model has it (its schedules choose their horizon), else ``set_progress(min(1, s / max_steps))``."""
+        if hasattr(module, "set_training_step"):
+            module.set_training_step(step, self.cfg.max_steps, self.steps_per_epoch)
+        elif hasattr(module, "set_progress"):
+            module.set_progress(min(1.0, step / self.cfg.max_steps))
+
     def _set_progress(self, step: int) -> None:
-        progress = min(1.0, step / self.cfg.max_steps)
         for name in self.models:
-            module = self.unwrap(name)
-            if hasattr(module, "set_progress"):
-                module.set_progress(progress)
+            self._apply_schedules(self.unwrap(name), step)
 
     def _reduce_logs(self, step: int, micro_logs: list[Mapping[str, Any]]) -> dict[str, float]:
         """Mean over micro-batches and processes (one all-reduce); stop on any non-finite value."""
@@ -596,6 +610,7 @@ class Trainer:
         if scalars:
             self.accelerator.log(scalars, step=step)
             self.image_log_history.append((step, scalars))
+            self._append_history(step, scalars)  # validation rows (e.g. val/psnr) of history.jsonl: training curves
         if not self.is_main:
             return
 
@@ -655,8 +670,7 @@ class Trainer:
             model = self.ema.module
         else:
             model = self.unwrap(model_name)
-        if hasattr(model, "set_progress"):  # end-of-training schedule values (e.g. LGQ's final tau), on every rank
-            model.set_progress(1.0)
+        self._apply_schedules(model, self.cfg.max_steps)  # end-of-training schedule values (LGQ's final tau), every rank
         if self.is_main:
             if not hasattr(model, "save_pretrained"):
                 raise TypeError(f"{type(model).__name__} has no save_pretrained (needs diffusers ModelMixin)")

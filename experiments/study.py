@@ -81,7 +81,7 @@ from eval.fid import inception_weights_available
 from eval.reconstruction import evaluate_reconstruction
 from experiments.bench_quantizers import run_configuration
 from tokenizer.config import TokenizerRunConfig
-from tokenizer.model import LGQTokenizer
+from tokenizer.model import CONFIG_FORMAT, LGQTokenizer
 from tokenizer.quantizers import QUANTIZERS, build_quantizer
 from tokenizer.train import main as train_main
 
@@ -95,9 +95,10 @@ BASELINE_COLUMNS = ("psnr_mean_colour", "psnr_token_grid_thumbnail", "psnr_equal
 TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid",
                  "classifier_accuracy", "classifier_fd", "classifier_kid_mean", "active_codes",
                  "utilisation", "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec",
-                 "quantizer_peak_mib", "final_loss", "train_seconds", "collapsed", "collapse_step")
+                 "quantizer_peak_mib", "final_mean_max_prob", "final_mean_sum_p_sq", "val_psnr_last",
+                 "psnr_gain_last_quarter_db", "converged", "final_loss", "train_seconds", "collapsed", "collapse_step")
 # per-run fields that identify a run or are the same for every seed: not averaged
-RUN_IDENTITY_KEYS = {"run", "quantizer", "K", "seed", "steps", "batch_size", "torch_threads", "run_dir"}
+RUN_IDENTITY_KEYS = {"run", "quantizer", "K", "seed", "steps", "batch_size", "torch_threads", "run_dir", "config_format"}
 # nested per-run dicts that are provenance, or duplicates of top-level figures: not averaged
 # (baselines: their PSNRs are the top-level psnr_<baseline> fields)
 NOT_AGGREGATED = {"config", "evaluation", "quantizer_memory", "effective_rate", "notes", "train_argv", "collapse",
@@ -107,8 +108,9 @@ ROW_TABLE = (("psnr", "PSNR dB"), ("psnr_equal_bits_thumbnail", "equal-bits PSNR
              ("psnr_lead_over_equal_bits_db", "lead over equal-bits dB"), ("ssim", "SSIM"), ("rfid", "rFID"),
              ("classifier_accuracy", "recon. classified"), ("classifier_fd", "FD (classifier)"),
              ("classifier_kid_mean", "KID (classifier)"), ("active_codes", "active"), ("utilisation", "util."), ("perplexity", "perplexity"),
-             ("bits_per_token", "bits/token"), ("images_per_sec", "img/s"), ("quantizer_peak_mib", "quant. peak MiB"),
-             ("train_seconds", "train s"))
+             ("bits_per_token", "bits/token"), ("final_mean_max_prob", "mean max p"),
+             ("final_mean_sum_p_sq", "mean sum p^2"), ("psnr_gain_last_quarter_db", "val PSNR gain, last quarter dB"),
+             ("images_per_sec", "img/s"), ("quantizer_peak_mib", "quant. peak MiB"), ("train_seconds", "train s"))
 # the headline table (README): quality, the equal-bits baseline, the classifier and the codebook
 # (figure, column label, number format of mean and std)
 HEADLINE_TABLE = (("psnr", "PSNR dB", "{:.2f}"), ("psnr_lead_over_equal_bits_db", "lead over equal-bits dB", "{:+.2f}"),
@@ -306,17 +308,56 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
     return record
 
 
+SHARPNESS_KEYS = {"mean_max_prob": "quantizer/mean_max_prob", "mean_sum_p_sq": "quantizer/mean_sum_p_sq"}
+CONVERGENCE_GAIN_DB = 0.1  # converged: validation PSNR gains less than this over the last quarter of the steps
+
+
 def training_summary(history: list[dict] | None) -> dict[str, Any]:
-    """Throughput (median images/s, first window dropped if several) and the last logged loss terms."""
+    """Throughput (median images/s, first window dropped if several), the last logged loss terms, the
+    assignment sharpness of the last quarter of the steps and the convergence of the validation PSNR.
+
+    Sharpness (LGQ, None for quantizers without soft assignments): ``final_mean_max_prob`` = mean over the
+    logged steps s >= 3/4 S of mean_n max_k p_nk, ``final_mean_sum_p_sq`` likewise of mean_n sum_k p_nk^2
+    (1 = one-hot; training batches). Convergence (``convergence_report``) from the ``val/psnr`` rows.
+    """
     if not history:
-        return {"images_per_sec": None, "final_losses": {}, "logged_steps": 0}
-    speeds = [row["images_per_sec"] for row in history if "images_per_sec" in row]
+        return {"images_per_sec": None, "final_losses": {}, "logged_steps": 0,
+                **{f"final_{name}": None for name in SHARPNESS_KEYS}, **convergence_report([])}
+    train_rows = [row for row in history if "loss" in row] or history
+    speeds = [row["images_per_sec"] for row in train_rows if "images_per_sec" in row]
     if len(speeds) > 1:
         speeds = speeds[1:]
-    last = history[-1]
+    last = train_rows[-1]
     losses = {k: v for k, v in last.items() if k == "loss" or k.startswith("loss/") or k.startswith("loss_")}
+    last_step = max(row["step"] for row in history)
+    sharpness = {}
+    for name, key in SHARPNESS_KEYS.items():
+        values = [row[key] for row in train_rows if key in row and row["step"] >= 0.75 * last_step]
+        sharpness[f"final_{name}"] = statistics.fmean(values) if values else None
     return {"images_per_sec": statistics.median(speeds) if speeds else None, "final_losses": losses,
-            "logged_steps": len(history)}
+            "logged_steps": len(train_rows), **sharpness, **convergence_report(history)}
+
+
+def convergence_report(history: Sequence[dict], gain_db: float = CONVERGENCE_GAIN_DB) -> dict[str, Any]:
+    """Has the validation PSNR flattened? From the ``val/psnr`` rows (s_i, v_i) of history.jsonl:
+
+        gain = mean{v_i : s_i >= 0.9 S} - mean{v_i : 0.65 S <= s_i <= 0.75 S},   S = last validation step
+
+    i.e. the gain over (about) the last quarter of the steps, each end averaged over a window to damp the noise of
+    single evaluations; ``converged`` = gain < ``gain_db`` (None without >= 2 points in each window).
+    """
+    points = [(row["step"], row["val/psnr"]) for row in history if "val/psnr" in row]
+    report = {"val_psnr_last": points[-1][1] if points else None, "psnr_gain_last_quarter_db": None,
+              "converged": None, "val_points": len(points)}
+    if not points:
+        return report
+    last = points[-1][0]
+    end = [v for s, v in points if s >= 0.9 * last]
+    before = [v for s, v in points if 0.65 * last <= s <= 0.75 * last]
+    if len(end) >= 2 and len(before) >= 2:
+        gain = statistics.fmean(end) - statistics.fmean(before)
+        report.update(psnr_gain_last_quarter_db=gain, converged=gain < gain_db)
+    return report
 
 
 def quantizer_peak_memory(quantizer: str, codebook_size: int, num_tokens: int, dim: int) -> dict[str, Any]:
@@ -370,8 +411,23 @@ def _comparable(config: dict) -> dict:
     return config
 
 
+def export_config_format(export: Path) -> int | None:
+    """The ``config_format`` of a tokenizer export (1 for exports written before the key existed; None if absent)."""
+    config_path = Path(export) / "config.json"
+    if not config_path.is_file():
+        return None
+    return int(json.loads(config_path.read_text()).get("config_format", 1))
+
+
 def check_same_recipe(spec: RunSpec, run_cfg) -> None:
-    """Refuse to reuse or resume a run folder that was made with a different recipe (ValueError)."""
+    """Refuse to reuse or resume a run folder that was made with a different recipe, or whose export is of another
+    ``config_format`` (format 1: "layernorm" then had no learnable scale and shift) (ValueError naming it)."""
+    saved_format = export_config_format(spec.run_dir / "tokenizer")
+    if saved_format is not None and saved_format != CONFIG_FORMAT:
+        raise ValueError(f"{spec.run_dir} holds run {spec.name} exported in tokenizer config_format {saved_format} "
+                         f"(now {CONFIG_FORMAT}: model.pre_quantizer_norm layernorm/groupnorm_layernorm have learnable "
+                         "LN scale and shift; format 1 had none), so it is not the same model; choose another "
+                         "--output-dir or delete that folder")
     current = _comparable(_config_dict(run_cfg))
     result_path, saved_path = spec.run_dir / "result.json", spec.run_dir / "config.yaml"
     if result_path.is_file():
@@ -437,6 +493,9 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "effective_rate": {"log2_active_codes": codebook["log2_active_codes"],
                            "log2_perplexity": codebook["bits_per_token"]},
         "images_per_sec": summary["images_per_sec"], "final_losses": summary["final_losses"],
+        **{key: summary[key] for key in ("final_mean_max_prob", "final_mean_sum_p_sq", "val_psnr_last",
+                                         "psnr_gain_last_quarter_db", "converged")},
+        "config_format": export_config_format(export),
         "final_loss": summary["final_losses"].get("loss"),
         "train_seconds": record.get("train_seconds"),
         "torch_threads": _torch_threads(),
@@ -523,7 +582,9 @@ def aggregate_runs(results: Sequence[dict]) -> list[dict]:
 
         seeds, num_seeds, runs, steps; for every figure m (``numeric_fields``): m_mean, m_std (sample standard
         deviation, n - 1 in the denominator; None with fewer than two values) and m_n (runs that have it);
-        collapsed_seeds (how many runs collapsed, ``detect_collapse``), collapse_steps {seed: step}.
+        collapsed_seeds (how many runs collapsed, ``detect_collapse``), collapse_steps {seed: step};
+        converged_seeds / convergence_known_seeds (``convergence_report``: runs whose validation PSNR flattened /
+        runs with enough validation points to tell).
     """
     groups: dict[tuple[str, int], list[dict]] = {}
     for result in results:
@@ -544,6 +605,8 @@ def aggregate_runs(results: Sequence[dict]) -> list[dict]:
         row["collapsed_seeds"] = sum(1 for c in collapses if c.get("collapsed"))
         row["collapse_steps"] = {str(r["seed"]): c.get("collapse_step") for r, c in zip(runs, collapses)
                                  if c.get("collapsed")}
+        row["converged_seeds"] = sum(1 for r in runs if r.get("converged") is True)
+        row["convergence_known_seeds"] = sum(1 for r in runs if r.get("converged") is not None)
         rows.append(row)
     return rows
 
@@ -584,10 +647,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """Per-run table (``table_rows``)."""
     header = ["quantizer", "K", "seed", "steps", "PSNR dB", "mean-colour PSNR", "grid-thumb. PSNR",
               "equal-bits PSNR", "lead over equal-bits dB", "SSIM", "rFID", "active", "util.", "perplexity",
-              "bits/token", "log2 active", "img/s", "quant. peak MiB", "final loss", "train s", "collapsed at step"]
+              "bits/token", "log2 active", "mean max p", "mean sum p^2", "val PSNR gain, last quarter dB", "img/s",
+              "quant. peak MiB", "final loss", "train s", "collapsed at step"]
     keys = ["quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid", "active_codes", "utilisation",
-            "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec", "quantizer_peak_mib", "final_loss",
-            "train_seconds"]
+            "perplexity", "bits_per_token", "log2_active_codes", "final_mean_max_prob", "final_mean_sum_p_sq",
+            "psnr_gain_last_quarter_db", "images_per_sec", "quantizer_peak_mib", "final_loss", "train_seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         collapsed = _fmt(row.get("collapse_step")) if row.get("collapsed") else ("no" if row.get("collapsed") is False
@@ -599,13 +663,17 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def markdown_summary(rows: Sequence[dict], fraction: float, columns: Sequence[tuple] = ROW_TABLE) -> str:
     """The (quantizer, K) table: mean ± std over seeds of ``columns`` ((figure, label[, number format])) and
     the collapsed-seed count (``aggregate_runs``)."""
-    header = ["quantizer", "K", "seeds", "collapsed", "steps", *(column[1] for column in columns)]
+    header = ["quantizer", "K", "seeds", "collapsed", "converged", "steps", *(column[1] for column in columns)]
     lines = [f"Mean ± sample std over seeds. collapsed = seeds whose training-batch hard perplexity or active "
-             f"codes ended below {fraction:g} x K (experiments.study.detect_collapse).", "",
+             f"codes ended below {fraction:g} x K (experiments.study.detect_collapse); converged = seeds whose "
+             f"validation PSNR gained < {CONVERGENCE_GAIN_DB} dB over the last quarter of the steps, of those with "
+             f"validation curves (experiments.study.convergence_report).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        known = row.get("convergence_known_seeds", 0)
+        converged = f"{row.get('converged_seeds', 0)}/{known}" if known else "n/a"
         cells = [row["quantizer"], str(row["K"]), str(row["num_seeds"]), f"{row['collapsed_seeds']}/{row['num_seeds']}",
-                 _fmt(row.get("steps")), *(_mean_std(row, column[0], *column[2:]) for column in columns)]
+                 converged, _fmt(row.get("steps")), *(_mean_std(row, column[0], *column[2:]) for column in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -759,28 +827,33 @@ def plot_code_usage(plt, results: Sequence[dict], colours: dict, path: Path) -> 
 
 
 def plot_training_curves(plt, results: Sequence[dict], colours: dict, path: Path) -> Path:
-    """Pixel MSE and code perplexity on the training batches over the steps, one line per run."""
+    """Pixel MSE and code perplexity on the training batches (and validation PSNR when logged) over the steps,
+    one line per run."""
     # the total loss holds each quantizer's own terms (LFQ's entropy term is negative): not comparable, so plot
     # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer;
     # an x marks the step from which a run stayed collapsed
+    # the third panel: validation PSNR (eval.num_val_images images, training weights) when the runs logged it
     labelled: set[str] = set()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    curves = (("l2", "pixel MSE on training batches"), ("codebook/perplexity", "code perplexity on training batches"))
+    curves = [("l2", "pixel MSE on training batches", True), ("codebook/perplexity", "code perplexity on training batches", True)]
+    if any("val/psnr" in row for r in results for row in read_history(r.get("run_dir", ""))):
+        curves.append(("val/psnr", "validation PSNR dB (training weights)", False))
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5))
     for r in results:
         history = read_history(r.get("run_dir", ""))
         label = first_label(labelled, r["quantizer"])
         collapse_step = (r.get("collapse") or {}).get("collapse_step")
-        for ax, (key, _) in zip(axes, curves):
+        for ax, (key, _, _) in zip(axes, curves):
             points = [(row["step"], row[key]) for row in history if key in row]
             if points:
                 ax.plot(*zip(*points), color=colours[r["quantizer"]], alpha=0.6, label=label)
                 marks = [(step, value) for step, value in points if step == collapse_step]
                 if marks:
                     ax.scatter(*zip(*marks), marker="x", color=colours[r["quantizer"]], s=40)
-    for ax, (_, label) in zip(axes, curves):
+    for ax, (_, label, log_scale) in zip(axes, curves):
         ax.set_xlabel("step")
         ax.set_ylabel(label)
-        ax.set_yscale("log")
+        if log_scale:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()

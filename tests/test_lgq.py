@@ -256,6 +256,45 @@ def test_tau_schedules(schedule):
     assert float(fresh(latents()).stats["tau"]) == pytest.approx(values[-1])
 
 
+def test_tau_horizon_in_steps_or_epochs_does_not_depend_on_the_run_length():
+    """tau_anneal_steps S: tau(s) is the same whatever max_steps; tau_anneal_epochs E: the authors' per-epoch
+    schedule, tau constant within an epoch, tau_end from epoch E on; neither: over the run (the old behaviour)."""
+    by_steps = make_quantizer(tau_start=1.0, tau_end=0.1, tau_anneal_steps=40)
+    for max_steps in (50, 400, 10_000):
+        taus = []
+        for step in (0, 10, 40, 45):
+            by_steps.set_training_step(step, max_steps, steps_per_epoch=7)
+            taus.append(float(by_steps.tau))
+        assert taus == pytest.approx([1.0, 1.0 - 0.25 * 0.9, 0.1, 0.1])
+    by_epochs = make_quantizer(tau_start=1.0, tau_end=0.1, tau_anneal_epochs=4)
+    expected = {0: 1.0, 9: 1.0, 10: 0.7, 19: 0.7, 20: 0.4, 30: 0.1, 95: 0.1}  # 10 steps per epoch: (e - 1) / 3
+    for step, tau in expected.items():
+        by_epochs.set_training_step(step, 1000, steps_per_epoch=10)
+        assert float(by_epochs.tau) == pytest.approx(tau), step
+    with pytest.raises(ValueError, match="steps per epoch"):
+        by_epochs.set_training_step(3, 100, steps_per_epoch=None)
+    over_run = make_quantizer(tau_start=1.0, tau_end=0.1)
+    over_run.set_training_step(50, 100)
+    assert float(over_run.tau) == pytest.approx(0.55)
+    assert by_steps.schedule_description() == "tau linear 1 -> 0.1 over 40 steps"
+    assert by_epochs.schedule_description() == "tau linear 1 -> 0.1 per epoch over 4 epochs"
+    with pytest.raises(ValueError, match="at most one"):
+        LGQuantizer(8, 4, tau_anneal_steps=10, tau_anneal_epochs=2)
+    with pytest.raises(ValueError, match="tau_anneal_steps must be None or an integer >= 1"):
+        LGQuantizer(8, 4, tau_anneal_steps=0)
+
+
+def test_sharpness_statistics_are_mean_max_probability_and_mean_sum_of_squares():
+    q = make_quantizer(tau_start=0.7, tau_end=0.7)
+    z = latents()
+    out = q(z)
+    x = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    reference = lgq_dense_reference(x, q.codebook.detach(), 0.7)
+    p = reference["probs"]
+    assert float(out.stats["mean_max_prob"]) == pytest.approx(float(p.max(1).values.mean()), rel=1e-5)
+    assert float(out.stats["mean_sum_p_sq"]) == pytest.approx(float((p * p).sum(1).mean()), rel=1e-5)
+
+
 def test_bad_inputs_raise_clear_errors():
     q = make_quantizer()
     with pytest.raises(ValueError, match="B, C, H, W"):

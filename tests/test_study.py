@@ -165,8 +165,39 @@ def test_rows_aggregate_seeds_and_count_collapsed_runs():
     assert single["psnr_std"] is None and single["psnr_mean"] == 20.0
     # the headline table formats mean and std alike, per column; one seed shows the mean alone
     headline = study.markdown_summary([row, single], 0.01, [("psnr", "PSNR dB", "{:.2f}"), ("psnr", "lead", "{:+.1f}")])
-    assert "| vq | 256 | 3 | 2/3 | 9 | 22.00 ± 2.00 | +22.0 ± 2.0 |" in headline
-    assert "| vq | 256 | 1 | 1/1 | 9 | 20.00 | +20.0 |" in headline
+    assert "| vq | 256 | 3 | 2/3 | n/a | 9 | 22.00 ± 2.00 | +22.0 ± 2.0 |" in headline  # no validation curves
+    assert "| vq | 256 | 1 | 1/1 | n/a | 9 | 20.00 | +20.0 |" in headline
+    for run, converged in zip(runs, (True, None, False)):
+        run["converged"] = converged
+    (row,) = study.aggregate_runs(runs)
+    assert row["converged_seeds"] == 1 and row["convergence_known_seeds"] == 2
+    assert "| vq | 256 | 3 | 2/3 | 1/2 | 9 |" in study.markdown_summary([row], 0.01, [("psnr", "PSNR dB", "{:.2f}")])
+
+
+def test_convergence_is_the_validation_psnr_gain_over_the_last_quarter():
+    rising = [{"step": s, "val/psnr": 10.0 + s / 100} for s in range(100, 1001, 100)]  # +1 dB per 100 steps
+    report = study.convergence_report(rising + [{"step": 1000, "loss": 0.1}])
+    # end window: steps 900, 1000 (19.5 dB); before: 700 (17.0 dB) (65% .. 75% of 1000: 700 only -> too few)
+    assert report["converged"] is None and report["val_points"] == 10 and report["val_psnr_last"] == 20.0
+    dense = [{"step": s, "val/psnr": 10.0 + s / 100} for s in range(50, 1001, 50)]
+    report = study.convergence_report(dense)
+    # end: 900, 950, 1000 -> 19.5; before: 650, 700, 750 -> 17.0; gain 2.5 dB: not converged
+    assert report["psnr_gain_last_quarter_db"] == pytest.approx(2.5) and report["converged"] is False
+    flat = [{"step": s, "val/psnr": 20.0 + (0.02 if s % 100 else 0.0)} for s in range(50, 1001, 50)]
+    assert study.convergence_report(flat)["converged"] is True
+    assert study.convergence_report([])["converged"] is None
+
+
+def test_training_summary_reports_sharpness_of_the_last_quarter_and_skips_validation_rows():
+    history = [{"step": s, "loss": 1.0 / s, "images_per_sec": 100.0, "quantizer/mean_max_prob": s / 1000,
+                "quantizer/mean_sum_p_sq": s / 2000} for s in range(100, 1001, 100)]
+    history.append({"step": 1000, "val/psnr": 18.0})  # the last row is a validation row
+    summary = study.training_summary(history)
+    assert summary["final_losses"] == {"loss": pytest.approx(1e-3)} and summary["logged_steps"] == 10
+    assert summary["final_mean_max_prob"] == pytest.approx((0.8 + 0.9 + 1.0) / 3)  # steps >= 750
+    assert summary["final_mean_sum_p_sq"] == pytest.approx((0.8 + 0.9 + 1.0) / 6)
+    no_soft = study.training_summary([{"step": 10, "loss": 0.5}])
+    assert no_soft["final_mean_max_prob"] is None and no_soft["converged"] is None
 
 
 def test_invalid_combinations_are_skipped_with_a_reason(tmp_path):
@@ -262,3 +293,16 @@ def test_accelerate_launcher_two_processes_records_history_and_resumes_an_interr
     for key in ("psnr", "ssim", "active_codes", "perplexity", "final_loss"):
         assert resumed[key] == pytest.approx(finished[key], rel=1e-5, abs=1e-6), key
     assert any("resumed" in note for note in resumed["notes"])
+
+
+def test_a_run_folder_exported_in_the_old_config_format_is_refused(tmp_path):
+    """Format-1 exports named the parameter-free LayerNorm "layernorm": not the same model as format 2's."""
+    from types import SimpleNamespace
+
+    run_dir = tmp_path / "runs" / "lgq_K256_s0"
+    (run_dir / "tokenizer").mkdir(parents=True)
+    (run_dir / "tokenizer" / "config.json").write_text(json.dumps({"pre_quantizer_norm": "layernorm"}))
+    spec = SimpleNamespace(run_dir=run_dir, name="lgq_K256_s0")
+    assert study.export_config_format(run_dir / "tokenizer") == 1
+    with pytest.raises(ValueError, match="config_format 1.*learnable"):
+        study.check_same_recipe(spec, run_cfg=None)

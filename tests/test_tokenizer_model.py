@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer.model import LGQTokenizer, TokenizerModelConfig, TokenizerOutput, build_tokenizer
+from tokenizer.model import CONFIG_FORMAT, LGQTokenizer, TokenizerModelConfig, TokenizerOutput, build_tokenizer
 from tokenizer.modules import Decoder, Encoder, count_parameters, num_groups_for
 from tokenizer.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
 from tokenizer.quantizers.base import Quantizer
@@ -276,6 +276,7 @@ def test_set_progress_forwards_to_quantizer_and_validates():
 def test_model_config_defaults_match_constructor():
     signature = inspect.signature(LGQTokenizer.__init__)
     parameters = {name: p.default for name, p in signature.parameters.items() if name != "self"}
+    assert parameters.pop("config_format") == CONFIG_FORMAT  # the export's format, not an architecture choice
     fields = {f.name: getattr(TokenizerModelConfig(), f.name) for f in dataclasses.fields(TokenizerModelConfig)}
     assert set(parameters) == set(fields)
     for name, value in fields.items():
@@ -402,17 +403,21 @@ def test_pre_quantizer_norm_default_is_encoder_groupnorm_then_token_layernorm():
     assert model.config.pre_quantizer_norm == "groupnorm_layernorm"
     assert TokenizerModelConfig().pre_quantizer_norm == "groupnorm_layernorm"
     x = images(seed=2)
+    norm = model.pre_quantizer_norm
     with torch.no_grad():
-        model.pre_quantizer_norm.group_norm.weight.uniform_(0.5, 2.0)
-        model.pre_quantizer_norm.group_norm.bias.uniform_(-1.0, 1.0)
+        initial = model.encode_latents(x).mean(1)  # gamma = 1, beta = 0 at init: each token has mean 0
+        torch.testing.assert_close(initial, torch.zeros_like(initial), atol=1e-5, rtol=0)
+        norm.group_norm.weight.uniform_(0.5, 2.0)
+        norm.group_norm.bias.uniform_(-1.0, 1.0)
+        norm.layer_norm.weight.uniform_(0.5, 2.0)  # the learnable LN scale and shift of the authors' nn.LayerNorm
+        norm.layer_norm.bias.uniform_(-1.0, 1.0)
         raw = model.encoder(x)
         z = model.encode_latents(x)
-        groups = model.pre_quantizer_norm.group_norm.num_groups
-        expected = token_layer_norm(F.group_norm(raw, groups, model.pre_quantizer_norm.group_norm.weight,
-                                                 model.pre_quantizer_norm.group_norm.bias, eps=1e-6))
+        groups = norm.group_norm.num_groups
+        expected = token_layer_norm(F.group_norm(raw, groups, norm.group_norm.weight, norm.group_norm.bias, eps=1e-6))
+        expected = expected * norm.layer_norm.weight[:, None, None] + norm.layer_norm.bias[:, None, None]
     torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
     assert z.dtype == torch.float32
-    torch.testing.assert_close(z.mean(1), torch.zeros_like(z.mean(1)), atol=1e-5, rtol=0)
     # the quantizer receives exactly these latents (forward and the data-driven init)
     model.quantizer.seen = []
     original_forward = model.quantizer.forward
@@ -420,7 +425,8 @@ def test_pre_quantizer_norm_default_is_encoder_groupnorm_then_token_layernorm():
     with torch.no_grad():
         model(x)
     assert torch.equal(model.quantizer.seen[0], z)
-    assert "pre_quantizer_norm.group_norm.weight" in model.state_dict()
+    assert {"pre_quantizer_norm.group_norm.weight", "pre_quantizer_norm.layer_norm.weight",
+            "pre_quantizer_norm.layer_norm.bias"} <= set(model.state_dict())
 
 
 @pytest.mark.parametrize("name,size", QUANTIZER_CASES, ids=[name for name, _ in QUANTIZER_CASES])
@@ -434,22 +440,66 @@ def test_every_quantizer_gets_the_same_normalised_latents(name, size):
         assert torch.equal(other.encode_latents(x), reference.encode_latents(x))
 
 
-def test_pre_quantizer_norm_switch_layernorm_and_none():
+def test_pre_quantizer_norm_switch_layernorm_noaffine_and_none():
     x = images(seed=5)
-    torch.manual_seed(0)
-    layer_only = tiny_tokenizer(pre_quantizer_norm="layernorm")
-    torch.manual_seed(0)
-    off = tiny_tokenizer(pre_quantizer_norm="none")
+    models = {}
+    for kind in ("layernorm", "layernorm_noaffine", "groupnorm_layernorm_noaffine", "none"):
+        torch.manual_seed(0)
+        models[kind] = tiny_tokenizer(pre_quantizer_norm=kind)
     with torch.no_grad():
-        torch.testing.assert_close(layer_only.encode_latents(x), token_layer_norm(layer_only.encoder(x)),
+        affine = models["layernorm"].pre_quantizer_norm.layer_norm
+        affine.weight.uniform_(0.5, 2.0)
+        affine.bias.uniform_(-1.0, 1.0)
+        raw = models["layernorm"].encoder(x)
+        torch.testing.assert_close(models["layernorm"].encode_latents(x),
+                                   token_layer_norm(raw) * affine.weight[:, None, None] + affine.bias[:, None, None],
                                    atol=1e-5, rtol=1e-5)
-        assert torch.equal(off.encode_latents(x), off.encoder(x))
-    assert not any(k.startswith("pre_quantizer_norm.") for k in off.state_dict())
-    assert not any(k.startswith("pre_quantizer_norm.") for k in layer_only.state_dict())
+        torch.testing.assert_close(models["layernorm_noaffine"].encode_latents(x), token_layer_norm(raw),
+                                   atol=1e-5, rtol=1e-5)
+        fixed = models["groupnorm_layernorm_noaffine"]
+        gn = fixed.pre_quantizer_norm.group_norm
+        torch.testing.assert_close(fixed.encode_latents(x), token_layer_norm(F.group_norm(raw, gn.num_groups, gn.weight,
+                                                                                          gn.bias, eps=1e-6)),
+                                   atol=1e-5, rtol=1e-5)
+        assert torch.equal(models["none"].encode_latents(x), raw)
+    keys = {kind: {k for k in m.state_dict() if k.startswith("pre_quantizer_norm.")} for kind, m in models.items()}
+    assert keys["layernorm"] == {"pre_quantizer_norm.layer_norm.weight", "pre_quantizer_norm.layer_norm.bias"}
+    assert keys["layernorm_noaffine"] == keys["none"] == set()
+    assert keys["groupnorm_layernorm_noaffine"] == {"pre_quantizer_norm.group_norm.weight",
+                                                    "pre_quantizer_norm.group_norm.bias"}
     with pytest.raises(ValueError, match="pre_quantizer_norm must be one of"):
         tiny_tokenizer(pre_quantizer_norm="batchnorm")
     with pytest.raises(ValueError, match="pre_norm no longer exists"):
         tiny_tokenizer("lgq", 16, quantizer_options={"pre_norm": True})
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "groupnorm_layernorm"])
+def test_format_1_export_with_parameter_free_layernorm_loads_and_reconstructs_exactly_as_before(tmp_path, kind):
+    """Before config_format 2, "layernorm" / "groupnorm_layernorm" had no LN scale and shift: such an export loads
+    as the "_noaffine" kind with identical tokens and reconstructions, and re-saves in the new format."""
+    import json
+
+    torch.manual_seed(0)
+    source = tiny_tokenizer("vq", 16, pre_quantizer_norm=f"{kind}_noaffine")
+    source.init_quantizer_from_images(images(4, seed=1))
+    source.eval()
+    source.save_pretrained(tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["config_format"]
+    config["pre_quantizer_norm"] = kind  # the name such exports were written with
+    config_path.write_text(json.dumps(config))
+    loaded = LGQTokenizer.from_pretrained(tmp_path / "old").eval()
+    assert loaded.config.pre_quantizer_norm == f"{kind}_noaffine" and loaded.config.config_format == 2
+    x = images(seed=8)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), source.encode(x))
+        assert torch.equal(loaded(x).reconstruction, source(x).reconstruction)
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = LGQTokenizer.load_config(tmp_path / "resaved")
+    assert resaved["pre_quantizer_norm"] == f"{kind}_noaffine" and resaved["config_format"] == 2
+    with pytest.raises(ValueError, match="config_format 3"):
+        tiny_tokenizer(config_format=3)
 
 
 def write_old_format_export(model: LGQTokenizer, folder, quantizer_options: dict) -> None:
@@ -462,6 +512,7 @@ def write_old_format_export(model: LGQTokenizer, folder, quantizer_options: dict
     config = json.loads(config_path.read_text())
     del config["pre_quantizer_norm"]
     del config["norm_min_channels_per_group"]
+    del config["config_format"]
     config["quantizer_options"] = quantizer_options
     config_path.write_text(json.dumps(config))
 
@@ -475,7 +526,7 @@ def test_old_lgq_export_loads_and_reconstructs_exactly_as_before(tmp_path, optio
     source.init_quantizer_from_images(images(4, seed=1))
     write_old_format_export(source, tmp_path / "old", options)
     loaded = LGQTokenizer.from_pretrained(tmp_path / "old")
-    assert loaded.config.pre_quantizer_norm == "layernorm" and dict(loaded.config.quantizer_options) == {}
+    assert loaded.config.pre_quantizer_norm == "layernorm_noaffine" and dict(loaded.config.quantizer_options) == {}
     assert loaded.config.norm_min_channels_per_group == 1
     assert loaded.decoder.norm_out.num_groups == source.decoder.norm_out.num_groups == 16
     x = images(seed=6)
@@ -490,7 +541,7 @@ def test_old_lgq_export_loads_and_reconstructs_exactly_as_before(tmp_path, optio
     torch.testing.assert_close(out.reconstruction, old_reconstruction, atol=1e-5, rtol=1e-5)
     # re-saving writes the migrated key, so the next load needs no migration
     loaded.save_pretrained(tmp_path / "resaved")
-    assert LGQTokenizer.load_config(tmp_path / "resaved")["pre_quantizer_norm"] == "layernorm"
+    assert LGQTokenizer.load_config(tmp_path / "resaved")["pre_quantizer_norm"] == "layernorm_noaffine"
 
 
 def test_old_export_without_lgq_layernorm_loads_with_no_norm(tmp_path):

@@ -101,7 +101,8 @@ def test_uninterrupted_run_learns_logs_and_exports(uninterrupted_run):
     card = (uninterrupted_run / "tokenizer" / "README.md").read_text()  # the export's model card
     for text in ("LGQ image tokenizer, K = 64", "| codebook size K | 64 |", "| token grid | 8 x 8 at 16 px",
                  "| optimisation steps | 8 |", "PSNR (dB)", "at step 8 with the training weights", "synthetic",
-                 "LGQTokenizer.from_pretrained", "license: apache-2.0"):
+                 "LGQTokenizer.from_pretrained", "license: apache-2.0", "| pre-quantizer norm | groupnorm_layernorm |",
+                 "| temperature schedule | tau linear 1 -> 0.1 over the whole run"):
         assert text in card, text
 
 

@@ -40,9 +40,14 @@ class ToyModel(ModelMixin, ConfigMixin):
         self.out = nn.Linear(hidden, dim)
         self.codebook = nn.Parameter(torch.randn(3, hidden))
         self.progress_seen: list[float] = []
+        self.steps_seen: list[tuple] = []
 
     def set_progress(self, progress: float) -> None:
         self.progress_seen.append(progress)
+
+    def set_training_step(self, step: int, max_steps: int, steps_per_epoch: int | None = None) -> None:
+        self.steps_seen.append((step, max_steps, steps_per_epoch))
+        self.set_progress(min(1.0, step / max_steps))
 
     def forward(self, x):
         h = self.norm(self.drop(self.inp(x)))
@@ -124,6 +129,8 @@ def test_resume_after_crash_is_bit_identical(tmp_path):
     reference, _ = run_toy(make_cfg(tmp_path / "a"))
     ref_model, ref_ema = state(reference.unwrap()), state(reference.ema.module)
     assert reference.unwrap().progress_seen[:3] == pytest.approx([0.0, 1 / 8, 2 / 8])
+    # the schedule hook sees (step, max_steps, optimiser steps per epoch): 7 batches per epoch / 2 accumulated
+    assert reference.unwrap().steps_seen[:3] == [(0, 8, 3), (1, 8, 3), (2, 8, 3)]
 
     with pytest.raises(KeyboardInterrupt):
         run_toy(make_cfg(tmp_path / "b"), fail_at_step=4)  # dies after the step-3 checkpoint

@@ -64,6 +64,9 @@ class TokenizerModelConfig:
 
 _DEFAULTS = TokenizerModelConfig()
 CODEBOOK_PRUNING_KEY = "codebook_pruning"  # config entry of a pruned export (tokenizer/prune.py)
+# Stored as ``config_format`` in every export. 2: "layernorm" / "groupnorm_layernorm" have LN's learnable scale and
+# shift; exports without the key (format 1) meant the parameter-free LN by those names (`migrate_legacy_config`).
+CONFIG_FORMAT = 2
 
 
 @dataclass
@@ -112,15 +115,19 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
         pre_quantizer_norm: str = _DEFAULTS.pre_quantizer_norm,
         norm: str = _DEFAULTS.norm,
         norm_min_channels_per_group: int = _DEFAULTS.norm_min_channels_per_group,
+        config_format: int = CONFIG_FORMAT,
     ):
         super().__init__()
+        if int(config_format) != CONFIG_FORMAT:
+            raise ValueError(f"config_format {config_format} is not {CONFIG_FORMAT}: this lgq reads older exports through "
+                             "`migrate_legacy_config` (load with from_pretrained) and cannot read newer ones")
         if pre_quantizer_norm not in PRE_QUANTIZER_NORMS:
             raise ValueError(f"pre_quantizer_norm must be one of {PRE_QUANTIZER_NORMS}, got {pre_quantizer_norm!r}")
         if "pre_norm" in dict(quantizer_options or {}):
             raise ValueError(
                 "quantizer_options.pre_norm no longer exists: the per-token LayerNorm moved from the LGQ quantizer "
                 "into the model, in front of every quantizer; set pre_quantizer_norm='groupnorm_layernorm' (default), "
-                "'layernorm' (the former pre_norm=True) or 'none' (the former pre_norm=False) instead"
+                "'layernorm_noaffine' (the former pre_norm=True) or 'none' (the former pre_norm=False) instead"
             )
         channel_multipliers = [int(m) for m in channel_multipliers]
         if not channel_multipliers or any(m < 1 for m in channel_multipliers):
@@ -272,6 +279,11 @@ class LGQTokenizer(ModelMixin, ConfigMixin):
             raise ValueError(f"progress must lie in [0, 1], got {progress}")
         self.quantizer.set_progress(progress)
 
+    def set_training_step(self, step: int, max_steps: int, steps_per_epoch: int | None = None) -> None:
+        """The trainer's schedule hook (optimisation step, run length, steps per epoch), forwarded to the quantizer,
+        whose schedule decides its own horizon (LGQ: ``tau_anneal_steps`` / ``tau_anneal_epochs``)."""
+        self.quantizer.set_training_step(int(step), int(max_steps), steps_per_epoch)
+
     @torch.no_grad()
     def init_quantizer_from_images(self, images: torch.Tensor | Iterable[torch.Tensor]) -> bool:
         """Data-driven quantizer init: encode the images (with the pre-quantizer norm), flatten latents to [N, C] and call
@@ -318,24 +330,30 @@ def build_tokenizer(cfg: TokenizerModelConfig | Mapping[str, Any] | None = None,
 
 
 def migrate_legacy_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored tokenizer config written before ``pre_quantizer_norm`` existed -> the config of the same model now.
+    """A stored tokenizer config of an older export -> the config of the same model now (a copy).
 
-    Then the model had no norm between encoder and quantizer and LGQ normalised its own input with a per-token
-    LayerNorm unless ``quantizer_options.pre_norm`` was false. Without the key: LGQ with pre_norm (default true)
-    -> "layernorm", anything else -> "none"; ``pre_norm`` is dropped from the quantizer options.
-    Without ``norm_min_channels_per_group`` (written before the GroupNorm floor): 1, the old grouping.
-    Keys that are present are kept (the result is a copy).
+    * Without ``pre_quantizer_norm`` (written before it existed): the model had no norm between encoder and
+      quantizer and LGQ normalised its own input with a parameter-free per-token LayerNorm unless
+      ``quantizer_options.pre_norm`` was false: LGQ with pre_norm (default true) -> "layernorm_noaffine", anything
+      else -> "none"; ``pre_norm`` is dropped from the quantizer options.
+    * Without ``norm_min_channels_per_group`` (written before the GroupNorm floor): 1, the old grouping.
+    * Without ``config_format`` (format 1): "layernorm" / "groupnorm_layernorm" were parameter-free then ->
+      "layernorm_noaffine" / "groupnorm_layernorm_noaffine" (their weights have no LN scale and shift).
+    Keys that are present are kept.
     """
     config = dict(config)
     if "norm_min_channels_per_group" not in config:
         config["norm_min_channels_per_group"] = 1  # written before the floor: narrow layers used instance norm
-    if "pre_quantizer_norm" in config:
-        return config
-    options = dict(config.get("quantizer_options") or {})
-    lgq_pre_norm = bool(options.pop("pre_norm", True))
-    quantizer = str(config.get("quantizer", _DEFAULTS.quantizer)).lower()
-    config["pre_quantizer_norm"] = "layernorm" if quantizer == "lgq" and lgq_pre_norm else "none"
-    config["quantizer_options"] = options
+    if "pre_quantizer_norm" not in config:
+        options = dict(config.get("quantizer_options") or {})
+        lgq_pre_norm = bool(options.pop("pre_norm", True))
+        quantizer = str(config.get("quantizer", _DEFAULTS.quantizer)).lower()
+        config["pre_quantizer_norm"] = "layernorm" if quantizer == "lgq" and lgq_pre_norm else "none"
+        config["quantizer_options"] = options
+    if "config_format" not in config:
+        if config["pre_quantizer_norm"] in ("layernorm", "groupnorm_layernorm"):
+            config["pre_quantizer_norm"] += "_noaffine"
+        config["config_format"] = CONFIG_FORMAT
     return config
 
 

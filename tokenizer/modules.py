@@ -10,7 +10,8 @@ Upsample (nearest x2 + conv) unless l = 0] -> GroupNorm -> SiLU -> conv_out (ima
 The decoder has one more ResBlock per level than the encoder, as in VQGAN.
 
 Between encoder and quantizer sits ``PreQuantizerNorm``, the latent geometry that every quantizer
-receives (docs/method.md §1): a GroupNorm on the latent channels, then a per-token LayerNorm.
+receives (docs/method.md §1): a GroupNorm on the latent channels, then a per-token LayerNorm with learnable
+scale and shift (the authors' ``nn.LayerNorm``).
 """
 from __future__ import annotations
 
@@ -274,20 +275,29 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-PRE_QUANTIZER_NORMS = ("groupnorm_layernorm", "layernorm", "none")
+PRE_QUANTIZER_NORMS = ("groupnorm_layernorm", "layernorm", "groupnorm_layernorm_noaffine", "layernorm_noaffine", "none")
 
 
 class PreQuantizerNorm(nn.Module):
     """Normalisation of the encoder latents z [B, C, h, w] in front of the quantizer, identical for every quantizer.
 
-    kind "groupnorm_layernorm" (the authors' model, the default):  z <- LN_token(GN(z))
-    kind "layernorm":  z <- LN_token(z)   (exports written before this module existed with quantizer "lgq":
-                                            LGQ then normalised its own input this way)
-    kind "none":       z <- z
+    kind "groupnorm_layernorm" (default):  z <- LN_token(GN(z))
+    kind "layernorm":                      z <- LN_token(z)
+    kind "groupnorm_layernorm_noaffine", "layernorm_noaffine": the same without LN's scale and shift
+    kind "none":                           z <- z
 
-    GN is ``group_norm(C)`` (affine, eps 1e-6; the encoder's last norm, on the latent channels) and
-    LN_token(z)_n = (z_n - mean_c z_nc) / sqrt(var_c z_nc + 1e-6), per token n = (b, y, x), no affine
-    parameters. Computed in fp32 with autocast off (like the quantizer); returns fp32.
+    GN is ``group_norm(C)`` (affine, eps 1e-6; the encoder's last norm, on the latent channels) and, per token
+    n = (b, y, x),
+
+        LN_token(z)_n = gamma * (z_n - mean_c z_nc) / sqrt(var_c z_nc + 1e-6) + beta
+
+    with learnable gamma, beta [C] (initialised to 1 and 0): ``nn.LayerNorm(C)``, which is what the authors' model
+    puts in front of every quantizer (``pre_vq_norm = nn.LayerNorm(embedding_dim)`` in their quantization/model.py,
+    PyTorch's default elementwise_affine=True; their eps is 1e-5). With gamma the latent scale is learnable, so
+    LGQ's temperature is not fixed relative to it (without it every latent has squared norm exactly C).
+    The "_noaffine" kinds (gamma = 1, beta = 0 fixed) are what tokenizers exported before lgq 0.1's format 2
+    used under the names "layernorm" / "groupnorm_layernorm" (`tokenizer.model.migrate_legacy_config` maps them).
+    Computed in fp32 with autocast off (like the quantizer); returns fp32.
     """
 
     def __init__(self, channels: int, kind: str = "groupnorm_layernorm", min_channels_per_group: int = MIN_CHANNELS_PER_GROUP):
@@ -296,17 +306,21 @@ class PreQuantizerNorm(nn.Module):
             raise ValueError(f"pre_quantizer_norm must be one of {PRE_QUANTIZER_NORMS}, got {kind!r}")
         self.kind = kind
         self.channels = int(channels)
-        self.group_norm = group_norm(channels, min_channels_per_group) if kind == "groupnorm_layernorm" else None
+        self.group_norm = group_norm(channels, min_channels_per_group) if kind.startswith("groupnorm_") else None
+        self.layer_norm = (nn.LayerNorm(channels, eps=1e-6, elementwise_affine=not kind.endswith("_noaffine"))
+                           if kind != "none" else None)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.kind == "none":
+        if self.layer_norm is None:
             return z
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.float()
             if self.group_norm is not None:
                 gn = self.group_norm
                 z = F.group_norm(z, gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps)
-            tokens = F.layer_norm(z.permute(0, 2, 3, 1), (self.channels,), eps=1e-6)
+            ln = self.layer_norm
+            weight, bias = (ln.weight.float(), ln.bias.float()) if ln.elementwise_affine else (None, None)
+            tokens = F.layer_norm(z.permute(0, 2, 3, 1), (self.channels,), weight, bias, ln.eps)
             return tokens.permute(0, 3, 1, 2).contiguous()
 
     def extra_repr(self) -> str:

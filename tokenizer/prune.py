@@ -392,7 +392,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         save_export_atomically(pruned, output, cfg.overwrite)
     accelerator.wait_for_everyone()
     evaluation = evaluate_pruning(source, pruned, kept, mapping, dataset, accelerator, cfg.batch_size, data_cfg.num_workers)
-    end_process_group()
     report = {key: record[key] for key in ("source_codebook_size", "codebook_size", "rule", "removed_used_codes",
                                            "counted", "source_tokenizer")}
     report.update(output=str(output.resolve()), evaluation=evaluation, counts=counts.tolist(),
@@ -406,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_json(report_path, report)
         print(format_report(report))
         print(f"pruned tokenizer written to {output}; report {report_path}")
-    accelerator.wait_for_everyone()
+    end_process_group()  # the last collective: every process waits for the report
     return report
 
 

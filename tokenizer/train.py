@@ -165,7 +165,10 @@ def tokenizer_card(cfg: TokenizerRunConfig, tokenizer, trainer: Trainer, num_tra
                      f"tokens in [0, {tokenizer.codebook_size}) and decodes token grids back to images."),
         facts=[("quantizer", f"{cfg.model.quantizer} ({options})"), ("codebook size K", tokenizer.codebook_size),
                ("token grid", f"{grid} x {grid} at {cfg.data.image_size} px (downsampling {f})"),
-               ("latent dim", cfg.model.latent_dim),
+               ("latent dim", cfg.model.latent_dim), ("pre-quantizer norm", cfg.model.pre_quantizer_norm),
+               *([("temperature schedule", f"{tokenizer.quantizer.schedule_description()} (tau at the last step "
+                                           f"{float(tokenizer.quantizer.tau):.4g})")]
+                 if hasattr(tokenizer.quantizer, "schedule_description") else []),
                ("parameters", f"{sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M")],
         training=[("data", describe_data(cfg.data, num_train_images)), *training_rows(cfg, trainer)],
         metrics=metrics, metrics_protocol=protocol, usage=TOKENIZER_USAGE, tags=[cfg.model.quantizer],

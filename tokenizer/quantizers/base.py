@@ -7,9 +7,9 @@ A quantizer maps latents z [B, C, H, W] to
 and back from indices to latents with ``indices_to_latents``. It reports its codebook
 size as ``codebook_size`` (K) and its input channel count as ``dim`` (C).
 
-Training progress (a float in [0, 1], global step / total steps) reaches quantizers
-through ``set_progress``; quantizers with schedules (LGQ's temperature) use it, the others
-ignore it. Quantizers with data-driven initialisation implement ``init_from_latents``
+Training progress reaches quantizers through ``set_training_step(step, max_steps, steps_per_epoch)``,
+by default as ``set_progress(step / max_steps)`` (a float in [0, 1]); quantizers with schedules (LGQ's
+temperature, which can anneal over its own number of steps or epochs) use it, the others ignore it. Quantizers with data-driven initialisation implement ``init_from_latents``
 and report ``needs_init``.
 
 Quantizer math runs in fp32 even under autocast (``fp32_quantizer_math``).
@@ -52,6 +52,12 @@ class Quantizer(nn.Module):
     # --- hooks -------------------------------------------------------------------
     def set_progress(self, progress: float) -> None:
         """Training progress in [0, 1]; default: nothing depends on it."""
+
+    def set_training_step(self, step: int, max_steps: int, steps_per_epoch: int | None = None) -> None:
+        """The trainer's hook before optimisation step s of a ``max_steps`` run (``steps_per_epoch`` optimiser steps
+        per epoch; None when the data has no length). Default: ``set_progress(min(1, s / max_steps))``; quantizers
+        whose schedules have their own horizon (LGQ's ``tau_anneal_steps`` / ``tau_anneal_epochs``) override it."""
+        self.set_progress(min(1.0, step / max(1, max_steps)))
 
     @torch.no_grad()
     def init_from_latents(self, latents: torch.Tensor) -> None:

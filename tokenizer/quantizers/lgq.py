@@ -229,6 +229,9 @@ class LGQuantizer(Quantizer):
         dim: latent channels C.  codebook_size: K >= 2.
         tau_start, tau_end, tau_schedule: temperature schedule over training progress
             ("linear" default, "cosine", "constant"); ``set_progress(p)`` updates the ``tau`` buffer.
+        tau_anneal_steps, tau_anneal_epochs: the schedule's horizon (at most one; see ``schedule_progress``):
+            tau reaches tau_end after that many optimiser steps, or per epoch as the authors do (tau constant
+            within an epoch, tau_end from epoch E on); neither = over the whole run (``train.max_steps``).
         logits: "euclidean" (the method), "cosine" or "dot" (ablations).
         quant_loss_weight, peak_weight, usage_weight: loss weights (1.0, 0.005, 0.005).
         usage_floor: p_min in codes; adds ``usage_floor_weight * relu(p_min - exp H(u))^2``
@@ -257,6 +260,8 @@ class LGQuantizer(Quantizer):
         tau_start: float = 1.0,
         tau_end: float = 0.1,
         tau_schedule: str = "linear",
+        tau_anneal_steps: int | None = None,
+        tau_anneal_epochs: int | None = None,
         logits: str = "euclidean",
         quant_loss_weight: float = 1.0,
         peak_weight: float = 0.005,
@@ -276,6 +281,12 @@ class LGQuantizer(Quantizer):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"unknown tau_schedule {tau_schedule!r}; choose one of {TAU_SCHEDULES}")
+        for name, value in (("tau_anneal_steps", tau_anneal_steps), ("tau_anneal_epochs", tau_anneal_epochs)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if tau_anneal_steps is not None and tau_anneal_epochs is not None:
+            raise ValueError("set at most one of tau_anneal_steps and tau_anneal_epochs (the schedule's horizon), "
+                             f"got {tau_anneal_steps} and {tau_anneal_epochs}")
         if logits not in LOGIT_KINDS:
             raise ValueError(f"unknown logits {logits!r}; choose one of {LOGIT_KINDS}")
         if init not in INIT_METHODS:
@@ -294,6 +305,7 @@ class LGQuantizer(Quantizer):
         if int(init_lloyd_steps) < 0:
             raise ValueError(f"init_lloyd_steps must be >= 0, got {init_lloyd_steps!r}")
         self.tau_start, self.tau_end, self.tau_schedule = float(tau_start), float(tau_end), tau_schedule
+        self.tau_anneal_steps, self.tau_anneal_epochs = tau_anneal_steps, tau_anneal_epochs
         self.logits = logits
         self.quant_loss_weight, self.peak_weight, self.usage_weight = quant_loss_weight, peak_weight, usage_weight
         self.usage_floor, self.usage_floor_weight = usage_floor, usage_floor_weight
@@ -312,6 +324,36 @@ class LGQuantizer(Quantizer):
         if not math.isfinite(float(progress)):
             raise ValueError(f"progress must be a finite float in [0, 1], got {progress!r}")
         self.tau.fill_(tau_at_progress(progress, self.tau_start, self.tau_end, self.tau_schedule))
+
+    def schedule_progress(self, step: int, max_steps: int, steps_per_epoch: int | None = None) -> float:
+        """Progress p in [0, 1] of the tau schedule before optimisation step s (0-based):
+
+            tau_anneal_steps S:   p = min(1, s / S)                                     per step, whatever the run length
+            tau_anneal_epochs E:  p = min(1, floor(s / steps_per_epoch) / max(E - 1, 1))  per epoch (the authors'
+                                  ``update_model_for_epoch``: epoch e = 1..E gets p = (e - 1) / (E - 1))
+            neither:              p = min(1, s / max_steps)                             over the whole run
+        """
+        if self.tau_anneal_steps is not None:
+            return min(1.0, step / self.tau_anneal_steps)
+        if self.tau_anneal_epochs is not None:
+            if not steps_per_epoch:
+                raise ValueError("tau_anneal_epochs needs the number of steps per epoch, which this data stream "
+                                 "does not have (no length): use tau_anneal_steps")
+            return min(1.0, (step // steps_per_epoch) / max(self.tau_anneal_epochs - 1, 1))
+        return min(1.0, step / max(1, max_steps))
+
+    def set_training_step(self, step: int, max_steps: int, steps_per_epoch: int | None = None) -> None:
+        """tau from the schedule at ``schedule_progress(step, max_steps, steps_per_epoch)``."""
+        self.set_progress(self.schedule_progress(step, max_steps, steps_per_epoch))
+
+    def schedule_description(self) -> str:
+        """One line for model cards: the tau schedule and its horizon."""
+        if self.tau_schedule == "constant":
+            return f"tau constant {self.tau_start:g}"
+        horizon = (f"over {self.tau_anneal_steps} steps" if self.tau_anneal_steps is not None else
+                   f"per epoch over {self.tau_anneal_epochs} epochs" if self.tau_anneal_epochs is not None else
+                   "over the whole run")
+        return f"tau {self.tau_schedule} {self.tau_start:g} -> {self.tau_end:g} {horizon}"
 
     @torch.no_grad()
     def init_from_latents(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -368,7 +410,8 @@ class LGQuantizer(Quantizer):
             stats = {
                 "tau": self.tau.detach().clone().float(),
                 **self.hard_stats(indices),
-                "mean_max_prob": max_prob.mean().detach(),
+                "mean_max_prob": max_prob.mean().detach(),  # sharpness: mean_n max_k p_nk
+                "mean_sum_p_sq": p_sq.mean().detach(),      # sharpness: mean_n sum_k p_nk^2 (1 = one-hot)
                 "soft_perplexity": soft_perplexity.detach(),
                 "loss_quant": loss_quant.detach(),
                 "loss_peak": loss_peak.detach(),
