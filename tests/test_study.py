@@ -306,3 +306,75 @@ def test_a_run_folder_exported_in_the_old_config_format_is_refused(tmp_path):
     assert study.export_config_format(run_dir / "tokenizer") == 1
     with pytest.raises(ValueError, match="config_format 1.*learnable"):
         study.check_same_recipe(spec, run_cfg=None)
+
+
+TINY_PRIOR = ROOT / "configs" / "prior" / "tiny.yaml"
+PRIOR_OVERRIDES = ["train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4", "train.log_every=1",
+                   "train.image_log_every=0", "train.checkpoint_every=0", "train.tracker=none",
+                   "train.progress_bar=false", "data.use_augmentations=false", "model.hidden_size=16",
+                   "model.num_layers=1"]
+
+
+@pytest.mark.slow
+def test_second_stage_trains_a_prior_per_run_scores_its_samples_and_reports_failures(tmp_path, capsys):
+    """generation: for each run its tokens, a prior with the same recipe, class-balanced samples scored by the
+    data set's classifier; for the quantizers in prune, again on the codebook pruned to its used codes; tables,
+    rows and the plot carry it; a second call reuses it; a stage that raises is reported as failed."""
+    generation = {"prior_config": str(TINY_PRIOR), "overrides": PRIOR_OVERRIDES, "num_samples": 8, "batch_size": 4,
+                  "num_inference_steps": 2, "guidance_scale": 2.0, "prune": ["lgq"]}
+    config = write_study(tmp_path, quantizers=["lgq", "fsq"], codebook_sizes=[256], generation=generation)
+    out = tmp_path / "out"
+    results = study.main(["--config", str(config), "--output-dir", str(out)])
+    by_run = {r["run"]: r for r in results}
+    for name in ("lgq_K256_s0", "fsq_K256_s0"):
+        stage = by_run[name]["generation"]
+        assert stage["status"] == "ok" and stage["num_samples"] == 8 and stage["codebook_size"] == 256
+        assert 0.0 <= stage["classifier_accuracy"] <= 1.0 and stage["classifier_fd"] >= 0.0
+        assert math.isfinite(stage["prior_final_loss"]) and stage["prior_steps"] == 3
+        assert stage["samples_per_second"] > 0
+        saved = json.loads((out / "runs" / name / "result.json").read_text())["generation"]
+        assert saved["classifier_accuracy"] == stage["classifier_accuracy"]
+        meta = json.loads((out / "runs" / name / "generation" / "tokens" / "meta.json").read_text())
+        assert meta["codebook_size"] == 256 and meta["split"] == "train"
+    assert "generation_pruned" not in by_run["fsq_K256_s0"]  # FSQ has no codebook to prune
+    pruned = by_run["lgq_K256_s0"]["generation_pruned"]
+    assert pruned["status"] == "ok" and 1 <= pruned["codebook_size"] <= 256
+    pruned_meta = json.loads((out / "runs" / "lgq_K256_s0" / "generation_pruned" / "tokens" / "meta.json").read_text())
+    assert pruned_meta["codebook_size"] == pruned["codebook_size"]
+
+    rows = {row["quantizer"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["lgq"]["generation/classifier_accuracy_mean"] == by_run["lgq_K256_s0"]["generation"]["classifier_accuracy"]
+    assert rows["lgq"]["generation_pruned/codebook_size_mean"] == pruned["codebook_size"]
+    table = (out / "results.md").read_text()
+    assert "Generation (a prior trained on each run's tokens)" in table and "pruned: samples classified" in table
+    assert (out / "plots" / "generation.png").read_bytes()[:4] == b"\x89PNG"
+
+    # reused: nothing retrained
+    prior_export = out / "runs" / "lgq_K256_s0" / "generation" / "prior_run" / "prior"
+    stamps = {p: p.stat().st_mtime_ns for p in prior_export.iterdir()}
+    capsys.readouterr()
+    study.main(["--config", str(config), "--output-dir", str(out)])
+    assert "second stage" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in prior_export.iterdir()} == stamps
+
+    # other generation settings in the same folder are refused with the difference named, never mixed
+    broken = write_study(tmp_path, quantizers=["fsq"], codebook_sizes=[256],
+                         generation={**generation, "overrides": [*PRIOR_OVERRIDES, "model.no_such_key=1"]})
+    with pytest.raises(ValueError, match=r"other generation settings \(changed: \['overrides'\]\)"):
+        study.main(["--config", str(broken), "--output-dir", str(out), "--no-memory"])
+    # a failing second stage is kept as failed and listed, the tokenizer results stay
+    other = tmp_path / "other"
+    (failed,) = study.main(["--config", str(broken), "--output-dir", str(other), "--no-memory"])
+    assert failed["generation"]["status"] == "failed" and "no_such_key" in failed["generation"]["error"]
+    assert math.isfinite(failed["psnr"])
+    assert "Second stage failed (see each run's result.json): fsq_K256_s0" in (other / "results.md").read_text()
+
+
+def test_generation_settings_fill_defaults_and_name_bad_keys(tmp_path):
+    settings = study.generation_settings({"num_samples": 20})
+    assert settings["num_samples"] == 20 and settings["prior_config"] == "configs/prior/glyphs.yaml"
+    assert study.generation_settings(None) is None
+    with pytest.raises(ValueError, match="unknown generation keys"):
+        study.load_study_config(write_study(tmp_path, generation={"samples": 5}))
+    with pytest.raises(ValueError, match="generation.num_samples must be an integer >= 1"):
+        study.generation_settings({"num_samples": 0})

@@ -1,0 +1,107 @@
+"""``python -m experiments.study``: parse the command line, plan, run, merge, plot."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from common.cli import config_help, parse_command_line
+from common.training import read_history
+from experiments.study.config import DEFAULT_CONFIG, LAUNCHERS, load_study_config
+from experiments.study.history import detect_collapse
+from experiments.study.plan import plan_runs
+from experiments.study.plots import make_plots
+from experiments.study.runs import run_one
+from experiments.study.tables import (
+    HEADLINE_TABLE,
+    aggregate_runs,
+    markdown_summary,
+    write_merged,
+)
+from tokenizer.config import TokenizerRunConfig
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    import experiments.study as package  # its docstring is the command's manual
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=package.__doc__.split("\n\n")[0],
+                                     epilog=package.__doc__ + "\n" + config_help(TokenizerRunConfig),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="study YAML (configs/study/*.yaml)")
+    parser.add_argument("--quick", action="store_true", help="the config's quick slice (few quantizers, one K, few steps)")
+    parser.add_argument("--output-dir", default=None, help="default: the config's output_dir (+ '_quick' with --quick)")
+    parser.add_argument("--quantizers", nargs="+", default=None)
+    parser.add_argument("--K", type=int, nargs="+", default=None, help="codebook sizes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                        help="inprocess (CPU default) or accelerate (one `accelerate launch` subprocess per run)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan / commands, train nothing")
+    parser.add_argument("--no-memory", action="store_true", help="skip the quantizer peak-memory measurement")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: merge the runs that have finished (result.json) into the tables and "
+                             "plots, e.g. while a long sweep is still running; the others are listed as missing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
+                             "than 2 on a machine whose cores are busy with other work")
+
+    # tokenizer config keys for every run: key=value or --key value (common.cli style; --help lists them)
+    args, args.overrides = parse_command_line(parser, argv, TokenizerRunConfig)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    study = load_study_config(args.config)
+    quick = study.quick if args.quick else {}
+    quantizers = args.quantizers or quick.get("quantizers") or study.quantizers
+    codebook_sizes = args.K or quick.get("codebook_sizes") or study.codebook_sizes
+    seeds = args.seeds if args.seeds is not None else (quick.get("seeds") or study.seeds)
+    launcher = args.launcher or study.launcher
+    output_dir = Path(args.output_dir or (study.output_dir + ("_quick" if args.quick else "")))
+    extra = [*quick.get("overrides", []), *args.overrides]
+
+    runs, skipped = plan_runs(study, output_dir, quantizers, codebook_sizes, seeds, extra)
+    for name, reason in skipped:
+        print(f"[study] skipping {name}: {reason}", flush=True)
+    print(f"[study] {len(runs)} run(s) into {output_dir}: " + ", ".join(r.name for r in runs), flush=True)
+    if not runs:
+        raise ValueError("no valid quantizer x K combination to run (see the skip reasons above)")
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+
+        torch.set_num_threads(args.threads)
+
+    results = []
+    start = time.time()
+    if args.finished_only:
+        missing = [spec.name for spec in runs if not (spec.run_dir / "result.json").is_file()]
+        runs = [spec for spec in runs if spec.name not in missing]
+        print(f"[study] --finished-only: {len(runs)} finished run(s); not finished: {', '.join(missing) or 'none'}",
+              flush=True)
+        if not runs:
+            raise ValueError(f"--finished-only: no finished run in {output_dir}")
+    for spec in runs:
+        result = run_one(spec, study, launcher, study.measure_memory and not args.no_memory, dry_run=args.dry_run)
+        if result is not None:
+            result["run_dir"] = str(spec.run_dir)
+            result["collapse"] = detect_collapse(read_history(spec.run_dir), spec.codebook_size,
+                                                 study.collapse_fraction)
+            results.append(result)
+    if args.dry_run:
+        return []
+    paths = write_merged(results, output_dir, skipped, study.collapse_fraction)
+    plots = make_plots(results, output_dir)
+    print(markdown_summary(aggregate_runs(results), study.collapse_fraction, HEADLINE_TABLE))
+    print(f"[study] {len(results)} run(s) in {time.time() - start:.0f} s; table {paths['md']}, csv {paths['csv']}, "
+          f"plots: {', '.join(str(p) for p in plots)}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The second stage of a study run: does this tokenizer make a good prior? (configured by the study's ``generation``)
+
+For one finished tokenizer run (and, for the quantizers in ``generation.prune``, again with its codebook pruned to
+the codes it uses on the training split, ``tokenizer.prune``'s default rule):
+
+    tokens  = prior.extract of the train split                        -> <run>/<stage>/tokens/
+    prior   = prior/train.py with generation.prior_config (+ overrides), seed = the run's seed
+                                                                      -> <run>/<stage>/prior_run/
+    samples = N class-balanced samples of the pipeline (tokenizer + prior), fixed sampler settings and seed
+    figures = the data set's classifier on the samples (accuracy as their class, FD-<data> / KID-<data> of its
+              features against real val; eval.classifier), the prior's last logged training loss (the masked-token
+              cross-entropy for MaskGIT), sampling seconds and samples/s
+
+``<stage>`` is ``generation`` (the tokenizer as trained) or ``generation_pruned``. Every step is resumable: tokens
+with a meta.json are reused, an interrupted prior resumes from its latest checkpoint, a finished stage keeps its
+``generation.json`` and is reused while the study's generation settings are unchanged. The prior recipe is the same
+for every run, so only the tokenizer differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.cli import resolve_config_path
+from common.data import build_image_dataset
+from common.files import write_json
+from common.metrics import to_uint8
+from common.training import has_checkpoints, read_history
+
+GENERATION_KEYS = {"prior_config", "overrides", "num_samples", "batch_size", "num_inference_steps", "guidance_scale",
+                   "temperature", "seed", "prune"}
+GENERATION_DEFAULTS: dict[str, Any] = {"prior_config": "configs/prior/glyphs.yaml", "overrides": [],
+                                       "num_samples": 1000, "batch_size": 100, "num_inference_steps": 12,
+                                       "guidance_scale": 3.0, "temperature": 0.7, "seed": 0, "prune": []}
+RESULT_FILE = "generation.json"
+SETTINGS_FILE = "settings.json"  # written when a stage starts: its tokens / prior belong to these settings
+
+
+def stage_folder(run_dir: Path, pruned: bool) -> Path:
+    return run_dir / ("generation_pruned" if pruned else "generation")
+
+
+def check_same_settings(run_dir: Path, pruned: bool, settings: dict[str, Any]) -> None:
+    """Refuse (ValueError naming the changed keys) a stage folder started with other generation settings: its
+    tokens and prior would otherwise be reused for settings they were not made with."""
+    path = stage_folder(run_dir, pruned) / SETTINGS_FILE
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    if previous != settings:
+        changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
+        raise ValueError(f"{stage_folder(run_dir, pruned)} was made with other generation settings (changed: "
+                         f"{changed}); choose another --output-dir or delete that folder")
+
+
+def generation_settings(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The study's ``generation`` mapping with defaults filled in (None = no second stage); unknown keys raise."""
+    if raw is None:
+        return None
+    unknown = set(raw) - GENERATION_KEYS
+    if unknown:
+        raise ValueError(f"unknown generation keys {sorted(unknown)} (allowed: {sorted(GENERATION_KEYS)})")
+    settings = {**GENERATION_DEFAULTS, **raw}
+    for key in ("num_samples", "batch_size", "num_inference_steps"):
+        if isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] < 1:
+            raise ValueError(f"generation.{key} must be an integer >= 1, got {settings[key]!r}")
+    if not isinstance(settings["overrides"], list) or not isinstance(settings["prune"], list):
+        raise ValueError("generation.overrides and generation.prune must be lists")
+    return settings
+
+
+def data_dotlist(data_cfg, prefix: str = "data.") -> list[str]:
+    """A resolved DataConfig as ``data.key=value`` overrides (JSON values, which OmegaConf's dotlist parses)."""
+    return [f"{prefix}{key}={json.dumps(value) if value is not None else 'null'}"
+            for key, value in dataclasses.asdict(data_cfg).items()]
+
+
+def real_images_u8(dataset) -> torch.Tensor:
+    """The images of a data set as uint8 [N, 3, H, W] (the classifier metric's real reference)."""
+    return to_uint8(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+
+
+def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any], classifier, pruned: bool = False,
+                   device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The second stage of one run (module docstring); returns and writes ``<run>/<stage>/generation.json``."""
+    from eval.gen_fid import generate_samples
+    from eval.classifier import classifier_report
+    from pipelines.assemble import build_pipeline
+    from prior.extract import main as extract_main
+    from prior.train import main as train_prior
+    from tokenizer.prune import main as prune_main
+
+    stage_dir = stage_folder(run_dir, pruned)
+    result_path = stage_dir / RESULT_FILE
+    if result_path.is_file():
+        previous = json.loads(result_path.read_text())
+        if previous.get("settings") == settings and previous.get("status") == "ok":
+            return previous
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stage_dir / SETTINGS_FILE, settings)
+    tokenizer = run_dir / "tokenizer"
+    data_args = data_dotlist(data_cfg)
+    if pruned:
+        pruned_tokenizer = stage_dir / "tokenizer"
+        if not (pruned_tokenizer / "config.json").is_file():
+            prune_main([f"tokenizer={tokenizer}", f"output={pruned_tokenizer}", "split=train", "overwrite=true",
+                        *data_args])
+        tokenizer = pruned_tokenizer
+    tokens = stage_dir / "tokens"
+    if not (tokens / "meta.json").is_file():
+        extract_main([f"tokenizer={tokenizer}", f"output={tokens}", "split=train", "flip=false", *data_args])
+
+    prior_dir = stage_dir / "prior_run"
+    prior_config = str(resolve_config_path(settings["prior_config"]))
+    argv = ["--config", prior_config, *settings["overrides"], f"data.tokens={tokens}", f"data.tokenizer={tokenizer}",
+            f"train.output_dir={prior_dir}", f"train.seed={seed}"]
+    if not (prior_dir / "prior" / "config.json").is_file():
+        if has_checkpoints(prior_dir):
+            argv.append("train.resume=latest")
+        train_prior(argv)
+    history = [row for row in read_history(prior_dir) if "loss" in row]
+
+    pipeline = build_pipeline(tokenizer, prior_dir / "prior").to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    samples = generate_samples(pipeline, settings["num_samples"], batch_size=settings["batch_size"],
+                               num_inference_steps=settings["num_inference_steps"],
+                               guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
+                               seed=settings["seed"], generator_device="cpu", keep_images=True)
+    seconds = time.perf_counter() - start
+    real_val = real_images_u8(build_image_dataset(data_cfg, "val"))
+    figures = classifier_report(*classifier, samples["images"], samples["labels"], real_val, device=device)
+    result = {
+        "status": "ok", "settings": settings, "pruned": pruned,
+        "codebook_size": int(pipeline.tokenizer.codebook_size),
+        "classifier_accuracy": figures["classifier_accuracy"], "classifier_fd": figures["classifier_fd"],
+        "classifier_kid_mean": figures["classifier_kid_mean"], "classifier_fd_name": figures["classifier_fd_name"],
+        "prior_final_loss": history[-1]["loss"] if history else None,
+        "prior_steps": history[-1]["step"] if history else None,
+        "sampling_seconds": seconds, "samples_per_second": settings["num_samples"] / max(seconds, 1e-9),
+        "num_samples": settings["num_samples"],
+        "protocol": {"prior_config": settings["prior_config"], "prior_argv": argv, "tokens": str(tokens),
+                     "classifier": figures.get("classifier_protocol"),
+                     "sampling": {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "temperature",
+                                                           "seed", "batch_size")},
+                     "torch_threads": torch.get_num_threads()},
+    }
+    write_json(result_path, result)
+    return result
+
+
+def failed_generation(error: BaseException, settings: dict[str, Any], pruned: bool) -> dict[str, Any]:
+    """The record of a second stage that raised: kept in the run's result (reported as failed, never dropped)."""
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}", "settings": settings, "pruned": pruned}
+
+
+def with_generation(result: dict[str, Any], run_dir: Path, quantizer: str, seed: int, data_cfg,
+                    settings: dict[str, Any], classifier, device: str | torch.device = "cpu") -> bool:
+    """Add ``result["generation"]`` (and ``result["generation_pruned"]`` for quantizers in ``settings["prune"]``)
+    where missing, failed or made with other settings; True if anything changed. A stage that raises is recorded
+    as failed (``failed_generation``) with its traceback printed, and the study goes on."""
+    import traceback
+
+    changed = False
+    for pruned in (False, True):
+        if pruned and quantizer not in settings["prune"]:
+            continue
+        key = "generation_pruned" if pruned else "generation"
+        previous = result.get(key) or {}
+        if previous.get("status") == "ok" and previous.get("settings") == settings:
+            continue
+        check_same_settings(run_dir, pruned, settings)  # raises: never mixed, never recorded as a failed stage
+        print(f"[study] {run_dir.name}: second stage{' (pruned codebook)' if pruned else ''}", flush=True)
+        try:
+            result[key] = run_generation(run_dir, seed, data_cfg, settings, classifier, pruned=pruned, device=device)
+        except Exception as err:  # reported as failed in the tables, not dropped (issue 21)
+            traceback.print_exc()
+            result[key] = failed_generation(err, settings, pruned)
+        changed = True
+    return changed
