@@ -134,6 +134,11 @@ def test_sweep_over_seeds_writes_runs_rows_table_plots_and_reuses_finished_runs(
     assert "not finished: vq_K1024_s2, fsq_K1024_s2" in log and not (out / "runs" / "vq_K1024_s2").exists()
     assert [row["seeds"] for row in json.loads((out / "results.json").read_text())["rows"]] == [[0, 1], [0, 1]]
 
+    # --curves (a sweep still running): every run with a history, its last step and convergence so far; trains nothing
+    curves = study.main(["--config", str(config), "--output-dir", str(out), "--seeds", "0", "1", "2", "--curves"])
+    assert [c["run"] for c in curves] == [r["run"] for r in results] and "[study] training" not in capsys.readouterr().out
+    assert all(c["last_step"] == 4 and c["converged"] is None for c in curves)  # no validation rows in these runs
+
 
 def test_collapse_is_detected_from_history_with_its_step():
     K = 1000  # threshold 1% = 10 codes
@@ -378,3 +383,54 @@ def test_generation_settings_fill_defaults_and_name_bad_keys(tmp_path):
         study.load_study_config(write_study(tmp_path, generation={"samples": 5}))
     with pytest.raises(ValueError, match="generation.num_samples must be an integer >= 1"):
         study.generation_settings({"num_samples": 0})
+
+
+def test_paper_claims_are_relative_changes_with_welch_intervals_and_verdicts():
+    from scipy.stats import ttest_ind
+
+    def runs(quantizer, fds, codes, perplexities):
+        return [{"run": f"{quantizer}_K256_s{s}", "quantizer": quantizer, "K": 256, "seed": s, "rfid": None,
+                 "classifier_fd": fd, "active_codes": c, "perplexity": p, "psnr": 18.0 + s,
+                 "bits_per_token": math.log2(p)} for s, (fd, c, p) in enumerate(zip(fds, codes, perplexities))]
+
+    results = (runs("lgq", [10.0, 11.0, 12.0], [100, 104, 96], [60.0, 64.0, 62.0])
+               + runs("fsq", [12.0, 13.0, 11.0], [200, 196, 204], [150.0, 140.0, 145.0])
+               + runs("simvq", [10.5, 11.0, 12.5], [120, 110, 130], [120.0, 130.0, 125.0]))
+    entries = {(e["baseline"], e["metric"]): e for e in study.paper_claims(results)}
+    fd_fsq = entries[("fsq", "classifier_fd")]  # rFID not measured: FD-<data> of the reconstructions stands in
+    assert fd_fsq["relative_pct"] == pytest.approx((11.0 - 12.0) / 12.0 * 100)
+    # Welch: the interval's half width is t_0.975(dof) x se, the same se and dof as scipy's Welch t-test
+    se = math.sqrt(1.0 / 3 + 1.0 / 3)
+    t_stat = ttest_ind([10.0, 11.0, 12.0], [12.0, 13.0, 11.0], equal_var=False).statistic
+    assert (11.0 - 12.0) / se == pytest.approx(t_stat)
+    low, high = fd_fsq["interval_pct"]
+    assert low < fd_fsq["relative_pct"] < high < 100 and fd_fsq["verdict"].startswith("not resolvable")
+    codes = entries[("fsq", "active_codes")]
+    assert codes["relative_pct"] == pytest.approx(-50.0) and codes["verdict"].startswith("reproduced")
+    assert codes["paper_pct"] == -49.96 and codes["K"] == 256
+    rate = entries[("simvq", "perplexity")]
+    assert rate["relative_pct"] == pytest.approx((62.0 - 125.0) / 125.0 * 100) and rate["verdict"].startswith("reproduced")
+    assert rate["context"]["psnr"]["relative_pct"] == pytest.approx(0.0)
+    assert study.verdict({"interval_pct": [1.0, 3.0]}).startswith("contradicted")
+    assert study.verdict(None).startswith("not resolvable")
+    table = study.claims_markdown(study.paper_claims(results))
+    assert "| LGQ vs FSQ: active codes | 256 | active_codes | -50.0 % |" in table
+
+
+@pytest.mark.slow
+def test_photo_study_reports_both_validation_splits(tmp_path):
+    """configs/study/builtin.yaml evaluates val and val_unseen_photos: the second split's PSNR, SSIM and baselines
+    are per-run fields and aggregated over seeds like the first's."""
+    out = tmp_path / "photos"
+    tiny = ["data.image_size=32", "data.crops_per_photo=2", "data.val_crops_per_photo=2", "train.max_steps=2",
+            "train.warmup_steps=1", "train.checkpoint_every=0", "train.image_log_every=1", "eval.num_val_images=4",
+            "model.base_channels=8", "eval.quantizer_init_batches=1", "train.log_every=1"]
+    (result,) = study.main(["--config", "configs/study/builtin.yaml", "--output-dir", str(out), "--quantizers", "fsq",
+                            "--seeds", "0", "--no-memory", *tiny])
+    other = result["split_val_unseen_photos"]
+    assert math.isfinite(other["psnr"]) and math.isfinite(other["ssim"]) and other["active_codes"] >= 1
+    assert other["psnr_lead_over_equal_bits_db"] == pytest.approx(other["psnr"] - other["psnr_equal_bits_thumbnail"])
+    assert other["psnr"] != result["psnr"]  # another set of images
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["split_val_unseen_photos/psnr_mean"] == other["psnr"]
+    assert [r["step"] for r in read_history(out / "runs" / "fsq_K1024_s0") if "val/psnr" in r] == [1, 2]

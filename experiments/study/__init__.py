@@ -52,32 +52,92 @@ per run plots/geometry/<run>/ (eval.codebook_geometry: geometry.json and codeboo
 
 The package: ``config`` (the study YAML), ``plan`` (the runs), ``runs`` (train + evaluate one run), ``history``
 (what a run's history.jsonl says), ``tables`` (seeds aggregated, merged outputs), ``plots``, ``generation`` (the second stage: a prior per run),
-``cli`` (``main``).
+``claims`` (the paper's claims in its form), ``cli`` (``main``).
 """
 
+from experiments.study.claims import (
+    PAPER_CLAIMS,
+    claims_markdown,
+    paper_claims,
+    relative_change,
+    verdict,
+)
 from experiments.study.cli import main, parse_args
-from experiments.study.config import (DEFAULT_CONFIG, EVALUATION_KEYS, LAUNCHERS, STUDY_KEYS, StudyConfig,
-    load_study_config)
-from experiments.study.plan import (RunSpec, combination_problem, config_files_for, load_run_config, plan_runs,
-    run_name)
-from experiments.study.generation import (GENERATION_DEFAULTS, GENERATION_KEYS, data_dotlist, generation_settings,
-    run_generation, with_generation)
-from experiments.study.history import (CONVERGENCE_GAIN_DB, SHARPNESS_KEYS, convergence_report, detect_collapse,
-    training_summary)
-from experiments.study.runs import (accelerate_command, check_same_recipe, evaluate_run, export_config_format,
-    quantizer_peak_memory, run_one, study_classifier, train_run, train_script_path)
-from experiments.study.tables import (BASELINE_COLUMNS, HEADLINE_TABLE, NOT_AGGREGATED, ROW_TABLE, RUN_IDENTITY_KEYS,
-    TABLE_COLUMNS, aggregate_runs, markdown_summary, markdown_table, numeric_fields, table_rows, write_merged)
-from experiments.study.plots import (errorbars, first_label, geometry_plots, make_plots, plot_code_usage, plot_generation,
-    plot_rate_distortion, plot_training_curves, plot_utilisation)
+from experiments.study.config import (
+    DEFAULT_CONFIG,
+    EVALUATION_KEYS,
+    LAUNCHERS,
+    STUDY_KEYS,
+    StudyConfig,
+    load_study_config,
+)
+from experiments.study.generation import (
+    GENERATION_DEFAULTS,
+    GENERATION_KEYS,
+    data_dotlist,
+    generation_settings,
+    run_generation,
+    with_generation,
+)
+from experiments.study.history import (
+    CONVERGENCE_GAIN_DB,
+    SHARPNESS_KEYS,
+    convergence_report,
+    detect_collapse,
+    training_summary,
+)
+from experiments.study.plan import (
+    RunSpec,
+    combination_problem,
+    config_files_for,
+    load_run_config,
+    plan_runs,
+    run_name,
+)
+from experiments.study.plots import (
+    errorbars,
+    first_label,
+    geometry_plots,
+    make_plots,
+    plot_code_usage,
+    plot_generation,
+    plot_rate_distortion,
+    plot_training_curves,
+    plot_utilisation,
+)
+from experiments.study.runs import (
+    accelerate_command,
+    check_same_recipe,
+    evaluate_run,
+    export_config_format,
+    quantizer_peak_memory,
+    run_one,
+    study_classifier,
+    train_run,
+    train_script_path,
+)
+from experiments.study.tables import (
+    BASELINE_COLUMNS,
+    HEADLINE_TABLE,
+    NOT_AGGREGATED,
+    ROW_TABLE,
+    RUN_IDENTITY_KEYS,
+    TABLE_COLUMNS,
+    aggregate_runs,
+    markdown_summary,
+    markdown_table,
+    numeric_fields,
+    table_rows,
+    write_merged,
+)
 
 __all__ = ["BASELINE_COLUMNS", "CONVERGENCE_GAIN_DB", "DEFAULT_CONFIG", "EVALUATION_KEYS", "GENERATION_DEFAULTS",
            "GENERATION_KEYS", "HEADLINE_TABLE",
-           "LAUNCHERS", "NOT_AGGREGATED", "ROW_TABLE", "RUN_IDENTITY_KEYS", "RunSpec", "SHARPNESS_KEYS", "STUDY_KEYS",
-           "StudyConfig", "TABLE_COLUMNS", "accelerate_command", "aggregate_runs", "check_same_recipe",
+           "LAUNCHERS", "NOT_AGGREGATED", "PAPER_CLAIMS", "ROW_TABLE", "RUN_IDENTITY_KEYS", "RunSpec", "SHARPNESS_KEYS", "STUDY_KEYS",
+           "StudyConfig", "TABLE_COLUMNS", "accelerate_command", "aggregate_runs", "check_same_recipe", "claims_markdown",
            "combination_problem", "config_files_for", "convergence_report", "data_dotlist", "generation_settings", "run_generation", "with_generation", "detect_collapse", "errorbars",
            "evaluate_run", "export_config_format", "first_label", "geometry_plots", "load_run_config",
-           "load_study_config", "main", "make_plots", "markdown_summary", "markdown_table", "numeric_fields",
+           "load_study_config", "main", "make_plots", "markdown_summary", "markdown_table", "numeric_fields", "paper_claims",
            "parse_args", "plan_runs", "plot_code_usage", "plot_generation", "plot_rate_distortion", "plot_training_curves",
-           "plot_utilisation", "quantizer_peak_memory", "run_name", "run_one", "study_classifier", "table_rows",
-           "train_run", "train_script_path", "training_summary", "write_merged"]
+           "plot_utilisation", "quantizer_peak_memory", "relative_change", "run_name", "run_one", "study_classifier", "table_rows",
+           "train_run", "train_script_path", "training_summary", "verdict", "write_merged"]

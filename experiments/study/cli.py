@@ -11,9 +11,10 @@ import torch
 from common.cli import config_help, parse_command_line
 from common.training import read_history
 from experiments.study.config import DEFAULT_CONFIG, LAUNCHERS, load_study_config
-from experiments.study.history import detect_collapse
+from experiments.study.generation import generation_settings
+from experiments.study.history import convergence_report, detect_collapse
 from experiments.study.plan import plan_runs
-from experiments.study.plots import make_plots
+from experiments.study.plots import make_plots, plot_curves
 from experiments.study.runs import run_one
 from experiments.study.tables import (
     HEADLINE_TABLE,
@@ -41,6 +42,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="inprocess (CPU default) or accelerate (one `accelerate launch` subprocess per run)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan / commands, train nothing")
     parser.add_argument("--no-memory", action="store_true", help="skip the quantizer peak-memory measurement")
+    parser.add_argument("--curves", action="store_true",
+                        help="train nothing: plot the training curves of every planned run that has a history "
+                             "(finished or still running) into plots/training_curves.png and print each run's "
+                             "validation-PSNR convergence so far")
     parser.add_argument("--finished-only", action="store_true",
                         help="train nothing: merge the runs that have finished (result.json) into the tables and "
                              "plots, e.g. while a long sweep is still running; the others are listed as missing")
@@ -63,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     launcher = args.launcher or study.launcher
     output_dir = Path(args.output_dir or (study.output_dir + ("_quick" if args.quick else "")))
     extra = [*quick.get("overrides", []), *args.overrides]
+    if study.generation is not None and quick.get("generation"):  # the quick slice's smaller second stage
+        study.generation = generation_settings({**study.generation, **quick["generation"]})
 
     runs, skipped = plan_runs(study, output_dir, quantizers, codebook_sizes, seeds, extra)
     for name, reason in skipped:
@@ -79,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     results = []
     start = time.time()
+    if args.curves:
+        return report_curves(runs, output_dir)
     if args.finished_only:
         missing = [spec.name for spec in runs if not (spec.run_dir / "result.json").is_file()]
         runs = [spec for spec in runs if spec.name not in missing]
@@ -105,3 +114,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+
+
+def report_curves(runs, output_dir: Path) -> list[dict]:
+    """``--curves``: per planned run with a history.jsonl, its last step, last validation PSNR and convergence
+    (``convergence_report``), printed and returned; the training-curve plot of them all (``plot_training_curves``)."""
+    rows = []
+    for spec in runs:
+        history = read_history(spec.run_dir)
+        if not history:
+            continue
+        report = convergence_report(history)
+        rows.append({"run": spec.name, "quantizer": spec.quantizer, "K": spec.codebook_size, "seed": spec.seed,
+                     "run_dir": str(spec.run_dir), "last_step": max(row["step"] for row in history), **report})
+        gain = report["psnr_gain_last_quarter_db"]
+        print(f"[study] {spec.name}: step {rows[-1]['last_step']}, val PSNR {report['val_psnr_last']}, gain over the "
+              f"last quarter {'n/a' if gain is None else f'{gain:+.3f} dB'}, converged {report['converged']}",
+              flush=True)
+    if not rows:
+        raise ValueError(f"--curves: no run in {output_dir} has a history yet")
+    path = plot_curves(rows, output_dir)
+    print(f"[study] curves of {len(rows)} run(s): {path}", flush=True)
+    return rows

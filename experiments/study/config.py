@@ -15,7 +15,7 @@ LAUNCHERS = ("inprocess", "accelerate")
 STUDY_KEYS = {"tokenizer_configs", "quantizer_config", "quantizers", "codebook_sizes", "seeds", "overrides",
               "launcher", "accelerate_args", "evaluation", "measure_memory", "quick", "output_dir", "collapse_fraction",
               "generation"}
-EVALUATION_KEYS = {"split", "num_images", "batch_size", "inception_weights"}
+EVALUATION_KEYS = {"split", "num_images", "batch_size", "inception_weights", "other_splits"}
 # ----------------------------------------------------------------------------- study config
 @dataclasses.dataclass
 class StudyConfig:
@@ -58,7 +58,7 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     if bad_eval:
         raise ValueError(f"study config {path}: unknown evaluation keys {sorted(bad_eval)} "
                          f"(allowed: {sorted(EVALUATION_KEYS)})")
-    bad_quick = set(cfg.quick) - {"quantizers", "codebook_sizes", "seeds", "overrides"}
+    bad_quick = set(cfg.quick) - {"quantizers", "codebook_sizes", "seeds", "overrides", "generation"}
     if bad_quick:
         raise ValueError(f"study config {path}: unknown quick keys {sorted(bad_quick)}")
     fraction = cfg.collapse_fraction

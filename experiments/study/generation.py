@@ -88,8 +88,8 @@ def real_images_u8(dataset) -> torch.Tensor:
 def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any], classifier, pruned: bool = False,
                    device: str | torch.device = "cpu") -> dict[str, Any]:
     """The second stage of one run (module docstring); returns and writes ``<run>/<stage>/generation.json``."""
-    from eval.gen_fid import generate_samples
     from eval.classifier import classifier_report
+    from eval.gen_fid import generate_samples
     from pipelines.assemble import build_pipeline
     from prior.extract import main as extract_main
     from prior.train import main as train_prior

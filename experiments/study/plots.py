@@ -12,19 +12,24 @@ from tokenizer.model import LGQTokenizer
 
 
 # ----------------------------------------------------------------------------- plots
-def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
-    """PNG figures in <output_dir>/plots (matplotlib, Agg backend); error bars = sample std over seeds:
-    rate-distortion, utilisation vs K, code-usage curves and training curves."""
+def _plotting(results: Sequence[dict], output_dir: Path):
+    """(pyplot on the Agg backend, <output_dir>/plots created, one tab10 colour per quantizer in order of appearance)."""
     import matplotlib  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: plotting only; the Agg backend is chosen before pyplot is imported
+    import matplotlib.pyplot as plt
 
     plot_dir = output_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    rows = aggregate_runs(results)
     quantizers = list(dict.fromkeys(r["quantizer"] for r in results))
-    colours = {q: plt.cm.tab10(i % 10) for i, q in enumerate(quantizers)}
+    return plt, plot_dir, {q: plt.cm.tab10(i % 10) for i, q in enumerate(quantizers)}
+
+
+def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
+    """PNG figures in <output_dir>/plots (matplotlib, Agg backend); error bars = sample std over seeds:
+    rate-distortion, utilisation vs K, code-usage curves and training curves."""
+    plt, plot_dir, colours = _plotting(results, output_dir)
+    rows = aggregate_runs(results)
     return [plot_rate_distortion(plt, results, rows, colours, plot_dir / "rate_distortion.png"),
             plot_utilisation(plt, rows, colours, plot_dir / "utilisation_vs_K.png"),
             plot_code_usage(plt, results, colours, plot_dir / "code_usage.png"),
@@ -32,6 +37,12 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
             *([plot_generation(plt, rows, colours, plot_dir / "generation.png")]
               if any(row.get("generation/classifier_accuracy_mean") is not None for row in rows) else []),
             *geometry_plots(results, plot_dir / "geometry")]
+
+
+def plot_curves(results: Sequence[dict], output_dir: Path) -> Path:
+    """Only the training curves (``plot_training_curves``) into <output_dir>/plots/training_curves.png."""
+    plt, plot_dir, colours = _plotting(results, output_dir)
+    return plot_training_curves(plt, results, colours, plot_dir / "training_curves.png")
 
 
 def plot_generation(plt, rows: Sequence[dict], colours: dict, path: Path) -> Path:

@@ -99,6 +99,15 @@ def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str
             "rFID not computed: Inception weights unavailable (see eval/fid.py for how to provide them)"]
     write_json(spec.run_dir / "code_counts.json", {"codebook_size": spec.codebook_size,
                                                    "counts": metrics.pop("code_counts")})
+    for split in evaluation.get("other_splits") or []:  # e.g. builtin's val_unseen_photos: PSNR / SSIM / baselines
+        other = evaluate_reconstruction(tokenizer, build_image_dataset(run_cfg.data, split=split),
+                                        num_images=evaluation.get("num_images"),
+                                        batch_size=int(evaluation.get("batch_size", 32)), compute_fid=False,
+                                        allow_download=False, device=device)
+        metrics[f"split_{split}"] = {
+            "psnr": other["psnr"], "ssim": other["ssim"], "active_codes": other["codebook"]["active_codes"],
+            **{f"psnr_{name}": entry["psnr"] for name, entry in other["baselines"].items()},
+            "psnr_lead_over_equal_bits_db": other["baselines"]["equal_bits_thumbnail"]["psnr_gain_db"]}
     return metrics
 
 
@@ -210,6 +219,7 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "torch_threads": _torch_threads(),
         "quantizer_memory": memory,
         "quantizer_peak_mib": (memory["peak_bytes"] / 2**20) if memory and memory["peak_bytes"] is not None else None,
+        **{key: value for key, value in metrics.items() if key.startswith("split_")},  # evaluation.other_splits
         "evaluation": metrics["protocol"], "notes": notes,
         "config": _config_dict(run_cfg),
         "train_argv": spec.train_argv(False),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.files import write_json
+from experiments.study.claims import claims_markdown, paper_claims
 from experiments.study.history import CONVERGENCE_GAIN_DB
 
 BASELINE_COLUMNS = ("psnr_mean_colour", "psnr_token_grid_thumbnail", "psnr_equal_bits_thumbnail",
@@ -185,8 +186,9 @@ def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tu
     rule = {"fraction_of_K": collapse_fraction,
             "definition": "training-batch hard perplexity or active codes below fraction_of_K * K at the last "
                           "logged step; collapse_step = first step of that final below-threshold stretch"}
+    claims = paper_claims(results)
     paths = {"json": write_json(output_dir / "results.json",
-                                {"rows": rows, "runs": list(results), "collapse_rule": rule,
+                                {"rows": rows, "runs": list(results), "collapse_rule": rule, "claims": claims,
                                  "skipped": [{"run": n, "reason": r} for n, r in skipped]})}
     columns = list(dict.fromkeys(key for row in rows for key in row
                                  if key not in ("runs", "collapse_steps", "generation_failed")))
@@ -198,6 +200,9 @@ def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tu
                if any("generation/classifier_accuracy_mean" in row for row in rows) else "")
             + "\n\nAll columns:\n\n" + markdown_summary(rows, collapse_fraction)
             + "\n\nPer run:\n\n" + markdown_table(table_rows(results)))
+    if claims:
+        text += ("\n\nThe paper's claims (relative change of LGQ against the baseline, 95 % Welch interval over "
+                 "seeds; experiments.study.claims):\n\n" + claims_markdown(claims))
     failed = [name for row in rows for name in row["generation_failed"]]
     if failed:
         text += "\n\nSecond stage failed (see each run's result.json): " + ", ".join(failed)
