@@ -73,7 +73,7 @@ from omegaconf import OmegaConf
 from common.cli import config_help, parse_command_line, resolve_config_path
 from common.config import load_config
 from common.data import build_image_dataset
-from common.files import write_json
+from common.files import write_bytes_atomic, write_json
 from common.training import has_checkpoints, read_history
 from eval.classifier import classifier_dir, classifier_report, load_or_train_classifier
 from eval.codebook_geometry import write_codebook_geometry
@@ -211,9 +211,8 @@ def config_files_for(study: StudyConfig, quantizer: str, output_dir: Path | None
         if model.get("quantizer_options") and model.get("quantizer", quantizer) != quantizer and output_dir is not None:
             del recipe.model["quantizer_options"]
             copy = output_dir / "recipes" / f"{quantizer}-{Path(path).name}"
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_text(f"# {path} without its {model.get('quantizer')}-only quantizer_options (experiments/study.py)\n"
-                            + OmegaConf.to_yaml(recipe))
+            write_bytes_atomic(copy, (f"# {path} without its {model.get('quantizer')}-only quantizer_options "
+                                      f"(experiments/study.py)\n" + OmegaConf.to_yaml(recipe)).encode())  # slices share it
             files[index] = str(copy)
     return files
 
