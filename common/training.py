@@ -28,6 +28,12 @@ epoch, ``accelerator.skip_first_batches`` for the rest), and the stream is resta
 checkpoint in uninterrupted runs too, so that DataLoader prefetching / worker seeding happen at
 the same points with the same RNG state in a resumed run. Hence a run killed at any point and
 resumed ends with bit-identical weights on the same hardware and config (tested on CPU).
+
+Preemption: SIGTERM or SIGUSR1 (what SLURM, Kubernetes and spot instances send before a kill) sets a flag on
+the process that gets it. The flag rides along the one all-reduce of the step's logs (``_reduce_logs``), so every
+rank learns it at the same step: all finish that step, write a checkpoint like the periodic ones (atomic) and
+exit with ``PREEMPTED_EXIT_CODE`` = 75 (EX_TEMPFAIL, "try again": requeue and rerun with ``--resume latest``,
+which continues exactly as from any checkpoint). No collective is added to the step.
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, is_dataclass
@@ -61,6 +69,21 @@ from common.hub import push_folder_to_hub, write_model_card
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
 HISTORY_FILE = "history.jsonl"  # <output_dir>/history.jsonl: one {"step": s, **logs} line per log step
 NO_DECAY_NAME_PARTS = ("codebook", "centres", "centers", "embedding", "embed_tokens", "pos_embed")
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run stopped on SIGTERM/SIGUSR1 after a checkpoint; requeue it
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingPreempted(SystemExit):
+    """Raised by ``Trainer.fit`` on every rank after the checkpoint of a preempted run (exit code 75)."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class NonFiniteLossError(RuntimeError):
@@ -253,16 +276,20 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class TrainingProgress:
-    """The global optimisation step, saved in every checkpoint (``register_for_checkpointing``)."""
+    """The global optimisation step and the step at which the data stream was last (re)started, saved in every
+    checkpoint (``register_for_checkpointing``). The stream restarts at step 0 and after every periodic
+    checkpoint, so the two differ only in a checkpoint written on preemption."""
 
     def __init__(self) -> None:
         self.step = 0
+        self.stream_start = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+        return {"step": self.step, "stream_start": self.stream_start}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.step = int(state["step"])
+        self.stream_start = int(state.get("stream_start", self.step))
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +345,7 @@ class Trainer:
         self.without_ddp: set[str] = set()
         self.resumed_from: Path | None = None
         self._stream: Iterator | None = None
+        self.stop_signal: int | None = None  # set by the SIGTERM/SIGUSR1 handler of fit()
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, logs) of every log step of this process
         self.image_log_history: list[tuple[int, dict[str, float]]] = []  # (step, scalars) of every image-log step
 
@@ -458,19 +486,23 @@ class Trainer:
             if hasattr(module, "set_progress"):
                 module.set_progress(progress)
 
-    def _reduce_logs(self, step: int, micro_logs: list[Mapping[str, Any]]) -> dict[str, float]:
-        """Mean over micro-batches and processes (one all-reduce); stop on any non-finite value."""
+    def _reduce_logs(self, step: int, micro_logs: list[Mapping[str, Any]]) -> tuple[dict[str, float], bool]:
+        """(mean over micro-batches and processes of every log, whether any process got a stop signal): one
+        all-reduce of the logs with this process's stop flag (0 or 1) appended; stop on any non-finite value."""
         keys = list(micro_logs[0])
         rows = [[torch.as_tensor(logs[k], device=self.device).detach().float().reshape(()) for k in keys]
                 for logs in micro_logs]
         values = torch.stack([torch.stack(row) for row in rows]).mean(0) if keys else torch.zeros(0, device=self.device)
+        flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
+        values = torch.cat([values, flag])
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="mean")
-        result = dict(zip(keys, values.tolist()))
+        *means, stop = values.tolist()
+        result = dict(zip(keys, means))
         bad = {k: v for k, v in result.items() if not math.isfinite(v)}
         if bad:
             self._raise_non_finite(step, bad)
-        return result
+        return result, stop > 0
 
     def _raise_non_finite(self, step: int, bad: Mapping[str, float]) -> None:
         latest = list_checkpoints(self.checkpoint_dir)
@@ -526,8 +558,13 @@ class Trainer:
             every returned value (tensor or float) is averaged, checked for NaN/Inf and logged.
         on_log(step) -> extra scalars, called on every process at log steps (may use collectives).
         on_image_log(step) -> {name: image grid [3, H, W] in [-1, 1] or scalar}, every image_log_every steps.
-        Returns the last reduced logs.
+        Returns the last reduced logs. On SIGTERM / SIGUSR1 (module doc): checkpoint after the step at which every
+        process has learned of it, then raise TrainingPreempted (SystemExit with code 75) on every process.
         """
+        with self._stop_on_preemption_signals():
+            return self._fit(training_step, on_log, on_image_log)
+
+    def _fit(self, training_step, on_log, on_image_log) -> dict[str, float]:
         cfg, accelerator = self.cfg, self.accelerator
         step = self.progress.step
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not (self.is_main and cfg.progress_bar),
@@ -535,6 +572,8 @@ class Trainer:
         last_logs: dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
         self._stream = None
+        if self.progress.stream_start < step:  # resumed from a checkpoint written on preemption
+            self._replay_stream(step)
         while step < cfg.max_steps:
             seed_everything(seed_for_step(cfg.seed, step, accelerator.process_index))
             if self._stream is None:  # (re)started at step 0, on resume and after every checkpoint
@@ -550,7 +589,7 @@ class Trainer:
                         for model in self.models.values():
                             stack.enter_context(accelerator.no_sync(model))
                     micro_logs.append(dict(training_step(batch, step)))
-            logs = self._reduce_logs(step, micro_logs)  # raises on NaN/Inf before anything is stepped
+            logs, stop = self._reduce_logs(step, micro_logs)  # raises on NaN/Inf before anything is stepped
             logs.update(self._optimizer_steps(step))
             if self.ema is not None:
                 self.ema.update_parameters(self.unwrap(self.ema_model_name))
@@ -575,11 +614,58 @@ class Trainer:
             if on_image_log is not None and cfg.image_log_every and step % cfg.image_log_every == 0:
                 self.log_media(on_image_log(step), step)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
+                self.progress.stream_start = step  # the stream restarts here, in this run and in a resumed one
                 self.save_checkpoint()
                 self._stream = None
+            elif stop:
+                self.save_checkpoint()
             last_logs = logs
+            if stop and step < cfg.max_steps:
+                bar.close()
+                self._stop_preempted(step)
         bar.close()
         return last_logs
+
+    def _replay_stream(self, step: int) -> None:
+        """Rebuild the data stream of an uninterrupted run at ``step``: restart it where that run did
+        (``progress.stream_start`` = c) and draw the micro-batches of steps c .. step - 1 under each step's seed,
+        without training on them. The DataLoader iterators (their seeds drawn from the global RNG when they are
+        created) and the data position are then those of the uninterrupted run."""
+        start, accum = self.progress.stream_start, self.cfg.grad_accum_steps
+        for replayed in range(start, step):
+            seed_everything(seed_for_step(self.cfg.seed, replayed, self.accelerator.process_index))
+            if self._stream is None:
+                self._stream = self._batch_stream(start * accum)
+            for _ in range(accum):
+                next(self._stream)
+        self.print(f"replayed the data stream from step {start} to step {step} (checkpoint written on preemption)")
+
+    def _stop_preempted(self, step: int) -> None:
+        """After the checkpoint of ``step``: close the trackers and raise TrainingPreempted (exit code 75)."""
+        got = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal on another process"
+        message = (f"preempted ({got}): stopped after step {step} with checkpoint "
+                   f"{self.checkpoint_dir / f'step_{step:07d}'}; exit code {PREEMPTED_EXIT_CODE}. Continue with "
+                   f"--resume latest (train.resume=latest)")
+        self.print(message)
+        self.end()
+        raise TrainingPreempted(message)
+
+    @contextlib.contextmanager
+    def _stop_on_preemption_signals(self) -> Iterator[None]:
+        """SIGTERM / SIGUSR1 set ``self.stop_signal`` for the block (previous handlers restored after it)."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # ---------------------------------------------------------------------------------- logging
     def _append_history(self, step: int, logs: Mapping[str, Any]) -> None:
@@ -717,7 +803,7 @@ def init_quantizer_from_data(trainer: Trainer, model_name: str = "model", num_ba
 
 
 __all__ = [
-    "Trainer", "TrainingProgress", "NonFiniteLossError", "lr_factor", "build_lr_scheduler", "build_optimizer",
+    "Trainer", "TrainingProgress", "NonFiniteLossError", "TrainingPreempted", "PREEMPTED_EXIT_CODE", "lr_factor", "build_lr_scheduler", "build_optimizer",
     "parameter_groups", "excluded_from_weight_decay", "resolve_mixed_precision", "seed_for_step", "seed_everything",
     "list_checkpoints", "resolve_resume_path", "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
 ]
