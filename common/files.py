@@ -37,7 +37,8 @@ def temporary_path(path: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path`` (creating the parent folder); when the block ends without an
-    exception the file is flushed, fsync'ed and renamed onto ``path``; on an exception it is removed."""
+    exception the file is flushed, fsync'ed and renamed onto ``path``; on an exception it is removed (an OSError,
+    such as a full disk, is raised again naming ``path``; the previous file at ``path`` is untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -47,8 +48,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:  # e.g. ENOSPC: say which file and what is left
+            raise OSError(err.errno, f"could not write {path}: {err.strerror or err} "
+                                     f"({errno.errorcode.get(err.errno, err.errno)}). The partial file was removed; "
+                                     f"{'the previous ' + path.name + ' is unchanged' if path.exists() else 'nothing was written'}"
+                          ) from err
         raise
 
 

@@ -38,6 +38,7 @@ which continues exactly as from any checkpoint). No collective is added to the s
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -63,10 +64,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from common.config import TrainConfig, save_config
-from common.files import write_bytes_atomic
+from common.files import publish_folder, write_bytes_atomic
 from common.hub import push_folder_to_hub, write_model_card
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
+CHECKPOINT_STATE_FILE = "trainer_state.json"  # written last into a checkpoint: step, processes, {file: bytes}
 HISTORY_FILE = "history.jsonl"  # <output_dir>/history.jsonl: one {"step": s, **logs} line per log step
 NO_DECAY_NAME_PARTS = ("codebook", "centres", "centers", "embedding", "embed_tokens", "pos_embed")
 
@@ -84,6 +86,10 @@ class TrainingPreempted(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous checkpoints are intact."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -185,16 +191,52 @@ def has_checkpoints(run_dir: str | os.PathLike) -> bool:
     return bool(list_checkpoints(Path(run_dir) / "checkpoints"))
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None if it is complete: its
+    ``trainer_state.json`` (written last) lists every file with its size in bytes; a missing file, another size
+    (truncated) or an unreadable ``trainer_state.json`` is a problem. (Checkpoints from before that list are
+    checked for their ``trainer_state.json`` only.)"""
+    path = Path(path)
+    state_file = path / CHECKPOINT_STATE_FILE
+    if not state_file.is_file():
+        return f"{CHECKPOINT_STATE_FILE} is missing"
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"{CHECKPOINT_STATE_FILE} is unreadable ({err})"
+    for name, size in sorted(state.get("files", {}).items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written (truncated or altered)"
+    return None
+
+
+def latest_complete_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint without a ``checkpoint_problem``, [(each newer one skipped, its problem)])."""
+    skipped = []
+    for path in reversed(list_checkpoints(checkpoint_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
 def resolve_resume_path(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
-    """None -> None; "latest" -> newest checkpoint or None if there is none; else an existing path."""
+    """None -> None; "latest" -> newest complete checkpoint or None if there is none; else an existing, complete
+    checkpoint path (an incomplete one raises ValueError naming its problem)."""
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        return found[-1] if found else None
+        return latest_complete_checkpoint(checkpoint_dir)[0]
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"train.resume={resume!r} is incomplete: {problem}; pass an older checkpoint or latest")
     return path
 
 
@@ -431,12 +473,19 @@ class Trainer:
         return [self.models[n] for n in models]
 
     def _maybe_resume(self) -> None:
-        path = resolve_resume_path(self.cfg.resume, self.checkpoint_dir)
+        if self.cfg.resume == "latest":
+            path, skipped = latest_complete_checkpoint(self.checkpoint_dir)
+            for bad, problem in skipped:
+                self.print(f"train.resume=latest: skipped the incomplete checkpoint {bad} ({problem})")
+        else:
+            path = resolve_resume_path(self.cfg.resume, self.checkpoint_dir)
+        if self.accelerator.num_processes > 1:  # every process resumes from the checkpoint the main one chose
+            path = accelerate_utils.broadcast_object_list([path])[0]
         if path is None:
             if self.is_main:  # a new run from step 0 starts a new history
                 truncate_history(self.output_dir, 0)
             if self.cfg.resume == "latest":
-                self.print(f"train.resume=latest: no checkpoint in {self.checkpoint_dir}, starting from step 0")
+                self.print(f"train.resume=latest: no complete checkpoint in {self.checkpoint_dir}, starting from step 0")
             return
         self.accelerator.load_state(str(path))
         self.resumed_from = path
@@ -702,8 +751,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Atomic checkpoint: save_state into checkpoints/.tmp_step_XXXXXXX, then rename to step_XXXXXXX;
-        keep the newest train.keep_checkpoints. A crash mid-save leaves only a .tmp_ dir (ignored, replaced)."""
+        """Atomic checkpoint: save_state into checkpoints/.tmp_step_XXXXXXX, fsync every file, write
+        ``trainer_state.json`` last (step, process count and every file's size: ``checkpoint_problem``), then rename
+        to step_XXXXXXX; keep the newest train.keep_checkpoints. A crash mid-save leaves only a .tmp_ dir (ignored,
+        replaced). A failed write on any process (e.g. the disk is full) removes the temporary folder and raises
+        CheckpointWriteError on every process (one all-reduce each time); the previous checkpoints stay."""
         accelerator = self.accelerator
         step = self.progress.step
         final = self.checkpoint_dir / f"step_{step:07d}"
@@ -713,23 +765,51 @@ class Trainer:
             if temporary.exists():
                 shutil.rmtree(temporary)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
+        error = None
+        try:
+            accelerator.save_state(str(temporary))
+        except OSError as err:
+            error = err
+        self._raise_if_checkpoint_failed(step, error, temporary)
         if self.is_main:
-            (temporary / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "num_processes": accelerator.num_processes, "images_per_step": self.images_per_step}))
-            if final.exists():  # re-saving a step (e.g. resumed a finished run): swap out the old copy
-                stale = self.checkpoint_dir / f".old_step_{step:07d}"
-                shutil.rmtree(stale, ignore_errors=True)
-                os.replace(final, stale)
-                os.replace(temporary, final)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.replace(temporary, final)
+            try:
+                files = {}
+                for file in sorted(p for p in temporary.rglob("*") if p.is_file()):
+                    with open(file, "rb") as fh:
+                        os.fsync(fh.fileno())
+                    files[str(file.relative_to(temporary))] = file.stat().st_size
+                write_bytes_atomic(temporary / CHECKPOINT_STATE_FILE, json.dumps(
+                    {"step": step, "num_processes": accelerator.num_processes,
+                     "images_per_step": self.images_per_step, "files": files}).encode())
+                publish_folder(temporary, final, replace=True)  # re-saving a step (a resumed finished run) swaps
+            except OSError as err:
+                error = err
+        self._raise_if_checkpoint_failed(step, error, temporary)
+        if self.is_main:
             for old in list_checkpoints(self.checkpoint_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final
+
+    def _raise_if_checkpoint_failed(self, step: int, error: OSError | None, temporary: Path) -> None:
+        """Every process learns whether a checkpoint write failed on any of them (one all-reduce); if so the main
+        one removes the temporary folder and all raise CheckpointWriteError naming the cause and what is intact."""
+        failed = error is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(failed)], device=self.device)
+            failed = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if not failed:
+            return
+        if self.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+        intact = latest_complete_checkpoint(self.checkpoint_dir)[0]
+        cause = (f"{error.strerror or error} ({errno.errorcode.get(error.errno, error.errno)})" if error is not None
+                 else "it failed on another process")
+        raise CheckpointWriteError(
+            error.errno if error is not None else errno.EIO,
+            f"could not write the checkpoint of step {step} into {self.checkpoint_dir}: {cause}. The partial "
+            f"checkpoint was removed; the newest intact checkpoint is {intact or 'none'}. Free space (or fix the "
+            f"cause) and continue with --resume latest") from error
 
     # ---------------------------------------------------------------------------------- export
     def export(self, name: str, model_name: str | None = None) -> Path:
@@ -805,7 +885,8 @@ def init_quantizer_from_data(trainer: Trainer, model_name: str = "model", num_ba
 __all__ = [
     "Trainer", "TrainingProgress", "NonFiniteLossError", "TrainingPreempted", "PREEMPTED_EXIT_CODE", "lr_factor", "build_lr_scheduler", "build_optimizer",
     "parameter_groups", "excluded_from_weight_decay", "resolve_mixed_precision", "seed_for_step", "seed_everything",
-    "list_checkpoints", "resolve_resume_path", "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
+    "list_checkpoints", "checkpoint_problem", "latest_complete_checkpoint", "CheckpointWriteError", "resolve_resume_path",
+    "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
 ]
 
 

@@ -282,18 +282,16 @@ def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: 
     grid = normalize_grid_size(first_tokens.shape[1:])
     count = num_images * A
     dtype = token_dtype(codebook_size)
-    tmp_tokens = output / (TOKENS_FILE + ".partial")
-    tokens_out = np.lib.format.open_memmap(tmp_tokens, mode="w+", dtype=dtype, shape=(count, *grid))
     labels_out = np.empty(count, dtype=np.int64)
-    for c in range(num_chunks):
-        rows = (min((c + 1) * chunk_size, num_images) - c * chunk_size) * A
-        tokens, labels = _load_chunk(chunk_path(output, c), rows, grid)
-        offset = c * chunk_size * A
-        tokens_out[offset: offset + rows] = tokens
-        labels_out[offset: offset + rows] = labels
-    tokens_out.flush()
-    del tokens_out
-    os.replace(tmp_tokens, output / TOKENS_FILE)
+    with atomic_write(output / TOKENS_FILE) as f:  # streamed chunk by chunk: a full disk is an OSError, not SIGBUS
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": (count, *grid)})
+        for c in range(num_chunks):
+            rows = (min((c + 1) * chunk_size, num_images) - c * chunk_size) * A
+            tokens, labels = _load_chunk(chunk_path(output, c), rows, grid)
+            offset = c * chunk_size * A
+            f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
+            labels_out[offset: offset + rows] = labels
     save_npy_atomic(output / LABELS_FILE, labels_out)
     meta = build_meta(codebook_size=codebook_size, grid_size=grid, count=count, num_images=num_images,
                       augmentations=augmentations, job=job, **meta_fields)
