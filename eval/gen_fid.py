@@ -418,7 +418,8 @@ def sample_on_every_process(args: argparse.Namespace, pipeline: LGQPipeline, cla
     if accelerator.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    torch.save(shard, shard_dir / f"rank{rank:05d}.pt")
+    with atomic_write(shard_dir / f"rank{rank:05d}.pt") as f:  # the main process never reads a half shard
+        torch.save(shard, f)
     accelerator.wait_for_everyone()  # the last collective: every process reaches the two barriers above
     if not accelerator.is_main_process:  # (not a barrier after the main's evaluation: the reference features
         return None                      # can take longer than the NCCL barrier timeout)
