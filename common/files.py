@@ -51,10 +51,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno is not None:  # e.g. ENOSPC: say which file and what is left
+            left = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
             raise OSError(err.errno, f"could not write {path}: {err.strerror or err} "
                                      f"({errno.errorcode.get(err.errno, err.errno)}). The partial file was removed; "
-                                     f"{'the previous ' + path.name + ' is unchanged' if path.exists() else 'nothing was written'}"
-                          ) from err
+                                     f"{left}") from err
         raise
 
 

@@ -33,7 +33,9 @@ Preemption: SIGTERM or SIGUSR1 (what SLURM, Kubernetes and spot instances send b
 the process that gets it. The flag rides along the one all-reduce of the step's logs (``_reduce_logs``), so every
 rank learns it at the same step: all finish that step, write a checkpoint like the periodic ones (atomic) and
 exit with ``PREEMPTED_EXIT_CODE`` = 75 (EX_TEMPFAIL, "try again": requeue and rerun with ``--resume latest``,
-which continues exactly as from any checkpoint). No collective is added to the step.
+which continues exactly as from any checkpoint). No collective is added to the step. Such a checkpoint falls
+between two restarts of the data stream; the resumed run rebuilds the stream as the uninterrupted run had it
+(``_replay_stream``: it loads, without training, the batches since the last periodic checkpoint).
 """
 from __future__ import annotations
 
@@ -485,7 +487,8 @@ class Trainer:
             if self.is_main:  # a new run from step 0 starts a new history
                 truncate_history(self.output_dir, 0)
             if self.cfg.resume == "latest":
-                self.print(f"train.resume=latest: no complete checkpoint in {self.checkpoint_dir}, starting from step 0")
+                self.print(f"train.resume=latest: no complete checkpoint in {self.checkpoint_dir}, "
+                           "starting from step 0")
             return
         self.accelerator.load_state(str(path))
         self.resumed_from = path
@@ -883,9 +886,11 @@ def init_quantizer_from_data(trainer: Trainer, model_name: str = "model", num_ba
 
 
 __all__ = [
-    "Trainer", "TrainingProgress", "NonFiniteLossError", "TrainingPreempted", "PREEMPTED_EXIT_CODE", "lr_factor", "build_lr_scheduler", "build_optimizer",
+    "Trainer", "TrainingProgress", "NonFiniteLossError", "TrainingPreempted", "PREEMPTED_EXIT_CODE", "lr_factor",
+    "build_lr_scheduler", "build_optimizer",
     "parameter_groups", "excluded_from_weight_decay", "resolve_mixed_precision", "seed_for_step", "seed_everything",
-    "list_checkpoints", "checkpoint_problem", "latest_complete_checkpoint", "CheckpointWriteError", "resolve_resume_path",
+    "list_checkpoints", "checkpoint_problem", "latest_complete_checkpoint", "CheckpointWriteError",
+    "resolve_resume_path",
     "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
 ]
 

@@ -211,8 +211,8 @@ def config_files_for(study: StudyConfig, quantizer: str, output_dir: Path | None
         if model.get("quantizer_options") and model.get("quantizer", quantizer) != quantizer and output_dir is not None:
             del recipe.model["quantizer_options"]
             copy = output_dir / "recipes" / f"{quantizer}-{Path(path).name}"
-            write_bytes_atomic(copy, (f"# {path} without its {model.get('quantizer')}-only quantizer_options "
-                                      f"(experiments/study.py)\n" + OmegaConf.to_yaml(recipe)).encode())  # slices share it
+            header = f"# {path} without its {model.get('quantizer')}-only quantizer_options (experiments/study.py)\n"
+            write_bytes_atomic(copy, (header + OmegaConf.to_yaml(recipe)).encode())  # parallel slices share it
             files[index] = str(copy)
     return files
 

@@ -18,8 +18,9 @@ calls no collective (the tokenizer runs in eval mode, where quantizers use local
 ``Quantizer.syncs_across_processes``); the only collectives are the barriers every process reaches.
 A second extraction command on the same output waits for the first (``common.files.file_lock(OUTPUT)``,
 taken by the main process; its other processes wait at a barrier, within the process group's timeout) and then
-finds the finished directory. When all chunks exist the main process concatenates them in index order into the token directory
-format of ``prior/tokens.py`` (``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes ``_chunks/``.
+finds the finished directory. When all chunks exist the main process concatenates them in index order into the
+token directory format of ``prior/tokens.py`` (``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes
+``_chunks/``.
 ``--flip`` stores the grid of the horizontally flipped image right after each image's grid.
 """
 from __future__ import annotations

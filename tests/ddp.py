@@ -37,7 +37,8 @@ def ddp_command(script: str | os.PathLike, *args: str, nproc: int = 2, env: dict
 
 def run_until_signal(cmd: list[str], signum: int, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     """Start ``cmd`` (e.g. tests/scripts/train_wait_for_signal.py, alone or under ``ddp_command``), send ``signum``
-    to the process that prints "WAITING <pid>" (it waits in the middle of a step) and return the finished run."""
+    to the process that prints "WAITING <pid> <parent pid>" (it waits in the middle of a step) and return the finished
+    run (``.launched_pid``: the pid of ``cmd``'s own process)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     try:
@@ -53,7 +54,9 @@ def run_until_signal(cmd: list[str], signum: int, env: dict, timeout: float = 30
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines) + out, err)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines) + out, err)
+    result.launched_pid = proc.pid
+    return result
 
 
 def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None):

@@ -313,6 +313,8 @@ def test_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exact
                            env={"LGQ_WAIT_AT_STEP": "1"})
     proc = run_until_signal(cmd, signal.SIGUSR1, env)
     assert proc.returncode != 0  # the launcher reports its workers' exit code 75 as a failure
+    waiting = next(line for line in proc.stdout.splitlines() if line.startswith("WAITING ")).split()
+    assert int(waiting[2]) == proc.launched_pid  # workers are the launcher's children (README: pkill -USR1 -P)
     assert proc.stdout.count("preempted (SIGUSR1): stopped after step 3") == 1, proc.stdout  # printed by process 0
     assert proc.stderr.count("exitcode  : 75") >= 1, proc.stderr[-4000:]
     checkpoint = output_dir / "checkpoints" / "step_0000003"

@@ -100,7 +100,8 @@ def test_sigusr1_checkpoints_exits_75_and_resume_equals_uninterrupted_run(uninte
     assert not (output_dir / "tokenizer").exists()  # nothing exported from an unfinished run
 
     resumed = run(train_command(ROOT / "tokenizer" / "train.py", output_dir, "--resume", "latest"))
-    assert "step_0000003 at step 3" in resumed.stdout and "replayed the data stream from step 0 to step 3" in resumed.stdout
+    assert "step_0000003 at step 3" in resumed.stdout
+    assert "replayed the data stream from step 0 to step 3" in resumed.stdout
     reference, result = final_state(uninterrupted_run), final_state(output_dir)
     different = [k for k in reference if not torch.equal(reference[k], result[k])]
     assert reference.keys() == result.keys() and not different, f"{len(different)} tensors differ, e.g. {different[:5]}"

@@ -62,7 +62,10 @@ def fill(kind: str, work: Path) -> bool | None:
 def main(work: str, count: str, *kinds: str) -> None:
     import torch
 
-    import eval.classifier, prior.extract, tokenizer.prune  # noqa: E401,F401 - imported before the barriers
+    import importlib
+
+    for module in ("eval.classifier", "prior.extract", "tokenizer.prune"):  # imported before the barriers
+        importlib.import_module(module)
     torch.set_num_threads(1)
     for kind in kinds:
         wait_for_siblings(Path(work) / f"barrier-{kind}", int(count))
