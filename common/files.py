@@ -6,16 +6,26 @@ beside the target, are flushed and fsync'ed, and ``os.replace`` puts the finishe
 (atomic on POSIX and Windows within one file system). A crash leaves either the old file or the new one,
 plus at most a ``*.tmp<pid>`` file that the next writer overwrites or a reader may delete.
 
-Whole folders (checkpoints, the classifier cache) are renamed into place by their writers the same way.
+Whole folders (checkpoints, the classifier cache, pruned exports) are written under a temporary name and
+renamed into place by ``publish_folder``.
+
+Caches that several processes may fill at once (the classifier of a data set, token directories, pruned
+exports) are built under ``file_lock(<target>)``, an exclusive ``filelock`` lock on ``<target>.lock``: the first
+process builds and publishes, every other one waits, then finds the target and loads it. A process that dies
+holding the lock releases it with its file descriptor (fcntl), so a crash never leaves a cache locked.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from filelock import FileLock
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -27,7 +37,8 @@ def temporary_path(path: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path`` (creating the parent folder); when the block ends without an
-    exception the file is flushed, fsync'ed and renamed onto ``path``; on an exception it is removed."""
+    exception the file is flushed, fsync'ed and renamed onto ``path``; on an exception it is removed (an OSError,
+    such as a full disk, is raised again naming ``path``; the previous file at ``path`` is untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -37,9 +48,49 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:  # e.g. ENOSPC: say which file and what is left
+            left = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+            raise OSError(err.errno, f"could not write {path}: {err.strerror or err} "
+                                     f"({errno.errorcode.get(err.errno, err.errno)}). The partial file was removed; "
+                                     f"{left}") from err
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+    """Hold the exclusive lock ``<path>.lock`` for the block (``enabled=False``: a no-op, e.g. on the processes of a
+    distributed job other than the main one, which the main one's barrier holds back instead)."""
+    if not enabled:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(f"{path.name}.lock"))):
+        yield
+
+
+def publish_folder(temporary: str | os.PathLike, final: str | os.PathLike, replace: bool = False) -> bool:
+    """Rename the finished folder ``temporary`` to ``final`` in one step. When ``final`` exists: with ``replace`` the
+    old folder is swapped out first (moved aside, then deleted), else the first writer wins: ``temporary`` is
+    deleted and False returned. True when ``temporary`` became ``final``."""
+    temporary, final = Path(temporary), Path(final)
+    if replace and final.exists():
+        stale = final.with_name(f".old-{final.name}.{os.getpid()}")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(temporary, final)
+        shutil.rmtree(stale, ignore_errors=True)
+        return True
+    try:
+        os.rename(temporary, final)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) and not final.exists():
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)
+        return False
+    return True
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -28,10 +28,19 @@ epoch, ``accelerator.skip_first_batches`` for the rest), and the stream is resta
 checkpoint in uninterrupted runs too, so that DataLoader prefetching / worker seeding happen at
 the same points with the same RNG state in a resumed run. Hence a run killed at any point and
 resumed ends with bit-identical weights on the same hardware and config (tested on CPU).
+
+Preemption: SIGTERM or SIGUSR1 (what SLURM, Kubernetes and spot instances send before a kill) sets a flag on
+the process that gets it. The flag rides along the one all-reduce of the step's logs (``_reduce_logs``), so every
+rank learns it at the same step: all finish that step, write a checkpoint like the periodic ones (atomic) and
+exit with ``PREEMPTED_EXIT_CODE`` = 75 (EX_TEMPFAIL, "try again": requeue and rerun with ``--resume latest``,
+which continues exactly as from any checkpoint). No collective is added to the step. Such a checkpoint falls
+between two restarts of the data stream; the resumed run rebuilds the stream as the uninterrupted run had it
+(``_replay_stream``: it loads, without training, the batches since the last periodic checkpoint).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -39,6 +48,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, is_dataclass
@@ -55,12 +66,32 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from common.config import TrainConfig, save_config
-from common.files import write_bytes_atomic
+from common.files import publish_folder, write_bytes_atomic
 from common.hub import push_folder_to_hub, write_model_card
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
+CHECKPOINT_STATE_FILE = "trainer_state.json"  # written last into a checkpoint: step, processes, {file: bytes}
 HISTORY_FILE = "history.jsonl"  # <output_dir>/history.jsonl: one {"step": s, **logs} line per log / image-log step
 NO_DECAY_NAME_PARTS = ("codebook", "centres", "centers", "embedding", "embed_tokens", "pos_embed")
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run stopped on SIGTERM/SIGUSR1 after a checkpoint; requeue it
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingPreempted(SystemExit):
+    """Raised by ``Trainer.fit`` on every rank after the checkpoint of a preempted run (exit code 75)."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous checkpoints are intact."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -162,16 +193,52 @@ def has_checkpoints(run_dir: str | os.PathLike) -> bool:
     return bool(list_checkpoints(Path(run_dir) / "checkpoints"))
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None if it is complete: its
+    ``trainer_state.json`` (written last) lists every file with its size in bytes; a missing file, another size
+    (truncated) or an unreadable ``trainer_state.json`` is a problem. (Checkpoints from before that list are
+    checked for their ``trainer_state.json`` only.)"""
+    path = Path(path)
+    state_file = path / CHECKPOINT_STATE_FILE
+    if not state_file.is_file():
+        return f"{CHECKPOINT_STATE_FILE} is missing"
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"{CHECKPOINT_STATE_FILE} is unreadable ({err})"
+    for name, size in sorted(state.get("files", {}).items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written (truncated or altered)"
+    return None
+
+
+def latest_complete_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint without a ``checkpoint_problem``, [(each newer one skipped, its problem)])."""
+    skipped = []
+    for path in reversed(list_checkpoints(checkpoint_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
 def resolve_resume_path(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
-    """None -> None; "latest" -> newest checkpoint or None if there is none; else an existing path."""
+    """None -> None; "latest" -> newest complete checkpoint or None if there is none; else an existing, complete
+    checkpoint path (an incomplete one raises ValueError naming its problem)."""
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        return found[-1] if found else None
+        return latest_complete_checkpoint(checkpoint_dir)[0]
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"train.resume={resume!r} is incomplete: {problem}; pass an older checkpoint or latest")
     return path
 
 
@@ -254,16 +321,20 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class TrainingProgress:
-    """The global optimisation step, saved in every checkpoint (``register_for_checkpointing``)."""
+    """The global optimisation step and the step at which the data stream was last (re)started, saved in every
+    checkpoint (``register_for_checkpointing``). The stream restarts at step 0 and after every periodic
+    checkpoint, so the two differ only in a checkpoint written on preemption."""
 
     def __init__(self) -> None:
         self.step = 0
+        self.stream_start = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+        return {"step": self.step, "stream_start": self.stream_start}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.step = int(state["step"])
+        self.stream_start = int(state.get("stream_start", self.step))
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +390,7 @@ class Trainer:
         self.without_ddp: set[str] = set()
         self.resumed_from: Path | None = None
         self._stream: Iterator | None = None
+        self.stop_signal: int | None = None  # set by the SIGTERM/SIGUSR1 handler of fit()
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, logs) of every log step of this process
         self.image_log_history: list[tuple[int, dict[str, float]]] = []  # (step, scalars) of every image-log step
 
@@ -404,12 +476,20 @@ class Trainer:
         return [self.models[n] for n in models]
 
     def _maybe_resume(self) -> None:
-        path = resolve_resume_path(self.cfg.resume, self.checkpoint_dir)
+        if self.cfg.resume == "latest":
+            path, skipped = latest_complete_checkpoint(self.checkpoint_dir)
+            for bad, problem in skipped:
+                self.print(f"train.resume=latest: skipped the incomplete checkpoint {bad} ({problem})")
+        else:
+            path = resolve_resume_path(self.cfg.resume, self.checkpoint_dir)
+        if self.accelerator.num_processes > 1:  # every process resumes from the checkpoint the main one chose
+            path = accelerate_utils.broadcast_object_list([path])[0]
         if path is None:
             if self.is_main:  # a new run from step 0 starts a new history
                 truncate_history(self.output_dir, 0)
             if self.cfg.resume == "latest":
-                self.print(f"train.resume=latest: no checkpoint in {self.checkpoint_dir}, starting from step 0")
+                self.print(f"train.resume=latest: no complete checkpoint in {self.checkpoint_dir}, "
+                           "starting from step 0")
             return
         self.accelerator.load_state(str(path))
         self.resumed_from = path
@@ -472,19 +552,23 @@ class Trainer:
         for name in self.models:
             self._apply_schedules(self.unwrap(name), step)
 
-    def _reduce_logs(self, step: int, micro_logs: list[Mapping[str, Any]]) -> dict[str, float]:
-        """Mean over micro-batches and processes (one all-reduce); stop on any non-finite value."""
+    def _reduce_logs(self, step: int, micro_logs: list[Mapping[str, Any]]) -> tuple[dict[str, float], bool]:
+        """(mean over micro-batches and processes of every log, whether any process got a stop signal): one
+        all-reduce of the logs with this process's stop flag (0 or 1) appended; stop on any non-finite value."""
         keys = list(micro_logs[0])
         rows = [[torch.as_tensor(logs[k], device=self.device).detach().float().reshape(()) for k in keys]
                 for logs in micro_logs]
         values = torch.stack([torch.stack(row) for row in rows]).mean(0) if keys else torch.zeros(0, device=self.device)
+        flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
+        values = torch.cat([values, flag])
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="mean")
-        result = dict(zip(keys, values.tolist()))
+        *means, stop = values.tolist()
+        result = dict(zip(keys, means))
         bad = {k: v for k, v in result.items() if not math.isfinite(v)}
         if bad:
             self._raise_non_finite(step, bad)
-        return result
+        return result, stop > 0
 
     def _raise_non_finite(self, step: int, bad: Mapping[str, float]) -> None:
         latest = list_checkpoints(self.checkpoint_dir)
@@ -540,8 +624,13 @@ class Trainer:
             every returned value (tensor or float) is averaged, checked for NaN/Inf and logged.
         on_log(step) -> extra scalars, called on every process at log steps (may use collectives).
         on_image_log(step) -> {name: image grid [3, H, W] in [-1, 1] or scalar}, every image_log_every steps.
-        Returns the last reduced logs.
+        Returns the last reduced logs. On SIGTERM / SIGUSR1 (module doc): checkpoint after the step at which every
+        process has learned of it, then raise TrainingPreempted (SystemExit with code 75) on every process.
         """
+        with self._stop_on_preemption_signals():
+            return self._fit(training_step, on_log, on_image_log)
+
+    def _fit(self, training_step, on_log, on_image_log) -> dict[str, float]:
         cfg, accelerator = self.cfg, self.accelerator
         step = self.progress.step
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not (self.is_main and cfg.progress_bar),
@@ -549,6 +638,8 @@ class Trainer:
         last_logs: dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
         self._stream = None
+        if self.progress.stream_start < step:  # resumed from a checkpoint written on preemption
+            self._replay_stream(step)
         while step < cfg.max_steps:
             seed_everything(seed_for_step(cfg.seed, step, accelerator.process_index))
             if self._stream is None:  # (re)started at step 0, on resume and after every checkpoint
@@ -564,7 +655,7 @@ class Trainer:
                         for model in self.models.values():
                             stack.enter_context(accelerator.no_sync(model))
                     micro_logs.append(dict(training_step(batch, step)))
-            logs = self._reduce_logs(step, micro_logs)  # raises on NaN/Inf before anything is stepped
+            logs, stop = self._reduce_logs(step, micro_logs)  # raises on NaN/Inf before anything is stepped
             logs.update(self._optimizer_steps(step))
             if self.ema is not None:
                 self.ema.update_parameters(self.unwrap(self.ema_model_name))
@@ -589,11 +680,58 @@ class Trainer:
             if on_image_log is not None and cfg.image_log_every and step % cfg.image_log_every == 0:
                 self.log_media(on_image_log(step), step)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
+                self.progress.stream_start = step  # the stream restarts here, in this run and in a resumed one
                 self.save_checkpoint()
                 self._stream = None
+            elif stop:
+                self.save_checkpoint()
             last_logs = logs
+            if stop and step < cfg.max_steps:
+                bar.close()
+                self._stop_preempted(step)
         bar.close()
         return last_logs
+
+    def _replay_stream(self, step: int) -> None:
+        """Rebuild the data stream of an uninterrupted run at ``step``: restart it where that run did
+        (``progress.stream_start`` = c) and draw the micro-batches of steps c .. step - 1 under each step's seed,
+        without training on them. The DataLoader iterators (their seeds drawn from the global RNG when they are
+        created) and the data position are then those of the uninterrupted run."""
+        start, accum = self.progress.stream_start, self.cfg.grad_accum_steps
+        for replayed in range(start, step):
+            seed_everything(seed_for_step(self.cfg.seed, replayed, self.accelerator.process_index))
+            if self._stream is None:
+                self._stream = self._batch_stream(start * accum)
+            for _ in range(accum):
+                next(self._stream)
+        self.print(f"replayed the data stream from step {start} to step {step} (checkpoint written on preemption)")
+
+    def _stop_preempted(self, step: int) -> None:
+        """After the checkpoint of ``step``: close the trackers and raise TrainingPreempted (exit code 75)."""
+        got = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal on another process"
+        message = (f"preempted ({got}): stopped after step {step} with checkpoint "
+                   f"{self.checkpoint_dir / f'step_{step:07d}'}; exit code {PREEMPTED_EXIT_CODE}. Continue with "
+                   f"--resume latest (train.resume=latest)")
+        self.print(message)
+        self.end()
+        raise TrainingPreempted(message)
+
+    @contextlib.contextmanager
+    def _stop_on_preemption_signals(self) -> Iterator[None]:
+        """SIGTERM / SIGUSR1 set ``self.stop_signal`` for the block (previous handlers restored after it)."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # ---------------------------------------------------------------------------------- logging
     def _append_history(self, step: int, logs: Mapping[str, Any]) -> None:
@@ -631,8 +769,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Atomic checkpoint: save_state into checkpoints/.tmp_step_XXXXXXX, then rename to step_XXXXXXX;
-        keep the newest train.keep_checkpoints. A crash mid-save leaves only a .tmp_ dir (ignored, replaced)."""
+        """Atomic checkpoint: save_state into checkpoints/.tmp_step_XXXXXXX, fsync every file, write
+        ``trainer_state.json`` last (step, process count and every file's size: ``checkpoint_problem``), then rename
+        to step_XXXXXXX; keep the newest train.keep_checkpoints. A crash mid-save leaves only a .tmp_ dir (ignored,
+        replaced). A failed write on any process (e.g. the disk is full) removes the temporary folder and raises
+        CheckpointWriteError on every process (one all-reduce each time); the previous checkpoints stay."""
         accelerator = self.accelerator
         step = self.progress.step
         final = self.checkpoint_dir / f"step_{step:07d}"
@@ -642,23 +783,51 @@ class Trainer:
             if temporary.exists():
                 shutil.rmtree(temporary)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
+        error = None
+        try:
+            accelerator.save_state(str(temporary))
+        except OSError as err:
+            error = err
+        self._raise_if_checkpoint_failed(step, error, temporary)
         if self.is_main:
-            (temporary / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "num_processes": accelerator.num_processes, "images_per_step": self.images_per_step}))
-            if final.exists():  # re-saving a step (e.g. resumed a finished run): swap out the old copy
-                stale = self.checkpoint_dir / f".old_step_{step:07d}"
-                shutil.rmtree(stale, ignore_errors=True)
-                os.replace(final, stale)
-                os.replace(temporary, final)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.replace(temporary, final)
+            try:
+                files = {}
+                for file in sorted(p for p in temporary.rglob("*") if p.is_file()):
+                    with open(file, "rb") as fh:
+                        os.fsync(fh.fileno())
+                    files[str(file.relative_to(temporary))] = file.stat().st_size
+                write_bytes_atomic(temporary / CHECKPOINT_STATE_FILE, json.dumps(
+                    {"step": step, "num_processes": accelerator.num_processes,
+                     "images_per_step": self.images_per_step, "files": files}).encode())
+                publish_folder(temporary, final, replace=True)  # re-saving a step (a resumed finished run) swaps
+            except OSError as err:
+                error = err
+        self._raise_if_checkpoint_failed(step, error, temporary)
+        if self.is_main:
             for old in list_checkpoints(self.checkpoint_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final
+
+    def _raise_if_checkpoint_failed(self, step: int, error: OSError | None, temporary: Path) -> None:
+        """Every process learns whether a checkpoint write failed on any of them (one all-reduce); if so the main
+        one removes the temporary folder and all raise CheckpointWriteError naming the cause and what is intact."""
+        failed = error is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(failed)], device=self.device)
+            failed = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if not failed:
+            return
+        if self.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+        intact = latest_complete_checkpoint(self.checkpoint_dir)[0]
+        cause = (f"{error.strerror or error} ({errno.errorcode.get(error.errno, error.errno)})" if error is not None
+                 else "it failed on another process")
+        raise CheckpointWriteError(
+            error.errno if error is not None else errno.EIO,
+            f"could not write the checkpoint of step {step} into {self.checkpoint_dir}: {cause}. The partial "
+            f"checkpoint was removed; the newest intact checkpoint is {intact or 'none'}. Free space (or fix the "
+            f"cause) and continue with --resume latest") from error
 
     # ---------------------------------------------------------------------------------- export
     def export(self, name: str, model_name: str | None = None) -> Path:
@@ -732,9 +901,12 @@ def init_quantizer_from_data(trainer: Trainer, model_name: str = "model", num_ba
 
 
 __all__ = [
-    "Trainer", "TrainingProgress", "NonFiniteLossError", "lr_factor", "build_lr_scheduler", "build_optimizer",
+    "Trainer", "TrainingProgress", "NonFiniteLossError", "TrainingPreempted", "PREEMPTED_EXIT_CODE", "lr_factor",
+    "build_lr_scheduler", "build_optimizer",
     "parameter_groups", "excluded_from_weight_decay", "resolve_mixed_precision", "seed_for_step", "seed_everything",
-    "list_checkpoints", "resolve_resume_path", "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
+    "list_checkpoints", "checkpoint_problem", "latest_complete_checkpoint", "CheckpointWriteError",
+    "resolve_resume_path",
+    "resolve_trackers", "init_quantizer_from_data", "images_to_uint8", "flatten_for_tracker",
 ]
 
 

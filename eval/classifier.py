@@ -53,6 +53,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from tqdm.auto import tqdm
 
+from common.files import file_lock, publish_folder, temporary_path, write_bytes_atomic
 from common.data import GlyphImages, build_image_dataset, load_data_config, split_data_options
 from common.metrics import nonnegative_distance, thumbnail_images, to_uint8
 
@@ -354,20 +355,22 @@ def load_classifier(folder: str | os.PathLike, data_cfg=None, train_cfg: Classif
 
 def load_or_train_classifier(folder: str | os.PathLike, data_cfg, train_cfg: ClassifierTrainConfig | None = None,
                              device: str | torch.device = "cpu", progress: bool = True) -> tuple[ImageClassifier, dict, bool]:
-    """(classifier, metadata, trained_now): load the cache in ``folder`` or train once and write it atomically."""
+    """(classifier, metadata, trained_now): load the cache in ``folder`` or train once and publish it atomically.
+
+    Safe with several processes asking at once (e.g. two study slices): the first one trains under
+    ``common.files.file_lock(folder)``, the others wait for it and load what it wrote."""
     folder = Path(folder)
     train_cfg = train_cfg or ClassifierTrainConfig()
-    if folder.exists():
-        classifier, metadata = load_classifier(folder, data_cfg, train_cfg, device)
-        return classifier, metadata, False
-    classifier, metadata = train_classifier(data_cfg, train_cfg, device, progress=progress)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    classifier.save_pretrained(tmp / MODEL_SUBFOLDER, safe_serialization=True)
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
+    with file_lock(folder):
+        if folder.exists():
+            classifier, metadata = load_classifier(folder, data_cfg, train_cfg, device)
+            return classifier, metadata, False
+        classifier, metadata = train_classifier(data_cfg, train_cfg, device, progress=progress)
+        tmp = temporary_path(folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        classifier.save_pretrained(tmp / MODEL_SUBFOLDER, safe_serialization=True)
+        write_bytes_atomic(tmp / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True).encode())
+        publish_folder(tmp, folder)
     return classifier, metadata, True
 
 

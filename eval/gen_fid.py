@@ -419,7 +419,8 @@ def sample_on_every_process(args: argparse.Namespace, pipeline: LGQPipeline, cla
     if accelerator.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    torch.save(shard, shard_dir / f"rank{rank:05d}.pt")
+    with atomic_write(shard_dir / f"rank{rank:05d}.pt") as f:  # the main process never reads a half shard
+        torch.save(shard, f)
     end_process_group()  # the last collective (every process reaches it), before the main's evaluation: no barrier
     if not accelerator.is_main_process:  # after it, since the reference features can take longer than the NCCL
         return None                      # barrier timeout

@@ -16,8 +16,11 @@ interruption loses at most the chunk being encoded and never duplicates or drops
 Processes may encode different numbers of batches (the chunks need not divide evenly): encoding
 calls no collective (the tokenizer runs in eval mode, where quantizers use local statistics, see
 ``Quantizer.syncs_across_processes``); the only collectives are the barriers every process reaches.
-When all chunks exist the main process concatenates them in index order into the token directory
-format of ``prior/tokens.py`` (``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes ``_chunks/``.
+A second extraction command on the same output waits for the first (``common.files.file_lock(OUTPUT)``,
+taken by the main process; its other processes wait at a barrier, within the process group's timeout) and then
+finds the finished directory. When all chunks exist the main process concatenates them in index order into the
+token directory format of ``prior/tokens.py`` (``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes
+``_chunks/``.
 ``--flip`` stores the grid of the horizontally flipped image right after each image's grid.
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ from tqdm.auto import tqdm
 from common.cli import make_parser, parse_command_line
 from common.config import load_config
 from common.data import DataConfig, build_image_dataset
-from common.files import atomic_write
+from common.files import atomic_write, file_lock
 from common.training import end_process_group, make_accelerator
 from prior.tokens import (LABELS_FILE, META_FILE, TOKENS_FILE, build_meta, normalize_grid_size, read_meta,
                           save_npy_atomic, token_dtype, tokenizer_fingerprint, validate_token_directory, write_meta)
@@ -161,25 +164,29 @@ def extract_tokens(
     extra = dict(meta_extra or {})
     job = _job_record(num_images, int(chunk_size), augmentations, tokenizer_hash, extra)
 
-    if _already_extracted(output, job, overwrite, accelerator):
-        return validate_token_directory(output)
-    chunk_dir = _prepare_chunk_folder(output, job, tokenizer_hash, overwrite, accelerator)
+    # one extraction job per output at a time: the main process of a second job (another command on the same
+    # --output) waits here for the lock, its other processes at the barrier; then it finds the finished directory
+    with file_lock(output, enabled=accelerator.is_main_process):
+        accelerator.wait_for_everyone()
+        if _already_extracted(output, job, overwrite, accelerator):
+            return validate_token_directory(output)
+        chunk_dir = _prepare_chunk_folder(output, job, tokenizer_hash, overwrite, accelerator)
 
-    # --- this process's share of the missing chunks (listed by every process between two barriers)
-    num_chunks = math.ceil(num_images / chunk_size)
-    missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
-    accelerator.wait_for_everyone()  # nobody writes a chunk before every process has listed them
-    _encode_chunks(tokenizer, dataset, output, missing[rank::world], chunk_size=chunk_size, batch_size=batch_size,
-                   flip=flip, num_workers=num_workers, accelerator=accelerator, show_progress=show_progress)
-    accelerator.wait_for_everyone()
+        # --- this process's share of the missing chunks (listed by every process between two barriers)
+        num_chunks = math.ceil(num_images / chunk_size)
+        missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
+        accelerator.wait_for_everyone()  # nobody writes a chunk before every process has listed them
+        _encode_chunks(tokenizer, dataset, output, missing[rank::world], chunk_size=chunk_size, batch_size=batch_size,
+                       flip=flip, num_workers=num_workers, accelerator=accelerator, show_progress=show_progress)
+        accelerator.wait_for_everyone()
 
-    # --- merge (main process), in chunk = image order
-    if accelerator.is_main_process:
-        merge_chunks(output, num_images, chunk_size, augmentations, K, job,
-                     tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash, num_processes=world, **extra)
-        if not keep_chunks:
-            shutil.rmtree(chunk_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
+        # --- merge (main process), in chunk = image order
+        if accelerator.is_main_process:
+            merge_chunks(output, num_images, chunk_size, augmentations, K, job,
+                         tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash, num_processes=world, **extra)
+            if not keep_chunks:
+                shutil.rmtree(chunk_dir, ignore_errors=True)
+        accelerator.wait_for_everyone()
     return validate_token_directory(output)
 
 
@@ -276,18 +283,16 @@ def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: 
     grid = normalize_grid_size(first_tokens.shape[1:])
     count = num_images * A
     dtype = token_dtype(codebook_size)
-    tmp_tokens = output / (TOKENS_FILE + ".partial")
-    tokens_out = np.lib.format.open_memmap(tmp_tokens, mode="w+", dtype=dtype, shape=(count, *grid))
     labels_out = np.empty(count, dtype=np.int64)
-    for c in range(num_chunks):
-        rows = (min((c + 1) * chunk_size, num_images) - c * chunk_size) * A
-        tokens, labels = _load_chunk(chunk_path(output, c), rows, grid)
-        offset = c * chunk_size * A
-        tokens_out[offset: offset + rows] = tokens
-        labels_out[offset: offset + rows] = labels
-    tokens_out.flush()
-    del tokens_out
-    os.replace(tmp_tokens, output / TOKENS_FILE)
+    with atomic_write(output / TOKENS_FILE) as f:  # streamed chunk by chunk: a full disk is an OSError, not SIGBUS
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": (count, *grid)})
+        for c in range(num_chunks):
+            rows = (min((c + 1) * chunk_size, num_images) - c * chunk_size) * A
+            tokens, labels = _load_chunk(chunk_path(output, c), rows, grid)
+            offset = c * chunk_size * A
+            f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
+            labels_out[offset: offset + rows] = labels
     save_npy_atomic(output / LABELS_FILE, labels_out)
     meta = build_meta(codebook_size=codebook_size, grid_size=grid, count=count, num_images=num_images,
                       augmentations=augmentations, job=job, **meta_fields)

@@ -15,6 +15,8 @@ tokens must carry that tokenizer's fingerprint. Every train.image_log_every step
 sample grid (EMA prior if train.ema_decay > 0, decoded by data.tokenizer when given) goes to
 <output_dir>/images/ and the tracker. At the end the EMA (or raw) prior is exported with save_pretrained
 to <output_dir>/prior (load with MaskGITPrior / GPTPrior.from_pretrained).
+On SIGTERM / SIGUSR1 the run checkpoints after the current step and exits with code 75 (preempted: requeue
+with --resume latest; common/training.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Launch a real 2-process CPU DDP run (gloo) with accelerate, for tests.
+"""Launch a real 2-process CPU DDP run (gloo) with accelerate, for tests; and signal a running process.
 
 `accelerate launch --cpu --num_processes 2` silently runs ONE process; the working recipe
 is --multi_gpu with ACCELERATE_USE_CPU=true (docs/environment.md §1). Scripts launched this
@@ -21,8 +21,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None):
-    """Run `script args` under `accelerate launch` with `nproc` CPU processes; raise with output on failure."""
+def ddp_command(script: str | os.PathLike, *args: str, nproc: int = 2, env: dict | None = None) -> tuple[list, dict]:
+    """(command, environment) that runs `script args` under `accelerate launch` with `nproc` CPU processes."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
@@ -32,8 +32,36 @@ def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: floa
     ]
     full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if env:
-        full_env.update(env)
+    return cmd, {**full_env, **(env or {})}
+
+
+def run_until_signal(cmd: list[str], signum: int, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start ``cmd`` (e.g. tests/scripts/train_wait_for_signal.py, alone or under ``ddp_command``), send ``signum``
+    to the process that prints "WAITING <pid> <parent pid>" (it waits in the middle of a step) and return the finished
+    run (``.launched_pid``: the pid of ``cmd``'s own process)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("WAITING "):
+                os.kill(int(line.split()[1]), signum)
+                break
+        else:
+            raise AssertionError(f"run ended before the step: {''.join(lines)[-2000:]}{proc.stderr.read()[-4000:]}")
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    result = subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines) + out, err)
+    result.launched_pid = proc.pid
+    return result
+
+
+def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None):
+    """Run `script args` under `accelerate launch` with `nproc` CPU processes; raise with output on failure."""
+    cmd, full_env = ddp_command(script, *args, nproc=nproc, env=env)
     with subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as popen:
         try:

@@ -2,7 +2,10 @@
 sample grids decoded through a tokenizer, and the data/config consistency errors."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +142,32 @@ def test_resume_from_a_checkpoint_equals_uninterrupted_run(token_dir, tmp_path):
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
 
 
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_resume_equals_uninterrupted_run(token_dir, tmp_path):
+    from ddp import run_until_signal  # tests/ddp.py
+    from common.training import PREEMPTED_EXIT_CODE
+
+    settings = ["model.dropout=0.1", "train.max_steps=8", "train.batch_size=4", "train.grad_accum_steps=2",
+                "train.checkpoint_every=4", "train.image_log_every=2", "train.log_every=2", "train.progress_bar=false"]
+    reference = tmp_path / "uninterrupted"
+    train(reference, token_dir, *settings)
+    interrupted = tmp_path / "interrupted"
+    script = ROOT / "tests" / "scripts" / "train_wait_for_signal.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LGQ_WAIT_AT_STEP": "5", "PYTHONPATH": str(ROOT)}
+    # SIGTERM during step 5 (0-based): seen in step 6's all-reduce, so steps 0-6 are done: checkpoint step 7
+    proc = run_until_signal([sys.executable, str(script), "prior", "--config", str(TINY), f"data.tokens={token_dir}",
+                             f"train.output_dir={interrupted}", *settings], signal.SIGTERM, env)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-4000:]
+    assert "preempted (SIGTERM): stopped after step 7" in proc.stdout
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step_0000004", "step_0000007"]
+
+    trainer = train(interrupted, token_dir, *settings, "--resume", "latest")
+    assert trainer.resumed_from.name == "step_0000007" and [s for s, _ in trainer.history] == [8]
+    expected, result = final_weights(reference), final_weights(interrupted)
+    different = [k for k in expected if not torch.equal(expected[k], result[k])]
+    assert expected.keys() == result.keys() and not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A random 2x-downsampling tokenizer with K = 16 (4x4 grids <-> 8x8 images), saved with save_pretrained."""
@@ -244,19 +273,56 @@ def test_all_prior_configs_load_with_the_paper_recipes():
     assert builtin.data.tokenizer and builtin.model.prior_type == "maskgit"
 
 
-@pytest.mark.slow
-def test_two_process_cpu_ddp_run(token_dir, tmp_path):
+DDP_SETTINGS = ["train.max_steps=4", "train.batch_size=4", "train.expected_num_processes=2", "train.image_log_every=2",
+                "train.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(token_dir, tmp_path_factory):
+    """An uninterrupted 2-process run of 4 steps (tests/scripts/train_check_ranks_in_sync.py): (folder, process)."""
     from ddp import run_ddp  # tests/ddp.py: the working 2-process CPU launch recipe
+
+    output_dir = tmp_path_factory.mktemp("ddp") / "run"
+    proc = run_ddp(ROOT / "tests" / "scripts" / "train_check_ranks_in_sync.py", "prior", "--config", str(TINY),
+                   f"data.tokens={token_dir}", f"train.output_dir={output_dir}", *DDP_SETTINGS)
+    return output_dir, proc
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run(ddp_run):
     from prior.maskgit import MaskGITPrior
 
-    output_dir = tmp_path / "ddp"
-    proc = run_ddp(ROOT / "tests" / "scripts" / "train_check_ranks_in_sync.py", "prior", "--config", str(TINY),
-                   f"data.tokens={token_dir}",
-                   f"train.output_dir={output_dir}", "train.max_steps=4", "train.batch_size=4",
-                   "train.expected_num_processes=2", "train.image_log_every=2", "train.progress_bar=false")
+    output_dir, proc = ddp_run
     assert "2 process(es), global batch 8" in proc.stdout
     assert "RANKS IN SYNC: ['ema', 'model']" in proc.stdout  # bit-identical weights on both ranks
     assert (output_dir / "checkpoints" / "step_0000004" / "random_states_1.pkl").is_file()
     assert (output_dir / "images" / "samples_step0000004.png").is_file()
     prior = MaskGITPrior.from_pretrained(str(output_dir / "prior"))
     assert prior.codebook_size == K and prior.num_classes == CLASSES
+
+
+@pytest.mark.slow
+def test_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(ddp_run, token_dir, tmp_path):
+    """SIGUSR1 reaches process 0 only: both processes stop after the same step, the checkpoint holds both ranks'
+    states, both exit 75, and a 2-process `--resume latest` ends with the uninterrupted run's weights."""
+    from ddp import ddp_command, run_ddp, run_until_signal
+
+    output_dir = tmp_path / "run"
+    args = ["--config", str(TINY), f"data.tokens={token_dir}", f"train.output_dir={output_dir}", *DDP_SETTINGS]
+    cmd, env = ddp_command(ROOT / "tests" / "scripts" / "train_wait_for_signal.py", "prior", *args,
+                           env={"LGQ_WAIT_AT_STEP": "1"})
+    proc = run_until_signal(cmd, signal.SIGUSR1, env)
+    assert proc.returncode != 0  # the launcher reports its workers' exit code 75 as a failure
+    waiting = next(line for line in proc.stdout.splitlines() if line.startswith("WAITING ")).split()
+    assert int(waiting[2]) == proc.launched_pid  # workers are the launcher's children (README: pkill -USR1 -P)
+    assert proc.stdout.count("preempted (SIGUSR1): stopped after step 3") == 1, proc.stdout  # printed by process 0
+    assert proc.stderr.count("exitcode  : 75") >= 1, proc.stderr[-4000:]
+    checkpoint = output_dir / "checkpoints" / "step_0000003"
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["step_0000003"]
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+
+    resumed = run_ddp(ROOT / "tests" / "scripts" / "train_check_ranks_in_sync.py", "prior", *args, "--resume", "latest")
+    assert "RANKS IN SYNC: ['ema', 'model']" in resumed.stdout and "at step 3" in resumed.stdout
+    reference = load_file(str(ddp_run[0] / "prior" / "diffusion_pytorch_model.safetensors"))
+    result = load_file(str(output_dir / "prior" / "diffusion_pytorch_model.safetensors"))
+    assert reference.keys() == result.keys() and all(torch.equal(reference[k], result[k]) for k in reference)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import load_config
-from ddp import run_ddp  # tests/ddp.py (pytest puts tests/ on sys.path)
+from ddp import run_ddp, run_until_signal  # tests/ddp.py (pytest puts tests/ on sys.path)
 from tokenizer.config import TokenizerRunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,28 @@ def test_kill_and_resume_equals_uninterrupted_run(uninterrupted_run, tmp_path):
     assert reference.keys() == result.keys()
     different = [k for k in reference if not torch.equal(reference[k], result[k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_exits_75_and_resume_equals_uninterrupted_run(uninterrupted_run, tmp_path):
+    from common.training import PREEMPTED_EXIT_CODE
+
+    output_dir = tmp_path / "run"
+    script = ROOT / "tests" / "scripts" / "train_wait_for_signal.py"
+    # process 0 gets SIGUSR1 during step 1 (0-based), learns of it in step 2's all-reduce, stops after step 2
+    proc = run_until_signal([sys.executable, str(script), "tokenizer", *train_command(script, output_dir)[2:]],
+                            signal.SIGUSR1, {**ENV, "LGQ_WAIT_AT_STEP": "1"})
+    assert proc.returncode == PREEMPTED_EXIT_CODE == 75, proc.stderr[-4000:]
+    assert "preempted (SIGUSR1): stopped after step 3" in proc.stdout
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_0000003"]
+    assert not (output_dir / "tokenizer").exists()  # nothing exported from an unfinished run
+
+    resumed = run(train_command(ROOT / "tokenizer" / "train.py", output_dir, "--resume", "latest"))
+    assert "step_0000003 at step 3" in resumed.stdout
+    assert "replayed the data stream from step 0 to step 3" in resumed.stdout
+    reference, result = final_state(uninterrupted_run), final_state(output_dir)
+    different = [k for k in reference if not torch.equal(reference[k], result[k])]
+    assert reference.keys() == result.keys() and not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
 
 
 @pytest.mark.slow

@@ -1,5 +1,8 @@
-"""Token storage (prior/tokens.py) and extraction (prior/extract.py): round trips, errors, resume, DDP."""
+"""Token storage (prior/tokens.py) and extraction (prior/extract.py): round trips, errors, resume, faults, DDP."""
+import errno
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -187,6 +190,83 @@ def test_interrupted_extraction_resumes_without_duplicates_or_gaps(tmp_path):
     assert tok.calls == 8  # 23 - 8 = 15 images left in batches of 2 (chunks of 4 -> 2+2, 2+2, 2+2, 2+1)
     assert np.array_equal(np.load(tmp_path / "out" / "tokens.npy"), np.load(tmp_path / "ref" / "tokens.npy"))
     assert np.array_equal(np.load(tmp_path / "out" / "labels.npy"), data.tensors[1].numpy())
+
+
+class DiskFullFile:
+    """A file object that writes ``room`` bytes, then raises ENOSPC the way a full disk does (mid-write)."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) > self.room:
+            self.file.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def fill_disk_while_writing(monkeypatch, name_part: str, room: int = 100) -> None:
+    """From now on, the next file written through common.files.atomic_write whose name contains ``name_part``
+    hits a full disk after ``room`` bytes."""
+    import builtins
+
+    import common.files
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        return DiskFullFile(file, room) if "w" in mode and name_part in str(path) else file
+
+    monkeypatch.setattr(common.files, "open", open_on_a_full_disk, raising=False)
+
+
+@pytest.mark.parametrize("file_name", ["chunk_000002", "tokens.npy"])
+def test_disk_full_while_a_chunk_or_the_token_file_is_written_keeps_what_was_written(file_name, tmp_path,
+                                                                                       monkeypatch):
+    """The disk fills up while chunk 2 (or, at the merge, tokens.npy) is written: the error names the file and the
+    cause, no partial file is left, the finished chunks stay intact, and a re-run with space completes exactly."""
+    data = image_set()
+    extract_tokens(PoolTokenizer(), data, tmp_path / "ref", batch_size=2, chunk_size=4, show_progress=False)
+    out = tmp_path / "out"
+    fill_disk_while_writing(monkeypatch, file_name)
+    with pytest.raises(OSError, match=rf"could not write .*{file_name}.*No space left on device \(ENOSPC\)\. "
+                                      r"The partial file was removed") as caught:
+        extract_tokens(PoolTokenizer(), data, out, batch_size=2, chunk_size=4, show_progress=False, keep_chunks=True)
+    assert caught.value.errno == errno.ENOSPC
+    written = sorted(p.name for p in (out / CHUNK_DIR).iterdir())
+    expected_chunks = 2 if file_name.startswith("chunk") else 6
+    assert written == [f"chunk_{c:06d}.npz" for c in range(expected_chunks)] + ["job.json"]
+    assert not (out / "tokens.npy").exists() and not (out / "meta.json").exists()
+    for c in range(expected_chunks):  # the chunks written before the disk filled up are complete
+        with np.load(out / CHUNK_DIR / f"chunk_{c:06d}.npz") as chunk:
+            assert chunk["tokens"].shape[0] == min(4, 23 - 4 * c)
+    monkeypatch.undo()  # space freed
+    extract_tokens(PoolTokenizer(), data, out, batch_size=2, chunk_size=4, show_progress=False)
+    assert np.array_equal(np.load(out / "tokens.npy"), np.load(tmp_path / "ref" / "tokens.npy"))
+
+
+@pytest.mark.parametrize("file_name", ["tokens.npy", "labels.npy", "meta.json"])
+@pytest.mark.parametrize("keep", [0.0, 0.05, 0.5, 0.99])
+def test_truncated_token_files_raise_an_error_naming_the_file(file_name, keep, tmp_path):
+    """A token directory whose tokens.npy, labels.npy or meta.json was cut short (at 0, 5, 50 or 99% of its bytes)
+    is refused by TokenDataset, and so by prior training, with an error naming that file: never garbage tokens."""
+    write(tmp_path / "tokens", n=20)
+    path = tmp_path / "tokens" / file_name
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        TokenDataset(tmp_path / "tokens")
 
 
 def test_command_line_parsing(tmp_path, capsys):

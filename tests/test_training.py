@@ -12,7 +12,8 @@ from torch import nn
 
 from common.config import TrainConfig
 from common.training import (
-    NonFiniteLossError, Trainer, build_optimizer, list_checkpoints, lr_factor, parameter_groups, read_history,
+    CheckpointWriteError, NonFiniteLossError, Trainer, build_optimizer, checkpoint_problem, list_checkpoints,
+    lr_factor, parameter_groups, read_history, resolve_resume_path,
 )
 
 
@@ -188,11 +189,67 @@ def test_checkpoint_is_atomic_and_keeps_last_n(tmp_path):
     with pytest.raises(OSError):
         trainer.save_checkpoint()
     assert [p.name for p in list_checkpoints(ckpt_dir)] == ["step_0000004", "step_0000005"]
-    assert (ckpt_dir / ".tmp_step_0000006").is_dir()  # leftover temp dir is ignored ...
+    assert not (ckpt_dir / ".tmp_step_0000006").exists()  # the partial folder is removed
+    (ckpt_dir / ".tmp_step_0000006").mkdir()  # a leftover of a killed process is ignored ...
     trainer.accelerator.save_state = real_save
     trainer.save_checkpoint()  # ... and replaced by the next save
     assert [p.name for p in list_checkpoints(ckpt_dir)] == ["step_0000005", "step_0000006"]
     assert not (ckpt_dir / ".tmp_step_0000006").exists()
+
+
+def test_resume_latest_skips_truncated_or_incomplete_newest_checkpoints(tmp_path, capsys):
+    reference, _ = run_toy(make_cfg(tmp_path / "a", checkpoint_every=2, keep_checkpoints=4))
+    ckpt_dir = tmp_path / "a" / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpt_dir)] == ["step_0000002", "step_0000004", "step_0000006",
+                                                            "step_0000008"]
+    assert all(checkpoint_problem(p) is None for p in list_checkpoints(ckpt_dir))
+    model_file = ckpt_dir / "step_0000008" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:-100])  # truncated
+    (ckpt_dir / "step_0000006" / "optimizer.bin").unlink()  # missing a file
+    (ckpt_dir / "step_0000004" / "trainer_state.json").write_text('{"step": 4, "fil')  # cut while written
+    assert "model.safetensors has" in checkpoint_problem(ckpt_dir / "step_0000008")
+    with pytest.raises(ValueError, match="incomplete: optimizer.bin is missing"):
+        resolve_resume_path(str(ckpt_dir / "step_0000006"), ckpt_dir)
+    capsys.readouterr()
+    resumed, _ = run_toy(make_cfg(tmp_path / "a", checkpoint_every=2, keep_checkpoints=4, resume="latest"))
+    printed = capsys.readouterr().out
+    assert resumed.resumed_from.name == "step_0000002"
+    for step, problem in ((8, "model.safetensors has"), (6, "optimizer.bin is missing"),
+                          (4, "trainer_state.json is unreadable")):
+        assert f"skipped the incomplete checkpoint {ckpt_dir / f'step_{step:07d}'} ({problem}" in printed, printed
+    # re-training steps 2..8 rewrites the three checkpoints; the weights equal the uninterrupted run's
+    assert all(checkpoint_problem(p) is None for p in list_checkpoints(ckpt_dir))
+    assert all(torch.equal(v, state(resumed.unwrap())[k]) for k, v in state(reference.unwrap()).items())
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_says_so(tmp_path, monkeypatch):
+    """The disk fills up while the optimizer state of the step-6 checkpoint is written (after the model file):
+    every earlier checkpoint stays complete, nothing partial is left, the error names the step, the cause and the
+    intact checkpoint, and the run resumes from it."""
+    import errno
+
+    import accelerate.checkpointing
+
+    real_save = accelerate.checkpointing.save
+
+    def save_until_disk_full(obj, f, *args, **kwargs):
+        if "step_0000006" in str(f) and "optimizer" in str(f):
+            with open(f, "wb") as fh:
+                fh.write(b"\0" * 64)  # part of the file made it to disk
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", save_until_disk_full)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint of step 6 .*No space left on device \(ENOSPC\).*"
+                                                   r"newest intact checkpoint is .*step_0000004") as caught:
+        run_toy(make_cfg(tmp_path, checkpoint_every=2, keep_checkpoints=4))
+    assert caught.value.errno == errno.ENOSPC
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_0000002", "step_0000004"]
+    assert all(checkpoint_problem(p) is None for p in list_checkpoints(ckpt_dir))
+    monkeypatch.setattr(accelerate.checkpointing, "save", real_save)  # space freed
+    trainer, _ = run_toy(make_cfg(tmp_path, checkpoint_every=2, keep_checkpoints=4, resume="latest"))
+    assert trainer.resumed_from.name == "step_0000004" and trainer.step == 8
 
 
 def test_export_saves_ema_weights_loadable_with_from_pretrained(tmp_path):

@@ -42,8 +42,8 @@ differ from the pruned model's in the last bits.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from common.cli import make_parser, parse_command_line
 from common.config import load_config
 from common.data import DataConfig, build_image_dataset, class_balanced_indices, dataset_labels
-from common.files import write_json
+from common.files import file_lock, publish_folder, temporary_path, write_json
 from common.metrics import PSNR_CAP_DB, code_histogram, psnr, to_uint8
 from common.training import end_process_group, make_accelerator
 from tokenizer.model import CODEBOOK_PRUNING_KEY, LGQTokenizer
@@ -243,16 +243,21 @@ def prune_tokenizer(tokenizer, kept: torch.Tensor, record: dict[str, Any] | None
     return pruned.to(tokenizer.device).eval()
 
 
-def save_export_atomically(model, output: Path, overwrite: bool) -> None:
-    """``save_pretrained`` into a temporary sibling folder, then rename it to ``output``."""
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if output.exists():
-        if not overwrite:
-            raise FileExistsError(f"{output} exists; choose another output or pass overwrite=true")
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+def save_export_atomically(model, output: Path, overwrite: bool) -> bool:
+    """``save_pretrained`` into a temporary sibling folder, then publish it as ``output`` (``common.files``), under
+    ``file_lock(output)``. Another prune that finished the same export first wins (same config, so the same
+    weights: False, it is kept); an existing export of other settings is replaced with ``overwrite``, else refused."""
+    with file_lock(output):
+        if output.exists() and not overwrite:
+            existing = json.loads((output / "config.json").read_text()) if (output / "config.json").is_file() else None
+            if existing is None or existing.get(CODEBOOK_PRUNING_KEY) != json.loads(json.dumps(
+                    model.config.get(CODEBOOK_PRUNING_KEY))):
+                raise FileExistsError(f"{output} exists; choose another output or pass overwrite=true")
+            return False
+        tmp = temporary_path(output)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        return publish_folder(tmp, output, replace=overwrite)
 
 
 # ----------------------------------------------------------------------------- measuring

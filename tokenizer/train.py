@@ -14,6 +14,8 @@ train.image_log_every steps: validation PSNR + codebook statistics on eval.num_v
 PNG grid (top: originals, bottom: reconstructions) in <output_dir>/images/ and the tracker.
 At the end the EMA weights (or raw weights if train.ema_decay=0) are exported with save_pretrained
 to <output_dir>/tokenizer (load with LGQTokenizer.from_pretrained).
+On SIGTERM / SIGUSR1 the run checkpoints after the current step and exits with code 75 (preempted: requeue
+with --resume latest; common/training.py).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from common.cli import resolve_config_path
 from common.config import load_config
+from common.files import write_bytes_atomic
 from experiments.study.config import StudyConfig
 from tokenizer.config import TokenizerRunConfig
 from tokenizer.quantizers import QUANTIZERS, build_quantizer
@@ -57,9 +58,8 @@ def config_files_for(study: StudyConfig, quantizer: str, output_dir: Path | None
         if model.get("quantizer_options") and model.get("quantizer", quantizer) != quantizer and output_dir is not None:
             del recipe.model["quantizer_options"]
             copy = output_dir / "recipes" / f"{quantizer}-{Path(path).name}"
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_text(f"# {path} without its {model.get('quantizer')}-only quantizer_options (experiments.study)\n"
-                            + OmegaConf.to_yaml(recipe))
+            header = f"# {path} without its {model.get('quantizer')}-only quantizer_options (experiments.study)\n"
+            write_bytes_atomic(copy, (header + OmegaConf.to_yaml(recipe)).encode())  # parallel slices share it
             files[index] = str(copy)
     return files
 
