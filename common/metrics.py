@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.utils import make_grid
 
 PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite: every per-image PSNR is capped here
 
@@ -97,6 +96,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
     """[3, 2H + pad, N W + pad] grid in [-1, 1]: originals in the top row, reconstructions below."""
+    from torchvision.utils import make_grid  # lazy: a pipeline folder's code imports this module (pipelines/remote_code.py)
+
     pairs = torch.cat([originals, reconstructions.clamp(-1, 1)]).float().cpu()
     return make_grid(pairs, nrow=originals.shape[0], padding=2, pad_value=1.0)
 
