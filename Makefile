@@ -9,18 +9,22 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_DISABLE_TELEMETRY := 1
 OFFLINE_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: env demo test test-fast bench gpu-check
+.PHONY: env demo app test test-fast bench gpu-check
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,app]"
 	touch $@
 
 demo: env
 	$(PY) -m experiments.demo $(ARGS)
+
+# the Gradio page (Generate, Tokenize) on the demo's pipeline: http://127.0.0.1:7860 (ARGS="--pipeline FOLDER")
+app: env
+	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pipelines.app $(ARGS)
 
 test: env
 	$(OFFLINE_ENV) $(PY) -m pytest -q $(ARGS)

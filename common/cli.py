@@ -158,6 +158,7 @@ COMMANDS = {
     "lgq-study": "experiments.study",
     "lgq-prune-tokenizer": "tokenizer.prune",
     "lgq-codebook-geometry": "eval.codebook_geometry",
+    "lgq-app": "pipelines.app",
 }
 
 
@@ -185,3 +186,4 @@ demo = _entry_point(COMMANDS["lgq-demo"])
 study = _entry_point(COMMANDS["lgq-study"])
 prune_tokenizer = _entry_point(COMMANDS["lgq-prune-tokenizer"])
 codebook_geometry = _entry_point(COMMANDS["lgq-codebook-geometry"])
+app = _entry_point(COMMANDS["lgq-app"])

@@ -57,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm per optimizer; 0 = no clipping
     mixed_precision: str = "auto"  # "auto" = bf16 when the CUDA device supports it, else "no"; "no" | "bf16" | "fp16"
     ema_decay: float = 0.0  # weight EMA decay (e.g. 0.999); 0 = off
+    compile: bool = False  # torch.compile every trained model's forward in place (nn.Module.compile; weights unchanged)
     log_every: int = 10
     image_log_every: int = 0  # 0 = no image logging
     checkpoint_every: int = 1000  # 0 = only the final checkpoint

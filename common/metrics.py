@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.utils import make_grid
 
 PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite: every per-image PSNR is capped here
 
@@ -97,6 +96,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
     """[3, 2H + pad, N W + pad] grid in [-1, 1]: originals in the top row, reconstructions below."""
+    from torchvision.utils import make_grid  # lazy: a pipeline folder's code imports this module (pipelines/remote_code.py)
+
     pairs = torch.cat([originals, reconstructions.clamp(-1, 1)]).float().cpu()
     return make_grid(pairs, nrow=originals.shape[0], padding=2, pad_value=1.0)
 
@@ -148,6 +149,46 @@ def mean_psnr(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float 
               max_db: float | None = None) -> float:
     """Mean over images of :func:`psnr` (+inf if any pair is identical and max_db is None)."""
     return float(psnr(images_a, images_b, data_range=data_range, max_db=max_db).double().mean())
+
+
+PRC_NEIGHBORHOOD = 3  # k of the k-NN balls: Kynkaenniemi et al. 2019, ADM's evaluator and torch-fidelity's default
+PRC_PROTOCOL = ("improved precision and recall (Kynkaenniemi et al. 2019) as torch-fidelity's prc computes them "
+                "(torch_fidelity.metric_prc.prc_features_to_metric, Euclidean distances, k = {k} nearest neighbours "
+                "within each set, a point on a ball's boundary counts as inside) on {features} of the generated "
+                "and the real images; precision: share of generated images inside the real images' manifold, "
+                "recall: share of real images inside the generated images' manifold")
+
+
+def precision_recall(real_features: torch.Tensor, generated_features: torch.Tensor,
+                     neighborhood: int = PRC_NEIGHBORHOOD, batch_size: int = 10000) -> dict[str, float]:
+    """Improved precision and recall of generated features against real ones (torch-fidelity's ``prc``).
+
+    With NN_k(x, S) the distance from x to its k-th nearest neighbour in S other than x itself
+    (k = ``neighborhood``) and R, G the real and generated features:
+    precision = (1/|G|) sum_{g in G} 1[exists r in R: ||g - r|| <= NN_k(r, R)],
+    recall    = (1/|R|) sum_{r in R} 1[exists g in G: ||r - g|| <= NN_k(g, G)],
+    f_score   = 2 P R / (P + R). Distances are computed in blocks of ``batch_size`` rows (torch-fidelity's
+    ``save_cpu_ram`` path), so memory stays O(batch_size x N). Returns {"precision", "recall", "f_score"}.
+    """
+    from torch_fidelity.metric_prc import prc_features_to_metric  # lazy: a pipeline folder's code imports this module
+
+    for name, features in (("real_features", real_features), ("generated_features", generated_features)):
+        if not torch.is_tensor(features) or features.dim() != 2:
+            raise ValueError(f"{name} must be a [N, D] tensor, got "
+                             f"{tuple(features.shape) if torch.is_tensor(features) else type(features).__name__}")
+    if real_features.shape[1] != generated_features.shape[1]:
+        raise ValueError(f"feature dimensions differ: {real_features.shape[1]} (real) vs "
+                         f"{generated_features.shape[1]} (generated)")
+    if isinstance(neighborhood, bool) or not isinstance(neighborhood, int) or neighborhood < 1:
+        raise ValueError(f"neighborhood must be a positive integer, got {neighborhood!r}")
+    smallest = min(real_features.shape[0], generated_features.shape[0])
+    if smallest <= neighborhood:
+        raise ValueError(f"precision/recall with k = {neighborhood} need more than {neighborhood} images per set, "
+                         f"got {real_features.shape[0]} real and {generated_features.shape[0]} generated")
+    # torch-fidelity's convention: features_1 are the generated images, features_2 the real ones
+    out = prc_features_to_metric(generated_features.float(), real_features.float(), prc_neighborhood=neighborhood,
+                                 prc_batch_size=int(batch_size), save_cpu_ram=True, verbose=False)
+    return {key: float(out[key]) for key in ("precision", "recall", "f_score")}
 
 
 SSIM_SIGMA = 1.5

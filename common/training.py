@@ -166,6 +166,19 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, lr: float | None = None
     return torch.optim.AdamW(groups, lr=cfg.lr if lr is None else lr, betas=tuple(betas or cfg.betas))
 
 
+def compile_in_place(module: nn.Module) -> nn.Module:
+    """``torch.compile`` of ``module``'s forward in place (``nn.Module.compile``): the module object, its parameters
+    and its ``state_dict`` keys stay the same (no ``_orig_mod.`` wrapper), so checkpoints, EMA, DDP and
+    ``save_pretrained`` exports are those of the eager model and load without compile. Graph breaks (the priors'
+    input checks, the quantizers' statistics) fall back to eager for that part.
+
+    Compiled backward passes keep their saved tensors (no "donated buffers"): the tokenizer's adaptive GAN weight
+    (tokenizer/losses.py) differentiates the loss with ``retain_graph=True``, which donated buffers forbid."""
+    torch._functorch.config.donated_buffer = False
+    module.compile()
+    return module
+
+
 def seed_for_step(seed: int, step: int, process_index: int) -> int:
     """Distinct seed per (run seed, step, process): ((seed * 1000003) + step) * 4096 + rank, mod 2^63."""
     return (((int(seed) * 1_000_003) + int(step)) * 4096 + int(process_index)) % (2**63 - 1)
@@ -472,6 +485,9 @@ class Trainer:
         accelerator.register_for_checkpointing(self.progress)
         if self.ema is not None:
             accelerator.register_for_checkpointing(self.ema)
+        if self.cfg.compile:  # after the EMA copy, which stays eager (it is only averaged and exported)
+            for name in models:
+                compile_in_place(self.unwrap(name))
         self._maybe_resume()
         return [self.models[n] for n in models]
 

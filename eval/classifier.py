@@ -1,4 +1,5 @@
-"""An offline classifier metric for class-conditional data sets: accuracy, FD-<dataset> and KID-<dataset>.
+"""An offline classifier metric for class-conditional data sets: accuracy, FD-<dataset>, KID-<dataset>, precision
+and recall.
 
     python -m eval.classifier --data.name glyphs [--output-dir outputs/classifiers/glyphs-32px]
                               [--epochs 4] [--seed 0] [--threads N] [--samples samples.npz]
@@ -55,7 +56,8 @@ from tqdm.auto import tqdm
 
 from common.files import file_lock, publish_folder, temporary_path, write_bytes_atomic
 from common.data import GlyphImages, build_image_dataset, load_data_config, split_data_options
-from common.metrics import nonnegative_distance, thumbnail_images, to_uint8
+from common.metrics import (PRC_NEIGHBORHOOD, PRC_PROTOCOL, nonnegative_distance, precision_recall, thumbnail_images,
+                            to_uint8)
 
 CLASSIFIER_FEATURE_EXTRACTOR = "lgq-classifier"
 METADATA_FILE = "classifier.json"
@@ -141,6 +143,17 @@ def predict(classifier: ImageClassifier, images: torch.Tensor, batch_size: int =
         batch = to_uint8(images[start:start + batch_size])
         predictions.append(classifier(uint8_to_unit_range(batch.to(device))).argmax(dim=1).cpu())
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64)
+
+
+@torch.no_grad()
+def penultimate_features(classifier: ImageClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The penultimate features (those FD/KID use) of uint8 or float [-1, 1] images, float32 [N, D] on the CPU."""
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    features = [classifier.features_and_logits(uint8_to_unit_range(to_uint8(images[start:start + batch_size])
+                                                                   .to(device)))[0].float().cpu()
+                for start in range(0, images.shape[0], batch_size)]
+    return torch.cat(features)
 
 
 def classification_accuracy(predictions: torch.Tensor, labels: torch.Tensor,
@@ -436,12 +449,14 @@ class _Uint8Images(torch.utils.data.Dataset):
 def feature_distances(folder: str | os.PathLike, real_images: torch.Tensor, other_images: torch.Tensor,
                       device: str | torch.device = "cpu", kid_subset_size: int = 1000, kid_subsets: int = 100,
                       seed: int = 0) -> dict[str, Any]:
-    """FD-<dataset> and KID-<dataset> between the classifier features of two image sets (torch-fidelity).
+    """FD-<dataset>, KID-<dataset> (torch-fidelity) and precision/recall of ``other_images`` against
+    ``real_images`` (``common.metrics.precision_recall``, k = 3) on the classifier features of two image sets.
 
     FD = |mu_r - mu_o|^2 + tr(S_r + S_o - 2 (S_r S_o)^(1/2)) over the penultimate features;
     KID = mean over ``kid_subsets`` random subsets of size min(kid_subset_size, N_r, N_o) of the unbiased
     MMD^2 with the kernel k(a, b) = (a.b / d + 1)^3 (torch-fidelity's defaults). Returns
-    ``{"fd", "kid_mean", "kid_std", "fd_name", "kid_name", "num_real", "num_other", "kid_subset_size"}``.
+    ``{"fd", "kid_mean", "kid_std", "fd_name", "kid_name", "num_real", "num_other", "kid_subset_size",
+    "precision", "recall"}``.
     """
     metadata = read_metadata(folder)
     real_u8, other_u8 = to_uint8(real_images).cpu(), to_uint8(other_images).cpu()
@@ -454,11 +469,13 @@ def feature_distances(folder: str | os.PathLike, real_images: torch.Tensor, othe
         kid_subset_size=subset, kid_subsets=kid_subsets, rng_seed=seed, cuda=torch.device(device).type == "cuda",
         batch_size=256, cache=False, save_cpu_ram=True, verbose=False)
     name = metadata["dataset"]["name"]
+    classifier, _ = load_classifier(folder)
+    prc = precision_recall(penultimate_features(classifier, real_u8), penultimate_features(classifier, other_u8))
     # torch-fidelity does not clamp the FD's rounding residue at 0 (common.metrics.nonnegative_distance does)
     return {"fd": nonnegative_distance(metrics["frechet_inception_distance"]), "kid_mean": float(metrics["kernel_inception_distance_mean"]),
             "kid_std": float(metrics["kernel_inception_distance_std"]), "fd_name": f"FD-{name}",
             "kid_name": f"KID-{name}", "num_real": int(real_u8.shape[0]), "num_other": int(other_u8.shape[0]),
-            "kid_subset_size": subset}
+            "kid_subset_size": subset, "precision": prc["precision"], "recall": prc["recall"]}
 
 
 def classifier_report(folder: str | os.PathLike, classifier: ImageClassifier, metadata: dict,
@@ -480,6 +497,7 @@ def classifier_report(folder: str | os.PathLike, classifier: ImageClassifier, me
         "classifier_fd": distances["fd"], "classifier_fd_name": distances["fd_name"],
         "classifier_kid_mean": distances["kid_mean"], "classifier_kid_std": distances["kid_std"],
         "classifier_kid_name": distances["kid_name"],
+        "classifier_precision": distances["precision"], "classifier_recall": distances["recall"],
         "classifier_protocol": {
             "classifier": str(Path(folder).resolve()), "dataset": metadata["dataset"]["name"],
             "image_size": metadata["dataset"]["image_size"], "num_images": accuracy["num_images"],
@@ -488,6 +506,8 @@ def classifier_report(folder: str | os.PathLike, classifier: ImageClassifier, me
             "features": f"penultimate layer ({classifier.config.feature_dim}-d) of eval.classifier.ImageClassifier",
             "distances": "torch_fidelity.calculate_metrics (fid, kid) with the classifier registered as feature "
                          f"extractor {CLASSIFIER_FEATURE_EXTRACTOR!r}; not comparable with FID/KID",
+            "precision_recall": PRC_PROTOCOL.format(k=PRC_NEIGHBORHOOD, features="the classifier's penultimate "
+                                                    "features") + " (the real images: the val split)",
         },
     }
 

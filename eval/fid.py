@@ -190,6 +190,7 @@ class FIDStatistics:
     sigma: np.ndarray
     num_images: int
     metadata: dict = field(default_factory=dict)
+    features: torch.Tensor | None = None  # the per-image features [N, D], when kept (precision/recall); never saved
 
     def __post_init__(self) -> None:
         self.mu = np.asarray(self.mu, dtype=np.float64)
@@ -223,9 +224,11 @@ def load_fid_statistics(path: str | os.PathLike) -> FIDStatistics:
 class InceptionFeatureAccumulator:
     """Streaming sums for FID (S1, S2, N in float64) and, optionally, the IS logits of every image."""
 
-    def __init__(self, dim: int = 2048, keep_logits: bool = False):
+    def __init__(self, dim: int = 2048, keep_logits: bool = False, keep_features: bool = False):
         self.dim = dim
         self.keep_logits = keep_logits
+        self.keep_features = keep_features  # every image's pool features, for precision/recall
+        self.features: list[torch.Tensor] = []
         self.count = 0
         self.sum = torch.zeros(dim, dtype=torch.float64)
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
@@ -239,6 +242,8 @@ class InceptionFeatureAccumulator:
         self.count += f.shape[0]
         self.sum += f.sum(dim=0)
         self.sum_outer += f.T @ f
+        if self.keep_features:
+            self.features.append(features.detach().to("cpu", torch.float32))
         if self.keep_logits:
             if logits is None:
                 raise ValueError("keep_logits=True needs the logits of every batch")
@@ -257,7 +262,8 @@ class InceptionFeatureAccumulator:
         sigma = (self.sum_outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
         meta = {"num_images": self.count, "resolution": sorted(self.resolutions)}
         meta.update(metadata or {})
-        return FIDStatistics(mu.numpy(), sigma.numpy(), self.count, meta)
+        features = torch.cat(self.features) if self.keep_features else None
+        return FIDStatistics(mu.numpy(), sigma.numpy(), self.count, meta, features)
 
     def all_logits(self) -> torch.Tensor:
         if not self.logits:
@@ -287,11 +293,11 @@ def _iterate_batches(images: ImageSource, batch_size: int):
 
 
 def compute_inception_features(images: ImageSource, extractor: InceptionFeatureExtractor, batch_size: int = 64,
-                               keep_logits: bool = False) -> InceptionFeatureAccumulator:
+                               keep_logits: bool = False, keep_features: bool = False) -> InceptionFeatureAccumulator:
     """Run ``images`` (tensor [N, 3, H, W], or an iterable of batches such as a DataLoader) through Inception."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    accumulator = InceptionFeatureAccumulator(keep_logits=keep_logits)
+    accumulator = InceptionFeatureAccumulator(keep_logits=keep_logits, keep_features=keep_features)
     for batch in _iterate_batches(images, batch_size):
         accumulator.update(batch, extractor)
     if accumulator.count == 0:

@@ -1,4 +1,4 @@
-"""Generation FID / IS of an `LGQPipeline`: sharded, seeded, class-balanced sampling.
+"""Generation FID / IS / precision and recall of an `LGQPipeline`: sharded, seeded, class-balanced sampling.
 
     [accelerate launch [--multi_gpu --num_processes P]] eval/gen_fid.py  (or python -m eval.gen_fid)
         --pipeline OUT/pipeline --num-samples 50000 --batch-size 64 --num-inference-steps 12
@@ -16,7 +16,8 @@ Protocol:
   So the samples do not depend on the number of processes (each sample is generated exactly once);
 * each process extracts Inception features (``eval.fid``) of its samples and writes a shard; the main
   process orders everything by sample index, accumulates the FID statistics (float64 sums), the
-  Inception Score (torch-fidelity's split/shuffle, seed 2020) and compares with the reference:
+  Inception Score (torch-fidelity's split/shuffle, seed 2020), precision and recall (torch-fidelity's prc,
+  k = 3, on the same pool features as FID: ``common.metrics.precision_recall``) and compares with the reference:
   an image folder (every image file, sorted), a data split (``common.data`` with ``--data.<field>``
   options; image size defaults to the pipeline's) or an .npz with ``mu``/``sigma`` (our
   ``eval.fid.save_fid_statistics`` or pytorch-fid / ADM-style) or with images ``arr_0`` (NHWC uint8);
@@ -50,8 +51,8 @@ from common.cli import config_help  # noqa: E402
 from common.data import (DATASET_NAMES as DATA_REFERENCE_NAMES, DATASET_SPLITS, DataConfig,  # noqa: E402
                          build_image_dataset, load_data_config, split_data_options)
 from common.files import atomic_write, write_json  # noqa: E402
+from common.metrics import PRC_NEIGHBORHOOD, PRC_PROTOCOL, precision_recall, to_uint8  # noqa: E402
 from common.training import end_process_group  # noqa: E402
-from common.metrics import to_uint8  # noqa: E402
 from eval.fid import (FID_FEATURE_DIM_WARNING, InceptionFeatureAccumulator, InceptionFeatureExtractor,  # noqa: E402
                       InceptionWeightsUnavailable, compute_inception_features, frechet_distance, inception_score,
                       load_fid_statistics)
@@ -179,7 +180,7 @@ FOREIGN_STATISTICS_NOTE = (
 )
 
 
-def npz_reference(path: str | os.PathLike, extractor, batch_size: int):
+def npz_reference(path: str | os.PathLike, extractor, batch_size: int, keep_features: bool = False):
     """FIDStatistics from an .npz: ``mu``/``sigma`` used as they are, else images ``arr_0`` [N, H, W, 3] uint8."""
     with np.load(path, allow_pickle=False) as data:
         has_stats = "mu" in data.files and "sigma" in data.files
@@ -193,7 +194,8 @@ def npz_reference(path: str | os.PathLike, extractor, batch_size: int):
         raise ValueError(f"reference arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
 
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
-    return compute_inception_features(tensor, extractor, batch_size).statistics(extractor.protocol()), "images"
+    accumulator = compute_inception_features(tensor, extractor, batch_size, keep_features=keep_features)
+    return accumulator.statistics(extractor.protocol()), "images"
 
 
 def parse_data_reference(reference: str) -> tuple[str, str] | None:
@@ -215,19 +217,22 @@ def build_reference_dataset(reference: str, data_overrides: Sequence[str], image
 
 
 def reference_statistics(reference: str, extractor, batch_size: int = 64, data_overrides: Sequence[str] = (),
-                         image_size: int = 256):
-    """(FIDStatistics, description dict) of ``reference`` (module docstring for the accepted forms)."""
+                         image_size: int = 256, keep_features: bool = False):
+    """(FIDStatistics, description dict) of ``reference`` (module docstring for the accepted forms);
+    ``keep_features``: the statistics carry every reference image's pool features (not for mu/sigma files)."""
     if parse_data_reference(reference) is not None:
         dataset, cfg, split = build_reference_dataset(reference, data_overrides, image_size)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        stats = compute_inception_features(loader, extractor, batch_size).statistics(extractor.protocol())
-        return stats, {"type": "data_split", "split": split, "data": dataclasses.asdict(cfg)}
+        stats = compute_inception_features(loader, extractor, batch_size, keep_features=keep_features)
+        return stats.statistics(extractor.protocol()), {"type": "data_split", "split": split,
+                                                        "data": dataclasses.asdict(cfg)}
     path = Path(reference)
     if path.is_dir():
-        stats = compute_inception_features(image_folder_batches(path, batch_size), extractor, batch_size)
+        stats = compute_inception_features(image_folder_batches(path, batch_size), extractor, batch_size,
+                                           keep_features=keep_features)
         return stats.statistics(extractor.protocol()), {"type": "image_folder", "path": str(path.resolve())}
     if path.is_file() and path.suffix == ".npz":
-        stats, kind = npz_reference(path, extractor, batch_size)
+        stats, kind = npz_reference(path, extractor, batch_size, keep_features=keep_features)
         return stats, {"type": f"npz_{kind}", "path": str(path.resolve())}
     raise FileNotFoundError(f"reference {reference!r} is neither an image folder, an .npz file nor a data split "
                             f"({' | '.join(n + ':' + '|'.join(DATASET_SPLITS[n]) for n in DATA_REFERENCE_NAMES)})")
@@ -236,19 +241,23 @@ def reference_statistics(reference: str, extractor, batch_size: int = 64, data_o
 # ----------------------------------------------------------------------------- metrics
 def evaluate_generation(samples: dict[str, Any], reference: str | None, extractor=None, batch_size: int = 64,
                         data_overrides: Sequence[str] = (), image_size: int | None = None, isc: bool = True,
-                        isc_splits: int = 10, weights_note: str | None = None) -> dict[str, Any]:
-    """FID (and IS) of merged ``samples`` (``generate_samples`` output ordered by index) vs ``reference``.
+                        isc_splits: int = 10, weights_note: str | None = None, prc: bool = True) -> dict[str, Any]:
+    """FID, IS and precision/recall of merged ``samples`` (``generate_samples`` output ordered by index) vs
+    ``reference``.
 
     Uses ``samples["pool"]``/``["logits"]`` when present, else extracts features from ``samples["images"]``.
-    Returns ``{"fid", "inception_score_mean", "inception_score_std", "reference": {...}, "notes": [...],
-    "inception_weights": {...}}``; without an extractor every figure is None and ``notes`` say why.
+    Returns ``{"fid", "inception_score_mean", "inception_score_std", "precision", "recall", "reference": {...},
+    "notes": [...], "inception_weights": {...}}`` (plus ``prc_protocol``); without an extractor every figure is None
+    and ``notes`` say why. Precision/recall (``common.metrics.precision_recall`` on the 2048-d pool features,
+    k = 3) need the reference's per-image features: a mu/sigma statistics file gives none (noted).
     """
     result: dict[str, Any] = {"fid": None, "inception_score_mean": None, "inception_score_std": None,
+                              "precision": None, "recall": None,
                               "reference": {"spec": reference}, "inception_weights": None, "notes": []}
     if extractor is None:
-        result["notes"].append(f"FID/IS not computed: {weights_note or 'no Inception feature extractor'}")
+        result["notes"].append(f"FID/IS/precision/recall not computed: {weights_note or 'no Inception feature extractor'}")
         return result
-    accumulator = InceptionFeatureAccumulator(keep_logits=True)
+    accumulator = InceptionFeatureAccumulator(keep_logits=True, keep_features=prc)
     if samples.get("pool") is not None:
         accumulator.resolutions.add("x".join(map(str, samples.get("resolution", ()))))
         for start in range(0, samples["pool"].shape[0], batch_size):
@@ -270,8 +279,19 @@ def evaluate_generation(samples: dict[str, Any], reference: str | None, extracto
         return result
     stats = accumulator.statistics(extractor.protocol())
     ref_stats, description = reference_statistics(reference, extractor, batch_size, data_overrides,
-                                                  image_size or 256)
+                                                  image_size or 256, keep_features=prc)
     result["fid"] = frechet_distance(stats, ref_stats)
+    if prc and ref_stats.features is None:
+        result["notes"].append("precision/recall not computed: the reference is a mu/sigma statistics file, which "
+                               "holds no per-image features (give a folder, a data split or an .npz with arr_0)")
+    elif prc:
+        try:
+            result.update(precision_recall(ref_stats.features, stats.features))
+        except ValueError as err:  # too few images for k-NN balls
+            result["notes"].append(f"precision/recall not computed: {err}")
+        else:
+            result["prc_protocol"] = PRC_PROTOCOL.format(k=PRC_NEIGHBORHOOD,
+                                                         features="the 2048-d Inception pool features")
     result["reference"].update(description, num_images=ref_stats.num_images,
                                resolution=ref_stats.metadata.get("resolution"))
     if description["type"] == "npz_statistics" and not ref_stats.metadata:
@@ -338,6 +358,8 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--save-grid", default=None, help="write a PNG grid of the first 64 samples")
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--no-isc", action="store_true", help="skip the Inception Score")
+    parser.add_argument("--no-prc", action="store_true",
+                        help="skip precision/recall (they keep every sample's and reference image's pool features)")
     parser.add_argument("--isc-splits", type=int, default=10, help="Inception Score splits (torch-fidelity default 10)")
     parser.add_argument("--torch-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--expected-num-processes", type=int, default=None,
@@ -386,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     seconds = time.time() - start
     result = evaluate_generation(samples, args.reference, extractor, args.batch_size, args.data_overrides,
                                  pipeline.image_size[0], isc=not args.no_isc, isc_splits=args.isc_splits,
+                                 prc=not args.no_prc,
                                  weights_note=weights_note)
     result["protocol"] = generation_protocol(args, pipeline, samples, classes, classes_source,
                                              accelerator.num_processes, seconds)
@@ -481,7 +504,8 @@ def report(args: argparse.Namespace, result: dict[str, Any], world: int) -> None
         return "n/a" if v is None else f"{v:.4f}"
 
     print(f"gFID {fmt(result['fid'])}  IS {fmt(result['inception_score_mean'])} +- "
-          f"{fmt(result['inception_score_std'])}  ({args.num_samples} samples, {world} process(es), "
+          f"{fmt(result['inception_score_std'])}  precision {fmt(result.get('precision'))}  recall "
+          f"{fmt(result.get('recall'))}  ({args.num_samples} samples, {world} process(es), "
           f"steps {args.num_inference_steps}, CFG {args.guidance_scale}, T {args.temperature}, seed {args.seed})")
     for note in result["notes"]:
         print(f"note: {note}")

@@ -544,13 +544,16 @@ def classifier_markdown(rec: dict, gen: dict) -> list[str]:
     lines = [f"Classifier metric: a small CNN trained on the {protocol['dataset']} train split "
              f"(`{protocol['classifier']}`, accuracy on real val {_fmt(gen['classifier_real_val_accuracy'], 4)}). "
              f"{fd} / {kid}: Frechet / kernel distance of its features to the real val images "
-             f"(torch-fidelity; not FID/KID).", "",
-             f"| images | classified as their label | {fd} | {kid} |", "|---|---:|---:|---:|"]
+             f"(torch-fidelity; not FID/KID); precision / recall: improved precision and recall (k = 3) on the same "
+             f"features (common/metrics.py).", "",
+             f"| images | classified as their label | {fd} | {kid} | precision | recall |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, entry in (("class-conditional samples", gen), ("reconstructions of val", rec)):
         if "classifier_accuracy" in entry:
             lines.append(f"| {name} ({entry['classifier_protocol']['num_images']}) | "
                          f"{_fmt(entry['classifier_accuracy'], 3)} | {_fmt(entry['classifier_fd'], 3)} | "
-                         f"{_fmt(entry['classifier_kid_mean'], 4)} ± {_fmt(entry['classifier_kid_std'], 4)} |")
+                         f"{_fmt(entry['classifier_kid_mean'], 4)} ± {_fmt(entry['classifier_kid_std'], 4)} | "
+                         f"{_fmt(entry.get('classifier_precision'), 3)} | {_fmt(entry.get('classifier_recall'), 3)} |")
     per_class = ", ".join(f"{name}: {_fmt(value, 2)}" for name, value in gen["classifier_per_class_accuracy"].items())
     return lines + ["", f"Samples classified as their label, per class: {per_class}.", ""]
 
@@ -604,6 +607,8 @@ def render_report(metrics: dict) -> str:
         f"| metric | value |", "|---|---:|",
         f"| gFID vs train split | {_fmt(gen['fid'], 2)} |",
         f"| Inception Score | {_fmt(gen['inception_score_mean'], 2)} ± {_fmt(gen['inception_score_std'], 2)} |",
+        f"| precision / recall vs train split (Inception features, k = 3) | {_fmt(gen.get('precision'), 3)} / "
+        f"{_fmt(gen.get('recall'), 3)} |",
         f"| samples scored | {gen['protocol']['num_samples']} |",
         "",
         *classifier_markdown(rec, gen),

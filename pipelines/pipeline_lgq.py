@@ -11,7 +11,8 @@ The loop is ``prior.sampling.TokenSampling``, the only sampling loop of the proj
 runs it with its progress bar and ``callback_on_step_end`` and decodes the tokens; ``MaskGITPrior.generate`` /
 ``GPTPrior.generate`` (``prior.sampling.sample_token_grids``) run it without a tokenizer.
 
-Components (recorded in ``model_index.json`` with their module paths, so this module imports them):
+Components (``model_index.json`` names their classes, and the code the folder carries for diffusers' generic
+loader, ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``: ``pipelines/remote_code.py``):
 
 * ``tokenizer``: ``tokenizer.model.LGQTokenizer`` (``None`` only for token-only sampling, ``output_type="latent"``);
 * ``prior``: ``prior.maskgit.MaskGITPrior`` or ``prior.gpt.GPTPrior``: maps (tokens, labels) to logits;
@@ -26,6 +27,7 @@ tokenizer's encoder/decoder but keep the tokenizer's quantizer (its codebook) in
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -45,7 +47,10 @@ from prior.tokens import check_class_labels
 from tokenizer.model import LGQTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+COMPONENTS = ("tokenizer", "prior", "scheduler")
 REQUIRED_COMPONENTS = ("tokenizer", "prior")
+COMPONENT_CLASSES = {component_cls.__name__: component_cls for component_cls in
+                     (LGQTokenizer, MaskGITPrior, GPTPrior, MaskGITScheduler, AutoregressiveScheduler)}
 
 
 class LGQPipeline(DiffusionPipeline):
@@ -179,19 +184,61 @@ class LGQPipeline(DiffusionPipeline):
                     current.data = original.to(current.device)
         return result
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """diffusers' ``save_pretrained`` plus the code the folder needs to load without this repository
+        (``pipelines/remote_code.py``): ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``."""
+        super().save_pretrained(save_directory, **kwargs)
+        try:  # lazy, by name: this module is itself bundled into the folders, where the bundler is not
+            remote_code = importlib.import_module("pipelines.remote_code")
+        except ImportError:
+            logging.getLogger(__name__).warning(
+                "saved without the pipeline's code (this LGQPipeline was loaded from a folder's remote code): "
+                "load it with LGQPipeline.from_pretrained, or re-save it from the lgq repository")
+            return
+        remote_code.write_remote_code(save_directory)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """Load a pipeline folder written by `save_pretrained` (or a hub id, for users with internet).
+        """Load a pipeline folder written by `save_pretrained` (or a hub id, for users with internet) with this
+        repository's classes.
 
-        Local folders are checked first: a missing ``model_index.json`` or a missing component folder
-        raises FileNotFoundError naming the component. ``torch_dtype`` casts the prior and the
-        tokenizer's encoder/decoder; the quantizer stays fp32 (loaded in fp32, never round-tripped).
+        The components' classes are read from ``model_index.json`` by name (the module names there point at the
+        folder's own code, for diffusers' loader: ``DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)``, which this method does not use). Local folders are checked first: a missing
+        ``model_index.json`` or a missing component folder raises FileNotFoundError naming the component.
+        ``torch_dtype`` casts the prior and the tokenizer's encoder/decoder; the quantizer stays fp32 (loaded in
+        fp32, never round-tripped). Components can be passed in (``prior=...``) as with diffusers; ``cache_dir``,
+        ``revision``, ``token``, ``local_files_only`` apply to hub ids, ``variant``, ``use_safetensors`` and
+        ``low_cpu_mem_usage`` to the components' weights.
         """
         path = os.fspath(pretrained_model_name_or_path)
-        if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")):
-            check_pipeline_folder(path)
+        passed = {name: kwargs.pop(name) for name in COMPONENTS if name in kwargs}
         torch_dtype = kwargs.pop("torch_dtype", None)
-        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_options = {k: kwargs.pop(k) for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        weight_options = {k: kwargs.pop(k) for k in ("variant", "use_safetensors", "low_cpu_mem_usage") if k in kwargs}
+        if kwargs:
+            raise TypeError(f"LGQPipeline.from_pretrained got unexpected options {sorted(kwargs)}")
+        if os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")):
+            folder = path
+        else:
+            from huggingface_hub import snapshot_download  # lazy: only hub ids need it
+
+            folder = snapshot_download(path, **hub_options)
+        index = check_pipeline_folder(folder)
+        components = {}
+        for name in COMPONENTS:
+            entry = index.get(name) or [None, None]
+            if name in passed or entry[0] is None:
+                components[name] = passed.get(name)
+                continue
+            if entry[1] not in COMPONENT_CLASSES:
+                raise ValueError(f"pipeline folder {folder!r}: component {name!r} is a {entry[1]!r}; an LGQPipeline "
+                                 f"component is one of {sorted(COMPONENT_CLASSES)}")
+            component_cls = COMPONENT_CLASSES[entry[1]]
+            options = weight_options if issubclass(component_cls, torch.nn.Module) else {}
+            components[name] = component_cls.from_pretrained(folder, subfolder=name, **options)
+        pipeline = cls(**components)
+        pipeline.register_to_config(_name_or_path=path)
         if torch_dtype is not None:
             pipeline.to(dtype=torch_dtype)
         pipeline.set_eval_mode()
@@ -324,7 +371,7 @@ def check_pipeline_folder(path: str | os.PathLike) -> dict:
                                 f"(build one with python -m pipelines.assemble)")
     with open(index_file) as handle:
         index = json.load(handle)
-    for name in ("tokenizer", "prior", "scheduler"):
+    for name in COMPONENTS:
         entry = index.get(name)
         if name in REQUIRED_COMPONENTS and (entry is None or entry[0] is None):
             raise FileNotFoundError(f"pipeline folder {path!r}: model_index.json has no {name!r} component")

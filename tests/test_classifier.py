@@ -162,3 +162,26 @@ def test_glyph_cache_made_with_other_rendering_ranges_is_refused(tmp_path, monke
     monkeypatch.setattr(GlyphImages, "MAX_ROTATION", GlyphImages.MAX_ROTATION + 7.0)
     with pytest.raises(ClassifierCacheMismatch, match=r"data\.glyph_geometry"):
         check_metadata(metadata, tmp_path, data_cfg)
+
+
+def test_precision_recall_on_classifier_features(cached, val_set):
+    """Real vs real: high precision and recall; a generator that repeats four images: precision high (they are
+    real), recall low (most of the real manifold is missed); inverted colours: both low."""
+    folder, classifier, metadata = cached
+    images, _ = val_set
+    first, second = images[:64], images[64:]
+    halves = feature_distances(folder, first, second)
+    collapsed = feature_distances(folder, first, second[:4].repeat(16, 1, 1, 1))
+    inverted = feature_distances(folder, first, 255 - second)
+    assert halves["precision"] > 0.7 and halves["recall"] > 0.7
+    assert collapsed["precision"] > 0.7 and collapsed["recall"] < 0.3
+    assert inverted["precision"] < halves["precision"] - 0.3 and inverted["recall"] < halves["recall"] - 0.3
+    from common.metrics import precision_recall
+
+    with torch.no_grad():
+        feats = [classifier.features_and_logits(x.float() / 127.5 - 1)[0] for x in (first, second)]
+    expected = precision_recall(*feats)
+    assert (halves["precision"], halves["recall"]) == pytest.approx((expected["precision"], expected["recall"]))
+    report = classifier_report(folder, classifier, metadata, second, val_set[1][64:], first)
+    assert report["classifier_precision"] == pytest.approx(halves["precision"])
+    assert "k = 3" in report["classifier_protocol"]["precision_recall"]

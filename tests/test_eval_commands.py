@@ -212,6 +212,27 @@ def test_gen_fid_command_references_and_outputs(tmp_path, pipeline_dir, inceptio
     np.testing.assert_allclose(folder_stats.sigma, sample_stats.sigma, rtol=0, atol=1e-9)
     assert result["fid"] > 1.0
 
+    # precision / recall (k = 3) on the same pool features: the samples against themselves cover each other
+    # completely; against the data split, the figures are those of common.metrics.precision_recall
+    from common.metrics import precision_recall
+
+    assert saved["precision"] == result["precision"] and "k = 3" in saved["prc_protocol"]
+    reference_stats, _ = gen_fid.reference_statistics("synthetic:val", extractor, data_overrides=[
+        "num_val_images=8", f"num_classes={NUM_CLASSES}"], image_size=8, keep_features=True)
+    sample_features = compute_inception_features(torch.from_numpy(samples).permute(0, 3, 1, 2), extractor,
+                                                 keep_features=True).statistics().features
+    expected = precision_recall(reference_stats.features, sample_features)
+    assert (result["precision"], result["recall"]) == pytest.approx((expected["precision"], expected["recall"]))
+    against_themselves = gen_fid.evaluate_generation({"images": torch.from_numpy(samples).permute(0, 3, 1, 2)},
+                                                     str(folder), extractor, isc=False)
+    assert against_themselves["precision"] == against_themselves["recall"] == 1.0
+    from eval.fid import save_fid_statistics
+
+    save_fid_statistics(tmp_path / "stats.npz", sample_stats)
+    statistics_file = gen_fid.evaluate_generation({"images": torch.from_numpy(samples).permute(0, 3, 1, 2)},
+                                                  str(tmp_path / "stats.npz"), extractor, isc=False)
+    assert statistics_file["precision"] is None and any("mu/sigma" in n for n in statistics_file["notes"])
+
 
 def test_gen_fid_rejects_bad_reference(tmp_path, pipeline_dir, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))

@@ -27,7 +27,7 @@ from eval.fid import (
     resolve_inception_weights,
     save_fid_statistics,
 )
-from common.metrics import (baseline_plan, code_histogram, codebook_statistics, equal_bits_thumbnail_size, lpips_distance,
+from common.metrics import (baseline_plan, code_histogram, precision_recall, codebook_statistics, equal_bits_thumbnail_size, lpips_distance,
                           mean_colour_images, mean_psnr, nominal_bits_per_image, psnr, ssim, thumbnail_images,
                           to_uint8)
 
@@ -356,3 +356,44 @@ def test_nonnegative_distance_clamps_only_rounding_residues_below_zero():
     assert nonnegative_distance(-1.8e-08) == 0.0  # a set against itself, seen from torch-fidelity
     assert nonnegative_distance(0.0) == 0.0
     assert nonnegative_distance(3.25) == 3.25 and nonnegative_distance(np.float64(1e-12)) == 1e-12
+
+
+def brute_force_precision_recall(real: np.ndarray, generated: np.ndarray, k: int) -> tuple[float, float]:
+    """The definition, one pair at a time: x is inside y's ball when ||x - y|| <= the distance from y to its
+    k-th nearest other point of y's own set."""
+    def radii(points):
+        return np.array([np.sort(np.linalg.norm(points - p, axis=1))[k] for p in points])  # [0] is p itself
+
+    def covered(queries, centres):
+        r = radii(centres)
+        return np.mean([any(np.linalg.norm(q - c) <= rc for c, rc in zip(centres, r)) for q in queries])
+
+    return covered(generated, real), covered(real, generated)
+
+
+def test_precision_recall_is_the_definition_and_reads_known_cases():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(60, 5)).astype(np.float32)
+    generated = (rng.normal(size=(40, 5)) * 1.4 + 0.3).astype(np.float32)
+    result = precision_recall(torch.from_numpy(real), torch.from_numpy(generated))
+    expected = brute_force_precision_recall(real.astype(np.float64), generated.astype(np.float64), k=3)
+    assert (result["precision"], result["recall"]) == pytest.approx(expected, abs=1e-6)
+    p, r = result["precision"], result["recall"]
+    assert result["f_score"] == pytest.approx(2 * p * r / (p + r), rel=1e-6)
+    same = precision_recall(torch.from_numpy(real), torch.from_numpy(real))
+    assert same["precision"] == same["recall"] == 1.0
+    collapsed = precision_recall(torch.from_numpy(real), torch.from_numpy(real[:5].repeat(8, axis=0)))
+    assert collapsed["precision"] == 1.0 and collapsed["recall"] < 0.3   # mode collapse: real but not diverse
+    far = precision_recall(torch.from_numpy(real), torch.from_numpy(real + 100.0))
+    assert far["precision"] == far["recall"] == 0.0
+    # k changes the balls: a larger k can only cover more
+    wider = precision_recall(torch.from_numpy(real), torch.from_numpy(generated), neighborhood=8)
+    assert wider["precision"] >= p and wider["recall"] >= r
+
+
+@pytest.mark.parametrize("real, generated, message", [
+    (torch.zeros(10, 3), torch.zeros(10, 4), "dimensions differ"), (torch.zeros(10), torch.zeros(10, 3), "real_features"),
+    (torch.zeros(3, 2), torch.zeros(10, 2), "more than 3 images")])
+def test_precision_recall_rejects_bad_features(real, generated, message):
+    with pytest.raises(ValueError, match=message):
+        precision_recall(real, generated)

@@ -67,9 +67,9 @@ def test_save_load_round_trip_is_exact_offline(pipe, tmp_path):
     before = sample(pipe, seed=3)
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["tokenizer"] == ["tokenizer.model", "LGQTokenizer"]
-    assert index["prior"] == ["prior.maskgit", "MaskGITPrior"]
-    assert index["scheduler"] == ["prior.scheduler", "MaskGITScheduler"]
+    assert index["tokenizer"] == ["lgq_component", "LGQTokenizer"]  # the folder's code: tests/test_remote_code.py
+    assert index["prior"] == ["lgq_component", "MaskGITPrior"]
+    assert index["scheduler"] == ["lgq_component", "MaskGITScheduler"]
     assert list((tmp_path / "tokenizer").glob("*.safetensors")) and list((tmp_path / "prior").glob("*.safetensors"))
     loaded = LGQPipeline.from_pretrained(tmp_path)
     assert not loaded.tokenizer.training and not loaded.prior.training
@@ -170,7 +170,7 @@ def test_gpt_prior_inside_pipeline_round_trip(tmp_path):
     assert before.shape == (3, 8, 8, 3)
     pipeline.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["prior"] == ["prior.gpt", "GPTPrior"]
+    assert index["prior"] == ["lgq_component", "GPTPrior"]
     loaded = LGQPipeline.from_pretrained(tmp_path)
     assert isinstance(loaded.scheduler, AutoregressiveScheduler) and not loaded.prior.training
     np.testing.assert_array_equal(before, sample(loaded, seed=11, top_k=8, top_p=0.9))

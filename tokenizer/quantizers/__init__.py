@@ -22,7 +22,8 @@ def quantizer_class(name: str) -> type[Quantizer]:
     if key not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {name!r}; choose one of {sorted(QUANTIZERS)}")
     module_name, class_name = QUANTIZERS[key].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    # relative to this package when the name is relative (as in the code a pipeline folder carries: remote_code.py)
+    return getattr(importlib.import_module(module_name, __package__), class_name)
 
 
 def build_quantizer(name: str, dim: int, codebook_size: int, **options: Any) -> Quantizer:
