@@ -5,7 +5,8 @@
 
 Randomly initialised priors (sampling cost does not depend on the weights):
   small  MaskGIT and GPT: 4 layers, 256 hidden, 4 heads, MLP 1024   (CPU-sized)
-  base   MaskGIT-B: 24 layers, 768 hidden, 16 heads, MLP 3072; GPT-B (LlamaGen): 12 layers, 768 hidden, 12 heads
+  base   MaskGIT-B: 24 layers, 768 hidden, 16 heads, MLP 3072; GPT-B (LlamaGen): 12 layers, 768 hidden, 12 heads,
+         SwiGLU 2048 (mlp_ratio 8/3, as configs/prior/imagenet_gpt_b.yaml: 110.9M parameters at K = 16384)
 Every configuration uses classifier-free guidance (guidance scale != 1 -> conditional and null-class
 sequences batched together: 2 x batch sequences per forward pass). Throughput = batch / time of one
 ``generate`` call, tokens only: decoding the tokens to pixels is excluded (it is the same tokenizer
@@ -27,17 +28,17 @@ from prior.gpt import GPTPrior
 from prior.maskgit import MaskGITPrior
 
 SIZES = {
-    "small": {"maskgit": dict(hidden_size=256, num_layers=4, num_heads=4),
-              "gpt": dict(hidden_size=256, num_layers=4, num_heads=4)},
-    "base": {"maskgit": dict(hidden_size=768, num_layers=24, num_heads=16),
-             "gpt": dict(hidden_size=768, num_layers=12, num_heads=12)},
+    "small": {"maskgit": dict(hidden_size=256, num_layers=4, num_heads=4, mlp_ratio=4.0),
+              "gpt": dict(hidden_size=256, num_layers=4, num_heads=4, mlp_ratio=4.0)},
+    "base": {"maskgit": dict(hidden_size=768, num_layers=24, num_heads=16, mlp_ratio=4.0),
+             "gpt": dict(hidden_size=768, num_layers=12, num_heads=12, mlp_ratio=8 / 3)},
 }
 
 
 def build_priors(size: str, codebook_size: int, grid: int, num_classes: int, device: str):
     """{"maskgit": MaskGITPrior, "gpt": GPTPrior}, randomly initialised (seed 0), eval mode, on ``device``."""
     torch.manual_seed(0)
-    common = dict(codebook_size=codebook_size, num_classes=num_classes, grid_size=grid, mlp_ratio=4.0, dropout=0.0)
+    common = dict(codebook_size=codebook_size, num_classes=num_classes, grid_size=grid, dropout=0.0)
     return {"maskgit": MaskGITPrior(**common, **SIZES[size]["maskgit"]).to(device).eval(),
             "gpt": GPTPrior(**common, **SIZES[size]["gpt"]).to(device).eval()}
 
