@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from experiments import bench_quantizers, bench_sampling
+from experiments import bench_quantizers, bench_sampling, bench_tokenizer
 
 MIB = 2**20
 
@@ -178,3 +178,44 @@ def test_sampling_benchmark_against_llamagen_from_a_given_path(capsys, tmp_path)
     assert "LlamaGen at commit unknown commit (not a git checkout)" in table
     with pytest.raises(SystemExit):
         bench_sampling.parse_args(["--llamagen", str(tmp_path)])
+
+
+FAKE_LLAMAGEN_VQ_MODEL = """
+import torch
+from torch import nn
+
+
+class VQModel(nn.Module):  # stand-in for LlamaGen's VQ-16: same factory, same forward outputs
+    def __init__(self, codebook_size, codebook_embed_dim):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, codebook_embed_dim, 16, stride=16)
+        self.decoder = nn.ConvTranspose2d(codebook_embed_dim, 3, 16, stride=16)
+        self.quantize = nn.Module()
+        self.quantize.embedding = nn.Embedding(codebook_size, codebook_embed_dim)
+
+    def forward(self, x):
+        z = self.encoder(x)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        codes = self.quantize.embedding(torch.cdist(flat, self.quantize.embedding.weight).argmin(1))
+        vq_loss, commit_loss = ((codes - flat.detach()) ** 2).mean(), 0.25 * ((codes.detach() - flat) ** 2).mean()
+        z_q = (flat + (codes - flat).detach()).reshape(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        return self.decoder(z_q), (vq_loss, commit_loss, None, 0)
+
+
+def VQ_16(codebook_size=16384, codebook_embed_dim=8):
+    return VQModel(codebook_size, codebook_embed_dim)
+"""
+
+
+def test_tokenizer_benchmark_against_llamagen_vq16_from_a_given_path(capsys, tmp_path):
+    llamagen = write_fake_peer(tmp_path / "LlamaGen", {"tokenizer/tokenizer_image/vq_model.py": FAKE_LLAMAGEN_VQ_MODEL})
+    assert bench_tokenizer.main(["--llamagen", llamagen, "--image-size", "32", "--batch-size", "1", "--K", "64",
+                                 "--repeats", "1", "--precisions", "fp32"]) == 0
+    table = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| (ours|llamagen) \| fp32 \| [0-9.]+ \| ([0-9.]+) \|", table, flags=re.M))
+    assert set(rows) == {"ours", "llamagen"}
+    ratio = re.search(r"^\| llamagen \| fp32 \|[^|]+\|[^|]+\| ([0-9.]+)x \| (\d+) \|$", table, flags=re.M)
+    assert ratio and float(ratio.group(1)) == pytest.approx(float(rows["llamagen"]) / float(rows["ours"]), abs=0.03)
+    assert re.search(r"^\| ours \| fp32 \| 70\.0 \|", table, flags=re.M)  # the ImageNet recipe's widths
+    with pytest.raises(SystemExit):
+        bench_tokenizer.parse_args(["--llamagen", str(tmp_path)])
