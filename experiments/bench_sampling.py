@@ -25,8 +25,9 @@ Floors, measured in the same process right after the timed calls:
       matrix product of the model's shape ([2 B L, d] x [d, 4d], median of 5);
   GPT (weight-bandwidth-bound decode): L decode steps x the bytes of the weights each step reads / the read
       bandwidth of summing a 256 MiB tensor (median of 5). KV cache reads and the prefill are not counted.
-``vs floor`` = time / floor; ``vs ours``: llamagen-gpt's time / our GPT's (KV cache) time.
-Timings depend on machine load: the header records the load average and thread count.
+``vs floor`` = CPU time / floor; ``vs ours``: llamagen-gpt's CPU time / our GPT's (KV cache). On CPU the floors'
+micro-benchmarks and the ratios use process CPU time, which other jobs on a shared machine disturb far less
+than the wall time (also printed); on CUDA, wall time. The header records the load average and thread count.
 """
 from __future__ import annotations
 
@@ -120,22 +121,24 @@ def make_generate(name: str, args):
     return model, generate
 
 
-def time_generate(generate, device: str, repeats: int, label: str = "") -> list[float]:
-    """Seconds of ``repeats`` calls of generate(batch) after one warm-up call generate(1) (CUDA synchronised).
+def time_generate(generate, device: str, repeats: int, label: str = "") -> tuple[list[float], list[float]]:
+    """(wall, process CPU) seconds of ``repeats`` calls of generate(batch) after one warm-up call generate(1)
+    (CUDA synchronised).
 
     The warm-up uses one image (same model, code path and options): it pays the one-off costs (lazy
     initialisation, kernel selection, allocator growth) without a full-batch call; the median of the
     repeats absorbs what is left."""
     generate(1)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         generate(None)
         synchronize(device)
         times.append(time.perf_counter() - start)
-        print(f"# {label}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
-    return times
+        cpu_times.append(time.process_time() - cpu_start)
+        print(f"# {label}: {times[-1]:.3f} s ({cpu_times[-1]:.3f} s CPU)", file=sys.stderr, flush=True)
+    return times, cpu_times
 
 
 def synchronize(device: str) -> None:
@@ -144,14 +147,17 @@ def synchronize(device: str) -> None:
 
 
 def median_seconds(fn, device: str, repeats: int = 5) -> float:
+    """Median over ``repeats`` calls after one warm-up: process CPU time on CPU (robust to other jobs on a shared
+    machine), wall time on CUDA."""
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
     fn()
     times = []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -173,7 +179,7 @@ def run_worker(name: str, args) -> dict:
     model, generate = make_generate(name, args)
     repeats = args.no_cache_repeats if name == "gpt-no-cache" and args.no_cache_repeats else args.repeats
     with torch.inference_mode():
-        times = time_generate(generate, args.device, repeats, f"{prior} {method}")
+        times, cpu_times = time_generate(generate, args.device, repeats, f"{prior} {method}")
         tokens = args.grid * args.grid
         params = sum(p.numel() for p in model.parameters())
         hidden = SIZES[args.size]["maskgit" if prior == "maskgit" else "gpt"]["hidden_size"]
@@ -187,9 +193,10 @@ def run_worker(name: str, args) -> dict:
             weight_bytes = (params - embedding_params) * next(model.parameters()).element_size()
             floor = tokens * weight_bytes / read_bytes_per_second(args.device)
     seconds = statistics.median(times)
+    cpu_seconds = statistics.median(cpu_times) if not args.device.startswith("cuda") else seconds
     return {"prior": prior, "method": method, "forward_passes": steps or tokens, "params": params,
-            "seconds": seconds, "repeats": len(times), "images_per_sec": args.batch_size / seconds,
-            "floor_seconds": floor, "threads": torch.get_num_threads()}
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "repeats": len(times),
+            "images_per_sec": args.batch_size / seconds, "floor_seconds": floor, "threads": torch.get_num_threads()}
 
 
 def worker_command(name: str, args) -> list[str]:
@@ -222,14 +229,15 @@ def benchmark(args) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    ours = next((r["seconds"] for r in rows if r["prior"] == "gpt" and r["method"] == "KV cache"), None)
-    out = ["| prior | decoding | forward passes | params (M) | s / batch (median) | timed calls | images/s | "
-           "floor s | vs floor | vs ours |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """``vs floor`` and ``vs ours`` compare CPU times (on CUDA: wall times)."""
+    ours = next((r["cpu_seconds"] for r in rows if r["prior"] == "gpt" and r["method"] == "KV cache"), None)
+    out = ["| prior | decoding | forward passes | params (M) | s / batch (median) | CPU s / batch | timed calls | "
+           "images/s | floor s | vs floor | vs ours |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        versus_ours = f"{r['seconds'] / ours:.2f}x" if r["prior"] == LLAMAGEN and ours else "-"
+        versus_ours = f"{r['cpu_seconds'] / ours:.2f}x" if r["prior"] == LLAMAGEN and ours else "-"
         out.append(f"| {r['prior']} | {r['method']} | {r['forward_passes']} | {r['params'] / 1e6:.1f} | "
-                   f"{r['seconds']:.3f} | {r['repeats']} | {r['images_per_sec']:.3f} | {r['floor_seconds']:.3f} | "
-                   f"{r['seconds'] / r['floor_seconds']:.2f}x | {versus_ours} |")
+                   f"{r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {r['repeats']} | {r['images_per_sec']:.3f} | "
+                   f"{r['floor_seconds']:.3f} | {r['cpu_seconds'] / r['floor_seconds']:.2f}x | {versus_ours} |")
     return "\n".join(out)
 
 

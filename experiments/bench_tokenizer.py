@@ -16,7 +16,8 @@ LPIPS weights cannot be downloaded here). bf16: the step under torch.autocast(bf
 quantizer stays fp32 inside it, as in training). Each configuration runs in a fresh process: time =
 median of --repeats steps after one warm-up step; peak = the most tensor memory the step held beyond what
 was allocated before it (CPU: replay of the profiler's allocation events, one extra untimed step;
-CUDA: max_memory_allocated). ``vs ours``: llamagen's time / ours at the same precision.
+CUDA: max_memory_allocated). ``vs ours``: llamagen's process CPU time / ours at the same precision (CPU time is
+robust to other jobs on a shared machine; the wall time is printed beside it; on CUDA: wall time).
 """
 from __future__ import annotations
 
@@ -97,29 +98,32 @@ def run_worker(model_name: str, precision: str, args) -> dict:
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-    times = []
+    times, cpu_times = [], []
     for i in range(args.repeats + 1):  # the first step is the warm-up
         synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         synchronize()
         if i:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         print(f"# {model_name} {precision}: {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
     peak = torch.cuda.max_memory_allocated() - baseline if device_type == "cuda" else cpu_allocated_peak_bytes(step)
+    cpu_seconds = statistics.median(cpu_times) if device_type == "cpu" else statistics.median(times)
     return {"model": model_name, "precision": precision, "seconds": statistics.median(times), "all_seconds": times,
+            "cpu_seconds": cpu_seconds,
             "peak_bytes": peak, "params": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads()}
 
 
 def markdown_table(rows: list[dict]) -> str:
-    ours = {r["precision"]: r["seconds"] for r in rows if r["model"] == "ours"}
-    out = ["| tokenizer | precision | params (M) | s / step (median) | vs ours | peak allocated MiB |",
-           "|---|---|---|---|---|---|"]
+    ours = {r["precision"]: r["cpu_seconds"] for r in rows if r["model"] == "ours"}
+    out = ["| tokenizer | precision | params (M) | s / step (median) | CPU s / step | vs ours (CPU) | peak allocated MiB |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
-        versus = f"{r['seconds'] / ours[r['precision']]:.2f}x" if r["precision"] in ours else "-"
-        out.append(f"| {r['model']} | {r['precision']} | {r['params'] / 1e6:.1f} | {r['seconds']:.2f} | {versus} | "
-                   f"{r['peak_bytes'] / 2**20:.0f} |")
+        versus = f"{r['cpu_seconds'] / ours[r['precision']]:.2f}x" if r["precision"] in ours else "-"
+        out.append(f"| {r['model']} | {r['precision']} | {r['params'] / 1e6:.1f} | {r['seconds']:.2f} | "
+                   f"{r['cpu_seconds']:.2f} | {versus} | {r['peak_bytes'] / 2**20:.0f} |")
     return "\n".join(out)
 
 
