@@ -1,104 +1,243 @@
-"""Sampling throughput of the priors: MaskGIT (8 and 16 steps) vs GPT (with / without KV cache).
+"""Sampling throughput of the priors: MaskGIT (8 and 16 steps) vs GPT (with / without KV cache), each against
+its floor on this machine, and LlamaGen's GPT ``generate()`` side by side at the identical size.
 
     python -m experiments.bench_sampling [--device cpu|cuda] [--batch-size 8] [--grid 16] [--codebook-size 16384]
-        [--size small|base] [--num-classes 1000] [--guidance-scale 2.0] [--repeats 3] [--no-cache-repeats N] [--no-kv-free-gpt]
+        [--size small|base] [--num-classes 1000] [--guidance-scale 2.0] [--repeats 3] [--no-cache-repeats N]
+        [--no-kv-free-gpt] [--llamagen PATH] [--configurations maskgit-8 maskgit-16 gpt-cache gpt-no-cache llamagen-gpt]
 
 Randomly initialised priors (sampling cost does not depend on the weights):
-  small  MaskGIT and GPT: 4 layers, 256 hidden, 4 heads, MLP 1024   (CPU-sized)
-  base   MaskGIT-B: 24 layers, 768 hidden, 16 heads, MLP 3072; GPT-B (LlamaGen): 12 layers, 768 hidden, 12 heads
+  small  MaskGIT: 4 layers, 256 hidden, 4 heads, MLP 1024; GPT: 4 layers, 256 hidden, 4 heads, SwiGLU 768
+  base   MaskGIT-B: 24 layers, 768 hidden, 16 heads, MLP 3072; GPT-B (LlamaGen): 12 layers, 768 hidden, 12 heads,
+         SwiGLU 2048 (as configs/prior/imagenet_gpt_b.yaml: 110.9M parameters at K = 16384)
+GPT SwiGLU widths follow LlamaGen: find_multiple(int(2 * 4 * hidden / 3), 256).
+``--llamagen PATH`` (a checkout of github.com/FoundationVision/LlamaGen; nothing of it is vendored here) adds
+``llamagen-gpt``: its ``autoregressive.models.gpt.Transformer`` at the same width, depth, heads, SwiGLU width, K,
+classes and grid (dropouts 0; its zero-initialised output layer re-drawn N(0, 0.02) like ours, so the logits
+are not all equal), sampled with its ``autoregressive.models.generate.generate`` (static KV cache, CFG).
 Every configuration uses classifier-free guidance (guidance scale != 1 -> conditional and null-class
 sequences batched together: 2 x batch sequences per forward pass). Throughput = batch / time of one
 ``generate`` call, tokens only: decoding the tokens to pixels is excluded (it is the same tokenizer
-cost for every prior). Time: median of --repeats calls after a one-image warm-up call.
-Timings depend on machine load: the header records the load average and thread count.
+cost for every prior). Each configuration runs in a fresh process; time: median of --repeats calls after
+a one-image warm-up call.
+
+Floors, measured in the same process right after the timed calls:
+  MaskGIT (compute-bound): FLOPs of one generate call (torch.utils.flop_counter) / the FLOP rate of an fp32
+      matrix product of the model's shape ([2 B L, d] x [d, 4d], median of 5);
+  GPT (weight-bandwidth-bound decode): L decode steps x the bytes of the weights each step reads / the read
+      bandwidth of summing a 256 MiB tensor (median of 5). KV cache reads and the prefill are not counted.
+``vs floor`` = CPU time / floor; ``vs ours``: llamagen-gpt's CPU time / our GPT's (KV cache). On CPU the floors'
+micro-benchmarks and the ratios use process CPU time, which other jobs on a shared machine disturb far less
+than the wall time (also printed); on CUDA, wall time. The header records the load average and thread count.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from experiments.peers import check_peer_path, peer_commit, use_peer_checkout
 from prior.gpt import GPTPrior
 from prior.maskgit import MaskGITPrior
 
+
+def llamagen_ffn_width(hidden_size: int, multiple_of: int = 256) -> int:
+    """LlamaGen's SwiGLU width: find_multiple(int(2 * 4 * hidden / 3), multiple_of)."""
+    width = int(2 * 4 * hidden_size / 3)
+    return width if width % multiple_of == 0 else width + multiple_of - width % multiple_of
+
+
 SIZES = {
-    "small": {"maskgit": dict(hidden_size=256, num_layers=4, num_heads=4),
-              "gpt": dict(hidden_size=256, num_layers=4, num_heads=4)},
-    "base": {"maskgit": dict(hidden_size=768, num_layers=24, num_heads=16),
-             "gpt": dict(hidden_size=768, num_layers=12, num_heads=12)},
+    "small": {"maskgit": dict(hidden_size=256, num_layers=4, num_heads=4, mlp_ratio=4.0),
+              "gpt": dict(hidden_size=256, num_layers=4, num_heads=4, mlp_ratio=llamagen_ffn_width(256) / 256)},
+    "base": {"maskgit": dict(hidden_size=768, num_layers=24, num_heads=16, mlp_ratio=4.0),
+             "gpt": dict(hidden_size=768, num_layers=12, num_heads=12, mlp_ratio=llamagen_ffn_width(768) / 768)},
 }
+# configuration id -> (prior, decoding method, MaskGIT steps or None)
+CONFIGURATIONS = {
+    "maskgit-8": ("maskgit", "8 steps", 8),
+    "maskgit-16": ("maskgit", "16 steps", 16),
+    "gpt-cache": ("gpt", "KV cache", None),
+    "gpt-no-cache": ("gpt", "no KV cache", None),
+    "llamagen-gpt": ("llamagen-gpt", "generate(), KV cache", None),
+}
+LLAMAGEN = "llamagen-gpt"
 
 
-def build_priors(size: str, codebook_size: int, grid: int, num_classes: int, device: str):
-    """{"maskgit": MaskGITPrior, "gpt": GPTPrior}, randomly initialised (seed 0), eval mode, on ``device``."""
+def build_prior(name: str, size: str, codebook_size: int, grid: int, num_classes: int, device: str):
+    """MaskGITPrior or GPTPrior of ``size``, randomly initialised (seed 0), eval mode, on ``device``."""
     torch.manual_seed(0)
-    common = dict(codebook_size=codebook_size, num_classes=num_classes, grid_size=grid, mlp_ratio=4.0, dropout=0.0)
-    return {"maskgit": MaskGITPrior(**common, **SIZES[size]["maskgit"]).to(device).eval(),
-            "gpt": GPTPrior(**common, **SIZES[size]["gpt"]).to(device).eval()}
+    common = dict(codebook_size=codebook_size, num_classes=num_classes, grid_size=grid, dropout=0.0)
+    cls = MaskGITPrior if name == "maskgit" else GPTPrior
+    return cls(**common, **SIZES[size][name]).to(device).eval()
 
 
-def time_generate(generate, device: str, repeats: int, label: str = "") -> list[float]:
-    """Seconds of ``repeats`` calls of generate(batch) after one warm-up call generate(1) (CUDA synchronised).
+def build_llamagen_gpt(path: str, size: str, codebook_size: int, grid: int, num_classes: int, device: str):
+    """LlamaGen's class-conditional GPT from its checkout at ``path``, at our GPT's size (module doc)."""
+    use_peer_checkout(path)
+    from autoregressive.models.gpt import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    gpt = SIZES[size]["gpt"]
+    model = Transformer(ModelArgs(dim=gpt["hidden_size"], n_layer=gpt["num_layers"], n_head=gpt["num_heads"],
+                                  vocab_size=codebook_size, num_classes=num_classes, block_size=grid * grid,
+                                  cls_token_num=1, model_type="c2i", class_dropout_prob=0.1, token_dropout_p=0.0,
+                                  attn_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0))
+    torch.nn.init.normal_(model.output.weight, std=0.02)
+    return model.to(device).eval()
+
+
+def make_generate(name: str, args):
+    """(model, generate(n)): generate(n) samples the first n class labels (all for n=None), fresh seeded generator."""
+    prior, _, steps = CONFIGURATIONS[name]
+    all_labels = [i * args.num_classes // args.batch_size for i in range(args.batch_size)]
+    if prior == LLAMAGEN:
+        use_peer_checkout(args.llamagen)
+        from autoregressive.models.generate import generate as llamagen_generate
+
+        model = build_llamagen_gpt(args.llamagen, args.size, args.codebook_size, args.grid, args.num_classes,
+                                   args.device)
+
+        def generate(count: int | None):
+            torch.manual_seed(0)
+            labels = torch.tensor(all_labels[:count], device=args.device)
+            return llamagen_generate(model, labels, args.grid * args.grid, cfg_scale=args.guidance_scale,
+                                     temperature=1.0, top_k=0, top_p=1.0, sample_logits=True)
+        return model, generate
+
+    model = build_prior(prior, args.size, args.codebook_size, args.grid, args.num_classes, args.device)
+    options = {"num_inference_steps": steps} if prior == "maskgit" else {"use_cache": name == "gpt-cache"}
+
+    def generate(count: int | None):
+        generator = torch.Generator(device=args.device).manual_seed(0)
+        return model.generate(all_labels[:count], guidance_scale=args.guidance_scale, generator=generator, **options)
+    return model, generate
+
+
+def time_generate(generate, device: str, repeats: int, label: str = "") -> tuple[list[float], list[float]]:
+    """(wall, process CPU) seconds of ``repeats`` calls of generate(batch) after one warm-up call generate(1)
+    (CUDA synchronised).
 
     The warm-up uses one image (same model, code path and options): it pays the one-off costs (lazy
     initialisation, kernel selection, allocator growth) without a full-batch call; the median of the
     repeats absorbs what is left."""
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     generate(1)
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        generate(None)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        print(f"# {label}: {times[-1]:.3f} s ({cpu_times[-1]:.3f} s CPU)", file=sys.stderr, flush=True)
+    return times, cpu_times
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device: str, repeats: int = 5) -> float:
+    """Median over ``repeats`` calls after one warm-up: process CPU time on CPU (robust to other jobs on a shared
+    machine), wall time on CUDA."""
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    fn()
     times = []
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        generate(None)
-        sync()
-        times.append(time.perf_counter() - start)
-        print(f"# {label}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
-    return times
+        synchronize(device)
+        start = clock()
+        fn()
+        synchronize(device)
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(rows: int, hidden: int, device: str) -> float:
+    """FLOP/s of an fp32 [rows, d] x [d, 4d] matrix product (2 rows d 4d FLOPs)."""
+    a, b = torch.randn(rows, hidden, device=device), torch.randn(hidden, 4 * hidden, device=device)
+    return 2 * rows * hidden * 4 * hidden / median_seconds(lambda: torch.mm(a, b), device)
+
+
+def read_bytes_per_second(device: str, num_bytes: int = 256 * 2**20) -> float:
+    """Read bandwidth: bytes / time of summing an fp32 tensor of ``num_bytes``."""
+    x = torch.ones(num_bytes // 4, device=device)
+    return num_bytes / median_seconds(lambda: x.sum(), device)
+
+
+def run_worker(name: str, args) -> dict:
+    """One configuration in this (fresh) process: timed generate calls, then its floor; a JSON-able row."""
+    prior, method, steps = CONFIGURATIONS[name]
+    model, generate = make_generate(name, args)
+    repeats = args.no_cache_repeats if name == "gpt-no-cache" and args.no_cache_repeats else args.repeats
+    with torch.inference_mode():
+        times, cpu_times = time_generate(generate, args.device, repeats, f"{prior} {method}")
+        tokens = args.grid * args.grid
+        params = sum(p.numel() for p in model.parameters())
+        hidden = SIZES[args.size]["maskgit" if prior == "maskgit" else "gpt"]["hidden_size"]
+        if prior == "maskgit":
+            with FlopCounterMode(display=False) as counter:
+                generate(None)
+            floor = counter.get_total_flops() / matmul_flops_per_second(2 * args.batch_size * tokens, hidden,
+                                                                        args.device)
+        else:  # every decode step reads all weights but the (gathered) token and class embeddings
+            embedding_params = args.codebook_size * hidden + (args.num_classes + 1) * hidden
+            weight_bytes = (params - embedding_params) * next(model.parameters()).element_size()
+            floor = tokens * weight_bytes / read_bytes_per_second(args.device)
+    seconds = statistics.median(times)
+    cpu_seconds = statistics.median(cpu_times) if not args.device.startswith("cuda") else seconds
+    return {"prior": prior, "method": method, "forward_passes": steps or tokens, "params": params,
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "repeats": len(times),
+            "images_per_sec": args.batch_size / seconds, "floor_seconds": floor, "threads": torch.get_num_threads()}
+
+
+def worker_command(name: str, args) -> list[str]:
+    cmd = [sys.executable, "-m", "experiments.bench_sampling", "--worker", name, "--device", args.device,
+           "--batch-size", str(args.batch_size), "--grid", str(args.grid), "--codebook-size", str(args.codebook_size),
+           "--num-classes", str(args.num_classes), "--size", args.size, "--guidance-scale", str(args.guidance_scale),
+           "--repeats", str(args.repeats)]
+    if args.no_cache_repeats:
+        cmd += ["--no-cache-repeats", str(args.no_cache_repeats)]
+    if args.llamagen:
+        cmd += ["--llamagen", args.llamagen]
+    return cmd
 
 
 def benchmark(args) -> list[dict]:
-    priors = build_priors(args.size, args.codebook_size, args.grid, args.num_classes, args.device)
-    all_labels = [i * args.num_classes // args.batch_size for i in range(args.batch_size)]
-    tokens_per_image = args.grid * args.grid
-
-    def sampler(name: str, **options):
-        """generate(n) samples the first n class labels (all of them for n=None) with a fresh seeded generator."""
-        def generate(count: int | None):
-            generator = torch.Generator(device=args.device).manual_seed(0)
-            return priors[name].generate(all_labels[:count], guidance_scale=args.guidance_scale, generator=generator,
-                                         **options)
-        return generate
-
-    configurations = [("maskgit", f"{steps} steps", steps, sampler("maskgit", num_inference_steps=steps))
-                      for steps in (8, 16)]
-    configurations.append(("gpt", "KV cache", tokens_per_image, sampler("gpt", use_cache=True)))
-    if not args.no_kv_free_gpt:
-        configurations.append(("gpt", "no KV cache", tokens_per_image, sampler("gpt", use_cache=False)))
+    names = [name for name in CONFIGURATIONS if name in args.configurations]
+    if args.no_kv_free_gpt and "gpt-no-cache" in names:
+        names.remove("gpt-no-cache")
+    if LLAMAGEN in names and not args.llamagen:
+        names.remove(LLAMAGEN)
     rows = []
-    for name, method, passes, generate in configurations:
-        repeats = args.no_cache_repeats if method == "no KV cache" and args.no_cache_repeats else args.repeats
-        times = time_generate(generate, args.device, repeats, f"{name} {method}")
-        seconds = statistics.median(times)
-        params = sum(p.numel() for p in priors[name].parameters())
-        rows.append({"prior": name, "method": method, "forward_passes": passes, "params": params,
-                     "seconds": seconds, "repeats": len(times), "images_per_sec": args.batch_size / seconds})
+    for name in names:
+        proc = subprocess.run(worker_command(name, args), capture_output=True, text=True, timeout=args.timeout)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"sampling benchmark {name} failed: {tail}")
+        rows.append(json.loads(lines[-1]))
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    out = ["| prior | decoding | forward passes | params (M) | s / batch (median) | timed calls | images/s |",
-           "|---|---|---|---|---|---|---|"]
+    """``vs floor`` and ``vs ours`` compare CPU times (on CUDA: wall times)."""
+    ours = next((r["cpu_seconds"] for r in rows if r["prior"] == "gpt" and r["method"] == "KV cache"), None)
+    out = ["| prior | decoding | forward passes | params (M) | s / batch (median) | CPU s / batch | timed calls | "
+           "images/s | floor s | vs floor | vs ours |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        versus_ours = f"{r['cpu_seconds'] / ours:.2f}x" if r["prior"] == LLAMAGEN and ours else "-"
         out.append(f"| {r['prior']} | {r['method']} | {r['forward_passes']} | {r['params'] / 1e6:.1f} | "
-                   f"{r['seconds']:.3f} | {r['repeats']} | {r['images_per_sec']:.3f} |")
+                   f"{r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {r['repeats']} | {r['images_per_sec']:.3f} | "
+                   f"{r['floor_seconds']:.3f} | {r['cpu_seconds'] / r['floor_seconds']:.2f}x | {versus_ours} |")
     return "\n".join(out)
 
 
@@ -110,25 +249,36 @@ def parse_args(argv=None):
     parser.add_argument("--codebook-size", type=int, default=16384, help="K")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale s (must be != 1: CFG is on)")
+    parser.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale s (must be > 1: CFG is on)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up call")
     parser.add_argument("--no-cache-repeats", type=int, default=None,
                         help="timed calls for GPT without KV cache (default --repeats; each call recomputes the prefix, "
                              "O(L^2) token forwards: slow on CPU)")
     parser.add_argument("--no-kv-free-gpt", action="store_true",
                         help="skip GPT without KV cache (O(L^2) forward tokens: slow on CPU)")
+    parser.add_argument("--configurations", nargs="+", choices=list(CONFIGURATIONS), default=list(CONFIGURATIONS),
+                        help=f"which to run (default all; {LLAMAGEN} only with --llamagen)")
+    parser.add_argument("--llamagen", default=None, metavar="PATH",
+                        help=f"also run LlamaGen's GPT generate() ({LLAMAGEN}) from its checkout at PATH")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per configuration")
+    parser.add_argument("--worker", choices=sorted(CONFIGURATIONS), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.batch_size, args.grid, args.repeats, args.num_classes, args.no_cache_repeats or 1) < 1 or args.codebook_size < 2:
         parser.error("--batch-size, --grid, --repeats, --num-classes must be >= 1 and --codebook-size >= 2")
-    if args.guidance_scale == 1.0:
-        parser.error("--guidance-scale 1.0 switches CFG off; the benchmark measures CFG sampling (2x batch)")
+    if args.guidance_scale <= 1.0:  # LlamaGen's generate() switches CFG off at s <= 1
+        parser.error("--guidance-scale must be > 1: the benchmark measures CFG sampling (2x batch)")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         parser.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    args.llamagen = check_peer_path(parser, "--llamagen", args.llamagen, "autoregressive/models/gpt.py",
+                                    "github.com/FoundationVision/LlamaGen")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(run_worker(args.worker, args)), flush=True)
+        return 0
     load_before = os.getloadavg()
     rows = benchmark(args)
     load_after = os.getloadavg()
@@ -137,9 +287,11 @@ def main(argv=None) -> int:
     print(f"Prior sampling throughput, size '{args.size}' (MaskGIT {describe(sizes['maskgit'])}; "
           f"GPT {describe(sizes['gpt'])}; random weights), K={args.codebook_size}, {args.grid}x{args.grid} tokens, "
           f"batch {args.batch_size} with CFG s={args.guidance_scale} (2 x {args.batch_size} sequences per pass), "
-          f"device={args.device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
-          f"{platform.processor() or platform.machine()}; tokens only (tokenizer decoding excluded); median of "
-          f"the timed calls after a 1-image warm-up; load average {load_before[0]:.1f} -> {load_after[0]:.1f}\n")
+          f"device={args.device}, {rows[0]['threads']} torch threads, {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}; tokens only (tokenizer decoding excluded); each "
+          f"configuration in a fresh process, median of the timed calls after a 1-image warm-up; load average "
+          f"{load_before[0]:.1f} -> {load_after[0]:.1f}"
+          + (f"; {LLAMAGEN}: LlamaGen at commit {peer_commit(args.llamagen)}" if args.llamagen else "") + "\n")
     print(markdown_table(rows))
     return 0
 

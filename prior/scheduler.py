@@ -3,7 +3,8 @@
 Decoding starts from a fully masked grid of L tokens and runs T steps. At step t
 (t = 0..T-1, ``ratio = (t + 1) / T``):
 
-1. sample a candidate x_i ~ Categorical(softmax(logits_i / temperature)) at every masked position i;
+1. sample a candidate x_i ~ Categorical(softmax(logits_i / temperature)) at every masked position i
+   (the probabilities below e^-40 of the largest are exactly 0, so none is denormal: ``common.softmax``);
 2. confidence c_i = log p(x_i) + choice_temperature * (1 - ratio) * g_i, g_i ~ Gumbel(0, 1)
    (the Gumbel noise is annealed to 0 over the steps); already fixed tokens get c_i = +inf;
 3. the number of tokens that stay masked after the step is
@@ -28,6 +29,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+
+from common.softmax import drop_softmax_tail
 
 MASK_SCHEDULES = ("cosine", "linear", "arccos", "square")
 
@@ -225,7 +228,7 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"logits {tuple(model_output.shape)} do not match tokens {tuple(sample.shape)}")
 
         # sample x_i and its log-probability at the masked positions only
-        log_probs = torch.log_softmax(masked_logits / temperature, dim=-1)  # [M, K]
+        log_probs = torch.log_softmax(drop_softmax_tail(masked_logits / temperature), dim=-1)  # [M, K]
         n_unknown = unknown.sum(dim=1)
         drawn = sample_categorical(log_probs.exp(), generator, n_unknown)  # [M]
         candidates = tokens.masked_scatter(unknown, drawn)
@@ -268,7 +271,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0.0 < top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        probs = drop_softmax_tail(sorted_logits).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         remove_sorted = mass_before >= top_p
         remove_sorted[..., 0] = False
@@ -283,7 +286,8 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
     Step t (t = 0..L-1) fills position t of the token sequence [B, L] (``unknown_token_id`` = K marks
     positions not decoded yet) with x_t ~ Categorical(softmax(top_p(top_k(l_t / temperature)))), where l_t
     [B, K] are the (guided) next-token logits the prior computed from the prefix; ``sample_categorical``
-    draws with the caller's generator (one, or one per sample).
+    draws with the caller's generator (one, or one per sample). Probabilities below e^-40 of the largest are
+    exactly 0 (no denormal: ``common.softmax``).
 
     Args:
         codebook_size: K; logits have K entries and tokens are in [0, K).
@@ -328,7 +332,7 @@ class AutoregressiveScheduler(SchedulerMixin, ConfigMixin):
         if model_output.dim() != 2 or model_output.shape != (sample.shape[0], K):
             raise ValueError(f"next-token logits must be [B={sample.shape[0]}, K={K}], got {tuple(model_output.shape)}")
         logits = filter_logits(model_output.float() / temperature, top_k, top_p)
-        drawn = sample_categorical(logits.softmax(dim=-1), generator,
+        drawn = sample_categorical(drop_softmax_tail(logits).softmax(dim=-1), generator,
                                    torch.ones(sample.shape[0], dtype=torch.long))  # [B]
         tokens = sample.clone()
         tokens.reshape(sample.shape[0], -1)[:, t] = drawn

@@ -273,6 +273,30 @@ def test_all_prior_configs_load_with_the_paper_recipes():
     assert builtin.data.tokenizer and builtin.model.prior_type == "maskgit"
 
 
+def llamagen_gpt_parameter_count(dim: int, layers: int, vocab_size: int, num_classes: int) -> int:
+    """Parameters of LlamaGen's class-conditional GPT (autoregressive/models/gpt.py, n_kv_head = n_head,
+    class_dropout_prob > 0): per layer wqkv 3 d^2 + wo d^2 + SwiGLU w1, w3, w2 3 d h with
+    h = find_multiple(int(2 * 4d / 3), 256), two RMSNorms 2d; plus token embedding and output head V d each,
+    the class table (C + 1) d and the final RMSNorm d."""
+    hidden = int(2 * 4 * dim / 3)
+    hidden = hidden if hidden % 256 == 0 else hidden + 256 - hidden % 256
+    per_layer = 4 * dim * dim + 3 * dim * hidden + 2 * dim
+    return layers * per_layer + 2 * vocab_size * dim + (num_classes + 1) * dim + dim
+
+
+def test_gpt_b_config_is_llamagen_gpt_b():
+    from prior.train import build_prior
+
+    gpt = load_config(PriorRunConfig, ROOT / "configs" / "prior" / "imagenet_gpt_b.yaml", ["data.tokens=t"])
+    with torch.device("meta"):  # the 110.9M parameters are never allocated
+        prior = build_prior(gpt.model, gpt.model.codebook_size, (gpt.model.grid_size,) * 2, gpt.model.num_classes)
+    expected = llamagen_gpt_parameter_count(768, 12, 16384, 1000)
+    assert expected == 110_888_448  # LlamaGen's "GPT-B 111M"
+    assert sum(p.numel() for p in prior.parameters()) == expected
+    assert prior.transformer.config.intermediate_size == 2048
+
+
+
 DDP_SETTINGS = ["train.max_steps=4", "train.batch_size=4", "train.expected_num_processes=2", "train.image_log_every=2",
                 "train.progress_bar=false"]
 

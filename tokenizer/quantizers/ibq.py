@@ -39,18 +39,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common.softmax import drop_softmax_tail
 from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, check_weight, entropy, fp32_quantizer_math,
                                        latents_to_tokens, nearest_neighbour_chunk_size, quantizer_output,
                                        sample_codes_from_latents, tokens_to_latents)
 
 
 def _soft_path_chunk(x: torch.Tensor, codebook: torch.Tensor, entropy_temperature: float):
-    """For one chunk of tokens: (q_soft = p stopgrad(C) [n, C], sum_n H(p'_n) scalar, sum_n p'_n [K])."""
+    """For one chunk of tokens: (q_soft = p stopgrad(C) [n, C], sum_n H(p'_n) scalar, sum_n p'_n [K]).
+
+    Both softmaxes drop their tail below e^-40 of the row's largest probability (exactly 0, so none is
+    denormal: ``common.softmax``); 0 log 0 := 0 in the entropy.
+    """
     logits = x @ codebook.t()
-    q_soft = torch.softmax(logits, dim=1) @ codebook.detach()
-    log_p = torch.log_softmax(logits / entropy_temperature, dim=1)
+    q_soft = torch.softmax(drop_softmax_tail(logits), dim=1) @ codebook.detach()
+    log_p = torch.log_softmax(drop_softmax_tail(logits / entropy_temperature), dim=1)
     p = log_p.exp()
-    return q_soft, -(p * log_p).sum(), p.sum(0)
+    return q_soft, -(p * log_p.masked_fill(p == 0, 0.0)).sum(), p.sum(0)
 
 
 @torch.no_grad()

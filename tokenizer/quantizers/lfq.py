@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common.softmax import drop_log_probability_tail
 from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, check_weight, entropy, fp32_quantizer_math,
                                        latents_to_tokens, nearest_neighbour_chunk_size, quantizer_output,
                                        tokens_to_latents)
@@ -53,9 +54,10 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def _code_probability_sum(log_p_plus: torch.Tensor, log_p_minus: torch.Tensor, code_bits: torch.Tensor) -> torch.Tensor:
-    """sum_n p_nk = sum_n exp(sum_j [c_kj=+1] log p_nj(+1) + [c_kj=-1] log p_nj(-1)) for one chunk -> [K]."""
+    """sum_n p_nk = sum_n exp(sum_j [c_kj=+1] log p_nj(+1) + [c_kj=-1] log p_nj(-1)) for one chunk -> [K], every
+    p_nk < e^-40 counted as exactly 0 (no denormal: ``common.softmax``)."""
     log_p = log_p_plus @ code_bits.t() + log_p_minus @ (1.0 - code_bits).t()
-    return log_p.exp().sum(0)
+    return drop_log_probability_tail(log_p).exp().sum(0)
 
 
 class LFQuantizer(Quantizer):

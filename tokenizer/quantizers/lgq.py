@@ -43,6 +43,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from common.softmax import drop_softmax_tail
 from tokenizer.quantizers.base import (Quantizer, QuantizerOutput, fp32_quantizer_math, nearest_code_indices,
                                        nearest_neighbour_chunk_size, sample_codes_from_latents)
 
@@ -90,13 +91,15 @@ def logit_operands(x: torch.Tensor, centres: torch.Tensor, kind: str):
 class SoftAssignment(torch.autograd.Function):
     """Chunked soft path of LGQ with recomputation in backward.
 
-    Forward, with l_nk = (query_n . key_k + bias_k) * inv_tau and p_n = softmax_k(l_n), returns
+    Forward, with l_nk = (query_n . key_k + bias_k) * inv_tau and p_n = softmax_k(l_n) without its denormal
+    tail (``common.softmax.drop_softmax_tail``: p_nk = 0 exactly where l_nk <= max_j l_nj - T, T = 40, a dropped mass
+    < K e^-40, invisible in fp32; docs/method.md §6), returns
         q_soft [N, C'] = p @ values,  p_sq [N] = sum_k p_nk^2,  usage_sum [K] = sum_n p_nk,
         indices [N] = argmax_k l_nk,  max_prob [N] = max_k p_nk      (last two non-differentiable).
     Saved for backward: the inputs and the (small) outputs q_soft and p_sq -- never an N x K tensor.
 
     Backward, for upstream gradients G_q [N, C'], g_s [N], g_u [K], per chunk of tokens:
-        p_nk  = softmax_k(l_nk)                                      (recomputed)
+        p_nk  = softmax_k(l_nk), the same tail dropped              (recomputed)
         g_nk  = G_q,n . v_k + g_u,k + 2 p_nk g_s,n                  (dL/dp_nk)
         <p,g>_n = G_q,n . q_soft,n + p_n . g_u + 2 g_s,n p_sq,n
         dl_nk = p_nk (g_nk - <p,g>_n)                                (softmax backward)
@@ -105,9 +108,10 @@ class SoftAssignment(torch.autograd.Function):
 
     CPU performance notes (the soft path is memory-bound): biases and per-token terms enter the
     chunk matmuls as extra columns ([x, 1] . [k, b]) so each [chunk, K] block is written once by
-    the GEMM; p comes from the fused softmax kernel (aten ``exp`` is several times slower on the
-    very negative logits of a peaked softmax); the [chunk, K] work buffers are allocated once per
-    call and reused (fresh 64 MiB allocations per chunk cost page faults).
+    the GEMM; p comes from the fused softmax kernel; no p is denormal whatever the thread's
+    flush-to-zero state (denormals cost Intel and Apple cores several times in the softmax and in
+    every GEMM that reads p); the [chunk, K] work buffers are allocated once per call and reused
+    (fresh 64 MiB allocations per chunk cost page faults).
     """
 
     @staticmethod
@@ -124,13 +128,13 @@ class SoftAssignment(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
             logits = torch.mm(query_one[start:stop], keys_bias_t, out=logits_buffer[: stop - start])  # [n, K]
-            row_arg = logits.argmax(dim=1)
-            prob = torch.softmax(logits, dim=1, out=prob_buffer[: stop - start])
+            row_max, row_arg = logits.max(dim=1, keepdim=True)
+            prob = torch.softmax(drop_softmax_tail(logits, row_max, out=logits), dim=1, out=prob_buffer[: stop - start])
             torch.mm(prob, values, out=q_soft[start:stop])
             p_sq[start:stop] = torch.bmm(prob[:, None, :], prob[:, :, None]).reshape(-1)
             usage_sum.addmv_(prob.t(), prob.new_ones(stop - start))
-            indices[start:stop] = row_arg
-            max_prob[start:stop] = prob.gather(1, row_arg[:, None]).squeeze(1)
+            indices[start:stop] = row_arg.squeeze(1)
+            max_prob[start:stop] = prob.gather(1, row_arg).squeeze(1)
         del logits_buffer, prob_buffer
         ctx.save_for_backward(query, keys, bias, values, q_soft, p_sq)
         ctx.inv_tau = float(inv_tau)
@@ -160,7 +164,7 @@ class SoftAssignment(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
             logits = torch.mm(query_one[start:stop], keys_bias_t, out=work_buffer[: stop - start])
-            prob = torch.softmax(logits, dim=1, out=prob_buffer[: stop - start])  # recomputed p [n, K]
+            prob = torch.softmax(drop_softmax_tail(logits, out=logits), dim=1, out=prob_buffer[: stop - start])
             grad_rows_chunk = grad_rows[start:stop]
             grad_rows_chunk[:, -2] = -(torch.mv(prob, grad_usage) + inner_fixed[start:stop])  # -<p,g>_n
             grad_logits = torch.mm(grad_rows_chunk, values_aug_t, out=work_buffer[: stop - start])
