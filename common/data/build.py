@@ -8,15 +8,16 @@ from torch.utils.data import Dataset
 from common.data.builtin import BuiltinPhotoCrops
 from common.data.config import DataConfig, as_data_config
 from common.data.glyphs import GlyphImages
+from common.data.hf import HFImageDataset, HFImageStream
 from common.data.imagefolder import SafeImageFolder
 from common.data.synthetic import SyntheticShapes
+from common.data.webdataset import WebDatasetImages
 
 
 def build_image_dataset(cfg: DataConfig | Mapping, split: str = "train") -> Dataset:
     """Build the data set described by ``cfg`` for ``split`` (one of ``cfg.splits()``)."""
     cfg = as_data_config(cfg)
-    if split not in cfg.splits():
-        raise ValueError(f"split must be one of {cfg.splits()} for data.name={cfg.name!r}, got {split!r}")
+    cfg.check_split(split)
     flip = bool(cfg.random_flip) and split == "train"
     if cfg.name == "builtin":
         return BuiltinPhotoCrops(
@@ -37,6 +38,20 @@ def build_image_dataset(cfg: DataConfig | Mapping, split: str = "train") -> Data
             num_classes=cfg.num_classes, image_size=cfg.image_size,
             split=split, seed=cfg.seed, random_flip=flip,
         )
+    if cfg.name == "hf":
+        options = dict(split=cfg.split if split == "train" else cfg.val_split, image_size=cfg.image_size,
+                       random_flip=flip, image_column=cfg.image_column, label_column=cfg.label_column,
+                       num_classes=cfg.num_classes)
+        if cfg.streaming:
+            return HFImageStream(cfg.root, shuffle_buffer=cfg.shuffle_buffer if split == "train" else 0,
+                                 seed=cfg.seed, **options)
+        return HFImageDataset(cfg.root, **options)
+    if cfg.name == "webdataset":
+        train = split == "train"
+        return WebDatasetImages(cfg.shards if train else cfg.val_shards, image_size=cfg.image_size, random_flip=flip,
+                                image_key=cfg.image_key, label_key=cfg.label_key, num_classes=cfg.num_classes,
+                                shuffle_buffer=cfg.shuffle_buffer if train else 0, seed=cfg.seed,
+                                key="data.shards" if train else "data.val_shards")
     return SafeImageFolder(cfg.root, split=split, image_size=cfg.image_size, random_flip=flip)
 
 

@@ -9,18 +9,22 @@ from common.config import load_config
 from common.data.builtin import BUILTIN_PHOTO_NAMES, DEFAULT_VAL_PHOTOS, BuiltinPhotoCrops
 from common.data.glyphs import GLYPH_CHARSETS, GlyphImages
 
-DATASET_NAMES = ("builtin", "imagefolder", "glyphs", "synthetic")
+DATASET_NAMES = ("builtin", "imagefolder", "glyphs", "synthetic", "hf", "webdataset")
 # Splits each data set offers (``build_image_dataset(cfg, split)``).
 DATASET_SPLITS = {
     "builtin": BuiltinPhotoCrops.SPLITS,
     "imagefolder": ("train", "val"),
     "glyphs": GlyphImages.SPLITS,
     "synthetic": ("train", "val"),
+    "hf": ("train", "val"),
+    "webdataset": ("train", "val"),
 }
 # Per-data-set defaults of the DataConfig fields left at None.
 DATASET_DEFAULTS = {
     "builtin": dict(image_size=256, random_flip=True),
     "imagefolder": dict(image_size=256, random_flip=True),
+    "hf": dict(image_size=256, random_flip=True),
+    "webdataset": dict(image_size=256, random_flip=True),
     # Mirrored characters are different (or no) characters: glyphs never flip.
     "glyphs": dict(image_size=32, random_flip=False, num_images=20000, num_val_images=1000),
     "synthetic": dict(image_size=256, random_flip=True, num_images=64, num_val_images=16, num_classes=4),
@@ -30,8 +34,9 @@ DATASET_DEFAULTS = {
 class DataConfig:
     """Which images to train / evaluate on.
 
-    name: "builtin" | "imagefolder" | "glyphs" | "synthetic".
-    root: data root for "imagefolder" (``<root>/train/<class>/...``, ``<root>/val/<class>/...``).
+    name: "builtin" | "imagefolder" | "glyphs" | "synthetic" | "hf" | "webdataset".
+    root: data root for "imagefolder" (``<root>/train/<class>/...``, ``<root>/val/<class>/...``); for "hf" a Hub id,
+        a ``save_to_disk`` folder, a folder of parquet/arrow files or one such file / glob (``common/data/hf.py``).
     image_size: side S of the square output images (null = the data set's default: 32 for
         glyphs, 256 otherwise).
     random_flip: horizontal flip with p = 0.5 on the train split (never on val); null = the data
@@ -47,10 +52,19 @@ class DataConfig:
     num_images / num_val_images: size of the train / val split of glyphs (default 20000 / 1000)
         and synthetic (64 / 16).
     num_classes: glyphs: use the first N characters of the charset (default: all);
-        synthetic: number of shape classes (default 4).
+        synthetic: number of shape classes (default 4); hf with integer labels / webdataset without dataset.json:
+        the number of classes (hf default: largest label + 1; needed when streaming).
     glyph_charset: "digits" | "uppercase" | "alphanumeric" (see GLYPH_CHARSETS).
     glyph_font_dir: folder of .ttf/.otf fonts for glyphs (null = matplotlib's bundled fonts).
     glyph_min_contrast: minimum luma difference |Y(fg) - Y(bg)| in [0, 1] of a glyph's colours.
+    split / val_split: hf: the dataset splits our "train" / "val" splits read (default "train" / "validation").
+    image_column / label_column: hf: the columns of the images and the labels (ClassLabel or integers; null =
+        one class).
+    streaming: hf: read the split as a stream over its shards (common/data/stream.py) instead of indexing it.
+    shards / val_shards: webdataset: the train / val tar shards, a brace pattern, glob or list (local paths or
+        any URL webdataset opens).
+    image_key / label_key: webdataset: the image member extensions tried in order and the label's extension.
+    shuffle_buffer: streams (webdataset, hf with streaming): samples in the shuffle buffer of the train split.
     """
 
     name: str = "builtin"
@@ -74,6 +88,19 @@ class DataConfig:
     glyph_charset: str = "digits"
     glyph_font_dir: Optional[str] = None
     glyph_min_contrast: float = 0.4
+    # hf
+    split: str = "train"
+    val_split: str = "validation"
+    image_column: str = "image"
+    label_column: Optional[str] = "label"
+    streaming: bool = False
+    # webdataset
+    shards: Any = None
+    val_shards: Any = None
+    image_key: str = "jpg;jpeg;png;webp"
+    label_key: str = "cls"
+    # streams
+    shuffle_buffer: int = 1000
 
     @classmethod
     def unresolved(cls) -> "DataConfig":
@@ -99,6 +126,25 @@ class DataConfig:
             raise ValueError(f"data.name must be one of {DATASET_NAMES}, got {self.name!r}")
         if self.name == "imagefolder" and not self.root:
             raise ValueError("data.root must be set for data.name='imagefolder' (folder with train/ and val/)")
+        if self.name == "hf" and not self.root:
+            raise ValueError("data.root must be set for data.name='hf' (a Hub id, a save_to_disk folder or "
+                             "parquet/arrow files)")
+        if self.name == "webdataset" and not self.shards:
+            raise ValueError("data.shards must be set for data.name='webdataset' (a brace pattern, glob or list "
+                             "of tar shards)")
+        for key in ("shards", "val_shards"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, str) or (isinstance(value, (list, tuple)) and value
+                                                                     and all(isinstance(v, str) for v in value))):
+                raise ValueError(f"data.{key} must be a pattern or a non-empty list of shard paths/URLs, "
+                                 f"got {value!r}")
+        if self.streaming and self.name != "hf":
+            raise ValueError(f"data.streaming=true is an option of data.name='hf' (webdataset always streams), got "
+                             f"data.name={self.name!r}")
+        if isinstance(self.shuffle_buffer, bool) or not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer must be a non-negative integer, got {self.shuffle_buffer!r}")
+        if not self.image_column or not self.image_key or not self.label_key:
+            raise ValueError("data.image_column, data.image_key and data.label_key must not be empty")
         for key in ("image_size", "crops_per_photo", "val_crops_per_photo", "num_images", "num_val_images", "num_classes"):
             value = getattr(self, key)
             if value is None and key != "image_size":  # None = not used by this data set
@@ -143,12 +189,20 @@ class DataConfig:
 
     def splits(self) -> tuple[str, ...]:
         """The split names ``build_image_dataset`` accepts for this data set."""
+        if self.name == "webdataset" and not self.val_shards:
+            return ("train",)
         return DATASET_SPLITS[self.name]
+
+    @property
+    def is_stream(self) -> bool:
+        """Whether this source is read as a stream (no length, no random access; common/data/stream.py)."""
+        return self.name == "webdataset" or (self.name == "hf" and bool(self.streaming))
 
     def check_split(self, split: str) -> None:
         """ValueError naming the valid splits unless ``split`` is one of ``splits()``."""
         if split not in self.splits():
-            raise ValueError(f"split must be one of {self.splits()} for data.name={self.name!r}, got {split!r}")
+            hint = " (set data.val_shards for a val split)" if self.name == "webdataset" and split == "val" else ""
+            raise ValueError(f"split must be one of {self.splits()} for data.name={self.name!r}, got {split!r}{hint}")
 
 
 def as_data_config(cfg: Any) -> DataConfig:

@@ -8,7 +8,12 @@ from torch.utils.data import Dataset
 
 
 def dataset_labels(dataset: Dataset) -> list[int]:
-    """The label of every item: ``dataset.targets`` when present (ImageFolder), else read item by item."""
+    """The label of every item: ``dataset.targets`` when present (ImageFolder), else read item by item. A stream
+    raises ValueError: a labelled subset needs a length and random access."""
+    if getattr(dataset, "is_stream", False):
+        raise ValueError(f"{dataset.description} is a stream (data.name=webdataset or data.streaming=true): this "
+                         "command picks a class-balanced subset, which needs a length and random access; use "
+                         "data.name=hf with data.streaming=false, or an image folder")
     targets = getattr(dataset, "targets", None)
     if targets is not None and len(targets) == len(dataset):
         return [int(t) for t in targets]
@@ -43,3 +48,25 @@ def class_balanced_indices(labels: Sequence[int], num_images: int, seed: int = 0
                 chosen.append(queues[label][position])
         position += 1
     return sorted(chosen)
+
+
+def first_items(dataset, count: int) -> list[tuple]:
+    """The first ``count`` items ``(image, label)`` (fewer when the set is smaller): ``dataset[0..count)``, or for a
+    stream the first images of its shards in stored order (no shuffle, shard 0 first)."""
+    if not getattr(dataset, "is_stream", False):
+        return [dataset[i] for i in range(min(count, len(dataset)))]
+    items: list[tuple] = []
+    for shard in range(dataset.num_shards):
+        for item in dataset.iter_shard(shard):
+            if len(items) >= count:
+                return items
+            items.append(item)
+    return items
+
+
+def describe_size(dataset) -> str:
+    """"N images" for an indexable set, "a stream of N images in S shards" (N when known) for a stream."""
+    if not getattr(dataset, "is_stream", False):
+        return f"{len(dataset)} images"
+    known = f"{dataset.num_images} images" if dataset.num_images else "images"
+    return f"a stream of {known} in {dataset.num_shards} shards"
