@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 from PIL import Image
-from accelerate import Accelerator, utils as accelerate_utils
+from accelerate import Accelerator, data_loader as accelerate_data_loader, utils as accelerate_utils
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -400,6 +400,7 @@ class Trainer:
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
         self.ema_model_name: str | None = None
         self.train_loader = None
+        self.streaming = False
         self.without_ddp: set[str] = set()
         self.resumed_from: Path | None = None
         self._stream: Iterator | None = None
@@ -467,11 +468,20 @@ class Trainer:
             else:
                 self.models[name] = accelerator.prepare(model)
         schedulers = [build_lr_scheduler(optimizers[n], self.cfg) for n in opt_names]
-        prepared = accelerator.prepare(*[optimizers[n] for n in opt_names], *schedulers, train_loader)
+        # a stream (common/data/stream.py) deals its shards out to the processes itself: accelerate only places its
+        # batches on the device (its IterableDatasetShard would make every process read every shard)
+        self.streaming = bool(getattr(train_loader.dataset, "is_stream", False))
+        loaders = [] if self.streaming else [train_loader]
+        prepared = accelerator.prepare(*[optimizers[n] for n in opt_names], *schedulers, *loaders)
         self.optimizers = dict(zip(opt_names, prepared[: len(opt_names)]))
-        self.schedulers = dict(zip(opt_names, prepared[len(opt_names): -1]))
-        self.train_loader = prepared[-1]
-        if len(self.train_loader) == 0:
+        self.schedulers = dict(zip(opt_names, prepared[len(opt_names): len(opt_names) + len(schedulers)]))
+        if self.streaming:
+            train_loader.dataset.check_readers(accelerator.num_processes, train_loader.num_workers)
+            self.train_loader = accelerate_data_loader.prepare_data_loader(
+                train_loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True)
+        else:
+            self.train_loader = prepared[-1]
+        if not self.streaming and len(self.train_loader) == 0:
             raise ValueError(
                 f"the training set yields no full batch of {self.cfg.batch_size} per process "
                 f"({accelerator.num_processes} process(es)); lower train.batch_size or use more data"
@@ -524,8 +534,20 @@ class Trainer:
         """Micro-batches from position ``consumed`` (micro-batches per process since step 0) onwards.
 
         Epoch e = consumed // L (L = batches per epoch per process) shuffles with seed (train.seed + e);
-        the first (consumed mod L) batches of that epoch are skipped without loading them.
+        the first (consumed mod L) batches of that epoch are skipped without loading them. A stream runs in passes
+        without end, each seeded with the position it starts at (what that means for resume: common/data/stream.py).
         """
+        if self.streaming:
+            while True:
+                self.train_loader.dataset.start_at(consumed)
+                before = consumed
+                for batch in self.train_loader:
+                    consumed += 1
+                    yield batch
+                if consumed == before:
+                    raise ValueError(f"the training stream of process {self.accelerator.process_index} yields no "
+                                     f"full batch of {self.cfg.batch_size} images; lower train.batch_size or use "
+                                     "more data")
         per_epoch = len(self.train_loader)
         epoch, skip = divmod(consumed, per_epoch)
         while True:

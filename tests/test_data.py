@@ -261,10 +261,10 @@ def test_glyph_fonts_lacking_characters_are_skipped_and_unreadable_fonts_named(t
 def test_glyph_fonts_whose_characters_render_identically_are_skipped(tmp_path, monkeypatch):
     import shutil
 
-    import common.data
+    import common.data.glyphs
 
     # without usable glyph names (or fontTools) the rendering check alone must reject LastResort's boxes
-    monkeypatch.setattr(common.data, "_glyph_name_matches", lambda glyph_name, char: True)
+    monkeypatch.setattr(common.data.glyphs, "_glyph_name_matches", lambda glyph_name, char: True)
     for name in ("DejaVuSerif.ttf", "LastResortHE-Regular.ttf"):
         shutil.copy(matplotlib_font_dir() / name, tmp_path / name)
     dataset = small_glyphs(glyph_font_dir=str(tmp_path))
@@ -273,7 +273,7 @@ def test_glyph_fonts_whose_characters_render_identically_are_skipped(tmp_path, m
 
 
 def test_preview_and_benchmark_command(tmp_path, capsys):
-    from common.data import main
+    from common.data.preview import main
 
     out = main(["--preview", str(tmp_path / "grid.png"), "--rows", "2", "--data.name", "glyphs",
                 "--data.num_images=20", "--data.num_classes", "5"])

@@ -28,7 +28,7 @@ import torch
 from common.cli import load_run_config
 from common.hub import CardInfo, training_rows
 from common.metrics import codebook_statistics, image_grid, mean_psnr
-from common.data import build_image_dataset
+from common.data import build_image_dataset, describe_size, first_items, is_stream
 from common.training import Trainer, build_optimizer, init_quantizer_from_data
 from tokenizer.config import TokenizerRunConfig
 from tokenizer.losses import TokenizerLoss
@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
         models["discriminator"] = discriminator
         optimizers["discriminator"] = build_optimizer(discriminator, cfg.train)
     train_set = build_image_dataset(cfg.data, "train")
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=not is_stream(train_set),
+                                         drop_last=True,
                                          num_workers=cfg.train.num_workers,
                                          persistent_workers=False, pin_memory=torch.cuda.is_available())
     prepared = trainer.setup(models, optimizers, loader, ema_model="model",
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
     tokenizer = trainer.unwrap("model")
     loss_fn.to(trainer.device)  # LPIPS; the discriminator is already placed (and shared)
     trainer.print(f"tokenizer: {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M parameters, quantizer "
-                  f"{cfg.model.quantizer} K={tokenizer.codebook_size}, {len(train_set)} training images, "
+                  f"{cfg.model.quantizer} K={tokenizer.codebook_size}, {describe_size(train_set)} for training, "
                   f"{accelerator.num_processes} process(es), global batch {trainer.images_per_step}")
     if loss_fn.lpips is not None:  # the run's config.yaml records loss.lpips_uniform_heads as well
         trainer.print(f"perceptual loss: {loss_fn.lpips.variant}, weight {cfg.loss.perceptual_weight}")
@@ -103,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
     val_images = None
     if cfg.eval.num_val_images:
         val_set = build_image_dataset(cfg.data, "val")
-        count = min(cfg.eval.num_val_images, len(val_set))
-        val_images = torch.stack([val_set[i][0] for i in range(count)]).to(trainer.device)
+        val_images = torch.stack([image for image, _ in first_items(val_set, cfg.eval.num_val_images)]).to(trainer.device)
 
     @torch.no_grad()
     def on_image_log(step: int) -> dict[str, object]:
@@ -123,14 +123,14 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
 
     # --- run, export -----------------------------------------------------------------------------------
     logs = trainer.fit(training_step, on_log=on_log, on_image_log=on_image_log)
-    trainer.finish("tokenizer", logs, card=tokenizer_card(cfg, tokenizer, trainer, len(train_set)))
+    trainer.finish("tokenizer", logs, card=tokenizer_card(cfg, tokenizer, trainer, describe_size(train_set)))
     return trainer
 
 
-def describe_data(data, num_images: int) -> str:
-    """One line naming the training data of a run: set, location, resolution, size."""
-    where = f" at {data.root}" if data.root else ""
-    return f"{data.name}{where}, train split, {data.image_size} px, {num_images} images"
+def describe_data(data, size: str) -> str:
+    """One line naming the training data of a run: set, location, resolution, size ("N images", see describe_size)."""
+    where = f" at {data.root}" if data.root else f" at {data.shards}" if data.shards else ""
+    return f"{data.name}{where}, train split, {data.image_size} px, {size}"
 
 
 TOKENIZER_USAGE = """from tokenizer.model import LGQTokenizer
@@ -140,7 +140,7 @@ indices = tokenizer.encode(images)        # images: float [B, 3, H, W] in [-1, 1
 reconstruction = tokenizer.decode(indices)"""
 
 
-def tokenizer_card(cfg: TokenizerRunConfig, tokenizer, trainer: Trainer, num_train_images: int):
+def tokenizer_card(cfg: TokenizerRunConfig, tokenizer, trainer: Trainer, train_size: str):
     """The export's model card: quantizer, K, grid, training data and steps, the last validation metrics."""
     f = int(tokenizer.downsample_factor)
     grid = cfg.data.image_size // f
@@ -172,7 +172,7 @@ def tokenizer_card(cfg: TokenizerRunConfig, tokenizer, trainer: Trainer, num_tra
                                            f"{float(tokenizer.quantizer.tau):.4g})")]
                  if hasattr(tokenizer.quantizer, "schedule_description") else []),
                ("parameters", f"{sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M")],
-        training=[("data", describe_data(cfg.data, num_train_images)), *training_rows(cfg, trainer)],
+        training=[("data", describe_data(cfg.data, train_size)), *training_rows(cfg, trainer)],
         metrics=metrics, metrics_protocol=protocol, usage=TOKENIZER_USAGE, tags=[cfg.model.quantizer],
     )
 

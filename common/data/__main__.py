@@ -1,0 +1,3 @@
+from common.data.preview import main
+
+main()
