@@ -42,7 +42,8 @@ REGISTERED_NAME = "lgq_remote_code"      # sys.modules name of the loaded entry 
 ROOT_MODULES = ("pipelines.pipeline_lgq",)
 PROJECT_PACKAGES = ("common", "tokenizer", "prior", "pipelines")
 # what bundled code may import at module level: the Python standard library and what diffusers itself needs
-ALLOWED_EXTERNAL = {"torch", "numpy", "diffusers", "transformers", "huggingface_hub", "safetensors", "PIL"}
+ALLOWED_EXTERNAL = {"torch", "numpy", "diffusers", "transformers", "huggingface_hub", "safetensors", "PIL",
+                    "filelock"}  # filelock: a dependency of diffusers and huggingface_hub
 PIPELINE_CLASS = "LGQPipeline"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _REGISTRY_STRING = re.compile(r"^([A-Za-z_][\w.]*):(\w+)$")  # "tokenizer.quantizers.lgq:LGQuantizer"
