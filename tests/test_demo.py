@@ -49,7 +49,7 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
         assert baseline["psnr_gain_db"] == pytest.approx(rec["psnr"] - baseline["psnr"])
     # the classifier metric: trained once into OUT/classifier/<data>-<size>px, figures in [0, 1], FD/KID named
     gen = saved["generation"]
-    classifier_dirs = list((out / "classifier").iterdir())
+    classifier_dirs = [p for p in (out / "classifier").iterdir() if p.is_dir()]  # beside it: its <name>.lock file
     assert len(classifier_dirs) == 1 and (classifier_dirs[0] / "classifier.json").is_file()
     assert 0.0 <= gen["classifier_accuracy"] <= 1.0 and 0.0 <= gen["classifier_real_val_accuracy"] <= 1.0
     assert 0.0 <= rec["classifier_accuracy"] <= 1.0 and rec["classifier_fd"] >= -1e-6
