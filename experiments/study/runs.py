@@ -72,7 +72,8 @@ def train_run(spec: RunSpec, launcher: str, accelerate_args: Sequence[str] = (),
 def quantizer_peak_memory(quantizer: str, codebook_size: int, num_tokens: int, dim: int) -> dict[str, Any]:
     """Peak memory of one quantizer forward+backward step (experiments.bench_quantizers, fresh subprocess)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args = types.SimpleNamespace(N=int(num_tokens), dim=int(dim), device=device, repeats=1, timeout=600)
+    args = types.SimpleNamespace(N=int(num_tokens), dim=int(dim), device=device, repeats=1, timeout=600,
+                                 authors_lgq=None)  # bench_quantizers: no peer code
     row = run_configuration(quantizer, args, int(codebook_size))
     return {"peak_bytes": row.get("peak_bytes"), "step_seconds": row.get("seconds"), "status": row.get("status"),
             "num_tokens": int(num_tokens), "dim": int(dim), "device": device,
