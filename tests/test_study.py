@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from ddp import free_port  # tests/ddp.py
 from experiments import study
@@ -311,6 +312,26 @@ def test_a_run_folder_exported_in_the_old_config_format_is_refused(tmp_path):
     assert study.export_config_format(run_dir / "tokenizer") == 1
     with pytest.raises(ValueError, match="config_format 1.*learnable"):
         study.check_same_recipe(spec, run_cfg=None)
+
+
+def test_a_run_folder_from_before_a_new_config_key_is_the_same_recipe_while_the_key_keeps_its_default(tmp_path):
+    """A key lgq added later (here train.compile) is absent from an older run's config.yaml: at its default the run
+    is reused / resumed; at another value it is a different recipe."""
+    from types import SimpleNamespace
+
+    from common.config import load_config
+    from tokenizer.config import TokenizerRunConfig
+
+    run_dir = tmp_path / "runs" / "vq_K256_s0"
+    run_dir.mkdir(parents=True)
+    tokenizer_config = ROOT / "configs" / "tokenizer" / "glyphs.yaml"
+    old = OmegaConf.to_container(OmegaConf.structured(load_config(TokenizerRunConfig, [tokenizer_config])))
+    del old["train"]["compile"]
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    spec = SimpleNamespace(run_dir=run_dir, name="vq_K256_s0")
+    study.check_same_recipe(spec, load_config(TokenizerRunConfig, [tokenizer_config]))
+    with pytest.raises(ValueError, match=r"different recipe.*train\.compile"):
+        study.check_same_recipe(spec, load_config(TokenizerRunConfig, [tokenizer_config], ["train.compile=true"]))
 
 
 TINY_PRIOR = ROOT / "configs" / "prior" / "tiny.yaml"

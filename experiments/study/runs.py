@@ -24,6 +24,7 @@ from experiments.study.config import StudyConfig
 from experiments.study.generation import with_generation
 from experiments.study.history import training_summary
 from experiments.study.plan import RunSpec, load_run_config
+from tokenizer.config import TokenizerRunConfig
 from tokenizer.model import CONFIG_FORMAT, LGQTokenizer
 from tokenizer.train import main as train_main
 
@@ -122,6 +123,19 @@ def study_classifier(output_dir: Path, data_cfg, device) -> tuple | None:
     return folder, model, metadata
 
 
+def _with_later_defaults(previous: dict) -> dict:
+    """A stored recipe completed with the schema defaults of keys that lgq added after it was written (e.g.
+    ``data.streaming``, ``train.compile``): such a key held its default then too, since the key did not exist, so a
+    run folder from an older lgq is still the same recipe unless a key it *has* now differs."""
+    defaults = _comparable(OmegaConf.to_container(OmegaConf.structured(TokenizerRunConfig), resolve=True))
+    completed = json.loads(json.dumps(previous))
+    for section, entries in defaults.items():
+        if isinstance(entries, dict) and isinstance(completed.get(section), dict):
+            for key, value in entries.items():
+                completed[section].setdefault(key, value)
+    return completed
+
+
 def _comparable(config: dict) -> dict:
     """A run config without the keys that may differ between invocations of the same run."""
     config = json.loads(json.dumps(config))
@@ -155,7 +169,7 @@ def check_same_recipe(spec: RunSpec, run_cfg) -> None:
         previous = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
     else:
         return
-    previous = _comparable(previous or {})
+    previous = _with_later_defaults(_comparable(previous or {}))
     if previous != current:
         changed = sorted(f"{section}.{key}" for section in set(current) | set(previous)
                          for key in set(current.get(section, {})) | set(previous.get(section, {}))
