@@ -205,5 +205,21 @@ def save_config(config: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+
+
+def with_later_defaults(stored: dict, defaults: dict) -> dict:
+    """``stored`` (a config saved by an older lgq) completed, recursively, with the ``defaults`` entries it lacks.
+
+    A key that lgq added after the config was written held its default then too (the behaviour it names did not
+    exist), so comparing the completed config with a new one reports only what really changed."""
+    completed = dict(stored)
+    for key, value in defaults.items():
+        if key not in completed:
+            completed[key] = value
+        elif isinstance(value, dict) and isinstance(completed[key], dict):
+            completed[key] = with_later_defaults(completed[key], value)
+    return completed
+
+
 __all__ = ["TrainConfig", "ConfigError", "ConfigTypeError", "load_config", "validate_config",
-           "save_config", "config_to_yaml"]
+           "save_config", "config_to_yaml", "with_later_defaults"]

@@ -55,7 +55,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from tqdm.auto import tqdm
 
 from common.files import file_lock, publish_folder, temporary_path, write_bytes_atomic
-from common.data import GlyphImages, build_image_dataset, load_data_config, split_data_options
+from common.config import with_later_defaults
+from common.data import DataConfig, GlyphImages, build_image_dataset, load_data_config, split_data_options
 from common.metrics import (PRC_NEIGHBORHOOD, PRC_PROTOCOL, nonnegative_distance, precision_recall, thumbnail_images,
                             to_uint8)
 
@@ -333,7 +334,9 @@ def check_metadata(metadata: dict, folder: str | os.PathLike, data_cfg=None,
     """Raise ClassifierCacheMismatch naming every field in which the cache differs from the request."""
     differences = []
     if data_cfg is not None:
-        cached = metadata["dataset"]["config"]
+        # keys added to DataConfig after the cache was made held their defaults then (common.config.with_later_defaults)
+        defaults = {k: v for k, v in dataclasses.asdict(DataConfig()).items() if k not in DATA_KEYS_NOT_IDENTIFYING}
+        cached = with_later_defaults(metadata["dataset"]["config"], json.loads(json.dumps(defaults)))
         wanted = json.loads(json.dumps(data_identity(data_cfg)))
         for key in sorted(set(cached) | set(wanted)):
             if cached.get(key) != wanted.get(key):

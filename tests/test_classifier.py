@@ -52,6 +52,19 @@ def test_trained_once_cached_with_metadata_and_reloaded_without_retraining(cache
     assert torch.equal(predict(again, images), predict(classifier, images))
 
 
+def test_cache_made_before_a_data_key_existed_loads_while_the_key_keeps_its_default(cached):
+    """A cache from an older lgq lacks DataConfig keys added since (here `shuffle_buffer`): it is the same data while the
+    key is at its default, and another data set when it is not."""
+    from eval.classifier import check_metadata
+
+    folder, _, saved = cached
+    older = json.loads(json.dumps(saved))
+    del older["dataset"]["config"]["shuffle_buffer"]
+    check_metadata(older, folder, DataConfig(**DATA))
+    with pytest.raises(ClassifierCacheMismatch, match=r"data\.shuffle_buffer: cached 1000, requested 7"):
+        check_metadata(older, folder, DataConfig(**{**DATA, "shuffle_buffer": 7}))
+
+
 def test_training_is_deterministic(cached, tmp_path):
     _, classifier, _ = cached
     retrained, _, _ = load_or_train_classifier(tmp_path / "again", DataConfig(**DATA), RECIPE, progress=False)

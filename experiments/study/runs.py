@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from common.config import with_later_defaults
 from common.data import build_image_dataset
 from common.files import write_json
 from common.training import has_checkpoints, read_history
@@ -123,19 +124,6 @@ def study_classifier(output_dir: Path, data_cfg, device) -> tuple | None:
     return folder, model, metadata
 
 
-def _with_later_defaults(previous: dict) -> dict:
-    """A stored recipe completed with the schema defaults of keys that lgq added after it was written (e.g.
-    ``data.streaming``, ``train.compile``): such a key held its default then too, since the key did not exist, so a
-    run folder from an older lgq is still the same recipe unless a key it *has* now differs."""
-    defaults = _comparable(OmegaConf.to_container(OmegaConf.structured(TokenizerRunConfig), resolve=True))
-    completed = json.loads(json.dumps(previous))
-    for section, entries in defaults.items():
-        if isinstance(entries, dict) and isinstance(completed.get(section), dict):
-            for key, value in entries.items():
-                completed[section].setdefault(key, value)
-    return completed
-
-
 def _comparable(config: dict) -> dict:
     """A run config without the keys that may differ between invocations of the same run."""
     config = json.loads(json.dumps(config))
@@ -169,7 +157,8 @@ def check_same_recipe(spec: RunSpec, run_cfg) -> None:
         previous = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
     else:
         return
-    previous = _with_later_defaults(_comparable(previous or {}))
+    defaults = _comparable(OmegaConf.to_container(OmegaConf.structured(TokenizerRunConfig), resolve=True))
+    previous = with_later_defaults(_comparable(previous or {}), defaults)
     if previous != current:
         changed = sorted(f"{section}.{key}" for section in set(current) | set(previous)
                          for key in set(current.get(section, {})) | set(previous.get(section, {}))
