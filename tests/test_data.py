@@ -212,12 +212,16 @@ def test_glyphs_are_deterministic_by_seed():
     assert sum(torch.equal(a[i][0], other[i][0]) for i in range(len(a))) == 0
 
 
-def test_glyphs_train_and_val_are_disjoint():
+def test_glyphs_train_val_and_tune_are_disjoint():
     train, val = small_glyphs(num_images=400), small_glyphs("val", num_val_images=100)
+    tune = small_glyphs("tune", num_val_images=100)  # the study's tuning split
     train_images = torch.stack([train[i][0] for i in range(len(train))]).flatten(1)
+    val_images = torch.stack([val[i][0] for i in range(len(val))]).flatten(1)
     for j in range(len(val)):
         image = val[j][0].flatten()
         assert float((train_images - image).abs().amax(dim=1).min()) > 0.05  # not even a near duplicate
+        image = tune[j][0].flatten()
+        assert float((torch.cat([train_images, val_images]) - image).abs().amax(dim=1).min()) > 0.05
     # one distribution: both splits use every class, many fonts, the whole size range
     for dataset in (train, val):
         params = [dataset.parameters(i) for i in range(len(dataset))]

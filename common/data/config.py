@@ -15,7 +15,7 @@ DATASET_SPLITS = {
     "builtin": BuiltinPhotoCrops.SPLITS,
     "imagefolder": ("train", "val"),
     "glyphs": GlyphImages.SPLITS,
-    "synthetic": ("train", "val"),
+    "synthetic": ("train", "val", "tune"),
     "hf": ("train", "val"),
     "webdataset": ("train", "val"),
 }

@@ -199,9 +199,9 @@ class GlyphImages(Dataset):
     Rendering: affine warp (bilinear) of the mask into a ``2S x 2S`` canvas, 2x2 box
     downsampling, ``rgb = bg + mask * (fg - bg)``, ``x = 2 * rgb - 1``.
 
-    Split: train and val use different seed streams (the split is part of the seed), so they are
-    two independent draws from one distribution: every parameter is continuous, so no val item
-    equals a train item. There is no flip (a mirrored character is not its class).
+    Split: train, val and tune (the study's tuning split) use different seed streams (the split is part
+    of the seed), so they are independent draws from one distribution: every parameter is continuous, so
+    no item of one split equals an item of another. There is no flip (a mirrored character is not its class).
     """
 
     # Geometry ranges: wide enough that no two glyphs align, narrow enough that a CPU-sized prior learns the
@@ -214,7 +214,7 @@ class GlyphImages(Dataset):
     MAX_OFFSET = 0.4
     COLOUR_CANDIDATES = 64
     PARAMETER_BLOCK = 256
-    SPLITS = ("train", "val")
+    SPLITS = ("train", "val", "tune")  # "tune": the study's tuning split (experiments.study.tuning)
 
     def __init__(self, split: str = "train", num_images: int = 20000, image_size: int = 32,
                  charset: str = "digits", num_classes: Optional[int] = None,

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-SPLITS = ("train", "val", "val_unseen_photos")  # every split name of any data set (seed-stream code = position)
+SPLITS = ("train", "val", "val_unseen_photos", "tune")  # every split name of any data set (seed-stream code =
+# position: a new split is appended, so the existing splits keep their images)
 
 
 def split_code(split: str) -> int:

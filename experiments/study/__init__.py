@@ -52,7 +52,14 @@ per run plots/geometry/<run>/ (eval.codebook_geometry: geometry.json and codeboo
 
 The package: ``config`` (the study YAML), ``plan`` (the runs), ``runs`` (train + evaluate one run), ``history``
 (what a run's history.jsonl says), ``tables`` (seeds aggregated, merged outputs), ``plots``, ``generation`` (the second stage: a prior per run),
-``claims`` (the paper's claims in its form), ``cli`` (``main``).
+``claims`` (the paper's claims in its form), ``tuning`` (the equal tuning budget: trials chosen at one seed on a
+split the study does not report), ``cli`` (``main``).
+
+Tuning (the study config's ``tuning`` section, experiments.study.tuning): before the sweep, every quantizer x K
+trains the same number of trials of its own knobs and the learning rate at ``tuning.seed`` into
+``<output-dir>/tuning/<quantizer>_K<K>_trial<i>/``, scored on ``tuning.split`` (glyphs and synthetic have a
+``tune`` split; never the reported one); the best trial's overrides join every seed's run. Every trial, failed ones
+too, is listed in ``tuning/trials.json`` and ``tuning/trials.md``.
 """
 
 from experiments.study.claims import (
@@ -130,6 +137,19 @@ from experiments.study.tables import (
     table_rows,
     write_merged,
 )
+from experiments.study.tuning import (
+    TUNING_KEYS,
+    TUNING_METRICS,
+    check_equal_budget,
+    choose_trials,
+    load_tuned,
+    plan_trials,
+    run_tuning,
+    trial_overrides,
+    trials_markdown,
+    tuning_settings,
+    write_trials,
+)
 
 __all__ = ["BASELINE_COLUMNS", "CONVERGENCE_GAIN_DB", "DEFAULT_CONFIG", "EVALUATION_KEYS", "GENERATION_DEFAULTS",
            "GENERATION_KEYS", "HEADLINE_TABLE",
@@ -140,4 +160,6 @@ __all__ = ["BASELINE_COLUMNS", "CONVERGENCE_GAIN_DB", "DEFAULT_CONFIG", "EVALUAT
            "load_study_config", "main", "make_plots", "markdown_summary", "markdown_table", "numeric_fields", "paper_claims",
            "parse_args", "plan_runs", "plot_code_usage", "plot_generation", "plot_rate_distortion", "plot_training_curves",
            "plot_utilisation", "quantizer_peak_memory", "relative_change", "run_name", "run_one", "study_classifier", "table_rows",
-           "train_run", "train_script_path", "training_summary", "verdict", "write_merged"]
+           "train_run", "train_script_path", "training_summary", "verdict", "write_merged",
+           "TUNING_KEYS", "TUNING_METRICS", "check_equal_budget", "choose_trials", "load_tuned", "plan_trials",
+           "run_tuning", "trial_overrides", "trials_markdown", "tuning_settings", "write_trials"]

@@ -16,6 +16,7 @@ from experiments.study.history import convergence_report, detect_collapse
 from experiments.study.plan import plan_runs
 from experiments.study.plots import make_plots, plot_curves
 from experiments.study.runs import run_one
+from experiments.study.tuning import load_tuned, run_tuning, tuning_settings
 from experiments.study.tables import (
     HEADLINE_TABLE,
     aggregate_runs,
@@ -49,6 +50,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finished-only", action="store_true",
                         help="train nothing: merge the runs that have finished (result.json) into the tables and "
                              "plots, e.g. while a long sweep is still running; the others are listed as missing")
+    parser.add_argument("--no-tuning", action="store_true",
+                        help="skip the config's tuning section: every quantizer trains its recipe as it is (e.g. "
+                             "the budget curves, which come before the tuning)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
                              "than 2 on a machine whose cores are busy with other work")
@@ -70,19 +74,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     extra = [*quick.get("overrides", []), *args.overrides]
     if study.generation is not None and quick.get("generation"):  # the quick slice's smaller second stage
         study.generation = generation_settings({**study.generation, **quick["generation"]})
+    if args.no_tuning:
+        study.tuning = None
+    if study.tuning is not None and quick.get("tuning"):  # the quick slice's smaller tuning (e.g. fewer trials)
+        study.tuning = tuning_settings({**study.tuning, **quick["tuning"]}, study.evaluation.get("split", "val"))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
-    runs, skipped = plan_runs(study, output_dir, quantizers, codebook_sizes, seeds, extra)
+    tuned = None
+    if study.tuning is not None:  # the equal tuning budget first: its choices are part of every run's recipe
+        if args.curves or args.finished_only:
+            tuned = load_tuned(output_dir, study.tuning, quantizers, codebook_sizes)
+        else:
+            tuned = run_tuning(study, study.tuning, output_dir, quantizers, codebook_sizes, launcher, extra,
+                               dry_run=args.dry_run)
+    runs, skipped = plan_runs(study, output_dir, quantizers, codebook_sizes, seeds, extra, tuned=tuned)
     for name, reason in skipped:
         print(f"[study] skipping {name}: {reason}", flush=True)
     print(f"[study] {len(runs)} run(s) into {output_dir}: " + ", ".join(r.name for r in runs), flush=True)
     if not runs:
         raise ValueError("no valid quantizer x K combination to run (see the skip reasons above)")
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-
-        torch.set_num_threads(args.threads)
 
     results = []
     start = time.time()
@@ -112,9 +125,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return results
 
 
-if __name__ == "__main__":
-    main()
-
 
 def report_curves(runs, output_dir: Path) -> list[dict]:
     """``--curves``: per planned run with a history.jsonl, its last step, last validation PSNR and convergence
@@ -136,3 +146,7 @@ def report_curves(runs, output_dir: Path) -> list[dict]:
     path = plot_curves(rows, output_dir)
     print(f"[study] curves of {len(rows)} run(s): {path}", flush=True)
     return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,13 @@ from omegaconf import OmegaConf
 
 from common.cli import resolve_config_path
 from experiments.study.generation import generation_settings
+from experiments.study.tuning import check_equal_budget, tuning_settings
 
 DEFAULT_CONFIG = "configs/study/glyphs.yaml"
 LAUNCHERS = ("inprocess", "accelerate")
 STUDY_KEYS = {"tokenizer_configs", "quantizer_config", "quantizers", "codebook_sizes", "seeds", "overrides",
               "launcher", "accelerate_args", "evaluation", "measure_memory", "quick", "output_dir", "collapse_fraction",
-              "generation"}
+              "generation", "tuning"}
 EVALUATION_KEYS = {"split", "num_images", "batch_size", "inception_weights", "other_splits"}
 # ----------------------------------------------------------------------------- study config
 @dataclasses.dataclass
@@ -33,6 +34,7 @@ class StudyConfig:
     output_dir: str = "outputs/study"
     collapse_fraction: float = 0.01
     generation: dict[str, Any] | None = None  # the second stage (experiments.study.generation); None = off
+    tuning: dict[str, Any] | None = None  # the equal tuning budget (experiments.study.tuning); None = off
 
 
 def load_study_config(path: str | os.PathLike) -> StudyConfig:
@@ -58,7 +60,7 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     if bad_eval:
         raise ValueError(f"study config {path}: unknown evaluation keys {sorted(bad_eval)} "
                          f"(allowed: {sorted(EVALUATION_KEYS)})")
-    bad_quick = set(cfg.quick) - {"quantizers", "codebook_sizes", "seeds", "overrides", "generation"}
+    bad_quick = set(cfg.quick) - {"quantizers", "codebook_sizes", "seeds", "overrides", "generation", "tuning"}
     if bad_quick:
         raise ValueError(f"study config {path}: unknown quick keys {sorted(bad_quick)}")
     fraction = cfg.collapse_fraction
@@ -67,6 +69,9 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     cfg.collapse_fraction = float(fraction)
     try:
         cfg.generation = generation_settings(cfg.generation)
+        cfg.tuning = tuning_settings(cfg.tuning, cfg.evaluation.get("split", "val"))
+        if cfg.tuning is not None:
+            check_equal_budget(cfg.tuning, cfg.quantizers)
     except ValueError as err:
         raise ValueError(f"study config {path}: {err}") from None
     return cfg

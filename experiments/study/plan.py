@@ -80,9 +80,11 @@ def combination_problem(run_cfg) -> str | None:
 
 
 def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], codebook_sizes: Sequence[int],
-              seeds: Sequence[int], extra_overrides: Sequence[str] = ()) -> tuple[list[RunSpec], list[tuple[str, str]]]:
+              seeds: Sequence[int], extra_overrides: Sequence[str] = (),
+              tuned: dict[tuple[str, int], list[str]] | None = None) -> tuple[list[RunSpec], list[tuple[str, str]]]:
     """(runs to do, [(run name, reason skipped)]) for the cross product quantizer x K x seed, seed-major (every
-    (quantizer, K) at the first seed, then at the next, ...) so an interrupted sweep covers the whole grid early."""
+    (quantizer, K) at the first seed, then at the next, ...) so an interrupted sweep covers the whole grid early.
+    ``tuned``: the overrides the tuning chose per (quantizer, K) (experiments.study.tuning), after the others."""
     for name in quantizers:
         if name not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {name!r}; choose from {sorted(QUANTIZERS)}")
@@ -100,7 +102,8 @@ def plan_runs(study: StudyConfig, output_dir: Path, quantizers: Sequence[str], c
         for quantizer in quantizers:
             for K in codebook_sizes:
                 run_dir = output_dir / "runs" / run_name(quantizer, K, seed)
-                overrides = [*study.overrides, *extra_overrides, f"model.quantizer={quantizer}",
+                overrides = [*study.overrides, *extra_overrides, *(tuned or {}).get((quantizer, int(K)), []),
+                             f"model.quantizer={quantizer}",
                              f"model.codebook_size={K}", f"train.seed={seed}", f"train.output_dir={run_dir}"]
                 spec = RunSpec(quantizer, int(K), int(seed), run_dir, files[quantizer], overrides)
                 problem = combination_problem(load_run_config(spec))
