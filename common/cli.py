@@ -63,7 +63,7 @@ def config_help(schema: Any, prefix: str = "") -> str:
     """The ``--help`` epilog: every configuration key with its default."""
     rows = config_defaults(schema, prefix)
     width = max(len(key) for key, _ in rows)
-    lines = [f"configuration keys (key=value or --key value; defaults shown):"]
+    lines = ["configuration keys (key=value or --key value; defaults shown):"]
     lines += [f"  {key:<{width}}  {'(required)' if value == '???' else repr(value)}" for key, value in rows]
     return "\n".join(lines)
 

@@ -604,7 +604,7 @@ def render_report(metrics: dict) -> str:
         "", *baseline_markdown(rec),
         "", "![originals (top) vs reconstructions (bottom)](reconstructions.png)", "",
         "## Generation", "",
-        f"| metric | value |", "|---|---:|",
+        "| metric | value |", "|---|---:|",
         f"| gFID vs train split | {_fmt(gen['fid'], 2)} |",
         f"| Inception Score | {_fmt(gen['inception_score_mean'], 2)} ± {_fmt(gen['inception_score_std'], 2)} |",
         f"| precision / recall vs train split (Inception features, k = 3) | {_fmt(gen.get('precision'), 3)} / "

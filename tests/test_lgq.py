@@ -1,6 +1,5 @@
 """LGQ quantizer: exact soft-to-hard straight-through, losses, chunked autograd == dense reference."""
 import math
-import warnings
 
 import pytest
 import torch
