@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from common.files import file_lock, publish_folder, temporary_path, write_bytes_atomic
 from common.config import with_later_defaults
-from common.data import DataConfig, GlyphImages, build_image_dataset, load_data_config, split_data_options
+from common.data import DataConfig, GlyphImages, build_image_dataset, first_items, load_data_config, split_data_options
 from common.metrics import (PRC_NEIGHBORHOOD, PRC_PROTOCOL, nonnegative_distance, precision_recall, thumbnail_images,
                             to_uint8)
 
@@ -229,12 +229,11 @@ def default_classifier_dir(data_cfg) -> Path:
 
 
 def load_split(data_cfg, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(uint8 images [N, 3, S, S], int64 labels [N], data set) of the first ``max_images`` items of a split."""
+    """(uint8 images [N, 3, S, S], int64 labels [N], data set) of the first ``max_images`` items of a split (of
+    any source: a stream's first images in shard order, ``common.data.first_items``)."""
     dataset = build_image_dataset(data_cfg, split)
-    count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     images, labels = [], []
-    for i in range(count):
-        image, label = dataset[i]
+    for image, label in first_items(dataset, None if max_images is None else int(max_images)):
         images.append(to_uint8(image))
         labels.append(int(label))
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), dataset

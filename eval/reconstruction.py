@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from common.cli import config_help
 from common.data import load_data_config, split_data_options  # the --data.<field> options every command shares
-from common.data import DataConfig, build_image_dataset, class_balanced_indices, dataset_labels
+from common.data import (DataConfig, build_image_dataset, class_balanced_indices, dataset_labels, dataset_size,
+                         is_stream, process_share)
 from common.files import write_json
 from common.metrics import (PSNR_CAP_DB, BASELINE_NAMES, baseline_images, baseline_plan, code_histogram, codebook_statistics,
                             lpips_distance, nominal_bits_per_image, psnr, ssim, to_uint8)
@@ -97,7 +98,9 @@ def evaluate_reconstruction(
     tokenizer = tokenizer.to(device).eval()
     notes: list[str] = []
     indices, balance, labels_used = evaluation_subset(dataset, num_images, seed)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    source = process_share(dataset) if indices is None else Subset(dataset, indices)  # a stream: every shard in order
+    workers = min(num_workers, 1) if is_stream(dataset) else num_workers  # one reader keeps a stream's shard order
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers)
     extractor = _inception_or_note(compute_fid, inception_weights, device, allow_download, notes)
     lpips_model = _published_lpips_or_note(lpips_model, device, notes)
 
@@ -129,15 +132,17 @@ def evaluate_reconstruction(
 
 
 def evaluation_subset(dataset: Dataset, num_images: int | None, seed: int) -> tuple[list[int], str, list | None]:
-    """(indices, how they were chosen, their labels or None): every image, or a class-balanced subset."""
+    """(indices, how they were chosen, their labels or None): every image, or a class-balanced subset (a stream:
+    indices None = every image of every shard in order; a balanced subset of a stream raises ValueError)."""
     if num_images is None:
-        indices, balance, labels_used = list(range(len(dataset))), "all images of the split", None
+        indices = None if is_stream(dataset) else list(range(len(dataset)))
+        balance, labels_used = "all images of the split", None
     else:
         labels = dataset_labels(dataset)
         indices = class_balanced_indices(labels, int(num_images), seed=seed)
         labels_used = [labels[i] for i in indices]
         balance = f"class-balanced subset (round robin over classes, seed {seed})"
-    if not indices:
+    if indices is not None and not indices:
         raise ValueError("the evaluation set is empty")
     return indices, balance, labels_used
 
@@ -248,7 +253,7 @@ def _reconstruction_protocol(tally: ReconstructionTally, dataset, tokenizer, lpi
     tokens_per_image, counts = tally.tokens_per_image, tally.counts
     return {
         "num_images": num_evaluated,
-        "dataset_size": len(dataset),
+        "dataset_size": dataset_size(dataset) or num_evaluated,
         "class_balancing": balance,
         "images_per_class": images_per_class,
         "num_classes": getattr(dataset, "num_classes", None),

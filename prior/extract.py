@@ -21,6 +21,9 @@ taken by the main process; its other processes wait at a barrier, within the pro
 finds the finished directory. When all chunks exist the main process concatenates them in index order into the
 token directory format of ``prior/tokens.py`` (``tokens.npy``, ``labels.npy``, then ``meta.json``) and removes
 ``_chunks/``.
+A stream (``data.name=webdataset``, or ``hf`` with ``data.streaming=true``; ``common/data/stream.py``) has no
+image index: there chunk c is shard c, read whole in stored order (``chunk_size`` is not used), so the same
+rules give every image of every shard exactly once, whatever the shard sizes.
 ``--flip`` stores the grid of the horizontally flipped image right after each image's grid.
 """
 from __future__ import annotations
@@ -44,7 +47,7 @@ from tqdm.auto import tqdm
 
 from common.cli import make_parser, parse_command_line
 from common.config import load_config
-from common.data import DataConfig, build_image_dataset
+from common.data import DataConfig, build_image_dataset, is_stream
 from common.files import atomic_write, file_lock
 from common.training import end_process_group, make_accelerator
 from prior.tokens import (LABELS_FILE, META_FILE, TOKENS_FILE, build_meta, normalize_grid_size, read_meta,
@@ -108,6 +111,14 @@ def _load_chunk(path: Path, expected_rows: int, grid: tuple[int, int] | None) ->
     return tokens, labels
 
 
+def _chunk_rows(path: Path) -> int:
+    try:
+        with np.load(path) as chunk:
+            return int(chunk["labels"].shape[0])
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"chunk {path} is unreadable ({err}); delete it and re-run to re-encode it") from err
+
+
 def _job_record(num_images: int, chunk_size: int, augmentations: list[str], tokenizer_hash: str,
                 extra: dict) -> dict:
     return {"num_images": num_images, "chunk_size": chunk_size, "augmentations": augmentations,
@@ -155,14 +166,18 @@ def extract_tokens(
     output = Path(output)
     rank, world = accelerator.process_index, accelerator.num_processes
     augmentations = AUGMENTATIONS[bool(flip)]
-    num_images = len(dataset)
+    stream = is_stream(dataset)
+    num_images = None if stream else len(dataset)  # a stream's count is known once its shards are read
     if num_images == 0:
         raise ValueError("the data set is empty: nothing to extract")
     if tokenizer_hash is None:
         tokenizer_hash = tokenizer_fingerprint(tokenizer)
     K = int(tokenizer.codebook_size)
     extra = dict(meta_extra or {})
-    job = _job_record(num_images, int(chunk_size), augmentations, tokenizer_hash, extra)
+    if stream:  # chunk c = shard c
+        job = _job_record(None, None, augmentations, tokenizer_hash, {**extra, "shards": dataset.shard_names})
+    else:
+        job = _job_record(num_images, int(chunk_size), augmentations, tokenizer_hash, extra)
 
     # one extraction job per output at a time: the main process of a second job (another command on the same
     # --output) waits here for the lock, its other processes at the barrier; then it finds the finished directory
@@ -173,7 +188,7 @@ def extract_tokens(
         chunk_dir = _prepare_chunk_folder(output, job, tokenizer_hash, overwrite, accelerator)
 
         # --- this process's share of the missing chunks (listed by every process between two barriers)
-        num_chunks = math.ceil(num_images / chunk_size)
+        num_chunks = dataset.num_shards if stream else math.ceil(num_images / chunk_size)
         missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
         accelerator.wait_for_everyone()  # nobody writes a chunk before every process has listed them
         _encode_chunks(tokenizer, dataset, output, missing[rank::world], chunk_size=chunk_size, batch_size=batch_size,
@@ -182,7 +197,7 @@ def extract_tokens(
 
         # --- merge (main process), in chunk = image order
         if accelerator.is_main_process:
-            merge_chunks(output, num_images, chunk_size, augmentations, K, job,
+            merge_chunks(output, num_images, chunk_size, augmentations, K, job, num_chunks=num_chunks,
                          tokenizer_path=tokenizer_path, tokenizer_hash=tokenizer_hash, num_processes=world, **extra)
             if not keep_chunks:
                 shutil.rmtree(chunk_dir, ignore_errors=True)
@@ -241,19 +256,23 @@ def _encode_chunks(tokenizer, dataset, output: Path, chunks: Sequence[int], *, c
     """Encode the images of ``chunks`` (chunk c = images [c * chunk_size, (c + 1) * chunk_size)) and write each
     chunk atomically; the tokenizer runs in eval mode (no collective inside encode) and its mode is restored."""
     K = int(tokenizer.codebook_size)
-    num_images = len(dataset)
+    stream = is_stream(dataset)
+    num_images = None if stream else len(dataset)
     num_views = len(AUGMENTATIONS[bool(flip)])
     progress = None
     if show_progress and accelerator.is_main_process:
-        pending_images = sum(min(chunk_size, num_images - c * chunk_size) for c in chunks)
+        pending_images = None if stream else sum(min(chunk_size, num_images - c * chunk_size) for c in chunks)
         progress = tqdm(total=pending_images, desc=f"encode (process 0 of {accelerator.num_processes})", unit="img")
     was_training = bool(getattr(tokenizer, "training", False))
     if was_training:  # eval mode: no dropout, no quantizer updates, no collectives inside encode
         tokenizer.eval()
     for c in chunks:
-        start, stop = c * chunk_size, min((c + 1) * chunk_size, num_images)
-        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers)
+        if stream:  # one shard: one reader (a worker decodes while this process encodes)
+            start, source, workers = -1, dataset.shard_items(c), min(num_workers, 1)
+        else:
+            start, stop = c * chunk_size, min((c + 1) * chunk_size, num_images)
+            source, workers = Subset(dataset, range(start, stop)), num_workers
+        loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers)
         grids, labels = [], []
         for images, batch_labels in loader:
             batch_grids = encode_batch(tokenizer, images.to(accelerator.device), flip)
@@ -263,6 +282,8 @@ def _encode_chunks(tokenizer, dataset, output: Path, chunks: Sequence[int], *, c
             labels.append(torch.as_tensor(batch_labels).long().repeat_interleave(num_views).numpy())
             if progress is not None:
                 progress.update(images.shape[0])
+        if not grids:  # an empty shard (warned about by the stream): an empty chunk
+            grids, labels = [np.zeros((0, 0, 0), token_dtype(K))], [np.zeros(0, np.int64)]
         _save_chunk(chunk_path(output, c), np.concatenate(grids), np.concatenate(labels), start,
                     accelerator.process_index)
     if progress is not None:
@@ -271,15 +292,27 @@ def _encode_chunks(tokenizer, dataset, output: Path, chunks: Sequence[int], *, c
         tokenizer.train()
 
 
-def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: list[str], codebook_size: int,
-                 job: dict, **meta_fields: Any) -> dict:
-    """Concatenate chunk_000000 .. chunk_{C-1} into tokens.npy / labels.npy, then write meta.json."""
+def merge_chunks(output: Path, num_images: int | None, chunk_size: int, augmentations: list[str], codebook_size: int,
+                 job: dict, *, num_chunks: int | None = None, **meta_fields: Any) -> dict:
+    """Concatenate chunk_000000 .. chunk_{C-1} into tokens.npy / labels.npy, then write meta.json.
+
+    ``num_images=None`` (a stream): C = ``num_chunks`` (one per shard) and each chunk holds the images its shard
+    had; else C = ceil(num_images / chunk_size)."""
     A = len(augmentations)
-    num_chunks = math.ceil(num_images / chunk_size)
+    if num_images is not None:
+        num_chunks = math.ceil(num_images / chunk_size)
     missing = [c for c in range(num_chunks) if not chunk_path(output, c).is_file()]
     if missing:
         raise RuntimeError(f"cannot merge: chunks {missing[:10]} of {num_chunks} are missing in {output / CHUNK_DIR}")
-    first_tokens, _ = _load_chunk(chunk_path(output, 0), min(chunk_size, num_images) * A, None)
+    if num_images is None:
+        rows_of = [_chunk_rows(chunk_path(output, c)) for c in range(num_chunks)]
+        num_images = sum(rows_of) // A
+        if num_images == 0:
+            raise ValueError(f"the {num_chunks} shards hold no readable image: nothing to extract")
+    else:
+        rows_of = [(min((c + 1) * chunk_size, num_images) - c * chunk_size) * A for c in range(num_chunks)]
+    first = next(c for c in range(num_chunks) if rows_of[c])
+    first_tokens, _ = _load_chunk(chunk_path(output, first), rows_of[first], None)
     grid = normalize_grid_size(first_tokens.shape[1:])
     count = num_images * A
     dtype = token_dtype(codebook_size)
@@ -287,12 +320,14 @@ def merge_chunks(output: Path, num_images: int, chunk_size: int, augmentations: 
     with atomic_write(output / TOKENS_FILE) as f:  # streamed chunk by chunk: a full disk is an OSError, not SIGBUS
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                  "fortran_order": False, "shape": (count, *grid)})
-        for c in range(num_chunks):
-            rows = (min((c + 1) * chunk_size, num_images) - c * chunk_size) * A
+        offset = 0
+        for c, rows in enumerate(rows_of):
+            if rows == 0:  # an empty shard
+                continue
             tokens, labels = _load_chunk(chunk_path(output, c), rows, grid)
-            offset = c * chunk_size * A
             f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
             labels_out[offset: offset + rows] = labels
+            offset += rows
     save_npy_atomic(output / LABELS_FILE, labels_out)
     meta = build_meta(codebook_size=codebook_size, grid_size=grid, count=count, num_images=num_images,
                       augmentations=augmentations, job=job, **meta_fields)

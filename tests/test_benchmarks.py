@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from experiments import bench_quantizers, bench_sampling, bench_tokenizer
+from experiments import bench_data, bench_quantizers, bench_sampling, bench_tokenizer
 
 MIB = 2**20
 
@@ -220,3 +220,19 @@ def test_tokenizer_benchmark_against_llamagen_vq16_from_a_given_path(capsys, tmp
     assert re.search(r"^\| ours \| fp32 \| 70\.0 \|", table, flags=re.M)  # the ImageNet recipe's widths
     with pytest.raises(SystemExit):
         bench_tokenizer.parse_args(["--llamagen", str(tmp_path)])
+    rows = re.findall(r"^\| (maskgit|gpt) \| ([^|]+) \| (\d+) \|", table, flags=re.M)
+    assert rows == [("maskgit", "8 steps", "8"), ("maskgit", "16 steps", "16"), ("gpt", "KV cache", "4"),
+                    ("gpt", "no KV cache", "4")]
+
+
+def test_data_benchmark_times_every_source_and_worker_count_and_a_tokenizer_step(capsys, tmp_path):
+    tiny = "configs/tokenizer/tiny.yaml"
+    results = bench_data.main(["--images", "40", "--size", "32", "--workers", "0,1", "--step-batch", "2",
+                               "--tokenizer-config", tiny, "--work-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert set(results["loader"]) == {(s, w) for s in ("imagefolder", "hf", "webdataset") for w in (0, 1)}
+    assert all(rate > 0 for rate in results["loader"].values()) and results["step"] > 0
+    for source in ("imagefolder", "hf", "webdataset"):
+        assert re.search(rf"^{source} +1 +\d+ +\(8 images timed\)", out, re.M), out  # 40 images - first batch of 32
+    assert "tokenizer step (lgq tokenizer" in out and "workers per cpu device" in out
+    assert not list(tmp_path.iterdir())  # the photos are written to a temporary folder and removed

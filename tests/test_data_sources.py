@@ -27,13 +27,13 @@ def png_bytes(colour, size=12, fmt="PNG") -> bytes:
 
 
 def colour(i: int) -> tuple[int, int, int]:
-    """A distinct colour per image index: image i is recognisable after decoding (red channel = 10 * i)."""
-    return (10 * i, 255 - 10 * i, 40 * (i % 3))
+    """A distinct colour per image index: image i is recognisable after decoding (red channel = 5 * i, i <= 51)."""
+    return (5 * i, 255 - 5 * i, 40 * (i % 3))
 
 
 def index_of(image: torch.Tensor) -> int:
     """The image index encoded by ``colour`` (from the mean red value of a decoded [-1, 1] image)."""
-    return int(round(((float(image[0].mean()) + 1) * 127.5) / 10))
+    return int(round(((float(image[0].mean()) + 1) * 127.5) / 5))
 
 
 def make_imagefolder(root, per_class=4, corrupt=False):
@@ -265,3 +265,39 @@ def test_convert_imagefolder_and_hf_to_shards(tmp_path, hf_folder):
     stream = build_image_dataset(DataConfig(name="webdataset", shards=str(tmp_path / "hfwds" / "*.tar"), image_size=8),
                                  "train")
     assert [(index_of(i), label) for i, label in first_items(stream, 10)] == [(9, 0), (10, 1), (11, 2)]
+
+
+# ----------------------------------------------------------------------------- consumers
+def test_evaluation_and_pruning_read_a_stream_like_the_same_images_indexed(tmp_path):
+    """The same 10 images as an indexable hf split and as webdataset shards (converted in order): reconstruction
+    evaluation, code counting for pruning and the classifier's image loading give identical results."""
+    from eval.classifier import load_split
+    from eval.reconstruction import evaluate_reconstruction
+    from tokenizer.model import LGQTokenizer
+    from tokenizer.prune import count_code_usage
+
+    path = tmp_path / "hf"
+    datasets.DatasetDict({"train": hf_split(10)}).save_to_disk(str(path))
+    convert_main(["--from", "hf", str(path), "--to", str(tmp_path / "wds"), "--shard-size", "3", "--keep-order"])
+    indexed = DataConfig(name="hf", root=str(path), image_size=16, random_flip=False)
+    streamed = DataConfig(name="webdataset", shards=str(tmp_path / "wds" / "*.tar"), image_size=16, random_flip=False)
+    torch.manual_seed(0)
+    tokenizer = LGQTokenizer(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, latent_dim=4,
+                             attention_resolutions="none", codebook_size=16).eval()
+    results = []
+    for cfg in (indexed, streamed):
+        dataset = build_image_dataset(cfg, "train")
+        result = evaluate_reconstruction(tokenizer, dataset, batch_size=4, compute_fid=False, device="cpu",
+                                         return_code_counts=True, progress=False, num_workers=1)
+        counts = count_code_usage(tokenizer, dataset, batch_size=4, progress=False)
+        images, labels, _ = load_split(cfg, "train", max_images=7)
+        results.append((result, counts, images, labels))
+    (a, counts_a, images_a, labels_a), (b, counts_b, images_b, labels_b) = results
+    assert a["protocol"]["num_images"] == b["protocol"]["num_images"] == 10
+    assert b["protocol"]["dataset_size"] == 10  # from the converter's dataset.json
+    assert a["psnr"] == b["psnr"] and a["code_counts"] == b["code_counts"]
+    assert torch.equal(counts_a, counts_b) and int(counts_a.sum()) == 10 * 8 * 8
+    assert torch.equal(images_a, images_b) and labels_a.tolist() == labels_b.tolist() == [i % 3 for i in range(7)]
+    with pytest.raises(ValueError, match="class-balanced subset, which needs a length and random access"):
+        evaluate_reconstruction(tokenizer, build_image_dataset(streamed, "train"), num_images=6, compute_fid=False,
+                                device="cpu", progress=False)

@@ -92,3 +92,60 @@ def test_webdataset_training_killed_and_resumed_equals_uninterrupted_run(shards,
     run([sys.executable, str(train), *TINY, *wds_options(shards), "data.seed=1", f"train.output_dir={other}"])
     changed = final_state(other)
     assert any(not torch.equal(expected[k], changed[k]) for k in expected)
+
+
+EXTRACT_LAYOUT = [10, 7, 0, 9, 6, 3]  # images per shard, one empty: 35 images in 6 shards
+
+
+@pytest.mark.slow
+def test_two_process_resumed_extraction_from_uneven_shards_encodes_every_image_once(tmp_path, monkeypatch):
+    """A 1-process extraction interrupted in shard 1 leaves chunk 0 (= shard 0); 2 processes resume and share
+    the 5 missing shards 3 / 2 (different image counts per process); the merged tokens are every image of every
+    shard once, in shard order, equal to encoding them directly."""
+    from common.data import DataConfig, build_image_dataset
+    from prior.extract import CHUNK_DIR, main
+    from prior.tokens import validate_token_directory
+    from test_tokens import tiny_lgq_tokenizer
+    from tokenizer.model import LGQTokenizer
+
+    write_shards(tmp_path / "shards", EXTRACT_LAYOUT)
+    pattern = str(tmp_path / "shards" / "part-{000..005}.tar")
+    model = tiny_lgq_tokenizer(tmp_path / "tok")
+    data = ["--data.name", "webdataset", "--data.shards", pattern, "--data.num_classes", "3",
+            "--data.image_size", "16"]
+    arguments = ["--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), "--batch-size", "4",
+                 "--keep-chunks", *data]
+    encode, calls = LGQTokenizer.encode, []
+
+    def interrupted_encode(self, images):
+        calls.append(images.shape[0])
+        if len(calls) > 3:  # shard 0 (10 images) is 3 calls
+            raise KeyboardInterrupt("simulated interruption")
+        return encode(self, images)
+
+    monkeypatch.setattr(LGQTokenizer, "encode", interrupted_encode)
+    with pytest.raises(KeyboardInterrupt):
+        main(arguments)
+    monkeypatch.undo()
+    chunk_dir = tmp_path / "out" / CHUNK_DIR
+    done = {p.name: p.stat().st_mtime_ns for p in chunk_dir.glob("chunk_*.npz")}
+    assert sorted(done) == ["chunk_000000.npz"]
+
+    run_ddp(ROOT / "tests" / "scripts" / "ddp_extract.py", *arguments, env={"EXPECT_WORLD_SIZE": "2"}, timeout=240)
+    meta = validate_token_directory(tmp_path / "out")
+    assert meta["count"] == meta["num_images"] == sum(EXTRACT_LAYOUT) and meta["num_processes"] == 2
+    chunks = sorted(chunk_dir.glob("chunk_*.npz"))
+    assert {p.name: p.stat().st_mtime_ns for p in chunks[:1]} == done  # finished shards are not re-encoded
+    assert [int(np.load(p)["rank"]) for p in chunks] == [0, 0, 1, 0, 1, 0]
+    assert [np.load(p)["labels"].shape[0] for p in chunks] == EXTRACT_LAYOUT
+
+    stream = build_image_dataset(DataConfig(name="webdataset", shards=pattern, num_classes=3, image_size=16,
+                                            random_flip=False), "train")
+    items = [item for shard in range(stream.num_shards) for item in stream.iter_shard(shard)]
+    assert [index_of(image) for image, _ in items] == list(range(sum(EXTRACT_LAYOUT)))  # every image, once, in order
+    images = torch.stack([image for image, _ in items])
+    tokens = torch.from_numpy(np.load(tmp_path / "out" / "tokens.npy").astype(np.int64))
+    assert torch.equal(tokens, model.encode(images))
+    labels = np.load(tmp_path / "out" / "labels.npy")
+    assert labels.tolist() == [label for _, label in items] == [i % 3 for i in range(sum(EXTRACT_LAYOUT))]
+

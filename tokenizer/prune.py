@@ -59,7 +59,8 @@ from tqdm.auto import tqdm
 
 from common.cli import make_parser, parse_command_line
 from common.config import load_config
-from common.data import DataConfig, build_image_dataset, class_balanced_indices, dataset_labels
+from common.data import (DataConfig, build_image_dataset, class_balanced_indices, dataset_labels, dataset_size,
+                         process_share)
 from common.files import file_lock, publish_folder, temporary_path, write_json
 from common.metrics import PSNR_CAP_DB, code_histogram, psnr, to_uint8
 from common.training import end_process_group, make_accelerator
@@ -139,7 +140,7 @@ def count_code_usage(tokenizer, dataset, accelerator=None, batch_size: int = 64,
                      progress: bool = True) -> torch.Tensor:
     """Hard usage c_k (int64 [K], on CPU) of ``tokenizer.encode`` over every image of ``dataset``.
 
-    Process r of W encodes items r, r + W, ...; the counts are summed over processes with one
+    Process r of W encodes items r, r + W, ... (shards r, r + W, ... of a stream); the counts are summed over processes with one
     ``accelerator.reduce`` of a [K] tensor, reached once by every process whatever its number of batches.
     """
 
@@ -148,7 +149,7 @@ def count_code_usage(tokenizer, dataset, accelerator=None, batch_size: int = 64,
     device = accelerator.device if accelerator is not None else tokenizer.device
     tokenizer.to(device).eval()
     counts = torch.zeros(K, dtype=torch.long, device=device)
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(process_share(dataset, rank, world), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
 
     for images, _ in tqdm(loader, desc="count codes", unit="batch", disable=not (progress and rank == 0)):
@@ -280,7 +281,7 @@ def evaluate_pruning(source, pruned, kept: torch.Tensor, old_to_new: torch.Tenso
     pruned.to(device).eval()
     mapping, kept_old = old_to_new.to(device), kept.to(device)
     totals = torch.zeros(8, dtype=torch.float64, device=device)
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(process_share(dataset, rank, world), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
 
     for images, _ in tqdm(loader, desc="evaluate pruning", unit="batch", disable=not (progress and rank == 0)):
@@ -387,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "removed_used_codes": int((removed & (counts > 0)).sum()),
         "remap": "a removed code maps to the nearest kept code (euclidean distance between the latents the decoder "
                  "receives); new tokens = old_to_new[old tokens] (tokenizer.prune.remap_tokens)",
-        "counted": {"split": cfg.split, "num_images": len(dataset), "num_tokens": int(counts.sum()),
+        "counted": {"split": cfg.split, "num_images": dataset_size(dataset), "num_tokens": int(counts.sum()),
                     "data": dataclasses.asdict(data_cfg)},
         "source_tokenizer": str(Path(cfg.tokenizer).resolve()),
         "source_pruning": source.config.get(CODEBOOK_PRUNING_KEY),

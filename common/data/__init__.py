@@ -50,7 +50,8 @@ from common.data.config import (DATASET_DEFAULTS, DATASET_NAMES, DATASET_SPLITS,
 from common.data.glyphs import GLYPH_CHARSETS, GlyphFont, GlyphImages, load_glyph_fonts, luma, matplotlib_font_dir
 from common.data.hf import HFImageDataset, HFImageStream
 from common.data.imagefolder import SafeImageFolder
-from common.data.subsets import class_balanced_indices, dataset_labels, describe_size, first_items
+from common.data.subsets import (class_balanced_indices, dataset_labels, dataset_size, describe_size, first_items,
+                                 process_share)
 from common.data.stream import ShardedImageStream, is_stream
 from common.data.synthetic import SyntheticShapes
 from common.data.transforms import SPLITS
@@ -59,6 +60,6 @@ from common.data.webdataset import WebDatasetImages
 __all__ = [
     "BUILTIN_PHOTOS", "BUILTIN_PHOTO_NAMES", "DEFAULT_VAL_PHOTOS", "DATASET_DEFAULTS", "DATASET_NAMES", "DATASET_SPLITS",
     "GLYPH_CHARSETS", "SPLITS", "BuiltinPhotoCrops", "DataConfig", "GlyphFont", "GlyphImages", "HFImageDataset", "HFImageStream", "SafeImageFolder",
-    "ShardedImageStream", "SyntheticShapes", "is_stream", "build_image_dataset", "builtin_photo_dir", "class_balanced_indices", "dataset_labels", "describe_size", "first_items",
+    "ShardedImageStream", "SyntheticShapes", "is_stream", "build_image_dataset", "builtin_photo_dir", "class_balanced_indices", "dataset_labels", "dataset_size", "describe_size", "first_items", "process_share",
     "load_builtin_photo", "load_data_config", "load_glyph_fonts", "luma", "matplotlib_font_dir", "split_data_options", "WebDatasetImages",
 ]

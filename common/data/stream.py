@@ -105,6 +105,11 @@ class ShardedImageStream(IterableDataset):
             warnings.warn(f"{self.description}: shard {self.shard_names[index]} yielded no readable image (empty "
                           "shard, or no sample with the configured image/label keys)", RuntimeWarning)
 
+    def shard_items(self, *indices: int) -> "ShardItems":
+        """Shards ``indices`` (in that order) as a data set of their own, read in stored order: for a DataLoader
+        that must see each of their images once (extraction, evaluation)."""
+        return ShardItems(self, indices)
+
     def reader_shards(self) -> list[int]:
         """The shard indices of this process and DataLoader worker: ``shards[rank::P][worker::W]``."""
         import webdataset as wds  # lazy: only streams need it
@@ -141,6 +146,17 @@ class ShardedImageStream(IterableDataset):
                         f"({'about ' + str(self.num_images) + ' images' if self.num_images else 'size unknown'}); "
                         "use an indexable source (data.name=imagefolder, or data.name=hf with "
                         "data.streaming=false) for what needs one")
+
+
+class ShardItems(IterableDataset):
+    """The ``(image, label)`` items of some shards of a stream, in stored order (one reader: no worker split)."""
+
+    def __init__(self, stream: ShardedImageStream, shards: Sequence[int]):
+        self.stream, self.shards = stream, list(shards)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for shard in self.shards:
+            yield from self.stream.iter_shard(shard)
 
 
 def is_stream(dataset: Any) -> bool:

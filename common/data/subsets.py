@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 
 def dataset_labels(dataset: Dataset) -> list[int]:
@@ -50,18 +50,30 @@ def class_balanced_indices(labels: Sequence[int], num_images: int, seed: int = 0
     return sorted(chosen)
 
 
-def first_items(dataset, count: int) -> list[tuple]:
-    """The first ``count`` items ``(image, label)`` (fewer when the set is smaller): ``dataset[0..count)``, or for a
-    stream the first images of its shards in stored order (no shuffle, shard 0 first)."""
+def first_items(dataset, count: int | None = None) -> list[tuple]:
+    """The first ``count`` items ``(image, label)`` (all when None or the set is smaller): ``dataset[0..count)``,
+    or for a stream the first images of its shards in stored order (no shuffle, shard 0 first)."""
     if not getattr(dataset, "is_stream", False):
-        return [dataset[i] for i in range(min(count, len(dataset)))]
+        return [dataset[i] for i in range(len(dataset) if count is None else min(count, len(dataset)))]
     items: list[tuple] = []
-    for shard in range(dataset.num_shards):
-        for item in dataset.iter_shard(shard):
-            if len(items) >= count:
-                return items
-            items.append(item)
+    for item in dataset.shard_items(*range(dataset.num_shards)):
+        if count is not None and len(items) >= count:
+            break
+        items.append(item)
     return items
+
+
+def process_share(dataset, rank: int = 0, world: int = 1):
+    """What process ``rank`` of ``world`` reads when the processes share a whole split, each item once: items
+    ``rank, rank + world, ...`` of an indexable set, shards ``rank, rank + world, ...`` of a stream (in order)."""
+    if getattr(dataset, "is_stream", False):
+        return dataset.shard_items(*range(rank, dataset.num_shards, world))
+    return Subset(dataset, range(rank, len(dataset), world))
+
+
+def dataset_size(dataset) -> int | None:
+    """``len(dataset)``; for a stream the number of images its source states (None when it does not)."""
+    return dataset.num_images if getattr(dataset, "is_stream", False) else len(dataset)
 
 
 def describe_size(dataset) -> str:
