@@ -220,9 +220,6 @@ def test_tokenizer_benchmark_against_llamagen_vq16_from_a_given_path(capsys, tmp
     assert re.search(r"^\| ours \| fp32 \| 70\.0 \|", table, flags=re.M)  # the ImageNet recipe's widths
     with pytest.raises(SystemExit):
         bench_tokenizer.parse_args(["--llamagen", str(tmp_path)])
-    rows = re.findall(r"^\| (maskgit|gpt) \| ([^|]+) \| (\d+) \|", table, flags=re.M)
-    assert rows == [("maskgit", "8 steps", "8"), ("maskgit", "16 steps", "16"), ("gpt", "KV cache", "4"),
-                    ("gpt", "no KV cache", "4")]
 
 
 def test_data_benchmark_times_every_source_and_worker_count_and_a_tokenizer_step(capsys, tmp_path):
