@@ -66,7 +66,9 @@ def write_sources(work: Path, count: int, size: int) -> dict[str, DataConfig]:
         str(work / "hf"))
     return {"imagefolder": DataConfig(name="imagefolder", root=str(folder), image_size=size),
             "hf": DataConfig(name="hf", root=str(work / "hf"), image_size=size),
-            "webdataset": DataConfig(name="webdataset", shards=str(work / "shards" / "*.tar"), image_size=size)}
+            # no shuffle buffer: a buffer is filled (its images decoded) before the first batch, which is not timed
+            "webdataset": DataConfig(name="webdataset", shards=str(work / "shards" / "*.tar"), image_size=size,
+                                     shuffle_buffer=0)}
 
 
 def loader_images_per_second(cfg: DataConfig, workers: int, batch_size: int = 32) -> tuple[float, int]:

@@ -149,3 +149,59 @@ def test_two_process_resumed_extraction_from_uneven_shards_encodes_every_image_o
     labels = np.load(tmp_path / "out" / "labels.npy")
     assert labels.tolist() == [label for _, label in items] == [i % 3 for i in range(sum(EXTRACT_LAYOUT))]
 
+
+
+def source_options(source: str, tmp_path: Path, shards: dict[str, str]) -> list[str]:
+    if source == "webdataset":
+        return wds_options(shards)
+    import datasets
+    from test_data_sources import hf_split
+
+    folder = tmp_path / "hf_saved"
+    datasets.DatasetDict({"train": hf_split(24), "validation": hf_split(6, start=24)}).save_to_disk(str(folder))
+    return ["data.name=hf", f"data.root={folder}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["webdataset", "hf"])
+def test_two_process_stages_end_to_end_on_shards_and_hf_datasets(source, shards, tmp_path):
+    """With 2 processes: a tokenizer trained on WebDataset shards / a Hugging Face save_to_disk folder, interrupted
+    after its step-4 checkpoint (the later checkpoint and the export removed) and resumed to the same weights; its
+    tokens extracted by 2 processes (every image once); a prior trained on them; the pipeline samples."""
+    import shutil
+
+    from pipelines import LGQPipeline
+    from pipelines.assemble import main as assemble
+    from prior.tokens import validate_token_directory
+    from prior.train import main as train_prior
+
+    options = source_options(source, tmp_path, shards)
+    output_dir = tmp_path / "tokenizer_run"
+    train = ROOT / "tokenizer" / "train.py"
+    first = run_ddp(train, *TINY, *options, f"train.output_dir={output_dir}", timeout=300)
+    assert "2 process(es)" in first.stdout
+    finished = final_state(output_dir)
+    shutil.rmtree(output_dir / "checkpoints" / "step_0000008")  # as if the job had been killed after step 4
+    shutil.rmtree(output_dir / "tokenizer")
+    second = run_ddp(train, *TINY, *options, f"train.output_dir={output_dir}", "--resume", "latest", timeout=300)
+    assert "resumed from" in second.stdout and "step_0000004" in second.stdout
+    resumed = final_state(output_dir)
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+
+    data = [f"--{option.replace('=', ' ', 1)}" for option in options]
+    data = [part for option in data for part in option.split(" ", 1)]
+    run_ddp(ROOT / "tests" / "scripts" / "ddp_extract.py", "--tokenizer", str(output_dir / "tokenizer"), "--output",
+            str(tmp_path / "tokens"), "--batch-size", "4", "--data.image_size", "16", "--data.num_classes", "3", *data,
+            env={"EXPECT_WORLD_SIZE": "2"}, timeout=240)
+    meta = validate_token_directory(tmp_path / "tokens")
+    assert meta["count"] == meta["num_images"] == (sum(UNEVEN) if source == "webdataset" else 24)
+
+    train_prior(["--config", str(ROOT / "configs" / "prior" / "tiny.yaml"), f"data.tokens={tmp_path / 'tokens'}",
+                 f"train.output_dir={tmp_path / 'prior_run'}", "train.max_steps=3", "train.log_every=1",
+                 "train.checkpoint_every=0", "train.image_log_every=0", "train.progress_bar=false",
+                 "train.batch_size=4", "train.warmup_steps=1"])
+    assemble(["--tokenizer", str(output_dir / "tokenizer"), "--prior", str(tmp_path / "prior_run" / "prior"),
+              "--output", str(tmp_path / "pipe")])
+    pipe = LGQPipeline.from_pretrained(tmp_path / "pipe")
+    images = pipe([0, 2], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
