@@ -137,3 +137,13 @@ def test_no_tuning_trains_the_recipe_as_it_is_and_a_dry_run_lists_the_trials(tmp
     study.main(["--config", str(config), "--output-dir", str(out), "--dry-run", "--no-tuning"])
     assert "[study] tuning" not in capsys.readouterr().out
     assert not (out / "tuning").exists()
+
+
+def test_curves_need_no_finished_tuning_and_finished_only_names_the_missing_one(tmp_path):
+    """--curves reads run histories only (their folders do not depend on the tuning's choice); --finished-only
+    merges results whose recipes include the choice, so it needs tuning/trials.json."""
+    config, out = tuned_study(tmp_path), tmp_path / "out"
+    with pytest.raises(ValueError, match="no run in .* has a history yet"):
+        study.main(["--config", str(config), "--output-dir", str(out), "--curves"])
+    with pytest.raises(ValueError, match=r"tuning.*trials.json does not exist"):
+        study.main(["--config", str(config), "--output-dir", str(out), "--finished-only"])

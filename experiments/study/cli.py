@@ -83,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
-    tuned = None
-    if study.tuning is not None:  # the equal tuning budget first: its choices are part of every run's recipe
-        if args.curves or args.finished_only:
+    tuned = None  # --curves reads histories only: the run folders do not depend on the tuning's choice
+    if study.tuning is not None and not args.curves:  # the tuning first: its choices are part of every recipe
+        if args.finished_only:
             tuned = load_tuned(output_dir, study.tuning, quantizers, codebook_sizes)
         else:
             tuned = run_tuning(study, study.tuning, output_dir, quantizers, codebook_sizes, launcher, extra,

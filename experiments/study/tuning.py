@@ -188,12 +188,12 @@ def write_trials(output_dir: Path, settings: dict[str, Any], records: Sequence[d
 
 def load_tuned(output_dir: Path, settings: dict[str, Any], quantizers: Sequence[str],
                codebook_sizes: Sequence[int]) -> dict[tuple[str, int], list[str]]:
-    """The choices a finished tuning wrote into ``tuning/trials.json`` (for ``--curves`` / ``--finished-only``, which
-    train nothing); ValueError naming what is missing."""
+    """The choices a finished tuning wrote into ``tuning/trials.json`` (for ``--finished-only``, which trains
+    nothing); ValueError naming what is missing."""
     path = output_dir / "tuning" / "trials.json"
     if not path.is_file():
         raise ValueError(f"the study config asks for tuning and {path} does not exist: run the study (without "
-                         f"--curves / --finished-only) to tune first")
+                         f"--finished-only) to tune first")
     rows = json.loads(path.read_text())["trials"]
     wanted = {(q, int(K)) for q in quantizers for K in codebook_sizes}
     rows = [r for r in rows if (r["quantizer"], r["K"]) in wanted and _still_configured(r, settings)]
