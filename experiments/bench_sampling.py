@@ -28,6 +28,17 @@ Floors, measured in the same process right after the timed calls:
 ``vs floor`` = CPU time / floor; ``vs ours``: llamagen-gpt's CPU time / our GPT's (KV cache). On CPU the floors'
 micro-benchmarks and the ratios use process CPU time, which other jobs on a shared machine disturb far less
 than the wall time (also printed); on CUDA, wall time. The header records the load average and thread count.
+
+``--profile`` adds a second table, where one more generate call's time goes (torch.profiler, self CPU time of
+every op; on CUDA the kernels' device time): matrix products (aten::mm / addmm / bmm / baddbmm), attention
+(scaled-dot-product kernels), the other ops (with the three largest named), and outside ops = the profiled call's
+wall time - the ops' self time (Python, module wrappers, dispatch); these sum to the profiled call, which the
+profiler's per-op bookkeeping (and, on a shared machine, the other jobs: it is wall time) make slower than the
+timed calls. Its ``GEMM floor`` is the time the same matrix products take on their own: each
+(op, shapes) the call ran, timed alone on fresh operands (median of 5) x its count; a GPT decode's products have
+only 2 B rows, so on CPU they run far below the [2 B L, d] x [d, 4d] rate of the MaskGIT floor, and with one
+thread the decode is bound by them, not by the weight bandwidth. ``vs GEMM floor`` = CPU time / max(GEMM floor,
+floor): what is left is everything but the matrix products (measured on the timed calls, without the profiler).
 """
 from __future__ import annotations
 
@@ -41,6 +52,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from experiments.peers import check_peer_path, peer_commit, use_peer_checkout
@@ -173,6 +185,59 @@ def read_bytes_per_second(device: str, num_bytes: int = 256 * 2**20) -> float:
     return num_bytes / median_seconds(lambda: x.sum(), device)
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def op_category(name: str) -> str:
+    """'matmul', 'attention' or 'other' for a profiler op name."""
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention"
+    return "other"
+
+
+def matmul_seconds(name: str, shapes: list, device: str) -> float:
+    """CPU (CUDA: wall) seconds of one ``name`` call with input ``shapes`` as the profiler records them, on fresh
+    random fp32 operands: mm [[m, k], [k, n]], addmm [[n] or [m, n], [m, k], [k, n], ...], bmm [[b, m, k], [b, k, n]],
+    baddbmm [[b, m, n], [b, m, k], [b, k, n], ...]."""
+    tensors = [torch.randn(*shape, device=device) for shape in shapes if shape]
+    op = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm, "aten::baddbmm": torch.baddbmm}[name]
+    operands = tensors[:2] if name in ("aten::mm", "aten::bmm") else tensors[:3]
+    return median_seconds(lambda: op(*operands), device)
+
+
+def profile_breakdown(generate, device: str) -> dict:
+    """Where one profiled generate(batch) call's time goes (module doc, ``--profile``): its wall seconds (the clock
+    the profiler's op times use), the ops' self seconds per category (they and ``outside`` = the rest sum to the
+    call's seconds), the three largest other ops, and the GEMM floor (every matrix product of the call timed alone
+    at its shapes, on the CPU clock of the floors)."""
+    clock = time.perf_counter
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    synchronize(device)
+    with profile(activities=activities, record_shapes=True) as prof:
+        start = clock()
+        generate(None)
+        synchronize(device)
+        call_seconds = clock() - start
+    seconds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    others: dict[str, float] = {}
+    gemm_floor = 0.0
+    cuda = device.startswith("cuda")
+    for event in prof.key_averages(group_by_input_shape=True):  # on CUDA: the kernels' self device time
+        self_seconds = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6
+        category = op_category(event.key)
+        seconds[category] += self_seconds
+        if category == "other":
+            others[event.key] = others.get(event.key, 0.0) + self_seconds
+        elif category == "matmul":
+            gemm_floor += event.count * matmul_seconds(event.key, event.input_shapes, device)
+    top = sorted(others.items(), key=lambda item: -item[1])[:3]
+    return {"call_seconds": call_seconds, "matmul_seconds": seconds["matmul"], "attention_seconds": seconds["attention"],
+            "other_seconds": seconds["other"], "top_other_ops": [[op, s] for op, s in top],
+            "outside_seconds": max(call_seconds - sum(seconds.values()), 0.0), "gemm_floor_seconds": gemm_floor}
+
+
 def run_worker(name: str, args) -> dict:
     """One configuration in this (fresh) process: timed generate calls, then its floor; a JSON-able row."""
     prior, method, steps = CONFIGURATIONS[name]
@@ -192,11 +257,13 @@ def run_worker(name: str, args) -> dict:
             embedding_params = args.codebook_size * hidden + (args.num_classes + 1) * hidden
             weight_bytes = (params - embedding_params) * next(model.parameters()).element_size()
             floor = tokens * weight_bytes / read_bytes_per_second(args.device)
-    seconds = statistics.median(times)
-    cpu_seconds = statistics.median(cpu_times) if not args.device.startswith("cuda") else seconds
+        seconds = statistics.median(times)
+        cpu_seconds = statistics.median(cpu_times) if not args.device.startswith("cuda") else seconds
+        breakdown = profile_breakdown(generate, args.device) if args.profile else None
     return {"prior": prior, "method": method, "forward_passes": steps or tokens, "params": params,
             "seconds": seconds, "cpu_seconds": cpu_seconds, "repeats": len(times),
-            "images_per_sec": args.batch_size / seconds, "floor_seconds": floor, "threads": torch.get_num_threads()}
+            "images_per_sec": args.batch_size / seconds, "floor_seconds": floor, "threads": torch.get_num_threads(),
+            "profile": breakdown}
 
 
 def worker_command(name: str, args) -> list[str]:
@@ -208,6 +275,8 @@ def worker_command(name: str, args) -> list[str]:
         cmd += ["--no-cache-repeats", str(args.no_cache_repeats)]
     if args.llamagen:
         cmd += ["--llamagen", args.llamagen]
+    if args.profile:
+        cmd.append("--profile")
     return cmd
 
 
@@ -241,6 +310,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def profile_table(rows: list[dict]) -> str:
+    """The ``--profile`` table: seconds of one profiled call per category, and CPU time / max(GEMM floor, floor)."""
+    out = ["| prior | decoding | CPU s / batch | profiled call, wall s | matrix products s | attention s | "
+           "other ops s (largest) | outside ops s | GEMM floor s | vs GEMM floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["profile"]
+        largest = ", ".join(f"{op.removeprefix('aten::')} {s:.2f}" for op, s in p["top_other_ops"])
+        floor = max(p["gemm_floor_seconds"], r["floor_seconds"])
+        out.append(f"| {r['prior']} | {r['method']} | {r['cpu_seconds']:.3f} | {p['call_seconds']:.3f} | "
+                   f"{p['matmul_seconds']:.3f} | "
+                   f"{p['attention_seconds']:.3f} | {p['other_seconds']:.3f} ({largest}) | {p['outside_seconds']:.3f} | "
+                   f"{p['gemm_floor_seconds']:.3f} | {r['cpu_seconds'] / floor:.2f}x |")
+    return "\n".join(out)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -260,6 +344,8 @@ def parse_args(argv=None):
                         help=f"which to run (default all; {LLAMAGEN} only with --llamagen)")
     parser.add_argument("--llamagen", default=None, metavar="PATH",
                         help=f"also run LlamaGen's GPT generate() ({LLAMAGEN}) from its checkout at PATH")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one call per configuration: where the time goes, and the GEMM floor")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per configuration")
     parser.add_argument("--worker", choices=sorted(CONFIGURATIONS), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -293,6 +379,10 @@ def main(argv=None) -> int:
           f"{load_before[0]:.1f} -> {load_after[0]:.1f}"
           + (f"; {LLAMAGEN}: LlamaGen at commit {peer_commit(args.llamagen)}" if args.llamagen else "") + "\n")
     print(markdown_table(rows))
+    if args.profile:
+        print("\nWhere the time goes (one profiled call: wall seconds of each op's self time; the floors and the last "
+              "column: CPU time):\n")
+        print(profile_table(rows))
     return 0
 
 

@@ -233,3 +233,31 @@ def test_data_benchmark_times_every_source_and_worker_count_and_a_tokenizer_step
         assert re.search(rf"^{source} +1 +\d+ +\(8 images timed\)", out, re.M), out  # 40 images - first batch of 32
     assert "tokenizer step (lgq tokenizer" in out and "workers per cpu device" in out
     assert not list(tmp_path.iterdir())  # the photos are written to a temporary folder and removed
+
+
+def test_sampling_profile_splits_the_call_into_matrix_products_attention_and_the_rest(capsys):
+    args = bench_sampling.parse_args(["--batch-size", "2", "--grid", "2", "--codebook-size", "16", "--num-classes", "3",
+                                      "--repeats", "1", "--configurations", "maskgit-8", "gpt-cache", "--profile"])
+    rows = bench_sampling.benchmark(args)  # each configuration in a fresh worker process
+    assert [row["prior"] for row in rows] == ["maskgit", "gpt"]
+    for row in rows:
+        p = row["profile"]
+        assert p["matmul_seconds"] > 0 and p["gemm_floor_seconds"] > 0 and len(p["top_other_ops"]) == 3
+        assert all(not op.startswith("aten::mm") and seconds >= 0 for op, seconds in p["top_other_ops"])
+        parts = p["matmul_seconds"] + p["attention_seconds"] + p["other_seconds"]
+        assert p["outside_seconds"] == pytest.approx(max(p["call_seconds"] - parts, 0.0))
+    table = bench_sampling.profile_table(rows)
+    versus = [float(v) for v in re.findall(r"\| ([0-9.]+)x \|$", table, flags=re.M)]
+    expected = [r["cpu_seconds"] / max(r["profile"]["gemm_floor_seconds"], r["floor_seconds"]) for r in rows]
+    assert versus == pytest.approx(expected, abs=0.006)
+
+
+def test_matmul_floor_times_each_recorded_op_at_its_shapes():
+    assert bench_sampling.op_category("aten::addmm") == "matmul"
+    assert bench_sampling.op_category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert bench_sampling.op_category("aten::silu") == "other"
+    for name, shapes in [("aten::mm", [[4, 8], [8, 16]]), ("aten::addmm", [[16], [4, 8], [8, 16], [], []]),
+                         ("aten::bmm", [[2, 4, 8], [2, 8, 16]]), ("aten::baddbmm", [[2, 4, 16], [2, 4, 8], [2, 8, 16], [], []])]:
+        assert bench_sampling.matmul_seconds(name, shapes, "cpu") > 0
+    with pytest.raises(RuntimeError):  # shapes that do not multiply are not silently timed
+        bench_sampling.matmul_seconds("aten::mm", [[4, 8], [9, 16]], "cpu")
