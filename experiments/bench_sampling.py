@@ -29,16 +29,18 @@ Floors, measured in the same process right after the timed calls:
 micro-benchmarks and the ratios use process CPU time, which other jobs on a shared machine disturb far less
 than the wall time (also printed); on CUDA, wall time. The header records the load average and thread count.
 
-``--profile`` adds a second table, where one more generate call's time goes (torch.profiler, self CPU time of
-every op; on CUDA the kernels' device time): matrix products (aten::mm / addmm / bmm / baddbmm), attention
-(scaled-dot-product kernels), the other ops (with the three largest named), and outside ops = the profiled call's
-wall time - the ops' self time (Python, module wrappers, dispatch); these sum to the profiled call, which the
-profiler's per-op bookkeeping (and, on a shared machine, the other jobs: it is wall time) make slower than the
-timed calls. Its ``GEMM floor`` is the time the same matrix products take on their own: each
-(op, shapes) the call ran, timed alone on fresh operands (median of 5) x its count; a GPT decode's products have
-only 2 B rows, so on CPU they run far below the [2 B L, d] x [d, 4d] rate of the MaskGIT floor, and with one
-thread the decode is bound by them, not by the weight bandwidth. ``vs GEMM floor`` = CPU time / max(GEMM floor,
-floor): what is left is everything but the matrix products (measured on the timed calls, without the profiler).
+``--profile`` adds a second table: where one more generate call's time goes (torch.profiler, self CPU time of
+every op; on CUDA the kernels' device time; after one untimed profiled call: the first
+profiled call runs several times slower, in aten::cat and copy_ here):
+matrix products (aten::mm / addmm / bmm / baddbmm), attention (scaled-dot-product kernels), the other ops (the
+three largest named) and outside ops = the profiled call's wall time - the ops' self time (Python, module
+wrappers, dispatch). These sum to the profiled call, which the profiler's bookkeeping (and, on a shared machine,
+the other jobs: it is wall time) makes slower than the timed calls. Its ``GEMM floor`` is the time the same
+matrix products take on their own: each (op, shapes) the call ran, timed alone (median of 5) x its count, on cold
+operands (fresh copies, then 256 MiB written, so each call reads them from memory, as a decode step reads every
+weight once). A GPT decode's products have only 2 B rows; with one CPU thread they are bound by their FLOPs at
+that shape more than by the weight bandwidth. ``vs GEMM floor`` = CPU time of the timed calls / max(GEMM floor,
+floor): the rest is everything but the matrix products.
 """
 from __future__ import annotations
 
@@ -197,14 +199,19 @@ def op_category(name: str) -> str:
     return "other"
 
 
-def matmul_seconds(name: str, shapes: list, device: str) -> float:
-    """CPU (CUDA: wall) seconds of one ``name`` call with input ``shapes`` as the profiler records them, on fresh
-    random fp32 operands: mm [[m, k], [k, n]], addmm [[n] or [m, n], [m, k], [k, n], ...], bmm [[b, m, k], [b, k, n]],
-    baddbmm [[b, m, n], [b, m, k], [b, k, n], ...]."""
-    tensors = [torch.randn(*shape, device=device) for shape in shapes if shape]
+CACHE_FLUSH_BYTES = 256 * 2**20  # written between making the operands and timing them: more than a last-level cache
+
+
+def matmul_seconds(name: str, shapes: list, device: str, flush_bytes: int = CACHE_FLUSH_BYTES) -> float:
+    """CPU (CUDA: wall) seconds of one ``name`` call with input ``shapes`` as the profiler records them (mm [[m, k],
+    [k, n]], addmm [[n] or [m, n], [m, k], [k, n], ...], bmm [[b, m, k], [b, k, n]], baddbmm [[b, m, n], [b, m, k],
+    [b, k, n], ...]), on cold random fp32 operands: 6 copies (the warm-up and 5 timed calls, each on its own), then
+    ``flush_bytes`` written, so every call, like a decode step reading each weight once, reads them from memory."""
     op = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm, "aten::baddbmm": torch.baddbmm}[name]
-    operands = tensors[:2] if name in ("aten::mm", "aten::bmm") else tensors[:3]
-    return median_seconds(lambda: op(*operands), device)
+    used = [shape for shape in shapes if shape][:2 if name in ("aten::mm", "aten::bmm") else 3]
+    copies = iter([[torch.randn(*shape, device=device) for shape in used] for _ in range(6)])
+    torch.ones(flush_bytes // 4, device=device)  # evicts the copies from the caches
+    return median_seconds(lambda: op(*next(copies)), device)
 
 
 def profile_breakdown(generate, device: str) -> dict:
@@ -214,6 +221,8 @@ def profile_breakdown(generate, device: str) -> dict:
     at its shapes, on the CPU clock of the floors)."""
     clock = time.perf_counter
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities, record_shapes=True):  # the first profiled full call runs several times
+        generate(None)                                             # slower (here: in aten::cat / copy_); not timed
     synchronize(device)
     with profile(activities=activities, record_shapes=True) as prof:
         start = clock()
