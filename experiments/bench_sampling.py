@@ -300,8 +300,8 @@ def benchmark(args) -> list[dict]:
         proc = subprocess.run(worker_command(name, args), capture_output=True, text=True, timeout=args.timeout)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"sampling benchmark {name} failed: {tail}")
+            tail = "\n".join(proc.stderr.strip().splitlines()[-20:]) or "no output"  # the traceback, not a log line
+            raise RuntimeError(f"sampling benchmark {name} failed (exit code {proc.returncode}):\n{tail}")
         rows.append(json.loads(lines[-1]))
     return rows
 

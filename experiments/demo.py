@@ -256,6 +256,10 @@ class Demo:
     def data_overrides(self) -> list[str]:
         return list(self.preset["data"].get(self.args.data, []))
 
+    def precision_overrides(self) -> list[str]:
+        """``--mixed-precision`` for both training stages (the recipes' own ``train.mixed_precision`` otherwise)."""
+        return [] if self.args.mixed_precision is None else [f"train.mixed_precision={self.args.mixed_precision}"]
+
     def data_config(self):
         recipe = OmegaConf.load(resolve_config_path(self.tokenizer_config)).get("data", {})
         dotlist = [f"{k}={v}" for k, v in recipe.items()] + [o[len("data."):] for o in self.data_overrides()]
@@ -263,7 +267,8 @@ class Demo:
 
     # -- stages --------------------------------------------------------------------------------
     def train_tokenizer(self) -> Path:
-        overrides = [*self.data_overrides(), *self.preset["tokenizer"], f"train.output_dir={self.tokenizer_dir}"]
+        overrides = [*self.data_overrides(), *self.preset["tokenizer"], *self.precision_overrides(),
+                     f"train.output_dir={self.tokenizer_dir}"]
         overrides = scaled_steps(resolve_config_path(self.tokenizer_config), overrides, self.args.steps_scale)
         if has_checkpoints(self.tokenizer_dir):
             print(f"    resuming the interrupted tokenizer run in {self.tokenizer_dir}")
@@ -274,6 +279,7 @@ class Demo:
             "steps": trainer.step,
             "final_loss": last_logged(trainer.history, "loss"),
             "final_val_psnr_during_training": last_logged(trainer.history, "val/psnr"),
+            "mixed_precision": trainer.mixed_precision,  # as resolved: "no" = fp32
         }
         return trainer.output_dir / "tokenizer"
 
@@ -293,7 +299,8 @@ class Demo:
         config = resolve_config_path(self.prior_config)
         if not config.is_file():
             raise FileNotFoundError(f"prior config {config} does not exist")
-        overrides = [*self.preset["prior"], f"data.tokens={self.tokens_dir}", f"data.tokenizer={tokenizer_path}",
+        overrides = [*self.preset["prior"], *self.precision_overrides(), f"data.tokens={self.tokens_dir}",
+                     f"data.tokenizer={tokenizer_path}",
                      f"train.output_dir={self.prior_dir}"]
         overrides = scaled_steps(config, overrides, self.args.steps_scale)
         if has_checkpoints(self.prior_dir):
@@ -301,7 +308,8 @@ class Demo:
             overrides.append("train.resume=latest")
         self.results["prior_overrides"] = overrides
         trainer = train_prior(["--config", str(config), *overrides])
-        self.results["prior_training"] = {"steps": trainer.step, "final_loss": last_logged(trainer.history, "loss")}
+        self.results["prior_training"] = {"steps": trainer.step, "final_loss": last_logged(trainer.history, "loss"),
+                                          "mixed_precision": trainer.mixed_precision}
         export = find_export(self.prior_dir, ("MaskGITPrior", "GPTPrior"))
         if export is None:
             raise FileNotFoundError(f"prior.train finished but no prior export was found in {self.prior_dir}")
@@ -642,6 +650,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training length by F")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on CPU (default: usable cores minus the load average, >= 1)")
+    parser.add_argument("--mixed-precision", default=None, choices=("auto", "no", "bf16", "fp16"),
+                        help="train.mixed_precision of both training stages (default: the recipes' own, auto = bf16 "
+                             "on a CUDA device that supports it, else fp32; the quantizer always runs in fp32)")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance of sampling")
     parser.add_argument("--temperature", type=float, default=0.7,
                         help="softmax temperature of token sampling (0.7: more samples keep their digit than at 1.0, "

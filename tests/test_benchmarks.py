@@ -181,6 +181,17 @@ def test_sampling_benchmark_against_llamagen_from_a_given_path(capsys, tmp_path)
         bench_sampling.parse_args(["--llamagen", str(tmp_path)])
 
 
+def test_a_failing_peer_is_reported_with_its_traceback(tmp_path):
+    """A worker that fails names the configuration, its exit code and the error itself (the last lines of its
+    stderr), not the last log line a library printed after it."""
+    broken = FAKE_LLAMAGEN_GENERATE.replace("    tokens = []", "    raise ValueError('peer generate broke')")
+    llamagen = write_fake_peer(tmp_path / "LlamaGen", {"autoregressive/models/gpt.py": FAKE_LLAMAGEN_GPT,
+                                                       "autoregressive/models/generate.py": broken})
+    with pytest.raises(RuntimeError, match=r"(?s)llamagen-gpt failed \(exit code 1\).*ValueError: peer generate broke"):
+        bench_sampling.main(["--batch-size", "2", "--grid", "2", "--codebook-size", "16", "--num-classes", "3",
+                             "--repeats", "1", "--configurations", "llamagen-gpt", "--llamagen", llamagen])
+
+
 FAKE_LLAMAGEN_VQ_MODEL = """
 import torch
 from torch import nn

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from experiments import demo
 
@@ -95,7 +96,8 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
 @pytest.mark.slow
 def test_tiny_demo_on_glyphs_the_default_data(tmp_path, offline_cpu, monkeypatch):
     """The default demo data: glyphs (class = digit), no flips, generation scored against glyphs' train split;
-    the sampling temperature reaches the sampler that makes the scored samples and is recorded."""
+    the sampling temperature reaches the sampler that makes the scored samples and is recorded; --mixed-precision
+    bf16 reaches both trainers (their saved run configs and the resolved precision)."""
     out = tmp_path / "demo"
     seen = {}
     real_generate_samples = demo.generate_samples
@@ -105,9 +107,13 @@ def test_tiny_demo_on_glyphs_the_default_data(tmp_path, offline_cpu, monkeypatch
         return real_generate_samples(*args, **kwargs)
 
     monkeypatch.setattr(demo, "generate_samples", spy)
-    demo.main(["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1", "--temperature", "0.6"])
+    demo.main(["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1", "--temperature", "0.6",
+               "--mixed-precision", "bf16"])
     saved = json.loads((out / "metrics.json").read_text())
     assert seen["temperature"] == 0.6
+    assert saved["tokenizer_training"]["mixed_precision"] == saved["prior_training"]["mixed_precision"] == "bf16"
+    for run in ("tokenizer_run", "prior_run"):
+        assert OmegaConf.load(out / run / "config.yaml").train.mixed_precision == "bf16"
     assert saved["generation"]["protocol"]["temperature"] == saved["samples"]["temperature"] == 0.6
     assert saved["settings"]["data"] == "glyphs" and saved["settings"]["tokenizer_config"].endswith("glyphs.yaml")
     assert saved["samples"]["rows"] == [str(digit) for digit in range(10)]
@@ -128,6 +134,8 @@ def test_bad_arguments_are_named():
         demo.parse_args(["--data", "mnist"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--temperature", "0"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--mixed-precision", "bfloat16"])
     assert demo.parse_args([]).temperature == 0.7  # the README's demo figures are measured at 0.7
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
