@@ -187,7 +187,7 @@ def read_bytes_per_second(device: str, num_bytes: int = 256 * 2**20) -> float:
     return num_bytes / median_seconds(lambda: x.sum(), device)
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMUL_OPS = {"aten::mm": torch.mm, "aten::addmm": torch.addmm, "aten::bmm": torch.bmm, "aten::baddbmm": torch.baddbmm}
 
 
 def op_category(name: str) -> str:
@@ -207,11 +207,12 @@ def matmul_seconds(name: str, shapes: list, device: str, flush_bytes: int = CACH
     [k, n]], addmm [[n] or [m, n], [m, k], [k, n], ...], bmm [[b, m, k], [b, k, n]], baddbmm [[b, m, n], [b, m, k],
     [b, k, n], ...]), on cold random fp32 operands: 6 copies (the warm-up and 5 timed calls, each on its own), then
     ``flush_bytes`` written, so every call, like a decode step reading each weight once, reads them from memory."""
-    op = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm, "aten::baddbmm": torch.baddbmm}[name]
+    op = MATMUL_OPS[name]
     used = [shape for shape in shapes if shape][:2 if name in ("aten::mm", "aten::bmm") else 3]
-    copies = iter([[torch.randn(*shape, device=device) for shape in used] for _ in range(6)])
+    repeats = 5
+    copies = iter([[torch.randn(*shape, device=device) for shape in used] for _ in range(repeats + 1)])
     torch.ones(flush_bytes // 4, device=device)  # evicts the copies from the caches
-    return median_seconds(lambda: op(*next(copies)), device)
+    return median_seconds(lambda: op(*next(copies)), device, repeats=repeats)
 
 
 def profile_breakdown(generate, device: str) -> dict:

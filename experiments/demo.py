@@ -59,7 +59,7 @@ from omegaconf import OmegaConf
 from torchvision.utils import make_grid
 
 from common.cli import resolve_config_path  # the recipes ship with the package
-from common.config import load_config
+from common.config import MIXED_PRECISION, load_config
 from common.data import DATASET_DEFAULTS, DataConfig, build_image_dataset
 from common.files import write_json
 from common.metrics import image_grid, to_uint8
@@ -650,7 +650,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training length by F")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on CPU (default: usable cores minus the load average, >= 1)")
-    parser.add_argument("--mixed-precision", default=None, choices=("auto", "no", "bf16", "fp16"),
+    parser.add_argument("--mixed-precision", default=None, choices=MIXED_PRECISION,
                         help="train.mixed_precision of both training stages (default: the recipes' own, auto = bf16 "
                              "on a CUDA device that supports it, else fp32; the quantizer always runs in fp32)")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance of sampling")
