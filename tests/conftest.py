@@ -15,6 +15,19 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each Trainer builds an Accelerator, whose state (mixed precision among it) is process-wide: every test
+    starts from none, so a test of one precision is not refused after a test of another ran in the same process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def inception_weights_path(tmp_path_factory):
     """Random He-initialised inception-v3-compat weights (tests/inception_utils.py): FID plumbing without a download."""

@@ -17,18 +17,6 @@ from common.training import (
 )
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each Trainer builds an Accelerator; reset accelerate's process-wide singletons between tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 class ToyModel(ModelMixin, ConfigMixin):
     """Linear -> dropout -> LayerNorm -> linear, plus a 'codebook' and a progress hook."""
 
