@@ -53,15 +53,15 @@ class TokenGridGenerator:
                  temperature: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
                  scheduler=None, top_k: int | None = None, top_p: float | None = None,
                  mask_schedule: str | None = None, choice_temperature: float | None = None,
-                 guidance_schedule: str = "constant", use_cache: bool = True,
+                 guidance_schedule: str = "constant", use_cache: bool | str = True,
                  schedule: str | None = None) -> torch.Tensor:
         """Token grids [B, h, w] int64 in [0, K), without a tokenizer.
 
         MaskGIT priors decode in ``num_inference_steps`` steps with ``scheduler`` (default: a cosine
         ``MaskGITScheduler``; ``mask_schedule`` or its older name ``schedule`` sets this call's schedule,
         ``choice_temperature`` the Gumbel-noise scale); GPT priors decode one token per step in raster order
-        (``top_k``, ``top_p``; ``use_cache=False`` recomputes the prefix at every position: same tokens,
-        slower). guidance_schedule "linear": s_i = 1 + (s - 1)(i + 1)/T. An option of the other family raises
+        (``top_k``, ``top_p``; ``use_cache``: True / "static" a preallocated KV cache, "dynamic" transformers'
+        growing ``DynamicCache``, False recomputes the prefix at every position: the same tokens each way). guidance_schedule "linear": s_i = 1 + (s - 1)(i + 1)/T. An option of the other family raises
         a ValueError naming it.
         """
         if schedule is not None:

@@ -8,7 +8,8 @@ tied weights). The logits at position i predict t_{i+1}:
     p(t_1..t_L | c) = prod_i p(t_i | c, t_<i),   loss = mean_i CE(logits_i, t_i).
 
 Sampling: ``sampling_logits`` gives the next-token logits at position t from the prefix, using a
-transformers KV cache (``DynamicCache``, passed as ``cache``, or ``past_key_values`` before transformers 5.24); CFG batches the conditional and the
+transformers KV cache (a preallocated ``StaticCache`` by default, ``DynamicCache`` with use_cache="dynamic"; passed as
+``cache``, or ``past_key_values`` before transformers 5.24); CFG batches the conditional and the
 null-class sequences and combines l = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional).
 ``prior.scheduler.AutoregressiveScheduler`` then samples t ~ Categorical(softmax(top_p(top_k(l / temperature))))
 with the caller's generator; ``LGQPipeline.__call__`` runs the loop (``generate`` goes through it).
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from prior.base import TokenGridGenerator, check_prior_hyperparameters, drop_labels
 from prior.scheduler import apply_guidance, filter_logits  # noqa: F401  (filter_logits: re-exported for callers)
@@ -128,12 +129,21 @@ class GPTPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
         return loss, logs
 
     # ------------------------------------------------------------------ sampling
-    def start_sampling(self, class_labels: torch.Tensor, guided: bool = True, use_cache: bool = True) -> dict:
+    def start_sampling(self, class_labels: torch.Tensor, guided: bool = True, use_cache: bool | str = True) -> dict:
         """Per-decoding state: the model's labels (with the null class appended when ``guided``: CFG batches
-        the conditional and unconditional sequences) and the KV cache (created by the first forward)."""
+        the conditional and unconditional sequences) and the KV cache.
+
+        ``use_cache``: True or "static" preallocates transformers' ``StaticCache`` for the 1 + L positions (each
+        step writes its keys and values in place); "dynamic" uses ``DynamicCache`` (created by the first
+        forward, concatenated at every step: the same logits, more copying); False keeps no cache."""
+        if not (isinstance(use_cache, bool) or use_cache in ("static", "dynamic")):
+            raise ValueError(f"use_cache must be True, False, 'static' or 'dynamic', got {use_cache!r}")
         labels = class_labels.to(self.device)
         model_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
-        return {"model_labels": model_labels, "guided": guided, "use_cache": use_cache, "cache": None}
+        cache = None
+        if use_cache is True or use_cache == "static":
+            cache = StaticCache(config=self.transformer.config, max_cache_len=self.seq_len + 1)
+        return {"model_labels": model_labels, "guided": guided, "use_cache": use_cache is not False, "cache": cache}
 
     def sampling_logits(self, tokens: torch.Tensor, timestep: int, guidance_scale: float, state: dict) -> torch.Tensor:
         """Guided next-token logits [B, K] for position t = ``timestep`` given tokens[:, :t] (raster order).
@@ -151,7 +161,7 @@ class GPTPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
                 step_input = self.embedding_dropout(self.token_embedding(previous).unsqueeze(1))
             out = self.transformer(inputs_embeds=step_input, use_cache=True, logits_to_keep=1,
                                    **{KV_CACHE_ARGUMENT: state["cache"]})
-            state["cache"] = getattr(out, KV_CACHE_ARGUMENT)  # a transformers DynamicCache
+            state["cache"] = getattr(out, KV_CACHE_ARGUMENT)  # the StaticCache given, or the DynamicCache made
         else:
             context = tokens[:, :t].repeat(2, 1) if guided else tokens[:, :t]
             out = self.transformer(inputs_embeds=self._embed(model_labels, context), use_cache=False, logits_to_keep=1)

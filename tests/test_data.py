@@ -390,3 +390,18 @@ def test_imagefolder_missing_paths_raise_file_not_found(tmp_path, image_root):
     write_png(image_root / "val" / "n99" / "x.png")
     with pytest.raises(ValueError, match="n99"):
         SafeImageFolder(image_root, "val")
+
+
+def test_builtin_train_crops_of_full_side_fit_beside_the_square_of_an_odd_sized_photo():
+    """retina is 1411 px square: Q = 706 and the square starts at 705, so a train crop of side Q (scale 1) fits
+    neither above nor left of it; such crops are capped at 705 px (before the cap, crop_box raised 'high <= 0')."""
+    train = small_builtin("train", max_scale=1.0, min_scale=0.999, crops_per_photo=64)
+    sides = {}
+    for i in range(len(train)):
+        photo, top, left, side = train.crop_box(i)
+        height, width = train._images[photo].shape[:2]
+        assert 0 <= top and top + side <= height and 0 <= left and left + side <= width
+        assert not boxes_overlap((top, left, side), train.held_out_square(photo))
+        sides.setdefault(photo, set()).add(side)
+    assert sides["retina"] == {705} and train.held_out_square("retina") == (705, 705, 706)
+    assert max(sides["astronaut"]) == 256  # an even photo keeps crops of the full side Q

@@ -69,7 +69,9 @@ class BuiltinPhotoCrops(Dataset):
                  generalisation to unseen photographs.
 
     Every split uses the same crop-size rule: side = round(s * Q), s ~ U(min_scale, max_scale)
-    (``Q`` of the photo the crop comes from), so crops cover the same scales of content.
+    (``Q`` of the photo the crop comes from), so crops cover the same scales of content; a train crop is
+    at most max(H, W) - Q px (one pixel less than Q on a photo with an odd shorter side), so it fits beside
+    the square.
     Labels are photo identities with ONE fixed numbering for every split:
     ``label = BUILTIN_PHOTO_NAMES.index(photo)``, ``num_classes = len(BUILTIN_PHOTOS)`` (8) and
     ``class_names = BUILTIN_PHOTO_NAMES``; ``split_labels`` lists the labels a split actually
@@ -128,6 +130,10 @@ class BuiltinPhotoCrops(Dataset):
         rng = np.random.default_rng((self.seed, split_code(self.split), index))
         scale = rng.uniform(self.min_scale, self.max_scale)
         side = max(1, min(int(round(scale * q)), q))
+        if self.split == "train":
+            # a train crop lies above the square (side <= square_top) or left of it (side <= square_left): with
+            # an odd side (retina, 1411 px: q = 706, square at 705) a crop of side q fits in neither
+            side = min(side, max(square_top, square_left))
         if self.split == "val":  # inside the held-out square
             top = square_top + int(rng.integers(0, q - side + 1))
             left = square_left + int(rng.integers(0, q - side + 1))
