@@ -286,6 +286,14 @@ def mean_colour_images(images: torch.Tensor) -> torch.Tensor:
     return to_uint8(mean.expand_as(unit) * 2.0 - 1.0)
 
 
+def mean_colour_shift(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Per image [B]: (1/C) sum_c |mean_(H,W) r_c - mean_(H,W) x_c| on [0, 1] (uint8 or [-1, 1] float inputs):
+    how far a reconstruction's average colour is from the image's (0 = the same average colour)."""
+    if images.shape != reconstructions.shape:
+        raise ValueError(f"images {tuple(images.shape)} and reconstructions {tuple(reconstructions.shape)} differ in shape")
+    return (_unit_float(reconstructions).mean(dim=(2, 3)) - _unit_float(images).mean(dim=(2, 3))).abs().mean(dim=1)
+
+
 def thumbnail_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic upsampling of an 8-bit RGB thumbnail of ``size = (h, w)`` pixels (h * w * 24 bits).
 

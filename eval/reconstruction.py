@@ -49,7 +49,7 @@ from common.data import (DataConfig, build_image_dataset, class_balanced_indices
                          is_stream, process_share)
 from common.files import write_json
 from common.metrics import (PSNR_CAP_DB, BASELINE_NAMES, baseline_images, baseline_plan, code_histogram, codebook_statistics,
-                            lpips_distance, nominal_bits_per_image, psnr, ssim, to_uint8)
+                            lpips_distance, mean_colour_shift, nominal_bits_per_image, psnr, ssim, to_uint8)
 from eval.classifier import classifier_report, load_classifier
 from eval.fid import (FID_FEATURE_DIM_WARNING, InceptionFeatureAccumulator, InceptionFeatureExtractor,
                       InceptionWeightsUnavailable, frechet_distance, is_offline)
@@ -181,6 +181,7 @@ class ReconstructionTally:
         self.baseline_values: dict[str, dict[str, list]] = {name: {"psnr": [], "ssim": []} for name in BASELINE_NAMES}
         self.real_features, self.recon_features = InceptionFeatureAccumulator(), InceptionFeatureAccumulator()
         self.kept_real, self.kept_recon, self.kept_labels = [], [], []
+        self.label_values, self.colour_shift_values = [], []
         self.plan = self.grid_shape = self.resolution = None
 
     def add(self, images: torch.Tensor, tokens: torch.Tensor, reconstructions: torch.Tensor, labels) -> None:
@@ -191,6 +192,8 @@ class ReconstructionTally:
         real_u8, recon_u8 = to_uint8(images), to_uint8(reconstructions)
         self.psnr_values.append(psnr(real_u8, recon_u8, max_db=PSNR_CAP_DB).double().cpu())
         self.ssim_values.append(ssim(real_u8, recon_u8).double().cpu())
+        self.label_values.append(torch.as_tensor(labels).long().reshape(-1).cpu())
+        self.colour_shift_values.append(mean_colour_shift(real_u8, recon_u8).double().cpu())
         if self.keep_images:
             self.kept_real.append(real_u8.cpu())
             self.kept_recon.append(recon_u8.cpu())
@@ -223,6 +226,7 @@ class ReconstructionTally:
             "ssim": float(torch.cat(self.ssim_values).mean()),
             "lpips": float(torch.cat(self.lpips_values).mean()) if self.lpips_values else None,
             "codebook": codebook_statistics(self.counts, tokens_per_image=self.tokens_per_image),
+            "mean_colour_shift": float(torch.cat(self.colour_shift_values).mean()),
         }
         result["baselines"] = {}
         for name, entry in self.plan.items():
@@ -234,7 +238,22 @@ class ReconstructionTally:
                 "thumbnail_size": list(size) if size is not None else None,
                 "psnr_gain_db": result["psnr"] - base_psnr, "ssim_gain": result["ssim"] - base_ssim,
             }
+        result["per_class"] = self.per_class()
         return result
+
+    def per_class(self) -> dict[str, dict[str, float | int]]:
+        """{label: {"images", "psnr", "mean_colour_shift", "<baseline>_psnr"}}: the means over that class's images
+        (which classes a tokenizer fails on; e.g. an unseen photo whose colours no training photo has)."""
+        labels = torch.cat(self.label_values)
+        if labels.numel() != self.num_images:  # labels of another shape than one per image: no breakdown
+            return {}
+        values = {"psnr": torch.cat(self.psnr_values), "mean_colour_shift": torch.cat(self.colour_shift_values)}
+        values.update({f"{name}_psnr": torch.cat(v["psnr"]) for name, v in self.baseline_values.items() if v["psnr"]})
+        table = {}
+        for label in torch.unique(labels).tolist():
+            chosen = labels == label
+            table[str(label)] = {"images": int(chosen.sum()), **{k: float(v[chosen].mean()) for k, v in values.items()}}
+        return table
 
     def rfid(self) -> float:
         """FID between the Inception features of the images and of their reconstructions."""
@@ -257,6 +276,7 @@ def _reconstruction_protocol(tally: ReconstructionTally, dataset, tokenizer, lpi
         "class_balancing": balance,
         "images_per_class": images_per_class,
         "num_classes": getattr(dataset, "num_classes", None),
+        "class_names": list(getattr(dataset, "class_names", None) or []) or None,
         "resolution": list(resolution),
         "token_grid": list(grid_shape),
         "tokens_per_image": tokens_per_image,
@@ -268,6 +288,7 @@ def _reconstruction_protocol(tally: ReconstructionTally, dataset, tokenizer, lpi
         "lpips": getattr(lpips_model, "variant", "LPIPS-VGG v0.1") if lpips_model is not None else None,
         "codebook_statistics": "one bincount of hard indices over the whole evaluation set",
         "nominal_bits_per_image": nominal_bits_per_image(tokens_per_image, int(counts.numel())),
+        "mean_colour_shift": "per image: mean over RGB of |mean(reconstruction) - mean(image)| on [0, 1]",
         "baselines": ("mean colour (24 bits); bicubic upsampling of an 8-bit RGB thumbnail of the token-grid size; "
                       "the thumbnail closest in bits to the nominal rate tokens x log2 K (equal_bits_thumbnail); "
                       "psnr_gain_db = tokenizer PSNR - baseline PSNR"),
@@ -303,6 +324,8 @@ def format_table(result: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines += ["", baseline_table(result)]
+    if len(result.get("per_class", {})) > 1:
+        lines += ["", per_class_table(result["per_class"], result["protocol"].get("class_names"))]
     if "classifier_accuracy" in result:
         lines += ["", f"classifier accuracy on reconstructions  {result['classifier_accuracy']:.4f} "
                       f"(real val: {result['classifier_real_val_accuracy']:.4f})",
@@ -328,6 +351,20 @@ def baseline_table(result: dict[str, Any]) -> str:
         rows.append((label, f"{entry['psnr']:.2f}", f"{entry['ssim']:.4f}", str(entry["bits_per_image"]),
                      f"{'beats' if gain > 0 else 'trails'} by {abs(gain):.2f} dB"))
     header = ("reconstruction vs", "PSNR dB", "SSIM", "bits/image", "tokenizer")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def per_class_table(per_class: dict[str, dict], class_names: list[str] | None = None) -> str:
+    """One row per class: images, tokenizer PSNR, each baseline's PSNR and the mean colour shift."""
+    baselines = [name for name in BASELINE_NAMES if any(f"{name}_psnr" in row for row in per_class.values())]
+    header = ("class", "images", "PSNR dB", *[f"{BASELINE_LABELS[name]} dB" for name in baselines],
+              "mean colour shift")
+    rows = []
+    for label, row in per_class.items():
+        name = class_names[int(label)] if class_names and int(label) < len(class_names) else label
+        rows.append((str(name), str(row["images"]), f"{row['psnr']:.2f}",
+                     *[f"{row[f'{b}_psnr']:.2f}" for b in baselines], f"{row['mean_colour_shift']:.3f}"))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 

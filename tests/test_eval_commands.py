@@ -110,6 +110,22 @@ def test_reconstruction_command_json_matches_hand_computation(tmp_path, tokenize
     assert baselines["token_grid_thumbnail"]["psnr"] > baselines["mean_colour"]["psnr"]
     assert "equal-bits thumbnail 4x4" in table and ("trails by" in table or "beats by" in table)
 
+    # per class, by hand: the class's images only; the colour shift |mean(recon) - mean(image)| per channel on [0, 1]
+    labels = torch.tensor([dataset[i][1] for i in chosen])
+    per_image_psnr = psnr(real, to_uint8(recon)).double()
+    shift = (to_uint8(recon).double().mean((2, 3)) - real.double().mean((2, 3))).abs().mean(1) / 255
+    assert result["mean_colour_shift"] == pytest.approx(float(shift.mean()), rel=1e-5)
+    assert sorted(result["per_class"]) == [str(c) for c in range(NUM_CLASSES)]
+    for label, row in result["per_class"].items():
+        chosen_class = labels == int(label)
+        assert row["images"] == 2
+        assert row["psnr"] == pytest.approx(float(per_image_psnr[chosen_class].mean()), rel=1e-6)
+        assert row["mean_colour_shift"] == pytest.approx(float(shift[chosen_class].mean()), rel=1e-5)
+        expected_mean_colour = psnr(real, expected_images["mean_colour"], max_db=100.0).double()[chosen_class].mean()
+        assert row["mean_colour_psnr"] == pytest.approx(float(expected_mean_colour), rel=1e-6)
+    class_names = dataset.class_names
+    assert "mean colour shift" in table and all(str(name) in table for name in class_names)
+
 
 def test_reconstruction_without_inception_weights_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))

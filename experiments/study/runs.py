@@ -110,7 +110,8 @@ def evaluate_run(spec: RunSpec, run_cfg, evaluation: dict[str, Any]) -> dict[str
         metrics[f"split_{split}"] = {
             "psnr": other["psnr"], "ssim": other["ssim"], "active_codes": other["codebook"]["active_codes"],
             **{f"psnr_{name}": entry["psnr"] for name, entry in other["baselines"].items()},
-            "psnr_lead_over_equal_bits_db": other["baselines"]["equal_bits_thumbnail"]["psnr_gain_db"]}
+            "psnr_lead_over_equal_bits_db": other["baselines"]["equal_bits_thumbnail"]["psnr_gain_db"],
+            "mean_colour_shift": other["mean_colour_shift"], "per_class": other["per_class"]}
     return metrics
 
 
@@ -206,6 +207,8 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "baselines": metrics["baselines"],
         **{f"psnr_{name}": entry["psnr"] for name, entry in metrics["baselines"].items()},
         "psnr_lead_over_equal_bits_db": metrics["baselines"]["equal_bits_thumbnail"]["psnr_gain_db"],
+        "mean_colour_shift": metrics["mean_colour_shift"],
+        "per_class": metrics["per_class"],  # {label: PSNR, baselines' PSNR, colour shift}: which classes fail
         # the data set's classifier on the reconstructions (null without one): does the content survive?
         **{key: metrics.get(key) for key in ("classifier_accuracy", "classifier_fd", "classifier_kid_mean")},
         "classifier_fd_name": metrics.get("classifier_fd_name"),
