@@ -275,7 +275,7 @@ class LGQPipeline(DiffusionPipeline):
         mask_schedule: str | None = None,
         choice_temperature: float | None = None,
         guidance_schedule: str = "constant",
-        use_cache: bool = True,
+        use_cache: bool | str = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
@@ -292,8 +292,9 @@ class LGQPipeline(DiffusionPipeline):
             output_type: "pil" (list of PIL images), "np" (float32 [B, H, W, 3] in [0, 1]), "pt" (float32
                 tensor [B, 3, H, W] in [0, 1]) or "latent" (the token grids, int64 [B, h, w] in [0, K)).
             return_dict: return an `ImagePipelineOutput` (else a tuple ``(images,)``).
-            top_k, top_p, use_cache: GPT only: token filtering; ``use_cache=False`` recomputes the prefix at
-                every token instead of using the KV cache (same tokens, slower).
+            top_k, top_p, use_cache: GPT only: token filtering; ``use_cache`` True / "dynamic" (transformers'
+                DynamicCache), "static" (a preallocated StaticCache, for torch.compile), or False (the prefix
+                recomputed at every token): the same tokens each way.
             mask_schedule, choice_temperature: MaskGIT only: this call's mask schedule and Gumbel-noise scale
                 (default: the scheduler's config, which a call never changes).
             guidance_schedule: "constant" (s_t = s) or "linear" (s_t = 1 + (s - 1)(t + 1)/T).
