@@ -3,7 +3,7 @@ its floor on this machine, and LlamaGen's GPT ``generate()`` side by side at the
 
     python -m experiments.bench_sampling [--device cpu|cuda] [--batch-size 8] [--grid 16] [--codebook-size 16384]
         [--size small|base] [--num-classes 1000] [--guidance-scale 2.0] [--repeats 3] [--no-cache-repeats N]
-        [--no-kv-free-gpt] [--llamagen PATH] [--configurations maskgit-8 maskgit-16 gpt-cache gpt-static-cache gpt-no-cache llamagen-gpt]
+        [--no-kv-free-gpt] [--llamagen PATH] [--configurations maskgit-8 maskgit-16 gpt-cache gpt-dynamic-cache gpt-no-cache llamagen-gpt]
 
 Randomly initialised priors (sampling cost does not depend on the weights):
   small  MaskGIT: 4 layers, 256 hidden, 4 heads, MLP 1024; GPT: 4 layers, 256 hidden, 4 heads, SwiGLU 768
@@ -25,7 +25,7 @@ Floors, measured in the same process right after the timed calls:
       matrix product of the model's shape ([2 B L, d] x [d, 4d], median of 5);
   GPT (weight-bandwidth-bound decode): L decode steps x the bytes of the weights each step reads / the read
       bandwidth of summing a 256 MiB tensor (median of 5). KV cache reads and the prefill are not counted.
-``vs floor`` = CPU time / floor; ``vs ours``: llamagen-gpt's CPU time / our GPT's (KV cache, the default DynamicCache). On CPU the floors'
+``vs floor`` = CPU time / floor; ``vs ours``: llamagen-gpt's CPU time / our GPT's (KV cache: the default, a preallocated StaticCache). On CPU the floors'
 micro-benchmarks and the ratios use process CPU time, which other jobs on a shared machine disturb far less
 than the wall time (also printed); on CUDA, wall time. The header records the load average and thread count.
 
@@ -78,13 +78,13 @@ SIZES = {
 CONFIGURATIONS = {
     "maskgit-8": ("maskgit", "8 steps", 8),
     "maskgit-16": ("maskgit", "16 steps", 16),
-    "gpt-cache": ("gpt", "KV cache", None),
-    "gpt-static-cache": ("gpt", "static KV cache", None),
+    "gpt-cache": ("gpt", "static KV cache", None),
+    "gpt-dynamic-cache": ("gpt", "DynamicCache", None),
     "gpt-no-cache": ("gpt", "no KV cache", None),
     "llamagen-gpt": ("llamagen-gpt", "generate(), KV cache", None),
 }
 LLAMAGEN = "llamagen-gpt"
-GPT_CACHES = {"gpt-cache": True, "gpt-static-cache": "static", "gpt-no-cache": False}  # -> GPTPrior use_cache
+GPT_CACHES = {"gpt-cache": True, "gpt-dynamic-cache": "dynamic", "gpt-no-cache": False}  # -> GPTPrior use_cache
 
 
 def build_prior(name: str, size: str, codebook_size: int, grid: int, num_classes: int, device: str):

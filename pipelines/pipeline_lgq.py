@@ -292,9 +292,9 @@ class LGQPipeline(DiffusionPipeline):
             output_type: "pil" (list of PIL images), "np" (float32 [B, H, W, 3] in [0, 1]), "pt" (float32
                 tensor [B, 3, H, W] in [0, 1]) or "latent" (the token grids, int64 [B, h, w] in [0, K)).
             return_dict: return an `ImagePipelineOutput` (else a tuple ``(images,)``).
-            top_k, top_p, use_cache: GPT only: token filtering; ``use_cache`` True / "dynamic" (transformers'
-                DynamicCache), "static" (a preallocated StaticCache, for torch.compile), or False (the prefix
-                recomputed at every token): the same tokens each way.
+            top_k, top_p, use_cache: GPT only: token filtering; ``use_cache`` True / "static" (a preallocated
+                StaticCache), "dynamic" (transformers' growing DynamicCache), or False (the prefix recomputed at
+                every token): the same tokens each way.
             mask_schedule, choice_temperature: MaskGIT only: this call's mask schedule and Gumbel-noise scale
                 (default: the scheduler's config, which a call never changes).
             guidance_schedule: "constant" (s_t = s) or "linear" (s_t = 1 + (s - 1)(t + 1)/T).

@@ -58,7 +58,7 @@ def test_sampling_benchmark_runs_every_prior_configuration_against_its_floor(cap
     rows = re.findall(r"^\| (maskgit|gpt) \| ([^|]+) \| (\d+) \|.*\| ([0-9.]+) \| ([0-9.]+)x \| - \|$", table,
                       flags=re.M)
     assert [row[:3] for row in rows] == [("maskgit", "8 steps", "8"), ("maskgit", "16 steps", "16"),
-                                         ("gpt", "KV cache", "4"), ("gpt", "static KV cache", "4"),
+                                         ("gpt", "static KV cache", "4"), ("gpt", "DynamicCache", "4"),
                                          ("gpt", "no KV cache", "4")]
     assert all(float(floor) > 0 for *_, floor, _ in rows)
 

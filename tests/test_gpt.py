@@ -87,14 +87,14 @@ def test_tiny_gpt_overfits_a_few_grids_and_regenerates_them():
     dict(top_p=0.8, guidance_scale=0.5),
 ])
 def test_kv_cache_and_no_cache_sample_identical_tokens(settings):
-    """The growing DynamicCache (default), the preallocated StaticCache and no cache give the same tokens."""
+    """The preallocated StaticCache (default), the growing DynamicCache and no cache give the same tokens."""
     model = tiny(grid_size=(3, 5)).eval()
     labels = [0, 2, 3]
     cached = model.generate(labels, generator=gen(6), use_cache=True, **settings)
-    static = model.generate(labels, generator=gen(6), use_cache="static", **settings)
+    dynamic = model.generate(labels, generator=gen(6), use_cache="dynamic", **settings)
     uncached = model.generate(labels, generator=gen(6), use_cache=False, **settings)
     assert cached.shape == (3, 3, 5) and cached.dtype == torch.long
-    assert torch.equal(cached, uncached) and torch.equal(static, uncached)
+    assert torch.equal(cached, uncached) and torch.equal(dynamic, uncached)
 
 
 def test_cache_choices_build_their_cache_and_a_bad_choice_is_named():
@@ -102,12 +102,12 @@ def test_cache_choices_build_their_cache_and_a_bad_choice_is_named():
 
     model = tiny(grid_size=(3, 5)).eval()
     labels = torch.tensor([0, 1])
-    assert isinstance(model.start_sampling(labels, use_cache="static")["cache"], StaticCache)
-    for choice in (True, "dynamic"):
-        state = model.start_sampling(labels, use_cache=choice)
-        assert state["cache"] is None
-        model.sampling_logits(torch.zeros(2, 15, dtype=torch.long), 0, 1.0, state)
-        assert isinstance(state["cache"], DynamicCache)
+    for choice in (True, "static"):
+        assert isinstance(model.start_sampling(labels, use_cache=choice)["cache"], StaticCache)
+    state = model.start_sampling(labels, use_cache="dynamic")
+    assert state["cache"] is None
+    model.sampling_logits(torch.zeros(2, 15, dtype=torch.long), 0, 1.0, state)
+    assert isinstance(state["cache"], DynamicCache)
     with pytest.raises(ValueError, match="use_cache must be True, False, 'static' or 'dynamic', got 'paged'"):
         model.generate([0], generator=gen(1), use_cache="paged")
 
