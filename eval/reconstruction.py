@@ -248,7 +248,7 @@ class ReconstructionTally:
         if labels.numel() != self.num_images:  # labels of another shape than one per image: no breakdown
             return {}
         values = {"psnr": torch.cat(self.psnr_values), "mean_colour_shift": torch.cat(self.colour_shift_values)}
-        values.update({f"{name}_psnr": torch.cat(v["psnr"]) for name, v in self.baseline_values.items() if v["psnr"]})
+        values.update({f"{name}_psnr": torch.cat(v["psnr"]) for name, v in self.baseline_values.items()})
         table = {}
         for label in torch.unique(labels).tolist():
             chosen = labels == label
@@ -335,6 +335,12 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def aligned_columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Plain-text table: every column left-aligned to its widest cell, two spaces apart."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
 BASELINE_LABELS = {"mean_colour": "mean colour", "token_grid_thumbnail": "token-grid thumbnail",
                    "equal_bits_thumbnail": "equal-bits thumbnail"}
 
@@ -351,22 +357,19 @@ def baseline_table(result: dict[str, Any]) -> str:
         rows.append((label, f"{entry['psnr']:.2f}", f"{entry['ssim']:.4f}", str(entry["bits_per_image"]),
                      f"{'beats' if gain > 0 else 'trails'} by {abs(gain):.2f} dB"))
     header = ("reconstruction vs", "PSNR dB", "SSIM", "bits/image", "tokenizer")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+    return aligned_columns(header, rows)
 
 
 def per_class_table(per_class: dict[str, dict], class_names: list[str] | None = None) -> str:
     """One row per class: images, tokenizer PSNR, each baseline's PSNR and the mean colour shift."""
-    baselines = [name for name in BASELINE_NAMES if any(f"{name}_psnr" in row for row in per_class.values())]
-    header = ("class", "images", "PSNR dB", *[f"{BASELINE_LABELS[name]} dB" for name in baselines],
+    header = ("class", "images", "PSNR dB", *[f"{BASELINE_LABELS[name]} dB" for name in BASELINE_NAMES],
               "mean colour shift")
     rows = []
     for label, row in per_class.items():
         name = class_names[int(label)] if class_names and int(label) < len(class_names) else label
         rows.append((str(name), str(row["images"]), f"{row['psnr']:.2f}",
-                     *[f"{row[f'{b}_psnr']:.2f}" for b in baselines], f"{row['mean_colour_shift']:.3f}"))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+                     *[f"{row[f'{b}_psnr']:.2f}" for b in BASELINE_NAMES], f"{row['mean_colour_shift']:.3f}"))
+    return aligned_columns(header, rows)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -60,8 +60,9 @@ class TokenGridGenerator:
         MaskGIT priors decode in ``num_inference_steps`` steps with ``scheduler`` (default: a cosine
         ``MaskGITScheduler``; ``mask_schedule`` or its older name ``schedule`` sets this call's schedule,
         ``choice_temperature`` the Gumbel-noise scale); GPT priors decode one token per step in raster order
-        (``top_k``, ``top_p``; ``use_cache``: True / "static" a preallocated ``StaticCache``, "dynamic" transformers'
-        growing ``DynamicCache``, False recomputes the prefix at every position: the same tokens each way). guidance_schedule "linear": s_i = 1 + (s - 1)(i + 1)/T. An option of the other family raises
+        (``top_k``, ``top_p``; ``use_cache``: True / "static" a preallocated ``StaticCache``, "dynamic"
+        transformers' growing ``DynamicCache``, False recomputes the prefix at every position: the same tokens
+        each way). guidance_schedule "linear": s_i = 1 + (s - 1)(i + 1)/T. An option of the other family raises
         a ValueError naming it.
         """
         if schedule is not None:

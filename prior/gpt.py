@@ -26,6 +26,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from prior.base import TokenGridGenerator, check_prior_hyperparameters, drop_labels
+from prior.sampling import check_kv_cache_choice
 from prior.scheduler import apply_guidance, filter_logits  # noqa: F401  (filter_logits: re-exported for callers)
 from prior.tokens import check_class_labels, check_token_grid, normalize_grid_size
 
@@ -138,8 +139,7 @@ class GPTPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
         GPT-B size, equal at the small size: README "Where the time goes"); "dynamic" uses ``DynamicCache``
         (created by the first forward, grown by concatenation at every step); False keeps no cache. Same tokens
         each way."""
-        if not (isinstance(use_cache, bool) or use_cache in ("static", "dynamic")):
-            raise ValueError(f"use_cache must be True, False, 'static' or 'dynamic', got {use_cache!r}")
+        check_kv_cache_choice(use_cache)
         labels = class_labels.to(self.device)
         model_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         cache = None

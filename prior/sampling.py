@@ -58,6 +58,12 @@ def check_positive_number(name: str, value: Any, allow_zero: bool = False) -> fl
     return float(value)
 
 
+def check_kv_cache_choice(use_cache: Any) -> None:
+    """ValueError unless ``use_cache`` is a GPT prior's KV cache choice: True / "static", "dynamic" or False."""
+    if not (isinstance(use_cache, bool) or use_cache in ("static", "dynamic")):
+        raise ValueError(f"use_cache must be True, False, 'static' or 'dynamic', got {use_cache!r}")
+
+
 def check_sampling_options(prior: Any, *, num_inference_steps, guidance_scale, temperature, top_k, top_p,
                            mask_schedule, choice_temperature, use_cache, guidance_schedule, generator,
                            batch_size: int) -> None:
@@ -74,8 +80,8 @@ def check_sampling_options(prior: Any, *, num_inference_steps, guidance_scale, t
         if value is not None and for_maskgit != maskgit:
             raise ValueError(f"{name} is an option of {'MaskGIT' if for_maskgit else 'GPT'} priors; "
                              f"this pipeline's prior is a {type(prior).__name__}")
-    if not maskgit and not (isinstance(use_cache, bool) or use_cache in ("static", "dynamic")):
-        raise ValueError(f"use_cache must be True, False, 'static' or 'dynamic', got {use_cache!r}")
+    if not maskgit:
+        check_kv_cache_choice(use_cache)
     if guidance_schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
