@@ -469,7 +469,9 @@ class Trainer:
                 self.models[name] = accelerator.prepare(model)
         schedulers = [build_lr_scheduler(optimizers[n], self.cfg) for n in opt_names]
         # a stream (common/data/stream.py) deals its shards out to the processes itself: accelerate only places its
-        # batches on the device (its IterableDatasetShard would make every process read every shard)
+        # batches on the device. Its IterableDatasetShard would make every process read every shard, and its default
+        # for an IterableDataset, dispatch_batches=True, has process 0 read every batch from its own shards and
+        # broadcast it (two collectives per batch; the other processes' shards never read): both are switched off.
         self.streaming = bool(getattr(train_loader.dataset, "is_stream", False))
         loaders = [] if self.streaming else [train_loader]
         prepared = accelerator.prepare(*[optimizers[n] for n in opt_names], *schedulers, *loaders)
@@ -478,7 +480,8 @@ class Trainer:
         if self.streaming:
             train_loader.dataset.check_readers(accelerator.num_processes, train_loader.num_workers)
             self.train_loader = accelerate_data_loader.prepare_data_loader(
-                train_loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True)
+                train_loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True,
+                dispatch_batches=False)
         else:
             self.train_loader = prepared[-1]
         if not self.streaming and len(self.train_loader) == 0:

@@ -6,13 +6,17 @@ way should assert the world size they expect.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STACK_DUMPS = ROOT / "tests" / "stack_dumps"  # its sitecustomize.py: SIGUSR2 -> every thread's stack on stderr
 
 
 def free_port() -> int:
@@ -31,7 +35,7 @@ def ddp_command(script: str | os.PathLike, *args: str, nproc: int = 2, env: dict
         str(script), *map(str, args),
     ]
     full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+                "PYTHONPATH": os.pathsep.join([str(ROOT), str(STACK_DUMPS), os.environ.get("PYTHONPATH", "")])}
     return cmd, {**full_env, **(env or {})}
 
 
@@ -67,15 +71,22 @@ def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: floa
         try:
             stdout, stderr = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            # a hang (e.g. a collective not reached by every rank): kill the launcher AND its workers (they
-            # run in sessions of their own and would keep the pipes open)
+            # a hang (e.g. a collective not reached by every rank): every process writes its threads' stacks
+            # (SIGUSR2, tests/stack_dumps), then the launcher AND its workers are killed (they run in sessions
+            # of their own and would keep the pipes open)
             import psutil  # an accelerate dependency
 
-            for process in [*psutil.Process(popen.pid).children(recursive=True), psutil.Process(popen.pid)]:
-                process.kill()
+            processes = [*psutil.Process(popen.pid).children(recursive=True), psutil.Process(popen.pid)]
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signal.SIGUSR2)
+            time.sleep(3)
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
             stdout, stderr = popen.communicate()
             raise AssertionError(f"DDP run did not finish within {timeout} s (hang?): {' '.join(cmd)}\n"
-                                 f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-6000:]}") from None
+                                 f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-30000:]}") from None
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(

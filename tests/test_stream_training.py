@@ -205,3 +205,22 @@ def test_two_process_stages_end_to_end_on_shards_and_hf_datasets(source, shards,
     pipe = LGQPipeline.from_pretrained(tmp_path / "pipe")
     images = pipe([0, 2], generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_each_of_two_processes_trains_on_its_own_shards(shards, tmp_path):
+    """Process r of 2 reads shards r, r + 2, ... (common/data/stream.py), through its own DataLoader workers: the
+    images it trains on come from its shards only, and together the processes read every shard. (accelerate would
+    otherwise dispatch: process 0 reading every batch from its own shards and broadcasting them.)"""
+    import json
+
+    record = tmp_path / "seen"
+    run_ddp(ROOT / "tests" / "scripts" / "train_record_stream_images.py", *TINY, *wds_options(shards),
+            f"train.output_dir={tmp_path / 'run'}", env={"LGQ_IMAGES_RECORD": str(record)}, timeout=300)
+    starts = np.cumsum([0, *UNEVEN])
+    shard_of = {i: s for s in range(len(UNEVEN)) for i in range(starts[s], starts[s + 1])}
+    read = {rank: {shard_of[i] for i in json.loads((record / f"rank_{rank}.json").read_text())} for rank in (0, 1)}
+    assert read[0] and read[0] <= {0, 2, 4}, read
+    assert read[1] and read[1] <= {1, 3}, read
+    # 8 steps x 2 micro-batches x 4 images per process: every shard of each process's share is reached
+    assert read[0] | read[1] == set(range(len(UNEVEN))), read
