@@ -12,11 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STACK_DUMPS = ROOT / "tests" / "stack_dumps"  # its sitecustomize.py: SIGUSR2 -> every thread's stack on stderr
+STACK_DUMPS = ROOT / "tests" / "stack_dumps"  # its sitecustomize.py: SIGUSR2 -> every thread's stack, one file per process
 
 
 def free_port() -> int:
@@ -63,30 +64,54 @@ def run_until_signal(cmd: list[str], signum: int, env: dict, timeout: float = 30
     return result
 
 
-def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None):
-    """Run `script args` under `accelerate launch` with `nproc` CPU processes; raise with output on failure."""
-    cmd, full_env = ddp_command(script, *args, nproc=nproc, env=env)
-    with subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as popen:
-        try:
-            stdout, stderr = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # a hang (e.g. a collective not reached by every rank): every process writes its threads' stacks
-            # (SIGUSR2, tests/stack_dumps), then the launcher AND its workers are killed (they run in sessions
-            # of their own and would keep the pipes open)
-            import psutil  # an accelerate dependency
+def _stacks_of_every_process(launcher_pid: int, dump_dir: Path, wait: float = 10.0) -> str:
+    """Signal the launcher and every process under it (SIGUSR2: each writes its threads' stacks to
+    ``dump_dir/<pid>.txt``, tests/stack_dumps), wait until every file has been written, kill them all (they run in
+    sessions of their own and would keep the pipes open) and return the stacks, one section per process."""
+    import psutil  # an accelerate dependency
 
-            processes = [*psutil.Process(popen.pid).children(recursive=True), psutil.Process(popen.pid)]
-            for process in processes:
-                with contextlib.suppress(psutil.Error):
-                    process.send_signal(signal.SIGUSR2)
-            time.sleep(3)
-            for process in processes:
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
-            stdout, stderr = popen.communicate()
-            raise AssertionError(f"DDP run did not finish within {timeout} s (hang?): {' '.join(cmd)}\n"
-                                 f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-30000:]}") from None
+    launcher = psutil.Process(launcher_pid)
+    processes = [*launcher.children(recursive=True), launcher]
+    described = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            rank = process.environ().get("RANK", "-")
+            described[process.pid] = f"pid {process.pid} (RANK={rank}): {' '.join(process.cmdline())}"
+            process.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        sizes = {pid: (dump_dir / f"{pid}.txt").stat().st_size if (dump_dir / f"{pid}.txt").exists() else 0
+                 for pid in described}
+        if all(sizes.values()):
+            time.sleep(0.5)  # a dump in progress keeps growing
+            if sizes == {pid: (dump_dir / f"{pid}.txt").stat().st_size for pid in described}:
+                break
+        time.sleep(0.2)
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    sections = []
+    for pid, description in described.items():
+        path = dump_dir / f"{pid}.txt"
+        stacks = path.read_text() if path.exists() else ""
+        sections.append(f"--- threads of {description}\n{stacks or '(no stack written)'}")
+    return "\n".join(sections)
+
+
+def run_ddp(script: str | os.PathLike, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None):
+    """Run `script args` under `accelerate launch` with `nproc` CPU processes; raise with output on failure, and on a
+    hang (e.g. a collective not reached by every rank) with the stack of every thread of every process."""
+    with tempfile.TemporaryDirectory(prefix="stack-dumps-") as dump_dir:
+        cmd, full_env = ddp_command(script, *args, nproc=nproc, env={"LGQ_STACK_DUMP_DIR": dump_dir, **(env or {})})
+        with subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as popen:
+            try:
+                stdout, stderr = popen.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                stacks = _stacks_of_every_process(popen.pid, Path(dump_dir))
+                stdout, stderr = popen.communicate()
+                raise AssertionError(f"DDP run did not finish within {timeout} s (hang?): {' '.join(cmd)}\n"
+                                     f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-6000:]}\n{stacks}") from None
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(

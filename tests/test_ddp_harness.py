@@ -2,6 +2,7 @@
 every process (tests/stack_dumps/sitecustomize.py), so an intermittent hang in CI says where each rank waited."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,25 @@ from ddp import run_ddp
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_collective_on_one_rank.py"
 
 
+def stacks_by_rank(message: str) -> dict[str, str]:
+    """{RANK value: that process's stack section} from the harness's "--- threads of pid P (RANK=R): ..." sections."""
+    sections = re.split(r"^--- threads of pid \d+ \(RANK=", message, flags=re.MULTILINE)[1:]
+    return {section.split(")", 1)[0]: section for section in sections}
+
+
 @pytest.mark.slow
 def test_a_hung_run_fails_with_every_process_stack():
     with pytest.raises(AssertionError) as failure:
         run_ddp(SCRIPT, timeout=20)
     message = str(failure.value)
-    assert "did not finish within 20 s" in message
-    assert "STARTED rank 0" in message and "STARTED rank 1" in message
-    # rank 0 in its wait, rank 1 inside the all-reduce, each with a faulthandler traceback
-    assert 'in rank_zero_waits_for_nothing' in message
-    assert 'in all_reduce' in message
+    assert "did not finish within 20 s" in message, message
+    assert "STARTED rank 0" in message and "STARTED rank 1" in message, message
+    # one whole section per process (they dump at the same moment; into one pipe they would interleave mid-line):
+    # rank 0 in its wait, rank 1 inside the all-reduce, the launcher (no RANK) in torch elastic's monitor loop
+    stacks = stacks_by_rank(message)
+    assert set(stacks) == {"0", "1", "-"}, message
+    assert re.search(r'^  File ".*ddp_collective_on_one_rank.py", line \d+ in rank_zero_waits_for_nothing$',
+                     stacks["0"], flags=re.MULTILINE), message
+    assert re.search(r'^  File ".*distributed_c10d.py", line \d+ in all_reduce$', stacks["1"], flags=re.MULTILINE), message
+    assert "in rank_zero_waits_for_nothing" not in stacks["1"] and "in all_reduce" not in stacks["0"], message
+    assert re.search(r"^  File .*torch/distributed/run.py", stacks["-"], flags=re.MULTILINE), message

@@ -1,8 +1,34 @@
 """Imported at start-up by every Python process the multi-process tests launch (tests/ddp.py puts this folder on
-PYTHONPATH; DataLoader workers inherit it through fork): SIGUSR2 writes the stack of every thread to stderr. On a
-timeout tests/ddp.py sends it to the launcher, the ranks and their workers before killing them, so a hang in CI
+PYTHONPATH; DataLoader workers inherit it through fork): SIGUSR2 writes the stack of every thread of the process.
+
+Each process writes to a file of its own, ``$LGQ_STACK_DUMP_DIR/<pid>.txt`` (a forked child reopens its own), because
+faulthandler writes a traceback in many small writes: two processes dumping into one shared stderr pipe at the same
+moment interleave mid-line (seen in CI). Without ``LGQ_STACK_DUMP_DIR`` the stacks go to stderr. On a timeout
+tests/ddp.py signals the launcher, the ranks and their workers, collects the files, then kills them, so a hang in CI
 says where every process waited."""
 import faulthandler
+import os
 import signal
 
-faulthandler.register(signal.SIGUSR2, all_threads=True)
+_dump_file = None  # faulthandler keeps only the file descriptor: the file object must stay alive
+
+
+def _register_stack_dump() -> None:
+    global _dump_file
+    directory = os.environ.get("LGQ_STACK_DUMP_DIR")
+    if not directory:
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
+        return
+    if _dump_file is not None:
+        _dump_file.close()
+    try:
+        _dump_file = open(os.path.join(directory, f"{os.getpid()}.txt"), "w", buffering=1)
+    except OSError:  # the test that made the folder has ended: stderr it is
+        _dump_file = None
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
+        return
+    faulthandler.register(signal.SIGUSR2, file=_dump_file, all_threads=True)
+
+
+_register_stack_dump()
+os.register_at_fork(after_in_child=_register_stack_dump)
