@@ -14,6 +14,12 @@ from a ``code_counts.json`` ({"counts": [...]}, what the study writes per run). 
   2-D PCA coordinates) and summaries: active / dead codes, perplexity, quantiles of r_1 and r_n, the Spearman rank
   correlation between usage and r_n (negative: busy codes sit in dense regions), the median r_n of used and of
   unused codes, the PCA's explained variance ratios, the number of duplicate centres (r_1 = 0);
+* ``geometry.json["assignments"]`` (when usage is counted over a split): how the latents x_n that the quantizer receives
+  (``encode_latents`` of the first ``--assignment-images`` images) sit among the centres (``assignment_geometry``):
+  the latents' spread around their mean against the centres' distance from it, the nearest squared distance, the
+  margin between the nearest and the second-nearest centre and, for LGQ, that margin over tau and the mean max
+  soft-assignment probability at the tokenizer's tau. A small margin/tau with latents in a small ball far from every
+  centre is the soft regime: the straight-through backward sees a nearly uniform p, not the hard code;
 * ``codebook_geometry.png``: four panels: sorted usage (log scale), usage against r_n, the histogram of r_1, and
   the centres on their first two principal components coloured by log(1 + usage).
 """
@@ -29,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from common.cli import config_help
 from common.data import (DataConfig, build_image_dataset, class_balanced_indices, dataset_labels, load_data_config,
@@ -174,12 +180,76 @@ def plot_geometry(geometry: dict[str, Any], path: str | Path, title: str = "") -
     return path
 
 
+@torch.no_grad()
+def assignment_geometry(latents: torch.Tensor, centres: torch.Tensor, tau: float | None = None,
+                        chunk_size: int = 4096) -> dict[str, Any]:
+    """How token latents x_n [N, C] sit among centres c_k [K, C] (float64). With d_nk = ||x_n - c_k||^2, x_bar the
+    latents' mean and d_n(1) <= d_n(2) the two smallest d_nk:
+
+        latent_spread        = mean_n ||x_n - x_bar||^2
+        centre_offset        = mean_k ||c_k - x_bar||^2   (all centres; ``_used``: those nearest to some x_n)
+        nearest_sq_distance  = quantiles of d_n(1)
+        margin               = quantiles of m_n = d_n(2) - d_n(1)
+        with tau:  margin_over_tau = quantiles of m_n / tau;  mean_max_probability = mean_n max_k softmax_k(-d_nk / tau)
+
+    (LGQ's Euclidean logits are l_nk = -d_nk / tau, docs/method.md §1, so m_n / tau is the gap between the top two
+    logits: << 1 means the soft assignment cannot tell the nearest centre from the next.)"""
+    x, c = latents.double().reshape(-1, latents.shape[-1]), centres.double()
+    if c.dim() != 2 or x.shape[1] != c.shape[1] or c.shape[0] < 2 or x.shape[0] == 0:
+        raise ValueError(f"latents [N, C] and centres [K >= 2, C] must agree, got {tuple(latents.shape)} and "
+                         f"{tuple(centres.shape)}")
+    nearest, margins, max_probability, used = [], [], [], torch.zeros(c.shape[0], dtype=torch.bool)
+    for start in range(0, x.shape[0], chunk_size):
+        d = torch.cdist(x[start:start + chunk_size], c).pow(2)
+        two = d.topk(2, dim=1, largest=False)
+        nearest.append(two.values[:, 0])
+        margins.append(two.values[:, 1] - two.values[:, 0])
+        used[two.indices[:, 0]] = True
+        if tau is not None:
+            max_probability.append(torch.softmax(-d / float(tau), dim=1).max(dim=1).values)
+    mean = x.mean(0)
+    offsets = (c - mean).pow(2).sum(1)
+    margin = torch.cat(margins)
+    result = {
+        "num_latents": int(x.shape[0]),
+        "latent_spread": float((x - mean).pow(2).sum(1).mean()),
+        "centre_offset": float(offsets.mean()),
+        "centre_offset_used": float(offsets[used].mean()),
+        "nearest_sq_distance": quantile_summary(torch.cat(nearest)),
+        "margin": quantile_summary(margin),
+    }
+    if tau is not None:
+        result.update(tau=float(tau), margin_over_tau=quantile_summary(margin / float(tau)),
+                      mean_max_probability=float(torch.cat(max_probability).mean()))
+    return result
+
+
+def latents_of_images(tokenizer, dataset, num_images: int, batch_size: int = 64) -> torch.Tensor:
+    """[N, C] token latents (``encode_latents``) of the first ``num_images`` items of ``dataset``, on the CPU."""
+    device = tokenizer.device
+    latents, seen = [], 0
+    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images = images[:num_images - seen]
+        with torch.no_grad():
+            z = tokenizer.encode_latents(images.to(device, tokenizer.dtype)).float()
+        latents.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu())
+        seen += images.shape[0]
+        if seen >= num_images:
+            break
+    return torch.cat(latents)
+
+
 def write_codebook_geometry(tokenizer, counts, output_dir: str | Path, neighbours: int = 8, title: str = "",
-                            protocol: dict[str, Any] | None = None) -> dict[str, Any]:
-    """geometry.json + codebook_geometry.png for ``tokenizer`` (an LGQTokenizer) with usage ``counts`` [K]."""
+                            protocol: dict[str, Any] | None = None, latents: torch.Tensor | None = None
+                            ) -> dict[str, Any]:
+    """geometry.json + codebook_geometry.png for ``tokenizer`` (an LGQTokenizer) with usage ``counts`` [K]; with
+    token ``latents`` [N, C] also their ``assignment_geometry`` (at the quantizer's tau when it has one)."""
 
     centres = decoder_codes(tokenizer.quantizer).cpu()
     geometry = codebook_geometry(centres, torch.as_tensor(counts), neighbours)
+    if latents is not None:
+        tau = getattr(tokenizer.quantizer, "tau", None)
+        geometry["assignments"] = assignment_geometry(latents, centres, None if tau is None else float(tau))
     geometry["quantizer"] = str(tokenizer.config.quantizer)
     output_dir = Path(output_dir)
     geometry["plot"] = str(plot_geometry(geometry, output_dir / PLOT_FILE, title))
@@ -204,6 +274,8 @@ def parse_args(argv: Sequence[str] | None = None):
     parser.add_argument("--num-images", type=int, default=None, help="class-balanced subset of the split")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--neighbours", type=int, default=8, help="n of the k-NN distance (local density)")
+    parser.add_argument("--assignment-images", type=int, default=256,
+                        help="latents of the split's first N images for geometry.json['assignments'] (0: none)")
     args = parser.parse_args(rest)
     args.data_overrides = data_overrides
     return args
@@ -237,14 +309,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     protocol["tokenizer"] = str(Path(args.tokenizer).resolve())
     if accelerator is not None and not accelerator.is_main_process:
         return {}
+    latents = None
+    if args.counts is None and args.assignment_images > 0:
+        latents = latents_of_images(tokenizer, dataset, args.assignment_images, args.batch_size)
+        protocol["assignment_images"] = min(args.assignment_images, len(dataset))
     geometry = write_codebook_geometry(tokenizer, counts, args.output_dir, args.neighbours,
                                        title=f"{tokenizer.config.quantizer}, K = {tokenizer.codebook_size}",
-                                       protocol=protocol)
+                                       protocol=protocol, latents=latents)
     rho = geometry["usage_knn_distance_spearman"]
     print(f"{geometry['active_codes']} / {geometry['codebook_size']} codes used; nearest-centre distance median "
           f"{geometry['nearest_neighbour_distance']['q50']:.4g}; {geometry['neighbours']}-NN distance median used "
           f"{geometry['knn_distance_median_used']} / unused {geometry['knn_distance_median_unused']}; Spearman(usage, "
           f"k-NN distance) {'n/a' if rho is None else f'{rho:+.3f}'}; PCA variance {geometry['pca_explained_variance_ratio']}")
+    if "assignments" in geometry:
+        a = geometry["assignments"]
+        print(f"latents: spread {a['latent_spread']:.4g} around their mean; centres {a['centre_offset']:.4g} from it "
+              f"(used {a['centre_offset_used']:.4g}); nearest squared distance median {a['nearest_sq_distance']['q50']:.4g}, "
+              f"margin to the second median {a['margin']['q50']:.4g}"
+              + (f" = {a['margin_over_tau']['q50']:.4g} tau; mean max p {a['mean_max_probability']:.4g} at tau "
+                 f"{a['tau']:.4g}" if "tau" in a else ""))
     print(f"written: {Path(args.output_dir) / GEOMETRY_FILE}, {geometry['plot']}")
     return geometry
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from eval.codebook_geometry import GEOMETRY_FILE, PLOT_FILE, codebook_geometry, main
+from eval.codebook_geometry import GEOMETRY_FILE, PLOT_FILE, assignment_geometry, codebook_geometry, main
 from tokenizer.model import LGQTokenizer
 
 POSITIONS = [0.0, 1.0, 3.0, 7.0, 15.0]
@@ -62,13 +62,45 @@ def test_duplicates_and_degenerate_usage():
         codebook_geometry(centres, torch.tensor([1, 2]))
 
 
+def test_assignment_geometry_of_known_latents():
+    centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    latents = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # squared distances [0, 9, 16] and [1, 4, 17]
+    geometry = assignment_geometry(latents, centres, tau=2.0, chunk_size=1)  # chunking must not change anything
+    assert geometry["num_latents"] == 2
+    assert geometry["latent_spread"] == pytest.approx(0.25)  # mean (0.5, 0): each latent 0.5 away
+    # centres' squared distances from (0.5, 0): 0.25, 6.25, 16.25; only centre 0 is anyone's nearest
+    assert geometry["centre_offset"] == pytest.approx((0.25 + 6.25 + 16.25) / 3)
+    assert geometry["centre_offset_used"] == pytest.approx(0.25)
+    assert geometry["nearest_sq_distance"]["q00"] == pytest.approx(0) and geometry["nearest_sq_distance"]["q100"] == pytest.approx(1)
+    assert geometry["margin"]["q00"] == pytest.approx(3) and geometry["margin"]["q100"] == pytest.approx(9)
+    assert geometry["margin_over_tau"]["mean"] == pytest.approx(3)
+    max_p = [1 / (1 + math.exp(-9 / 2) + math.exp(-16 / 2)), 1 / (1 + math.exp(-3 / 2) + math.exp(-16 / 2))]
+    assert geometry["mean_max_probability"] == pytest.approx(sum(max_p) / 2)
+    assert "tau" not in assignment_geometry(latents, centres)  # VQ-style: no temperature
+    with pytest.raises(ValueError, match="must agree"):
+        assignment_geometry(torch.zeros(2, 3), centres)
+
+
 def test_counting_over_a_split_and_bad_counts_file(tmp_path):
     line_tokenizer("vq").save_pretrained(tmp_path / "tok")
     geometry = main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "geo"), "--split", "train",
                      "--data.name", "synthetic", "--data.image_size", "16", "--data.num_images", "6",
-                     "--data.num_classes", "3", "--batch-size", "4"])
+                     "--data.num_classes", "3", "--batch-size", "4",
+                     "--assignment-images", "5"])
     assert geometry["num_tokens"] == 6 * 8 * 8 and geometry["protocol"]["num_images"] == 6
     assert sum(geometry["per_code"]["counts"]) == 6 * 64
+    # the latents of the first 5 images (8x8 tokens each) among the centres; VQ has no temperature
+    assert geometry["assignments"]["num_latents"] == 5 * 64 and "tau" not in geometry["assignments"]
+    assert geometry["protocol"]["assignment_images"] == 5
+    lgq = line_tokenizer("lgq")
+    lgq.quantizer.tau.fill_(0.5)
+    lgq.save_pretrained(tmp_path / "lgq")
+    assignments = main(["--tokenizer", str(tmp_path / "lgq"), "--output-dir", str(tmp_path / "geo-lgq"), "--split",
+                        "train", "--data.name", "synthetic", "--data.image_size", "16", "--data.num_images", "6",
+                        "--data.num_classes", "3", "--assignment-images", "2"])["assignments"]
+    assert assignments["tau"] == 0.5 and assignments["num_latents"] == 2 * 64  # LGQ's exported temperature
+    assert 1 / 5 <= assignments["mean_max_probability"] <= 1
+    assert assignments["margin_over_tau"]["q50"] == pytest.approx(assignments["margin"]["q50"] / 0.5)
     (tmp_path / "bad.json").write_text(json.dumps({"counts": [1, 2]}))
     with pytest.raises(ValueError, match="2 counts, the tokenizer has K=5"):
         main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "g2"), "--counts",
