@@ -2,12 +2,15 @@
 every process (tests/stack_dumps/sitecustomize.py), so an intermittent hang in CI says where each rank waited."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from ddp import run_ddp
+from ddp import STACK_DUMPS, run_ddp
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_collective_on_one_rank.py"
 
@@ -34,3 +37,12 @@ def test_a_hung_run_fails_with_every_process_stack():
     assert re.search(r'^  File ".*distributed_c10d.py", line \d+ in all_reduce$', stacks["1"], flags=re.MULTILINE), message
     assert "in rank_zero_waits_for_nothing" not in stacks["1"] and "in all_reduce" not in stacks["0"], message
     assert re.search(r"^  File .*torch/distributed/run.py", stacks["-"], flags=re.MULTILINE), message
+
+
+def test_the_stack_dump_hook_still_runs_the_sitecustomize_it_shadows(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.OTHER_SITECUSTOMIZE_RAN = True\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(STACK_DUMPS), str(tmp_path)])}
+    code = ("import builtins, faulthandler, signal, sitecustomize; "
+            "print(sitecustomize.__file__, getattr(builtins, 'OTHER_SITECUSTOMIZE_RAN', False))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert Path(out[0]).parent == STACK_DUMPS and out[1] == "True"

@@ -1,5 +1,6 @@
 """Imported at start-up by every Python process the multi-process tests launch (tests/ddp.py puts this folder on
-PYTHONPATH; DataLoader workers inherit it through fork): SIGUSR2 writes the stack of every thread of the process.
+PYTHONPATH; DataLoader workers inherit it through fork): SIGUSR2 writes the stack of every thread of the process;
+then the sitecustomize it shadows (further on sys.path), if any, runs as it would have.
 
 Each process writes to a file of its own, ``$LGQ_STACK_DUMP_DIR/<pid>.txt`` (a forked child reopens its own), because
 faulthandler writes a traceback in many small writes: two processes dumping into one shared stderr pipe at the same
@@ -32,3 +33,20 @@ def _register_stack_dump() -> None:
 
 _register_stack_dump()
 os.register_at_fork(after_in_child=_register_stack_dump)
+
+
+def _run_the_sitecustomize_this_one_shadows() -> None:
+    """Python imports only the first ``sitecustomize`` on sys.path: run the next one (a distribution's or a
+    virtual environment's) too, so the tests' processes start like the user's."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is not None and spec.loader is not None:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+_run_the_sitecustomize_this_one_shadows()
