@@ -3,23 +3,18 @@
 image exactly once with 2 processes, an uneven shard layout and a resumed extraction."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from training_runs import final_state, kill_after_checkpoint, run  # tests/training_runs.py
 from ddp import run_ddp  # tests/ddp.py
 from test_data_sources import index_of, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-       "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 TINY = ["--config", str(ROOT / "configs" / "tokenizer" / "tiny.yaml"), "data.image_size=16", "data.num_classes=3",
         "model.channel_multipliers=[1,2]", "model.base_channels=8", "model.latent_dim=4", "model.codebook_size=64",
         "loss.gan_start_step=2", "loss.disc_channels=8", "train.batch_size=4", "train.grad_accum_steps=2",
@@ -41,20 +36,6 @@ def wds_options(shards) -> list[str]:
             "data.shuffle_buffer=8"]
 
 
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def final_state(output_dir: Path) -> dict[str, torch.Tensor]:
-    checkpoint = output_dir / "checkpoints" / "step_0000008"
-    tensors = {}
-    for name in ("model.safetensors", "model_1.safetensors"):
-        tensors.update({f"{name}/{k}": v for k, v in load_file(str(checkpoint / name)).items()})
-    return tensors
-
-
 @pytest.mark.slow
 def test_webdataset_training_killed_and_resumed_equals_uninterrupted_run(shards, tmp_path):
     train = ROOT / "tokenizer" / "train.py"
@@ -65,21 +46,7 @@ def test_webdataset_training_killed_and_resumed_equals_uninterrupted_run(shards,
     output_dir = tmp_path / "run"
     script = ROOT / "tests" / "scripts" / "train_tokenizer_pause_after_checkpoint.py"
     cmd = [sys.executable, str(script), *TINY, *wds_options(shards), f"train.output_dir={output_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "LGQ_PAUSE_AFTER_STEP": "4"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("PAUSED"):
-                break
-        else:
-            raise AssertionError(f"run ended before the checkpoint: {proc.stderr.read()[-4000:]}")
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-        proc.stderr.close()
+    kill_after_checkpoint(cmd, step=4)
     resumed = run([sys.executable, str(train), *TINY, *wds_options(shards), f"train.output_dir={output_dir}",
                    "--resume", "latest"])
     assert "resumed from" in resumed.stdout

@@ -2,17 +2,15 @@
 export, configs, and a real 2-process DDP run."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from common.config import load_config
+from training_runs import ENV, final_state, kill_after_checkpoint, run  # tests/training_runs.py
 from ddp import run_ddp, run_until_signal  # tests/ddp.py (pytest puts tests/ on sys.path)
 from tokenizer.config import TokenizerRunConfig
 
@@ -24,29 +22,10 @@ FAST = ["data.image_size=16", "data.num_images=32", "model.channel_multipliers=[
         "train.batch_size=4", "train.grad_accum_steps=2", "train.max_steps=8", "train.warmup_steps=2",
         "train.checkpoint_every=4", "train.log_every=2", "train.image_log_every=4", "train.progress_bar=false",
         "eval.num_val_images=4", "eval.quantizer_init_batches=1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-       "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def train_command(script: Path, output_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(script), "--config", str(TINY), *FAST, f"train.output_dir={output_dir}", *extra]
-
-
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def final_state(output_dir: Path) -> dict[str, torch.Tensor]:
-    """Weights of the final checkpoint (generator, discriminator) and the exported EMA tokenizer."""
-    checkpoint = output_dir / "checkpoints" / "step_0000008"
-    tensors = {}
-    for name in ("model.safetensors", "model_1.safetensors"):
-        tensors.update({f"{name}/{k}": v for k, v in load_file(str(checkpoint / name)).items()})
-    export = load_file(str(output_dir / "tokenizer" / "diffusion_pytorch_model.safetensors"))
-    tensors.update({f"export/{k}": v for k, v in export.items()})
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -60,26 +39,12 @@ def uninterrupted_run(tmp_path_factory) -> Path:
 def test_kill_and_resume_equals_uninterrupted_run(uninterrupted_run, tmp_path):
     output_dir = tmp_path / "run"
     script = ROOT / "tests" / "scripts" / "train_tokenizer_pause_after_checkpoint.py"
-    proc = subprocess.Popen(train_command(script, output_dir), cwd=ROOT, env={**ENV, "LGQ_PAUSE_AFTER_STEP": "4"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("PAUSED"):
-                break
-        else:
-            raise AssertionError(f"run ended before the checkpoint: {proc.stderr.read()[-4000:]}")
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-        proc.stderr.close()
+    kill_after_checkpoint(train_command(script, output_dir), step=4)
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_0000004"]
 
     resumed = run(train_command(ROOT / "tokenizer" / "train.py", output_dir, "--resume", "latest"))
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
-    reference, result = final_state(uninterrupted_run), final_state(output_dir)
+    reference, result = final_state(uninterrupted_run, export=True), final_state(output_dir, export=True)
     assert reference.keys() == result.keys()
     different = [k for k in reference if not torch.equal(reference[k], result[k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:5]}"
@@ -102,7 +67,7 @@ def test_sigusr1_checkpoints_exits_75_and_resume_equals_uninterrupted_run(uninte
     resumed = run(train_command(ROOT / "tokenizer" / "train.py", output_dir, "--resume", "latest"))
     assert "step_0000003 at step 3" in resumed.stdout
     assert "replayed the data stream from step 0 to step 3" in resumed.stdout
-    reference, result = final_state(uninterrupted_run), final_state(output_dir)
+    reference, result = final_state(uninterrupted_run, export=True), final_state(output_dir, export=True)
     different = [k for k in reference if not torch.equal(reference[k], result[k])]
     assert reference.keys() == result.keys() and not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
 
