@@ -174,20 +174,39 @@ def test_two_process_stages_end_to_end_on_shards_and_hf_datasets(source, shards,
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 
+def streamed_hf_shards(tmp_path: Path) -> tuple[list[str], list[int]]:
+    """(options, rows per stored shard) of a Hugging Face save_to_disk folder streamed with data.streaming=true:
+    images 0..34 in 5 arrow files (HFImageStream's shards)."""
+    import datasets
+
+    from test_data_sources import hf_split
+
+    folder = tmp_path / "hf_stream"
+    datasets.DatasetDict({"train": hf_split(35), "validation": hf_split(6, start=35)}).save_to_disk(
+        str(folder), num_shards={"train": 5, "validation": 1})
+    train = datasets.load_from_disk(str(folder))["train"]
+    rows = [datasets.Dataset.from_file(f["filename"]).num_rows for f in train.cache_files]
+    return ["data.name=hf", f"data.root={folder}", "data.streaming=true", "data.shuffle_buffer=8"], rows
+
+
 @pytest.mark.slow
-def test_each_of_two_processes_trains_on_its_own_shards(shards, tmp_path):
+@pytest.mark.parametrize("source", ["webdataset", "hf-streaming"])
+def test_each_of_two_processes_trains_on_its_own_shards(source, shards, tmp_path):
     """Process r of 2 reads shards r, r + 2, ... (common/data/stream.py), through its own DataLoader workers: the
     images it trains on come from its shards only, and together the processes read every shard. (accelerate would
-    otherwise dispatch: process 0 reading every batch from its own shards and broadcasting them.)"""
+    otherwise dispatch: process 0 reading every batch from its own shards and broadcasting them.) The same for
+    WebDataset shards and for the arrow files of a streamed Hugging Face dataset."""
     import json
 
+    options, rows = (wds_options(shards), UNEVEN) if source == "webdataset" else streamed_hf_shards(tmp_path)
+    assert len(rows) == 5
     record = tmp_path / "seen"
-    run_ddp(ROOT / "tests" / "scripts" / "train_record_stream_images.py", *TINY, *wds_options(shards),
+    run_ddp(ROOT / "tests" / "scripts" / "train_record_stream_images.py", *TINY, *options,
             f"train.output_dir={tmp_path / 'run'}", env={"LGQ_IMAGES_RECORD": str(record)}, timeout=300)
-    starts = np.cumsum([0, *UNEVEN])
-    shard_of = {i: s for s in range(len(UNEVEN)) for i in range(starts[s], starts[s + 1])}
+    starts = np.cumsum([0, *rows])
+    shard_of = {i: s for s in range(len(rows)) for i in range(starts[s], starts[s + 1])}
     read = {rank: {shard_of[i] for i in json.loads((record / f"rank_{rank}.json").read_text())} for rank in (0, 1)}
     assert read[0] and read[0] <= {0, 2, 4}, read
     assert read[1] and read[1] <= {1, 3}, read
     # 8 steps x 2 micro-batches x 4 images per process: every shard of each process's share is reached
-    assert read[0] | read[1] == set(range(len(UNEVEN))), read
+    assert read[0] | read[1] == set(range(len(rows))), read
