@@ -78,13 +78,15 @@ def _stacks_of_every_process(launcher_pid: int, dump_dir: Path, wait: float = 10
             rank = process.environ().get("RANK", "-")
             described[process.pid] = f"pid {process.pid} (RANK={rank}): {' '.join(process.cmdline())}"
             process.send_signal(signal.SIGUSR2)
+    def dump_sizes() -> dict[int, int]:
+        return {pid: path.stat().st_size if (path := dump_dir / f"{pid}.txt").exists() else 0 for pid in described}
+
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        sizes = {pid: (dump_dir / f"{pid}.txt").stat().st_size if (dump_dir / f"{pid}.txt").exists() else 0
-                 for pid in described}
+        sizes = dump_sizes()
         if all(sizes.values()):
             time.sleep(0.5)  # a dump in progress keeps growing
-            if sizes == {pid: (dump_dir / f"{pid}.txt").stat().st_size for pid in described}:
+            if sizes == dump_sizes():
                 break
         time.sleep(0.2)
     for process in processes:

@@ -42,7 +42,7 @@ def test_a_hung_run_fails_with_every_process_stack():
 def test_the_stack_dump_hook_still_runs_the_sitecustomize_it_shadows(tmp_path):
     (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.OTHER_SITECUSTOMIZE_RAN = True\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(STACK_DUMPS), str(tmp_path)])}
-    code = ("import builtins, faulthandler, signal, sitecustomize; "
+    code = ("import builtins, sitecustomize; "
             "print(sitecustomize.__file__, getattr(builtins, 'OTHER_SITECUSTOMIZE_RAN', False))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert Path(out[0]).parent == STACK_DUMPS and out[1] == "True"

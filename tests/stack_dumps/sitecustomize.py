@@ -10,25 +10,23 @@ says where every process waited."""
 import faulthandler
 import os
 import signal
+import sys
 
 _dump_file = None  # faulthandler keeps only the file descriptor: the file object must stay alive
 
 
 def _register_stack_dump() -> None:
     global _dump_file
-    directory = os.environ.get("LGQ_STACK_DUMP_DIR")
-    if not directory:
-        faulthandler.register(signal.SIGUSR2, all_threads=True)
-        return
-    if _dump_file is not None:
+    if _dump_file is not None:  # a forked child: the parent's file is not its own
         _dump_file.close()
-    try:
-        _dump_file = open(os.path.join(directory, f"{os.getpid()}.txt"), "w", buffering=1)
-    except OSError:  # the test that made the folder has ended: stderr it is
         _dump_file = None
-        faulthandler.register(signal.SIGUSR2, all_threads=True)
-        return
-    faulthandler.register(signal.SIGUSR2, file=_dump_file, all_threads=True)
+    directory = os.environ.get("LGQ_STACK_DUMP_DIR")
+    if directory:
+        try:
+            _dump_file = open(os.path.join(directory, f"{os.getpid()}.txt"), "w", buffering=1)
+        except OSError:  # the test that made the folder has ended: stderr it is
+            pass
+    faulthandler.register(signal.SIGUSR2, file=_dump_file or sys.stderr, all_threads=True)
 
 
 _register_stack_dump()
@@ -40,7 +38,6 @@ def _run_the_sitecustomize_this_one_shadows() -> None:
     virtual environment's) too, so the tests' processes start like the user's."""
     import importlib.machinery
     import importlib.util
-    import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
     rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
