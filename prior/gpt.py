@@ -10,7 +10,8 @@ tied weights). The logits at position i predict t_{i+1}:
 Sampling: ``sampling_logits`` gives the next-token logits at position t from the prefix, using a
 transformers KV cache (a preallocated ``StaticCache`` by default, ``DynamicCache`` with use_cache="dynamic"; passed as
 ``cache``, or ``past_key_values`` before transformers 5.24); CFG batches the conditional and the
-null-class sequences and combines l = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional).
+null-class sequences and combines l = l_u + s (l_c - l_u) (s = 1 conditional, s = 0 unconditional), applied
+to the last hidden states before the (linear, bias-free) output head, which then runs on B rows instead of 2B.
 ``prior.scheduler.AutoregressiveScheduler`` then samples t ~ Categorical(softmax(top_p(top_k(l / temperature))))
 with the caller's generator; ``LGQPipeline.__call__`` runs the loop (``generate`` goes through it).
 """
@@ -154,6 +155,7 @@ class GPTPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
         t-1 after); without it the whole prefix is recomputed (same logits, O(L^2) work)."""
         t = int(timestep)
         guided, model_labels = state["guided"], state["model_labels"]
+        backbone = self.transformer.model  # LlamaModel: the hidden states; lm_head maps them to logits
         if state["use_cache"]:
             if t == 0:
                 step_input = self._embed(model_labels, tokens.new_empty(model_labels.shape[0], 0))  # the class prefix
@@ -161,14 +163,16 @@ class GPTPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
                 previous = tokens[:, t - 1]
                 previous = torch.cat([previous, previous]) if guided else previous
                 step_input = self.embedding_dropout(self.token_embedding(previous).unsqueeze(1))
-            out = self.transformer(inputs_embeds=step_input, use_cache=True, logits_to_keep=1,
-                                   **{KV_CACHE_ARGUMENT: state["cache"]})
+            out = backbone(inputs_embeds=step_input, use_cache=True, **{KV_CACHE_ARGUMENT: state["cache"]})
             state["cache"] = getattr(out, KV_CACHE_ARGUMENT)  # the StaticCache given, or the DynamicCache made
         else:
             context = tokens[:, :t].repeat(2, 1) if guided else tokens[:, :t]
-            out = self.transformer(inputs_embeds=self._embed(model_labels, context), use_cache=False, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
+            out = backbone(inputs_embeds=self._embed(model_labels, context), use_cache=False)
+        hidden = out.last_hidden_state[:, -1]
         if guided:
-            cond, uncond = logits.chunk(2)
-            logits = apply_guidance(cond, uncond, guidance_scale)
+            # lm_head is linear, so guiding its input equals guiding the logits (up to rounding) at half the
+            # head's work: lm_head(h_u + s (h_c - h_u)) = l_u + s (l_c - l_u)
+            cond, uncond = hidden.chunk(2)
+            hidden = apply_guidance(cond, uncond, guidance_scale)
+        logits = self.transformer.lm_head(hidden).float()
         return logits

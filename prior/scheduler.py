@@ -227,12 +227,15 @@ class MaskGITScheduler(SchedulerMixin, ConfigMixin):
         else:
             raise ValueError(f"logits {tuple(model_output.shape)} do not match tokens {tuple(sample.shape)}")
 
-        # sample x_i and its log-probability at the masked positions only
-        log_probs = torch.log_softmax(drop_softmax_tail(masked_logits / temperature), dim=-1)  # [M, K]
+        # sample x_i and its log-probability at the masked positions only, in four passes over the [M, K] logits
+        # (one buffer, written in place): s = (l - max l) / T with the tail dropped, p~ = exp(s), x ~ p~ / F
+        # with F = sum_k p~_k, and log p(x) = log p~_x - log F (= log_softmax(l / T)_x up to rounding)
         n_unknown = unknown.sum(dim=1)
-        drawn = sample_categorical(log_probs.exp(), generator, n_unknown)  # [M]
+        probs = torch.mul(masked_logits, 1.0 / temperature)
+        probs = drop_softmax_tail(probs, out=probs).exp_()  # [M, K] unnormalised; the largest entry of a row is 1
+        drawn = sample_categorical(probs, generator, n_unknown)  # [M]
         candidates = tokens.masked_scatter(unknown, drawn)
-        chosen_log_prob = log_probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+        chosen_log_prob = probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).log() - probs.sum(dim=-1).log()
 
         if t == self.num_inference_steps - 1:
             keep_masked = torch.zeros_like(n_unknown)
@@ -358,6 +361,7 @@ def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule
     raise ValueError(f"unknown guidance schedule {schedule!r}; choose one of {GUIDANCE_SCHEDULES}")
 
 
-def apply_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """l = l_u + s (l_c - l_u)."""
-    return uncond_logits + scale * (cond_logits - uncond_logits)
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """x = x_u + s (x_c - x_u) (one ``torch.lerp`` pass), on logits or on the input of an affine output head
+    (then head(x) = l_u + s (l_c - l_u), since the head's bias is weighted (1 - s) + s = 1)."""
+    return torch.lerp(uncond, cond, float(scale))

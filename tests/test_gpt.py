@@ -132,6 +132,18 @@ def test_classifier_free_guidance_convention():
     with torch.no_grad():
         logits = model(greedy, torch.tensor([2]))
     assert torch.equal(logits.argmax(-1), greedy.view(1, -1))
+    # the guidance is applied to the head's input; the logits are those of l_u + s (l_c - l_u), cached or not
+    tokens = torch.randint(0, K, (2, model.seq_len), generator=gen(3))
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        cond = model(tokens, labels)
+        uncond = model(tokens, torch.full_like(labels, C))
+        for use_cache in (False, True):
+            state = model.start_sampling(labels, guided=True, use_cache=use_cache)
+            for t in range(4):
+                guided = model.sampling_logits(tokens, t, 2.5, state)
+                reference = uncond[:, t] + 2.5 * (cond[:, t] - uncond[:, t])
+                assert torch.allclose(guided, reference, atol=1e-4), (use_cache, t)
 
 
 def test_filter_logits_top_k_and_top_p():

@@ -319,3 +319,34 @@ def test_gumbel_noise_is_finite_and_gumbel_distributed():
     assert torch.isfinite(noise).all()
     assert abs(noise.mean().item() - 0.5772) < 0.02  # Euler-Mascheroni constant
     assert abs(noise.var().item() - math.pi**2 / 6) < 0.05
+
+
+def test_scheduler_step_draws_and_ranks_as_the_log_softmax_of_the_tempered_logits():
+    """The fused step (tail-dropped exp in place, log p(x) = log p~_x - log F) decodes as the textbook rule:
+    x ~ softmax(l / T), confidence log_softmax(l / T)_x, the least confident re-masked."""
+    from prior.scheduler import gumbel_noise
+
+    K_big, temperature = 300, 0.7
+    tokens = torch.full((4, 16), K_big)
+    tokens[:, :3] = 5  # three fixed tokens per row
+    logits = 4.0 * torch.randn(4, 16, K_big, generator=gen(11))
+    for choice_temperature in (0.0, 3.0):
+        scheduler = MaskGITScheduler(codebook_size=K_big, choice_temperature=choice_temperature)
+        scheduler.set_timesteps(3)
+        out = scheduler.step(logits, 0, tokens, generator=gen(12), temperature=temperature)
+        # the textbook rule with the same random stream (draws first, then the Gumbel noise)
+        unknown = tokens == K_big
+        log_probs = torch.log_softmax(logits[unknown] / temperature, dim=-1)
+        g = gen(12)
+        drawn = sample_categorical(log_probs.exp(), g, unknown.sum(1))
+        confidence_masked = log_probs.gather(-1, drawn[:, None]).squeeze(-1)
+        noise_scale = choice_temperature * (1 - 1 / 3)
+        if noise_scale > 0:
+            confidence_masked = confidence_masked + noise_scale * gumbel_noise(confidence_masked.shape, g, "cpu",
+                                                                               rows_per_sample=unknown.sum(1))
+        confidence = torch.full(tokens.shape, float("inf")).masked_scatter(unknown, confidence_masked)
+        keep = min(max(scheduler.num_masked_after(0, 16), 1), 13 - 1)  # clipped to [1, n_unknown - 1]
+        remasked = confidence.argsort(dim=1, stable=True)[:, :keep]
+        expected = tokens.masked_scatter(unknown, drawn).scatter(1, remasked, K_big)
+        assert torch.equal(out.pred_original_sample, tokens.masked_scatter(unknown, drawn))
+        assert torch.equal(out.prev_sample, expected)
