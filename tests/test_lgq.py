@@ -327,6 +327,16 @@ def test_sharpness_statistics_are_mean_max_probability_and_mean_sum_of_squares()
     assert float(out.stats["mean_sum_p_sq"]) == pytest.approx(float((p * p).sum(1).mean()), rel=1e-5)
 
 
+def test_geometry_statistics_are_the_spreads_of_latents_and_centres():
+    q = make_quantizer()
+    z = latents()
+    out = q(z)
+    x = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    c = q.codebook.detach()
+    assert float(out.stats["latent_spread"]) == pytest.approx(float((x - x.mean(0)).pow(2).sum(1).mean()), rel=1e-5)
+    assert float(out.stats["codebook_spread"]) == pytest.approx(float((c - c.mean(0)).pow(2).sum(1).mean()), rel=1e-5)
+
+
 def test_bad_inputs_raise_clear_errors():
     q = make_quantizer()
     with pytest.raises(ValueError, match="B, C, H, W"):

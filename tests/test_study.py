@@ -196,14 +196,18 @@ def test_convergence_is_the_validation_psnr_gain_over_the_last_quarter():
 
 def test_training_summary_reports_sharpness_of_the_last_quarter_and_skips_validation_rows():
     history = [{"step": s, "loss": 1.0 / s, "images_per_sec": 100.0, "quantizer/mean_max_prob": s / 1000,
-                "quantizer/mean_sum_p_sq": s / 2000} for s in range(100, 1001, 100)]
+                "quantizer/mean_sum_p_sq": s / 2000, "pre_norm/gamma_rms": 1.0 - s / 10000}
+               for s in range(100, 1001, 100)]
     history.append({"step": 1000, "val/psnr": 18.0})  # the last row is a validation row
     summary = study.training_summary(history)
     assert summary["final_losses"] == {"loss": pytest.approx(1e-3)} and summary["logged_steps"] == 10
     assert summary["final_mean_max_prob"] == pytest.approx((0.8 + 0.9 + 1.0) / 3)  # steps >= 750
     assert summary["final_mean_sum_p_sq"] == pytest.approx((0.8 + 0.9 + 1.0) / 6)
+    assert summary["final_pre_norm_gamma_rms"] == pytest.approx(1.0 - 0.09)
+    assert summary["final_latent_spread"] is None  # not logged
     no_soft = study.training_summary([{"step": 10, "loss": 0.5}])
     assert no_soft["final_mean_max_prob"] is None and no_soft["converged"] is None
+    assert no_soft["final_pre_norm_gamma_rms"] is None
 
 
 def test_invalid_combinations_are_skipped_with_a_reason(tmp_path):

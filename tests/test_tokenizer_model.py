@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer.model import CONFIG_FORMAT, LGQTokenizer, TokenizerModelConfig, TokenizerOutput, build_tokenizer
-from tokenizer.modules import Decoder, Encoder, count_parameters, num_groups_for
+from tokenizer.modules import Decoder, Encoder, PreQuantizerNorm, count_parameters, num_groups_for
 from tokenizer.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
 from tokenizer.quantizers.base import Quantizer
 
@@ -331,6 +331,17 @@ def test_group_norm_groups_divide_channels():
     assert num_groups_for(128, min_channels_per_group=4) == 32 and num_groups_for(256, min_channels_per_group=4) == 32
     assert num_groups_for(32, min_channels_per_group=4) == 8 and num_groups_for(16, min_channels_per_group=4) == 4
     assert num_groups_for(3, min_channels_per_group=4) == 1 and num_groups_for(48, min_channels_per_group=4) == 12
+
+
+def test_pre_quantizer_norm_reports_its_learnt_scale_and_shift_as_rms():
+    norm = PreQuantizerNorm(4, "groupnorm_layernorm")
+    with torch.no_grad():
+        norm.layer_norm.weight.copy_(torch.tensor([1.0, 1.0, 3.0, 3.0]))
+        norm.layer_norm.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 2.0]))
+    stats = norm.affine_stats()
+    assert float(stats["gamma_rms"]) == pytest.approx(5.0 ** 0.5) and float(stats["beta_rms"]) == pytest.approx(1.0)
+    assert PreQuantizerNorm(4, "layernorm_noaffine").affine_stats() == {}
+    assert PreQuantizerNorm(4, "none").affine_stats() == {}
 
 
 @pytest.mark.parametrize("base_channels", [16, 32, 128])

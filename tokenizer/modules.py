@@ -323,6 +323,16 @@ class PreQuantizerNorm(nn.Module):
             tokens = F.layer_norm(z.permute(0, 2, 3, 1), (self.channels,), weight, bias, ln.eps)
             return tokens.permute(0, 3, 1, 2).contiguous()
 
+    @torch.no_grad()
+    def affine_stats(self) -> dict[str, torch.Tensor]:
+        """The LayerNorm's learnt scale and shift as RMS over channels, sqrt(mean_c gamma_c^2) and
+        sqrt(mean_c beta_c^2) ({} without them): gamma_rms^2 * C is every latent's squared norm before the
+        shift, so it is the latent scale LGQ's temperature is measured against."""
+        ln = self.layer_norm
+        if ln is None or not ln.elementwise_affine:
+            return {}
+        return {"gamma_rms": ln.weight.float().pow(2).mean().sqrt(), "beta_rms": ln.bias.float().pow(2).mean().sqrt()}
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
 

@@ -99,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
     def on_log(step: int) -> dict[str, float]:
         counts = accelerator.reduce(torch.stack(list(recent_counts)).sum(0), reduction="sum")
         stats = codebook_statistics(counts, tokens_per_image)
-        return {f"codebook/{k}": stats[k] for k in ("active_codes", "utilisation", "perplexity", "bits_per_token")}
+        norm_stats = {f"pre_norm/{k}": float(v) for k, v in tokenizer.pre_quantizer_norm.affine_stats().items()}
+        return {**{f"codebook/{k}": stats[k] for k in ("active_codes", "utilisation", "perplexity", "bits_per_token")},
+                **norm_stats}
 
     val_images = None
     if cfg.eval.num_val_images:

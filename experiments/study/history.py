@@ -5,6 +5,10 @@ import statistics
 from typing import Any, Sequence
 
 SHARPNESS_KEYS = {"mean_max_prob": "quantizer/mean_max_prob", "mean_sum_p_sq": "quantizer/mean_sum_p_sq"}
+# where the latents sit: their spread and the centres' (LGQ), and the pre-quantizer LayerNorm's learnt scale
+GEOMETRY_KEYS = {"latent_spread": "quantizer/latent_spread", "codebook_spread": "quantizer/codebook_spread",
+                 "pre_norm_gamma_rms": "pre_norm/gamma_rms"}
+LAST_QUARTER_KEYS = {**SHARPNESS_KEYS, **GEOMETRY_KEYS}
 CONVERGENCE_GAIN_DB = 0.1  # converged: validation PSNR gains less than this over the last quarter of the steps
 
 
@@ -14,11 +18,13 @@ def training_summary(history: list[dict] | None) -> dict[str, Any]:
 
     Sharpness (LGQ, None for quantizers without soft assignments): ``final_mean_max_prob`` = mean over the
     logged steps s >= 3/4 S of mean_n max_k p_nk, ``final_mean_sum_p_sq`` likewise of mean_n sum_k p_nk^2
-    (1 = one-hot; training batches). Convergence (``convergence_report``) from the ``val/psnr`` rows.
+    (1 = one-hot; training batches). ``final_latent_spread`` / ``final_codebook_spread`` / ``final_pre_norm_gamma_rms``
+    likewise of mean_n ||x_n - mean x||^2, mean_k ||c_k - mean c||^2 and the LayerNorm's RMS scale (None when
+    not logged). Convergence (``convergence_report``) from the ``val/psnr`` rows.
     """
     if not history:
         return {"images_per_sec": None, "final_losses": {}, "logged_steps": 0,
-                **{f"final_{name}": None for name in SHARPNESS_KEYS}, **convergence_report([])}
+                **{f"final_{name}": None for name in LAST_QUARTER_KEYS}, **convergence_report([])}
     train_rows = [row for row in history if "loss" in row] or history
     speeds = [row["images_per_sec"] for row in train_rows if "images_per_sec" in row]
     if len(speeds) > 1:
@@ -26,12 +32,12 @@ def training_summary(history: list[dict] | None) -> dict[str, Any]:
     last = train_rows[-1]
     losses = {k: v for k, v in last.items() if k == "loss" or k.startswith("loss/") or k.startswith("loss_")}
     last_step = max(row["step"] for row in history)
-    sharpness = {}
-    for name, key in SHARPNESS_KEYS.items():
+    last_quarter = {}
+    for name, key in LAST_QUARTER_KEYS.items():
         values = [row[key] for row in train_rows if key in row and row["step"] >= 0.75 * last_step]
-        sharpness[f"final_{name}"] = statistics.fmean(values) if values else None
+        last_quarter[f"final_{name}"] = statistics.fmean(values) if values else None
     return {"images_per_sec": statistics.median(speeds) if speeds else None, "final_losses": losses,
-            "logged_steps": len(train_rows), **sharpness, **convergence_report(history)}
+            "logged_steps": len(train_rows), **last_quarter, **convergence_report(history)}
 
 
 def convergence_report(history: Sequence[dict], gain_db: float = CONVERGENCE_GAIN_DB) -> dict[str, Any]:

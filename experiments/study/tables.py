@@ -16,7 +16,8 @@ BASELINE_COLUMNS = ("psnr_mean_colour", "psnr_token_grid_thumbnail", "psnr_equal
 TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid",
                  "classifier_accuracy", "classifier_fd", "classifier_kid_mean", "active_codes",
                  "utilisation", "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec",
-                 "quantizer_peak_mib", "final_mean_max_prob", "final_mean_sum_p_sq", "val_psnr_last",
+                 "quantizer_peak_mib", "final_mean_max_prob", "final_mean_sum_p_sq", "final_latent_spread",
+                 "final_codebook_spread", "final_pre_norm_gamma_rms", "val_psnr_last",
                  "psnr_gain_last_quarter_db", "converged", "final_loss", "train_seconds", "collapsed", "collapse_step")
 # per-run fields that identify a run or are the same for every seed: not averaged
 RUN_IDENTITY_KEYS = {"run", "quantizer", "K", "seed", "steps", "batch_size", "torch_threads", "run_dir", "config_format"}

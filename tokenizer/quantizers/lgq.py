@@ -416,6 +416,9 @@ class LGQuantizer(Quantizer):
                 **self.hard_stats(indices),
                 "mean_max_prob": max_prob.mean().detach(),  # sharpness: mean_n max_k p_nk
                 "mean_sum_p_sq": p_sq.mean().detach(),      # sharpness: mean_n sum_k p_nk^2 (1 = one-hot)
+                # geometry: mean_n ||x_n - mean x||^2 and mean_k ||c_k - mean c||^2 (latents vs centres)
+                "latent_spread": x.detach().var(0, unbiased=False).sum(),
+                "codebook_spread": centres.detach().var(0, unbiased=False).sum(),
                 "soft_perplexity": soft_perplexity.detach(),
                 "loss_quant": loss_quant.detach(),
                 "loss_peak": loss_peak.detach(),
