@@ -139,6 +139,9 @@ def test_sweep_over_seeds_writes_runs_rows_table_plots_and_reuses_finished_runs(
     curves = study.main(["--config", str(config), "--output-dir", str(out), "--seeds", "0", "1", "2", "--curves"])
     assert [c["run"] for c in curves] == [r["run"] for r in results] and "[study] training" not in capsys.readouterr().out
     assert all(c["last_step"] == 4 and c["converged"] is None for c in curves)  # no validation rows in these runs
+    # the pre-quantizer LayerNorm's learnt scale is logged for every quantizer; the latent spread by LGQ only
+    assert all(c["final_pre_norm_gamma_rms"] > 0 and c["final_latent_spread"] is None for c in curves)
+    assert [c["final_pre_norm_gamma_rms"] for c in curves] == [r["final_pre_norm_gamma_rms"] for r in results]
 
 
 def test_collapse_is_detected_from_history_with_its_step():

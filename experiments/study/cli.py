@@ -12,7 +12,7 @@ from common.cli import config_help, parse_command_line
 from common.training import read_history
 from experiments.study.config import DEFAULT_CONFIG, LAUNCHERS, load_study_config
 from experiments.study.generation import generation_settings
-from experiments.study.history import convergence_report, detect_collapse
+from experiments.study.history import LAST_QUARTER_FIELDS, convergence_report, detect_collapse, training_summary
 from experiments.study.plan import plan_runs
 from experiments.study.plots import make_plots, plot_curves
 from experiments.study.runs import run_one
@@ -128,19 +128,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 def report_curves(runs, output_dir: Path) -> list[dict]:
     """``--curves``: per planned run with a history.jsonl, its last step, last validation PSNR and convergence
-    (``convergence_report``), printed and returned; the training-curve plot of them all (``plot_training_curves``)."""
+    (``convergence_report``) and the last-quarter sharpness and geometry (``training_summary``), printed and returned; the training-curve plot of them all (``plot_training_curves``)."""
     rows = []
     for spec in runs:
         history = read_history(spec.run_dir)
         if not history:
             continue
         report = convergence_report(history)
+        summary = training_summary(history)
+        geometry = {key: summary[key] for key in LAST_QUARTER_FIELDS}
         rows.append({"run": spec.name, "quantizer": spec.quantizer, "K": spec.codebook_size, "seed": spec.seed,
-                     "run_dir": str(spec.run_dir), "last_step": max(row["step"] for row in history), **report})
+                     "run_dir": str(spec.run_dir), "last_step": max(row["step"] for row in history), **report,
+                     **geometry})
         gain = report["psnr_gain_last_quarter_db"]
+        logged = ", ".join(f"{key.removeprefix('final_')} {value:.3g}" for key, value in geometry.items()
+                           if value is not None)
         print(f"[study] {spec.name}: step {rows[-1]['last_step']}, val PSNR {report['val_psnr_last']}, gain over the "
-              f"last quarter {'n/a' if gain is None else f'{gain:+.3f} dB'}, converged {report['converged']}",
-              flush=True)
+              f"last quarter {'n/a' if gain is None else f'{gain:+.3f} dB'}, converged {report['converged']}"
+              + (f"; last quarter: {logged}" if logged else ""), flush=True)
     if not rows:
         raise ValueError(f"--curves: no run in {output_dir} has a history yet")
     path = plot_curves(rows, output_dir)

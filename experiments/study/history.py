@@ -9,6 +9,7 @@ SHARPNESS_KEYS = {"mean_max_prob": "quantizer/mean_max_prob", "mean_sum_p_sq": "
 GEOMETRY_KEYS = {"latent_spread": "quantizer/latent_spread", "codebook_spread": "quantizer/codebook_spread",
                  "pre_norm_gamma_rms": "pre_norm/gamma_rms"}
 LAST_QUARTER_KEYS = {**SHARPNESS_KEYS, **GEOMETRY_KEYS}
+LAST_QUARTER_FIELDS = tuple(f"final_{name}" for name in LAST_QUARTER_KEYS)  # training_summary's last-quarter means
 CONVERGENCE_GAIN_DB = 0.1  # converged: validation PSNR gains less than this over the last quarter of the steps
 
 
@@ -24,7 +25,7 @@ def training_summary(history: list[dict] | None) -> dict[str, Any]:
     """
     if not history:
         return {"images_per_sec": None, "final_losses": {}, "logged_steps": 0,
-                **{f"final_{name}": None for name in LAST_QUARTER_KEYS}, **convergence_report([])}
+                **dict.fromkeys(LAST_QUARTER_FIELDS), **convergence_report([])}
     train_rows = [row for row in history if "loss" in row] or history
     speeds = [row["images_per_sec"] for row in train_rows if "images_per_sec" in row]
     if len(speeds) > 1:

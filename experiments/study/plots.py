@@ -155,19 +155,24 @@ def plot_code_usage(plt, results: Sequence[dict], colours: dict, path: Path) -> 
 
 
 def plot_training_curves(plt, results: Sequence[dict], colours: dict, path: Path) -> Path:
-    """Pixel MSE and code perplexity on the training batches (and validation PSNR when logged) over the steps,
-    one line per run."""
+    """Pixel MSE and code perplexity on the training batches (and, when logged, validation PSNR, the latents' and
+    centres' spread and the mean max probability) over the steps, one line per run."""
     # the total loss holds each quantizer's own terms (LFQ's entropy term is negative): not comparable, so plot
     # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer;
     # an x marks the step from which a run stayed collapsed
     # the third panel: validation PSNR (eval.num_val_images images, training weights) when the runs logged it
     labelled: set[str] = set()
     curves = [("l2", "pixel MSE on training batches", True), ("codebook/perplexity", "code perplexity on training batches", True)]
-    if any("val/psnr" in row for r in results for row in read_history(r.get("run_dir", ""))):
+    histories = [read_history(r.get("run_dir", "")) for r in results]
+    if any("val/psnr" in row for history in histories for row in history):
         curves.append(("val/psnr", "validation PSNR dB (training weights)", False))
+    # LGQ's runs: where the latents sit (their spread; the centres' dashed) and how sharp the assignments are
+    if any("quantizer/latent_spread" in row for history in histories for row in history):
+        curves.append(("quantizer/latent_spread", "mean ||x - mean x||^2 (dashed: centres)", True))
+    if any("quantizer/mean_max_prob" in row for history in histories for row in history):
+        curves.append(("quantizer/mean_max_prob", "mean max_k p_nk on training batches", False))
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5))
-    for r in results:
-        history = read_history(r.get("run_dir", ""))
+    for r, history in zip(results, histories):
         label = first_label(labelled, r["quantizer"])
         collapse_step = (r.get("collapse") or {}).get("collapse_step")
         for ax, (key, _, _) in zip(axes, curves):
@@ -177,6 +182,11 @@ def plot_training_curves(plt, results: Sequence[dict], colours: dict, path: Path
                 marks = [(step, value) for step, value in points if step == collapse_step]
                 if marks:
                     ax.scatter(*zip(*marks), marker="x", color=colours[r["quantizer"]], s=40)
+            if key == "quantizer/latent_spread":
+                centres = [(row["step"], row["quantizer/codebook_spread"]) for row in history
+                           if "quantizer/codebook_spread" in row]
+                if centres:
+                    ax.plot(*zip(*centres), color=colours[r["quantizer"]], alpha=0.6, linestyle="--")
     for ax, (_, label, log_scale) in zip(axes, curves):
         ax.set_xlabel("step")
         ax.set_ylabel(label)

@@ -23,7 +23,7 @@ from eval.reconstruction import evaluate_reconstruction
 from experiments.bench_quantizers import run_configuration
 from experiments.study.config import StudyConfig
 from experiments.study.generation import with_generation
-from experiments.study.history import training_summary
+from experiments.study.history import LAST_QUARTER_FIELDS, training_summary
 from experiments.study.plan import RunSpec, load_run_config
 from tokenizer.config import TokenizerRunConfig
 from tokenizer.model import CONFIG_FORMAT, LGQTokenizer
@@ -218,9 +218,7 @@ def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bo
         "effective_rate": {"log2_active_codes": codebook["log2_active_codes"],
                            "log2_perplexity": codebook["bits_per_token"]},
         "images_per_sec": summary["images_per_sec"], "final_losses": summary["final_losses"],
-        **{key: summary[key] for key in ("final_mean_max_prob", "final_mean_sum_p_sq", "final_latent_spread",
-                                         "final_codebook_spread", "final_pre_norm_gamma_rms", "val_psnr_last",
-                                         "psnr_gain_last_quarter_db", "converged")},
+        **{key: summary[key] for key in (*LAST_QUARTER_FIELDS, "val_psnr_last", "psnr_gain_last_quarter_db", "converged")},
         "config_format": export_config_format(export),
         "final_loss": summary["final_losses"].get("loss"),
         "train_seconds": record.get("train_seconds"),
