@@ -128,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 def report_curves(runs, output_dir: Path) -> list[dict]:
     """``--curves``: per planned run with a history.jsonl, its last step, last validation PSNR and convergence
-    (``convergence_report``) and the last-quarter sharpness and geometry (``training_summary``), printed and returned; the training-curve plot of them all (``plot_training_curves``)."""
+    (``convergence_report``) and the last-quarter sharpness and geometry (``training_summary``), printed and
+    returned; the training-curve plot of them all (``plot_training_curves``)."""
     rows = []
     for spec in runs:
         history = read_history(spec.run_dir)
