@@ -326,8 +326,9 @@ class PreQuantizerNorm(nn.Module):
     @torch.no_grad()
     def affine_stats(self) -> dict[str, torch.Tensor]:
         """The LayerNorm's learnt scale and shift as RMS over channels, sqrt(mean_c gamma_c^2) and
-        sqrt(mean_c beta_c^2) ({} without them): gamma_rms^2 * C is every latent's squared norm before the
-        shift, so it is the latent scale LGQ's temperature is measured against."""
+        sqrt(mean_c beta_c^2) ({} without them). With equal variance in every normalised channel, gamma_rms^2 * C
+        is the latents' mean squared norm before the shift (C without gamma); a per-channel gamma can reshape
+        the latents at an unchanged RMS."""
         ln = self.layer_norm
         if ln is None or not ln.elementwise_affine:
             return {}

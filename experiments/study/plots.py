@@ -160,17 +160,16 @@ def plot_training_curves(plt, results: Sequence[dict], colours: dict, path: Path
     # the total loss holds each quantizer's own terms (LFQ's entropy term is negative): not comparable, so plot
     # the pixel reconstruction error and the training-batch perplexity, which mean the same for every quantizer;
     # an x marks the step from which a run stayed collapsed
-    # the third panel: validation PSNR (eval.num_val_images images, training weights) when the runs logged it
     labelled: set[str] = set()
     curves = [("l2", "pixel MSE on training batches", True), ("codebook/perplexity", "code perplexity on training batches", True)]
     histories = [read_history(r.get("run_dir", "")) for r in results]
-    if any("val/psnr" in row for history in histories for row in history):
-        curves.append(("val/psnr", "validation PSNR dB (training weights)", False))
-    # LGQ's runs: where the latents sit (their spread; the centres' dashed) and how sharp the assignments are
-    if any("quantizer/latent_spread" in row for history in histories for row in history):
-        curves.append(("quantizer/latent_spread", "mean ||x - mean x||^2 (dashed: centres)", True))
-    if any("quantizer/mean_max_prob" in row for history in histories for row in history):
-        curves.append(("quantizer/mean_max_prob", "mean max_k p_nk on training batches", False))
+    logged = {key for history in histories for row in history for key in row}
+    # panels shown only when some run logged them: validation PSNR; for LGQ's runs where the latents sit (their
+    # spread; the centres' dashed) and how sharp the assignments are
+    curves += [curve for curve in (("val/psnr", "validation PSNR dB (training weights)", False),
+                                   ("quantizer/latent_spread", "mean ||x - mean x||^2 (dashed: centres)", True),
+                                   ("quantizer/mean_max_prob", "mean max_k p_nk on training batches", False))
+               if curve[0] in logged]
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5))
     for r, history in zip(results, histories):
         label = first_label(labelled, r["quantizer"])
