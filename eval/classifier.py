@@ -220,8 +220,12 @@ class ClassifierTrainConfig:
 
 
 def classifier_dir(root: str | os.PathLike, data_cfg) -> Path:
-    """Where the classifier of a data set is cached under ``root``: ``<root>/<name>-<size>px``."""
-    return Path(root) / f"{data_cfg.name}-{data_cfg.image_size}px"
+    """Where the classifier of a data set is cached under ``root``: ``<root>/<name>-<size>px``, with ``-tune<r>``
+    when the builtin photos hold a tuning square of side r out of train (another training set: the study's
+    tuning trials and its sweep share one ``root``)."""
+    tune_region = float(getattr(data_cfg, "tune_region", 0.0) or 0.0)
+    suffix = f"-tune{tune_region:g}" if data_cfg.name == "builtin" and tune_region > 0 else ""
+    return Path(root) / f"{data_cfg.name}-{data_cfg.image_size}px{suffix}"
 
 
 def default_classifier_dir(data_cfg) -> Path:

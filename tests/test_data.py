@@ -405,3 +405,63 @@ def test_builtin_train_crops_of_full_side_fit_beside_the_square_of_an_odd_sized_
         sides.setdefault(photo, set()).add(side)
     assert sides["retina"] == {705} and train.held_out_square("retina") == (705, 705, 706)
     assert max(sides["astronaut"]) == 256  # an even photo keeps crops of the full side Q
+
+
+def test_builtin_tune_split_is_held_out_of_train_and_val():
+    """data.tune_region > 0: a top-left square of every training photo for the study's "tune" split; train crops
+    avoid it and the val square, tune crops lie inside it, it never meets the val square (even on the odd-sided
+    retina), and val is the same split crop for crop."""
+    options = dict(crops_per_photo=60, val_crops_per_photo=20, tune_region=0.35)
+    train, tune = small_builtin("train", **options), small_builtin("tune", **options)
+    assert train.photos == tune.photos and len(tune) == 20 * len(tune.photos)
+    assert [small_builtin("val", **options).crop_box(i) for i in range(40)] == \
+        [small_builtin("val", crops_per_photo=60, val_crops_per_photo=20).crop_box(i) for i in range(40)]
+    for photo in train.photos:
+        height, width = train._images[photo].shape[:2]
+        square, tune_square = train.held_out_square(photo), train.tune_square(photo)
+        assert tune_square[:2] == (0, 0) and tune_square[2] == min(round(0.35 * min(height, width)),
+                                                                  min(height, width) - square[2])
+        assert not boxes_overlap(square, tune_square)
+    for i in range(len(train)):
+        photo, top, left, side = train.crop_box(i)
+        height, width = train._images[photo].shape[:2]
+        assert 0 <= top and top + side <= height and 0 <= left and left + side <= width
+        assert not boxes_overlap((top, left, side), train.held_out_square(photo))
+        assert not boxes_overlap((top, left, side), train.tune_square(photo))
+    sides = []
+    for i in range(len(tune)):
+        photo, top, left, side = tune.crop_box(i)
+        t = tune.tune_square(photo)[2]
+        assert 0 <= top and top + side <= t and 0 <= left and left + side <= t
+        sides.append(side / t)
+    assert 0.35 - 0.02 <= min(sides) and max(sides) <= 1.0 and len(set(tune.crop_box(i) for i in range(len(tune)))) \
+        == len(tune)  # the crop-size rule relative to the tuning square, no two crops alike
+    assert small_builtin("train", tune_region=0.5, crops_per_photo=8).crop_box(0)  # the largest square still fits
+    assert "tune" not in DataConfig(name="builtin").splits() and "tune" in DataConfig(name="builtin", tune_region=0.35).splits()
+    with pytest.raises(ValueError, match="data.tune_region"):
+        small_builtin("tune")
+    with pytest.raises(ValueError, match="data.tune_region"):
+        DataConfig(name="builtin", tune_region=0.05)
+
+
+def test_uniform_box_avoiding_draws_every_allowed_position_equally_often():
+    from common.data.builtin import uniform_box_avoiding
+
+    height, width, side = 7, 9, 3
+    squares = [(4, 5, 3), (0, 0, 2)]
+    allowed = {(t, l) for t in range(height - side + 1) for l in range(width - side + 1)
+               if not any(boxes_overlap((t, l, side), sq) for sq in squares)}
+    rng = np.random.default_rng(0)
+    draws = 200 * len(allowed)
+    counts = {}
+    for _ in range(draws):
+        top, left, got_side = uniform_box_avoiding(rng, height, width, side, squares)
+        assert got_side == side and (top, left) in allowed
+        counts[(top, left)] = counts.get((top, left), 0) + 1
+    assert set(counts) == allowed
+    expected = draws / len(allowed)
+    chi_square = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi_square < len(allowed) + 6 * (2 * len(allowed)) ** 0.5  # far above the chi2 mean would be non-uniform
+    # no room for the side: it shrinks until a box fits
+    top, left, got_side = uniform_box_avoiding(np.random.default_rng(0), 4, 4, 3, [(2, 2, 2), (0, 0, 2)])
+    assert got_side == 2 and not any(boxes_overlap((top, left, 2), sq) for sq in [(2, 2, 2), (0, 0, 2)])

@@ -454,7 +454,7 @@ def test_photo_study_reports_both_validation_splits(tmp_path):
             "train.warmup_steps=1", "train.checkpoint_every=0", "train.image_log_every=1", "eval.num_val_images=4",
             "model.base_channels=8", "eval.quantizer_init_batches=1", "train.log_every=1"]
     (result,) = study.main(["--config", "configs/study/builtin.yaml", "--output-dir", str(out), "--quantizers", "fsq",
-                            "--seeds", "0", "--no-memory", *tiny])
+                            "--seeds", "0", "--no-memory", "--no-tuning", *tiny])
     other = result["split_val_unseen_photos"]
     assert math.isfinite(other["psnr"]) and math.isfinite(other["ssim"]) and other["active_codes"] >= 1
     assert other["psnr_lead_over_equal_bits_db"] == pytest.approx(other["psnr"] - other["psnr_equal_bits_thumbnail"])

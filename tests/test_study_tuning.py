@@ -147,3 +147,31 @@ def test_curves_need_no_finished_tuning_and_finished_only_names_the_missing_one(
         study.main(["--config", str(config), "--output-dir", str(out), "--curves"])
     with pytest.raises(ValueError, match=r"tuning.*trials.json does not exist"):
         study.main(["--config", str(config), "--output-dir", str(out), "--finished-only"])
+
+
+def test_photo_tuning_holds_its_square_out_of_the_trials_training_only(tmp_path):
+    """configs/study/builtin.yaml tunes on the photos' "tune" split: every trial (and no sweep run) trains with
+    data.tune_region, so no trial is scored on pixels it trained on; the budget is the same for all six."""
+    spec = study.load_study_config("configs/study/builtin.yaml")
+    assert spec.tuning["split"] == "tune" and spec.tuning["overrides"] == ["data.tune_region=0.35"]
+    assert {len(spec.tuning["trials"][q]) for q in ("lgq", "vq", "fsq", "simvq", "lfq", "ibq")} == {4}
+    out = tmp_path / "photos"
+    tiny = ["data.image_size=32", "data.crops_per_photo=2", "data.val_crops_per_photo=2", "train.max_steps=2",
+            "train.warmup_steps=1", "train.checkpoint_every=0", "train.image_log_every=0", "eval.num_val_images=4",
+            "model.base_channels=8", "eval.quantizer_init_batches=1", "train.log_every=1"]
+    config = write_study(tmp_path, tokenizer_configs=["configs/tokenizer/builtin.yaml"], quantizers=["fsq"],
+                         overrides=["train.tracker=none", "train.progress_bar=false"], evaluation={"split": "val"},
+                         tuning={"overrides": ["data.tune_region=0.35"], "trials": {"fsq": [[]]}})
+    (result,) = study.main(["--config", str(config), "--output-dir", str(out), "--no-memory", *tiny])
+    (row,) = json.loads((out / "tuning" / "trials.json").read_text())["trials"]
+    assert row["status"] == "ok" and row["trial_overrides"] == ["data.tune_region=0.35"]
+    trial = json.loads((out / "tuning" / "fsq_K1024_trial0" / "result.json").read_text())
+    assert trial["config"]["data"]["tune_region"] == 0.35 and result["config"]["data"]["tune_region"] == 0.0
+    assert row["metric"] == trial["psnr"] != result["psnr"]  # scored on the tune crops, the sweep on val
+    assert "every trial with data.tune_region=0.35" in (out / "tuning" / "trials.md").read_text()
+    assert {p.name for p in (out / "classifier").iterdir() if p.is_dir()} == {"builtin-32px", "builtin-32px-tune0.35"}
+    # a stored trial made with other trial overrides is not this tuning's trial
+    assert not tuning._still_configured(row, {**spec.tuning, "trials": {"fsq": [[]]}, "overrides": []})
+    with pytest.raises(ValueError, match="tuning.overrides"):
+        study.load_study_config(write_study(tmp_path, tuning={"overrides": "data.tune_region=0.35",
+                                                              "trials": {"vq": [[]], "fsq": [[]]}}))

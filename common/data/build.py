@@ -24,7 +24,7 @@ def build_image_dataset(cfg: DataConfig | Mapping, split: str = "train") -> Data
             split=split, image_size=cfg.image_size,
             crops_per_photo=cfg.crops_per_photo if split == "train" else cfg.val_crops_per_photo,
             min_scale=float(cfg.min_scale), max_scale=float(cfg.max_scale), val_region=float(cfg.val_region),
-            val_photos=tuple(cfg.val_photos), seed=cfg.seed, random_flip=flip,
+            val_photos=tuple(cfg.val_photos), seed=cfg.seed, random_flip=flip, tune_region=float(cfg.tune_region),
         )
     if cfg.name == "glyphs":
         return GlyphImages(

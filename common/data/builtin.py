@@ -50,6 +50,51 @@ def load_builtin_photo(name: str) -> np.ndarray:
     return _PHOTO_CACHE[name]
 
 
+def uniform_box_avoiding(rng: np.random.Generator, height: int, width: int, side: int,
+                         squares: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """(top, left, side) of a ``side`` x ``side`` box drawn uniformly from the positions in a ``height`` x ``width``
+    image that share no pixel with any of ``squares`` ((top, left, side) each), with one ``rng.integers`` draw.
+
+    Per top row t the allowed lefts are [0, width - side] minus, for every square whose rows meet [t, t + side),
+    the lefts in [left_s - side + 1, left_s + side_s - 1]; count(t) is their number and the draw picks one of the
+    sum_t count(t) positions. When no position is left the side shrinks by one pixel until one is."""
+    squares = [sq for sq in squares if sq[2] > 0]
+    while side >= 1:
+        tops = np.arange(height - side + 1)
+        last_left = width - side
+        # which squares each top row meets, as a bit pattern; rows of one pattern share their allowed lefts
+        patterns = np.zeros(tops.size, dtype=np.int64)
+        for bit, (sq_top, _, sq_side) in enumerate(squares):
+            patterns |= (((tops < sq_top + sq_side) & (tops + side > sq_top)).astype(np.int64) << bit)
+        runs: dict[int, list[tuple[int, int]]] = {}  # pattern -> allowed [lo, hi] intervals of lefts
+        for pattern in np.unique(patterns).tolist():
+            blocked = sorted((max(0, sq_left - side + 1), min(last_left, sq_left + sq_side - 1))
+                             for bit, (_, sq_left, sq_side) in enumerate(squares) if pattern >> bit & 1)
+            free, start = [], 0
+            for lo, hi in blocked:
+                if lo > hi:
+                    continue
+                if lo > start:
+                    free.append((start, lo - 1))
+                start = max(start, hi + 1)
+            if start <= last_left:
+                free.append((start, last_left))
+            runs[pattern] = free
+        counts = np.array([sum(hi - lo + 1 for lo, hi in runs[p]) for p in patterns.tolist()], dtype=np.int64)
+        total = int(counts.sum())
+        if total > 0:
+            pick = int(rng.integers(0, total))
+            cumulative = np.cumsum(counts)
+            top = int(np.searchsorted(cumulative, pick, side="right"))
+            offset = pick - (int(cumulative[top - 1]) if top else 0)
+            for lo, hi in runs[int(patterns[top])]:
+                if offset <= hi - lo:
+                    return top, lo + offset, side
+                offset -= hi - lo + 1
+        side -= 1
+    raise ValueError(f"no box fits beside the held-out squares {squares} of a {height}x{width} photo")
+
+
 class BuiltinPhotoCrops(Dataset):
     """Crops of real colour photographs bundled with scikit-image (see ``BUILTIN_PHOTOS``).
 
@@ -67,9 +112,15 @@ class BuiltinPhotoCrops(Dataset):
                  train crop);
     ``"val_unseen_photos"``  crops anywhere in the ``val_photos``, which no other split uses:
                  generalisation to unseen photographs.
+    ``"tune"``   only with ``tune_region > 0`` (the study's tuning split, experiments.study.tuning): crops
+                 inside a second held-out square of each training photo, its top-left corner, of side
+                 ``T = min(round(tune_region * min(H, W)), min(H, W) - Q)`` (so it never meets the val square);
+                 train crops then avoid both squares. With ``tune_region = 0`` (the default) train is exactly
+                 the train split above, crop for crop.
 
     Every split uses the same crop-size rule: side = round(s * Q), s ~ U(min_scale, max_scale)
-    (``Q`` of the photo the crop comes from), so crops cover the same scales of content; a train crop is
+    (``Q`` of the photo the crop comes from), so crops cover the same scales of content (a tune crop's side is
+    ``round(s * T)``: the same fractions of its smaller square, so its content is T / Q times finer); a train crop is
     at most max(H, W) - Q px (one pixel less than Q on a photo with an odd shorter side), so it fits beside
     the square.
     Labels are photo identities with ONE fixed numbering for every split:
@@ -84,15 +135,21 @@ class BuiltinPhotoCrops(Dataset):
     only the flip (train) is random.
     """
 
-    SPLITS = ("train", "val", "val_unseen_photos")
+    SPLITS = ("train", "val", "val_unseen_photos", "tune")
 
     def __init__(self, split: str = "train", image_size: int = 256, crops_per_photo: int = 128,
                  min_scale: float = 0.35, max_scale: float = 1.0, val_region: float = 0.5,
-                 val_photos: tuple[str, ...] = DEFAULT_VAL_PHOTOS, seed: int = 0, random_flip: bool = False):
+                 val_photos: tuple[str, ...] = DEFAULT_VAL_PHOTOS, seed: int = 0, random_flip: bool = False,
+                 tune_region: float = 0.0):
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
         if not 0.0 < float(val_region) <= 0.5:
             raise ValueError(f"val_region must lie in (0, 0.5], got {val_region}")
+        if not 0.0 <= float(tune_region) <= 0.5:
+            raise ValueError(f"tune_region must lie in [0, 0.5] (0 = no tune split), got {tune_region}")
+        if split == "tune" and float(tune_region) == 0.0:
+            raise ValueError("the builtin photos' 'tune' split needs tune_region > 0 (data.tune_region: the side of "
+                             "the top-left square held out of the training photos for it)")
         held_out = set(val_photos)
         if split == "val_unseen_photos":
             self.photos = tuple(p for p in BUILTIN_PHOTO_NAMES if p in held_out)
@@ -105,6 +162,7 @@ class BuiltinPhotoCrops(Dataset):
         self.crops_per_photo = int(crops_per_photo)
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         self.val_region = float(val_region)
+        self.tune_region = float(tune_region)
         self.seed = int(seed)
         self.random_flip = bool(random_flip)
         self.class_names = list(BUILTIN_PHOTO_NAMES)
@@ -122,6 +180,14 @@ class BuiltinPhotoCrops(Dataset):
         side = max(1, int(round(self.val_region * min(height, width))))
         return height - side, width - side, side
 
+    def tune_square(self, photo: str) -> tuple[int, int, int]:
+        """(top, left, side) of the square of ``photo`` reserved for the "tune" split (side 0 without one)."""
+        height, width = self._images[photo].shape[:2]
+        if self.tune_region == 0.0:
+            return 0, 0, 0
+        val_side = self.held_out_square(photo)[2]
+        return 0, 0, max(1, min(int(round(self.tune_region * min(height, width))), min(height, width) - val_side))
+
     def crop_box(self, index: int) -> tuple[str, int, int, int]:
         """(photo, top, left, side) of item ``index`` - a pure function of (seed, split, index)."""
         photo = self.photos[index % len(self.photos)]
@@ -137,9 +203,16 @@ class BuiltinPhotoCrops(Dataset):
         if self.split == "val":  # inside the held-out square
             top = square_top + int(rng.integers(0, q - side + 1))
             left = square_left + int(rng.integers(0, q - side + 1))
+        elif self.split == "tune":  # inside the top-left tuning square, side relative to it
+            _, _, t = self.tune_square(photo)
+            side = max(1, min(int(round(scale * t)), t))
+            top, left = int(rng.integers(0, t - side + 1)), int(rng.integers(0, t - side + 1))
         elif self.split == "val_unseen_photos":  # anywhere in a held-out photo
             top = int(rng.integers(0, height - side + 1))
             left = int(rng.integers(0, width - side + 1))
+        elif self.tune_region > 0.0:  # train, avoiding both held-out squares
+            top, left, side = uniform_box_avoiding(
+                rng, height, width, side, [(square_top, square_left, q), self.tune_square(photo)])
         else:
             # uniform over the boxes that avoid the square: above it (A: top + side <= square_top)
             # or left of it (B: left + side <= square_left); B minus A = B's rows below square_top - side.

@@ -49,6 +49,9 @@ class DataConfig:
     val_region: side of the square held out of every builtin training photo for the "val" split,
         as a fraction of the photo's shorter side (bottom-right corner).
     val_photos: builtin photos held out completely, for the "val_unseen_photos" split.
+    tune_region: side of a second square held out of every builtin training photo (top-left corner, a fraction
+        of the shorter side) for the "tune" split, the study's tuning split; 0 (default) = no tune split and the
+        train crops of every earlier run.
     num_images / num_val_images: size of the train / val split of glyphs (default 20000 / 1000)
         and synthetic (64 / 16).
     num_classes: glyphs: use the first N characters of the charset (default: all);
@@ -79,6 +82,7 @@ class DataConfig:
     min_scale: float = 0.35
     max_scale: float = 1.0
     val_region: float = 0.5
+    tune_region: float = 0.0
     val_photos: List[str] = field(default_factory=lambda: list(DEFAULT_VAL_PHOTOS))
     # glyphs / synthetic
     num_images: Optional[int] = None
@@ -163,6 +167,9 @@ class DataConfig:
         if not 0.1 <= float(self.val_region) <= 0.5:
             raise ValueError(f"data.val_region must lie in [0.1, 0.5] (fraction of the shorter photo side), "
                              f"got {self.val_region}")
+        if float(self.tune_region) != 0.0 and not 0.1 <= float(self.tune_region) <= 0.5:
+            raise ValueError(f"data.tune_region must be 0 (no tune split) or lie in [0.1, 0.5] (fraction of the "
+                             f"shorter photo side), got {self.tune_region}")
         val_photos = list(self.val_photos)
         unknown = [p for p in val_photos if p not in BUILTIN_PHOTO_NAMES]
         if unknown:
@@ -191,6 +198,8 @@ class DataConfig:
         """The split names ``build_image_dataset`` accepts for this data set."""
         if self.name == "webdataset" and not self.val_shards:
             return ("train",)
+        if self.name == "builtin" and float(self.tune_region) == 0.0:
+            return tuple(s for s in DATASET_SPLITS[self.name] if s != "tune")
         return DATASET_SPLITS[self.name]
 
     @property
@@ -202,6 +211,8 @@ class DataConfig:
         """ValueError naming the valid splits unless ``split`` is one of ``splits()``."""
         if split not in self.splits():
             hint = " (set data.val_shards for a val split)" if self.name == "webdataset" and split == "val" else ""
+            if self.name == "builtin" and split == "tune":
+                hint = " (set data.tune_region, e.g. 0.35, to hold a tuning square out of the training photos)"
             raise ValueError(f"split must be one of {self.splits()} for data.name={self.name!r}, got {split!r}{hint}")
 
 

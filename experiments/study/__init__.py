@@ -58,7 +58,8 @@ split the study does not report), ``cli`` (``main``).
 Tuning (the study config's ``tuning`` section, experiments.study.tuning): before the sweep, every quantizer x K
 trains the same number of trials of its own knobs and the learning rate at ``tuning.seed`` into
 ``<output-dir>/tuning/<quantizer>_K<K>_trial<i>/``, scored on ``tuning.split`` (glyphs and synthetic have a
-``tune`` split; never the reported one); the best trial's overrides join every seed's run. Every trial, failed ones
+``tune`` split, the builtin photos one with ``data.tune_region`` > 0, set for the trials by ``tuning.overrides``;
+never the reported one); the best trial's overrides join every seed's run. Every trial, failed ones
 too, is listed in ``tuning/trials.json`` and ``tuning/trials.md``.
 """
 

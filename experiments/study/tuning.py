@@ -5,6 +5,8 @@ chosen at one seed on a split other than the one the study reports (configured b
       split: tune          # scored here; never the study's evaluation split (glyphs / synthetic have a "tune" split)
       seed: 0              # the training seed of every trial
       metric: psnr         # higher is better on ``split``
+      overrides: []        # key=value overrides of every trial (not of the sweep), e.g. data.tune_region=0.35 to
+                           # hold the builtin photos' tuning square out of the trials' training crops
       trials:              # per quantizer, a list of trials, each a list of key=value overrides ([] = the recipe)
         lgq: [[], [model.quantizer_options.quant_loss_weight=0.1], [train.lr=2e-3]]
         fsq: [[], [train.lr=2e-3], {256: ["model.quantizer_options.levels=[4,4,4,4]"],   # a trial whose values
@@ -34,7 +36,7 @@ if TYPE_CHECKING:  # config.py validates the tuning section with tuning_settings
     from experiments.study.config import StudyConfig
     from experiments.study.plan import RunSpec
 
-TUNING_KEYS = {"split", "seed", "metric", "trials"}
+TUNING_KEYS = {"split", "seed", "metric", "trials", "overrides"}
 TUNING_METRICS = ("psnr", "ssim", "classifier_accuracy", "psnr_lead_over_equal_bits_db")
 
 
@@ -47,7 +49,10 @@ def tuning_settings(raw: dict[str, Any] | None, evaluation_split: str) -> dict[s
     unknown = set(raw) - TUNING_KEYS
     if unknown:
         raise ValueError(f"unknown tuning keys {sorted(unknown)} (allowed: {sorted(TUNING_KEYS)})")
-    settings = {"split": "tune", "seed": 0, "metric": "psnr", **raw}
+    settings = {"split": "tune", "seed": 0, "metric": "psnr", "overrides": [], **raw}
+    extra = settings["overrides"]
+    if not isinstance(extra, list) or not all(isinstance(item, str) and "=" in item for item in extra):
+        raise ValueError(f"tuning.overrides must be a list of key=value strings (applied to every trial), got {extra!r}")
     if settings["split"] == evaluation_split:
         raise ValueError(f"tuning.split must differ from the split the study reports (evaluation.split = "
                          f"{evaluation_split!r}): a choice made on the reported images would flatter it")
@@ -114,7 +119,7 @@ def plan_trials(study: StudyConfig, settings: dict[str, Any], output_dir: Path, 
             for index, trial in enumerate(settings["trials"][quantizer]):
                 overrides = trial_overrides(trial, K)
                 specs, skipped = plan_runs(study, output_dir / "tuning", [quantizer], [K], [settings["seed"]],
-                                           [*extra_overrides, *overrides])
+                                           [*extra_overrides, *settings["overrides"], *overrides])
                 if not specs:
                     raise ValueError(f"tuning trial {index} of {quantizer} at K={K} ({overrides}) is invalid: "
                                      f"{skipped[0][1] if skipped else 'not runnable'}")
@@ -144,7 +149,8 @@ def run_tuning(study: StudyConfig, settings: dict[str, Any], output_dir: Path, q
     for spec, index, trial in planned:
         print(f"[study] tuning trial {spec.run_dir.name}: {' '.join(trial) or 'the recipe'}", flush=True)
         record = {"quantizer": spec.quantizer, "K": spec.codebook_size, "trial": index, "overrides": trial,
-                  "seed": settings["seed"], "split": settings["split"], "run_dir": str(spec.run_dir)}
+                  "trial_overrides": settings["overrides"], "seed": settings["seed"], "split": settings["split"],
+                  "run_dir": str(spec.run_dir)}
         try:
             result = run_one(spec, trial_study, launcher, measure_memory=False, dry_run=dry_run)
         except Exception as err:  # a failed trial is reported, never dropped
@@ -206,9 +212,10 @@ def load_tuned(output_dir: Path, settings: dict[str, Any], quantizers: Sequence[
 
 
 def _still_configured(row: dict, settings: dict[str, Any]) -> bool:
-    """Whether a stored trial row is still trial ``row['trial']`` of its quantizer in ``settings``."""
+    """Whether a stored trial row is still trial ``row['trial']`` of its quantizer in ``settings`` (with the same
+    overrides of every trial)."""
     trials = settings["trials"].get(row["quantizer"], [])
-    if row["trial"] >= len(trials):
+    if row["trial"] >= len(trials) or row.get("trial_overrides", []) != settings.get("overrides", []):
         return False
     try:
         return row["overrides"] == trial_overrides(trials[row["trial"]], row["K"])
@@ -246,9 +253,11 @@ def choose_trials(records: Sequence[dict], metric: str, strict: bool = True) -> 
 
 def trials_markdown(records: Sequence[dict], settings: dict[str, Any]) -> str:
     """Every trial, one row each, the chosen one marked."""
+    every = " ".join(settings.get("overrides", []))
     lines = [f"Tuning: {len({r['trial'] for r in records})} trial(s) per quantizer and K, training seed "
              f"{settings['seed']}, scored by {settings['metric']} on split {settings['split']!r} (not the reported "
-             "split). Chosen = the best; its overrides are the quantizer's recipe for every seed.", "",
+             "split)" + (f", every trial with {every}" if every else "") + ". Chosen = the best; its overrides are "
+             "the quantizer's recipe for every seed.", "",
              f"| quantizer | K | trial | overrides | status | {settings['metric']} | active codes | bits/token | "
              "train s | chosen |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
