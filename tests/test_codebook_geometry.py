@@ -105,3 +105,15 @@ def test_counting_over_a_split_and_bad_counts_file(tmp_path):
     with pytest.raises(ValueError, match="2 counts, the tokenizer has K=5"):
         main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "g2"), "--counts",
               str(tmp_path / "bad.json")])
+
+
+def test_quantile_summary_matches_the_definition_and_takes_more_than_2_to_the_24_values():
+    from eval.codebook_geometry import QUANTILES, quantile_summary
+
+    values = torch.arange(101, dtype=torch.float32).flip(0)  # 100, 99, ..., 0: the q-quantile is 100 q
+    summary = quantile_summary(values)
+    assert all(summary[f"q{int(q * 100):02d}"] == pytest.approx(100 * q) for q in QUANTILES)
+    assert summary["mean"] == pytest.approx(50.0)
+    many = torch.zeros(2 ** 24 + 1)  # torch.quantile refuses inputs this large
+    many[-1] = 1.0
+    assert quantile_summary(many)["q50"] == 0.0 and quantile_summary(many)["mean"] == pytest.approx(2.0 ** -24)
