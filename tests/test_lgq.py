@@ -210,7 +210,8 @@ def test_soft_path_emits_no_denormal_probabilities(monkeypatch):
     out = q(z)
     (out.loss + out.quantized.square().mean()).backward()
     monkeypatch.undo()
-    assert [p.shape[0] for p in computed] == [100, 28] * 2  # forward and backward, both chunks
+    # forward (both chunks), the straight-through gain statistic (its first tokens), backward (both chunks)
+    assert [p.shape[0] for p in computed] == [100, 28, min(q.STE_GAIN_TOKENS, 128), 100, 28]
     for p in computed:
         assert denormal_count(p) == 0 and torch.allclose(p.sum(1), torch.ones(p.shape[0]), atol=1e-6)
     assert denormal_count(z.grad) == 0 and denormal_count(q.codebook.grad) == 0
@@ -335,6 +336,28 @@ def test_geometry_statistics_are_the_spreads_of_latents_and_centres():
     c = q.codebook.detach()
     assert float(out.stats["latent_spread"]) == pytest.approx(float((x - x.mean(0)).pow(2).sum(1).mean()), rel=1e-5)
     assert float(out.stats["codebook_spread"]) == pytest.approx(float((c - c.mean(0)).pow(2).sum(1).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("logits", ["euclidean", "dot"])
+def test_straight_through_gain_is_the_mean_eigenvalue_of_the_soft_jacobian(logits):
+    """ste_gain = mean_n tr(dq~_n / dx_n) / C, the Jacobian taken by autograd through the dense reference; 1 would be
+    VQ's identity estimator; Euclidean logits give (2 / tau) tr Cov_p(c) / C."""
+    q = make_quantizer(tau_start=0.3, tau_end=0.3, logits=logits)
+    z = latents()
+    x = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])[:12]
+    c = q.codebook.detach()
+    traces = []
+    for token in x:
+        jacobian = torch.autograd.functional.jacobian(
+            lambda v: lgq_dense_reference(v[None], c, 0.3, logits=logits)["q_soft"][0], token)
+        traces.append(torch.trace(jacobian) / x.shape[1])
+    assert float(q.straight_through_gain(x, c)) == pytest.approx(float(torch.stack(traces).mean()), rel=1e-4)
+    if logits == "euclidean":
+        p = lgq_dense_reference(x, c, 0.3)["probs"]
+        covariance_trace = p @ (c * c).sum(1) - (p @ c).pow(2).sum(1)
+        assert float(q.straight_through_gain(x, c)) == pytest.approx(
+            float((2 / 0.3) * covariance_trace.mean() / x.shape[1]), rel=1e-4)
+    assert "ste_gain" in q(z).stats
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -110,7 +110,8 @@ def test_tiny_training_lowers_reconstruction_loss(tmp_path):
     l1 = [history[s]["l1"] for s in range(1, 21)]
     assert sum(l1[-4:]) < 0.85 * sum(l1[:4]), [round(v, 4) for v in l1]
     for key in ("loss", "quantizer", "quantizer/tau", "lr/model", "codebook/active_codes", "codebook/perplexity",
-                "images_per_sec", "quantizer/latent_spread", "quantizer/codebook_spread", "pre_norm/gamma_rms"):
+                "images_per_sec", "quantizer/latent_spread", "quantizer/codebook_spread", "quantizer/ste_gain",
+                "pre_norm/gamma_rms"):
         assert key in history[20], key
     assert history[20]["quantizer/tau"] < history[1]["quantizer/tau"]  # LGQ temperature anneals with the step
     assert 1 <= history[20]["codebook/active_codes"] <= 64

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 SHARPNESS_KEYS = {"mean_max_prob": "quantizer/mean_max_prob", "mean_sum_p_sq": "quantizer/mean_sum_p_sq"}
 # where the latents sit: their spread and the centres' (LGQ), and the pre-quantizer LayerNorm's learnt scale
 GEOMETRY_KEYS = {"latent_spread": "quantizer/latent_spread", "codebook_spread": "quantizer/codebook_spread",
-                 "pre_norm_gamma_rms": "pre_norm/gamma_rms"}
+                 "ste_gain": "quantizer/ste_gain", "pre_norm_gamma_rms": "pre_norm/gamma_rms"}
 LAST_QUARTER_KEYS = {**SHARPNESS_KEYS, **GEOMETRY_KEYS}
 LAST_QUARTER_FIELDS = tuple(f"final_{name}" for name in LAST_QUARTER_KEYS)  # training_summary's last-quarter means
 CONVERGENCE_GAIN_DB = 0.1  # converged: validation PSNR gains less than this over the last quarter of the steps
@@ -19,9 +19,10 @@ def training_summary(history: list[dict] | None) -> dict[str, Any]:
 
     Sharpness (LGQ, None for quantizers without soft assignments): ``final_mean_max_prob`` = mean over the
     logged steps s >= 3/4 S of mean_n max_k p_nk, ``final_mean_sum_p_sq`` likewise of mean_n sum_k p_nk^2
-    (1 = one-hot; training batches). ``final_latent_spread`` / ``final_codebook_spread`` / ``final_pre_norm_gamma_rms``
-    likewise of mean_n ||x_n - mean x||^2, mean_k ||c_k - mean c||^2 and the LayerNorm's RMS scale (None when
-    not logged). Convergence (``convergence_report``) from the ``val/psnr`` rows.
+    (1 = one-hot; training batches). ``final_latent_spread`` / ``final_codebook_spread`` / ``final_ste_gain`` /
+    ``final_pre_norm_gamma_rms`` likewise of mean_n ||x_n - mean x||^2, mean_k ||c_k - mean c||^2, the
+    straight-through gain (LGQuantizer.straight_through_gain: the mean eigenvalue of dq~/dx, 1 = the identity
+    of VQ / FSQ) and the LayerNorm's RMS scale (None when not logged). Convergence (``convergence_report``) from the ``val/psnr`` rows.
     """
     if not history:
         return {"images_per_sec": None, "final_losses": {}, "logged_steps": 0,

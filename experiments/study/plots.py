@@ -168,7 +168,8 @@ def plot_training_curves(plt, results: Sequence[dict], colours: dict, path: Path
     # spread; the centres' dashed) and how sharp the assignments are
     curves += [curve for curve in (("val/psnr", "validation PSNR dB (training weights)", False),
                                    ("quantizer/latent_spread", "mean ||x - mean x||^2 (dashed: centres)", True),
-                                   ("quantizer/mean_max_prob", "mean max_k p_nk on training batches", False))
+                                   ("quantizer/mean_max_prob", "mean max_k p_nk on training batches", False),
+                                   ("quantizer/ste_gain", "straight-through gain (1 = identity)", True))
                if curve[0] in logged]
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5))
     for r, history in zip(results, histories):

@@ -17,7 +17,7 @@ TABLE_COLUMNS = ("run", "quantizer", "K", "seed", "steps", "psnr", *BASELINE_COL
                  "classifier_accuracy", "classifier_fd", "classifier_kid_mean", "active_codes",
                  "utilisation", "perplexity", "bits_per_token", "log2_active_codes", "images_per_sec",
                  "quantizer_peak_mib", "final_mean_max_prob", "final_mean_sum_p_sq", "final_latent_spread",
-                 "final_codebook_spread", "final_pre_norm_gamma_rms", "val_psnr_last",
+                 "final_codebook_spread", "final_ste_gain", "final_pre_norm_gamma_rms", "val_psnr_last",
                  "psnr_gain_last_quarter_db", "converged", "final_loss", "train_seconds", "collapsed", "collapse_step")
 # per-run fields that identify a run or are the same for every seed: not averaged
 RUN_IDENTITY_KEYS = {"run", "quantizer", "K", "seed", "steps", "batch_size", "torch_threads", "run_dir", "config_format"}
@@ -148,11 +148,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
     header = ["quantizer", "K", "seed", "steps", "PSNR dB", "mean-colour PSNR", "grid-thumb. PSNR",
               "equal-bits PSNR", "lead over equal-bits dB", "SSIM", "rFID", "active", "util.", "perplexity",
               "bits/token", "log2 active", "mean max p", "mean sum p^2", "latent spread", "codebook spread",
-              "LN gamma RMS", "val PSNR gain, last quarter dB", "img/s",
+              "STE gain", "LN gamma RMS", "val PSNR gain, last quarter dB", "img/s",
               "quant. peak MiB", "final loss", "train s", "collapsed at step"]
     keys = ["quantizer", "K", "seed", "steps", "psnr", *BASELINE_COLUMNS, "ssim", "rfid", "active_codes", "utilisation",
             "perplexity", "bits_per_token", "log2_active_codes", "final_mean_max_prob", "final_mean_sum_p_sq",
-            "final_latent_spread", "final_codebook_spread", "final_pre_norm_gamma_rms",
+            "final_latent_spread", "final_codebook_spread", "final_ste_gain", "final_pre_norm_gamma_rms",
             "psnr_gain_last_quarter_db", "images_per_sec", "quantizer_peak_mib", "final_loss", "train_seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

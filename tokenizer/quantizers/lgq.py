@@ -419,6 +419,7 @@ class LGQuantizer(Quantizer):
                 # geometry: mean_n ||x_n - mean x||^2 and mean_k ||c_k - mean c||^2 (latents vs centres)
                 "latent_spread": x.detach().var(0, unbiased=False).sum(),
                 "codebook_spread": centres.detach().var(0, unbiased=False).sum(),
+                "ste_gain": self.straight_through_gain(x.detach(), centres.detach()),
                 "soft_perplexity": soft_perplexity.detach(),
                 "loss_quant": loss_quant.detach(),
                 "loss_peak": loss_peak.detach(),
@@ -434,6 +435,24 @@ class LGQuantizer(Quantizer):
 
         quantized = quantized.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
         return QuantizerOutput(quantized, indices.reshape(batch, height, width), loss, stats)
+
+    STE_GAIN_TOKENS = 512  # tokens of the batch the straight-through gain statistic is measured on
+
+    @torch.no_grad()
+    def straight_through_gain(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """How much of the decoder's gradient the soft-to-hard estimator passes to the encoder, relative to the
+        identity of VQ's / FSQ's straight-through (1 = as much): the mean eigenvalue of dq~_n/dquery_n,
+
+            gain = mean_n (1 / (tau C)) sum_k p_nk (v_k - q~_n) . (key_k - sum_j p_nj key_j)
+
+        over the first ``STE_GAIN_TOKENS`` tokens (``logit_operands``: Euclidean logits, key = 2c, give
+        (2 / (tau C)) tr Cov_{p_n}(c), docs/method.md §1; cosine logits: w.r.t. the normalised query)."""
+        query, keys, bias, values = logit_operands(x[:self.STE_GAIN_TOKENS], centres, self.logits)
+        inv_tau = 1.0 / float(self.tau)
+        p = torch.softmax(drop_softmax_tail((query @ keys.T + bias) * inv_tau), dim=1)
+        q_soft, key_mean = p @ values, p @ keys
+        trace = p @ (values * keys).sum(1) - (q_soft * key_mean).sum(1)
+        return (inv_tau * trace).mean() / x.shape[1]
 
     def _soft_assignment(self, x: torch.Tensor, centres: torch.Tensor):
         query, keys, bias, values = logit_operands(x, centres, self.logits)
