@@ -252,6 +252,12 @@ def write_codebook_geometry(tokenizer, counts, output_dir: str | Path, neighbour
     if latents is not None:
         tau = getattr(tokenizer.quantizer, "tau", None)
         geometry["assignments"] = assignment_geometry(latents, centres, None if tau is None else float(tau))
+        gain = getattr(tokenizer.quantizer, "straight_through_gain", None)
+        if gain is not None:  # LGQ: the mean eigenvalue of dq~/dx over every latent (1 = VQ / FSQ's identity)
+            codebook = tokenizer.quantizer.codebook.detach().float().cpu()
+            chunks = latents.float().split(tokenizer.quantizer.STE_GAIN_TOKENS)
+            geometry["assignments"]["ste_gain"] = sum(float(gain(chunk, codebook)) * chunk.shape[0]
+                                                      for chunk in chunks) / latents.shape[0]
     geometry["quantizer"] = str(tokenizer.config.quantizer)
     output_dir = Path(output_dir)
     geometry["plot"] = str(plot_geometry(geometry, output_dir / PLOT_FILE, title))

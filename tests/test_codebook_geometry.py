@@ -101,6 +101,7 @@ def test_counting_over_a_split_and_bad_counts_file(tmp_path):
     assert assignments["tau"] == 0.5 and assignments["num_latents"] == 2 * 64  # LGQ's exported temperature
     assert 1 / 5 <= assignments["mean_max_probability"] <= 1
     assert assignments["margin_over_tau"]["q50"] == pytest.approx(assignments["margin"]["q50"] / 0.5)
+    assert assignments["ste_gain"] > 0  # LGQ's straight-through gain (its definition: tests/test_lgq.py)
     (tmp_path / "bad.json").write_text(json.dumps({"counts": [1, 2]}))
     with pytest.raises(ValueError, match="2 counts, the tokenizer has K=5"):
         main(["--tokenizer", str(tmp_path / "tok"), "--output-dir", str(tmp_path / "g2"), "--counts",
