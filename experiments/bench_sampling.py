@@ -120,6 +120,8 @@ def make_generate(name: str, args):
 
         model = build_llamagen_gpt(args.llamagen, args.size, args.codebook_size, args.grid, args.num_classes,
                                    args.device)
+        if args.compile:  # LlamaGen's generate() calls the model for prefill and every decode step
+            model.compile()
 
         def generate(count: int | None):
             torch.manual_seed(0)
@@ -129,6 +131,8 @@ def make_generate(name: str, args):
         return model, generate
 
     model = build_prior(prior, args.size, args.codebook_size, args.grid, args.num_classes, args.device)
+    if args.compile:
+        model.compile_sampling()
     options = {"num_inference_steps": steps} if prior == "maskgit" else {"use_cache": GPT_CACHES[name]}
 
     def generate(count: int | None):
@@ -137,14 +141,16 @@ def make_generate(name: str, args):
     return model, generate
 
 
-def time_generate(generate, device: str, repeats: int, label: str = "") -> tuple[list[float], list[float]]:
+def time_generate(generate, device: str, repeats: int, label: str = "",
+                  full_warmup: bool = False) -> tuple[list[float], list[float]]:
     """(wall, process CPU) seconds of ``repeats`` calls of generate(batch) after one warm-up call generate(1)
     (CUDA synchronised).
 
     The warm-up uses one image (same model, code path and options): it pays the one-off costs (lazy
     initialisation, kernel selection, allocator growth) without a full-batch call; the median of the
-    repeats absorbs what is left."""
-    generate(1)
+    repeats absorbs what is left. ``full_warmup`` (compiled models): warm up on the full batch, whose shapes
+    the compiled graphs are specialised to, so no timed call pays a compilation."""
+    generate(None if full_warmup else 1)
     times, cpu_times = [], []
     for _ in range(repeats):
         synchronize(device)
@@ -256,7 +262,7 @@ def run_worker(name: str, args) -> dict:
     model, generate = make_generate(name, args)
     repeats = args.no_cache_repeats if name == "gpt-no-cache" and args.no_cache_repeats else args.repeats
     with torch.inference_mode():
-        times, cpu_times = time_generate(generate, args.device, repeats, f"{prior} {method}")
+        times, cpu_times = time_generate(generate, args.device, repeats, f"{prior} {method}", full_warmup=args.compile)
         tokens = args.grid * args.grid
         params = sum(p.numel() for p in model.parameters())
         hidden = SIZES[args.size]["maskgit" if prior == "maskgit" else "gpt"]["hidden_size"]
@@ -272,7 +278,9 @@ def run_worker(name: str, args) -> dict:
         seconds = statistics.median(times)
         cpu_seconds = statistics.median(cpu_times) if not args.device.startswith("cuda") else seconds
         breakdown = profile_breakdown(generate, args.device) if args.profile else None
-    return {"prior": prior, "method": method, "forward_passes": steps or tokens, "params": params,
+    if args.compile:
+        method += ", compiled"
+    return {"configuration": name, "prior": prior, "method": method, "forward_passes": steps or tokens, "params": params,
             "seconds": seconds, "cpu_seconds": cpu_seconds, "repeats": len(times),
             "images_per_sec": args.batch_size / seconds, "floor_seconds": floor, "threads": torch.get_num_threads(),
             "profile": breakdown}
@@ -289,6 +297,8 @@ def worker_command(name: str, args) -> list[str]:
         cmd += ["--llamagen", args.llamagen]
     if args.profile:
         cmd.append("--profile")
+    if args.compile:
+        cmd.append("--compile")
     return cmd
 
 
@@ -311,7 +321,7 @@ def benchmark(args) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     """``vs floor`` and ``vs ours`` compare CPU times (on CUDA: wall times)."""
-    ours = next((r["cpu_seconds"] for r in rows if (r["prior"], r["method"]) == CONFIGURATIONS["gpt-cache"][:2]), None)
+    ours = next((r["cpu_seconds"] for r in rows if r.get("configuration") == "gpt-cache"), None)
     out = ["| prior | decoding | forward passes | params (M) | s / batch (median) | CPU s / batch | timed calls | "
            "images/s | floor s | vs floor | vs ours |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -359,6 +369,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="also profile one call per configuration: where the time goes, and the GEMM floor")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per configuration")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile what each sampler's decoding steps run (ours: prior.compile_sampling(); "
+                             "LlamaGen: its model), warmed up on the full batch")
     parser.add_argument("--worker", choices=sorted(CONFIGURATIONS), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.batch_size, args.grid, args.repeats, args.num_classes, args.no_cache_repeats or 1) < 1 or args.codebook_size < 2:
@@ -387,7 +400,8 @@ def main(argv=None) -> int:
           f"batch {args.batch_size} with CFG s={args.guidance_scale} (2 x {args.batch_size} sequences per pass), "
           f"device={args.device}, {rows[0]['threads']} torch threads, {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}; tokens only (tokenizer decoding excluded); each "
-          f"configuration in a fresh process, median of the timed calls after a 1-image warm-up; load average "
+          f"configuration in a fresh process, median of the timed calls after a "
+          f"{'full-batch (compiling)' if args.compile else '1-image'} warm-up; load average "
           f"{load_before[0]:.1f} -> {load_after[0]:.1f}"
           + (f"; {LLAMAGEN}: LlamaGen at commit {peer_commit(args.llamagen)}" if args.llamagen else "") + "\n")
     print(markdown_table(rows))

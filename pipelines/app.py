@@ -261,7 +261,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
     parser.add_argument("--compile-prior", action="store_true",
-                        help="torch.compile the prior's forward for sampling (faster after the first call)")
+                        help="torch.compile the transformer the prior's decoding steps run (prior.compile_sampling; faster "
+                             "after the first call)")
     return parser.parse_args(argv)
 
 
@@ -277,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          f"outputs/demo/pipeline) or pass --pipeline FOLDER")
     pipeline = LGQPipeline.from_pretrained(args.pipeline).to(args.device)
     if args.compile_prior:
-        pipeline.prior.compile()
+        pipeline.prior.compile_sampling()
     build_app(pipeline, title=f"lgq: {path.name}").launch(server_name=args.host, server_port=args.port,
                                                           share=args.share)
 

@@ -48,6 +48,19 @@ class TokenGridGenerator:
 
     decoding: str
 
+    def sampling_backbone(self) -> torch.nn.Module:
+        """The transformer module every sampling step calls (what ``compile_sampling`` compiles)."""
+        raise NotImplementedError
+
+    def compile_sampling(self, **compile_options):
+        """``torch.compile`` the module the sampling loop runs (``sampling_backbone``), in place
+        (``nn.Module.compile``: the same parameters and ``state_dict`` keys, exports load without compile).
+
+        ``nn.Module.compile()`` of the prior itself compiles ``forward`` only, which decoding does not call: the
+        guided MaskGIT step goes through the head's input and the GPT step through the KV-cached backbone."""
+        self.sampling_backbone().compile(**compile_options)
+        return self
+
     @torch.no_grad()
     def generate(self, class_labels, *, num_inference_steps: int = 12, guidance_scale: float = 1.0,
                  temperature: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,

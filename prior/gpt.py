@@ -148,6 +148,10 @@ class GPTPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
             cache = StaticCache(config=self.transformer.config, max_cache_len=self.seq_len + 1)
         return {"model_labels": model_labels, "guided": guided, "use_cache": use_cache is not False, "cache": cache}
 
+    def sampling_backbone(self) -> torch.nn.Module:
+        """transformers' ``LlamaModel`` under the head: every cached decoding step runs it on one position."""
+        return self.transformer.model
+
     def sampling_logits(self, tokens: torch.Tensor, timestep: int, guidance_scale: float, state: dict) -> torch.Tensor:
         """Guided next-token logits [B, K] for position t = ``timestep`` given tokens[:, :t] (raster order).
 

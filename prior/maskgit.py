@@ -201,6 +201,10 @@ class MaskGITPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
         """Per-decoding state for ``sampling_logits`` (MaskGIT needs only the labels; no cache)."""
         return {"labels": class_labels.to(self.device)}
 
+    def sampling_backbone(self) -> torch.nn.Module:
+        """The bidirectional transformer under ``head_input``: every decoding step runs it on [2B, 1 + L] ids."""
+        return self.transformer
+
     def sampling_logits(self, tokens: torch.Tensor, timestep: int, guidance_scale: float, state: dict) -> torch.Tensor:
         """Guided logits [M, K] at the M still-masked positions of ``tokens`` [B, L] (row-major): what
         ``MaskGITScheduler.step`` consumes; the fixed positions' logits are never needed."""

@@ -185,6 +185,20 @@ def test_sampling_benchmark_against_llamagen_from_a_given_path(capsys, tmp_path)
         bench_sampling.parse_args(["--llamagen", str(tmp_path)])
 
 
+def test_sampling_benchmark_compiles_both_samplers(capsys, tmp_path):
+    """--compile: our prior's decoding backbone (compile_sampling) and LlamaGen's model, warmed up on the full
+    batch; the rows say so and the peer's ratio is still against our (compiled) GPT."""
+    llamagen = write_fake_peer(tmp_path / "LlamaGen", {"autoregressive/models/gpt.py": FAKE_LLAMAGEN_GPT,
+                                                       "autoregressive/models/generate.py": FAKE_LLAMAGEN_GENERATE})
+    assert bench_sampling.main(["--batch-size", "2", "--grid", "2", "--codebook-size", "16", "--num-classes", "3",
+                                "--repeats", "1", "--configurations", "gpt-cache", "llamagen-gpt", "--llamagen", llamagen,
+                                "--compile"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^\| gpt \| static KV cache, compiled \| 4 \|.* - \|$", table, flags=re.M)
+    assert re.search(r"^\| llamagen-gpt \| generate\(\), KV cache, compiled \|.*\| [0-9.]+x \|$", table, flags=re.M)
+    assert "full-batch (compiling) warm-up" in table
+
+
 def test_a_failing_peer_is_reported_with_its_traceback(tmp_path):
     """A worker that fails names the configuration, its exit code and the error itself (the last lines of its
     stderr), not the last log line a library printed after it."""

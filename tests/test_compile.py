@@ -93,14 +93,28 @@ def test_compiled_prior_training_equals_eager_and_resumes_eagerly(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_prior_samples_the_same_tokens():
-    """The documented way to compile a pipeline's prior for sampling: ``pipe.prior.compile()``."""
-    from pipelines import LGQPipeline
-    from prior.scheduler import MaskGITScheduler
+@pytest.mark.parametrize("prior_type", ["maskgit", "gpt"])
+def test_compiled_prior_samples_the_same_tokens(prior_type):
+    """The documented way to compile a pipeline's prior for sampling: ``pipe.prior.compile_sampling()``. Compiled
+    code runs in the guided decoding loop (dynamo captures frames there; ``pipe.prior.compile()``, which compiles
+    ``forward`` only, captures none) and gives eager's tokens."""
+    from torch._dynamo.utils import counters
 
-    pipe = LGQPipeline(tokenizer=tiny_tokenizer(), prior=tiny_maskgit(), scheduler=MaskGITScheduler(codebook_size=32))
+    from pipelines import LGQPipeline
+    from prior.scheduler import AutoregressiveScheduler, MaskGITScheduler
+    from test_pipeline import tiny_gpt
+
+    prior = tiny_maskgit() if prior_type == "maskgit" else tiny_gpt()
+    scheduler = MaskGITScheduler(codebook_size=32) if prior_type == "maskgit" else AutoregressiveScheduler(codebook_size=32)
+    pipe = LGQPipeline(tokenizer=tiny_tokenizer(), prior=prior, scheduler=scheduler)
     eager = sample(pipe, labels=(0, 1, 3), seed=4, output_type="latent", guidance_scale=2.0)
-    pipe.prior.compile()
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.prior.compile()  # forward only: the decoding loop stays eager
+    sample(pipe, labels=(0, 1, 3), seed=4, output_type="latent", guidance_scale=2.0)
+    assert counters["stats"]["calls_captured"] == 0
+    pipe.prior.compile_sampling()
     compiled = sample(pipe, labels=(0, 1, 3), seed=4, output_type="latent", guidance_scale=2.0)
+    assert counters["stats"]["calls_captured"] > 0
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     assert "_orig_mod" not in "".join(pipe.prior.state_dict())
