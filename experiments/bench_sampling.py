@@ -302,21 +302,24 @@ def worker_command(name: str, args) -> list[str]:
     return cmd
 
 
-def benchmark(args) -> list[dict]:
+def benchmark(args) -> tuple[list[dict], list[str]]:
+    """(rows of the configurations that finished, error of each that failed: its name, exit code and traceback)."""
     names = [name for name in CONFIGURATIONS if name in args.configurations]
     if args.no_kv_free_gpt and "gpt-no-cache" in names:
         names.remove("gpt-no-cache")
     if LLAMAGEN in names and not args.llamagen:
         names.remove(LLAMAGEN)
-    rows = []
+    rows, failures = [], []
     for name in names:
         proc = subprocess.run(worker_command(name, args), capture_output=True, text=True, timeout=args.timeout)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = "\n".join(proc.stderr.strip().splitlines()[-20:]) or "no output"  # the traceback, not a log line
-            raise RuntimeError(f"sampling benchmark {name} failed (exit code {proc.returncode}):\n{tail}")
+            killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
+            failures.append(f"sampling benchmark {name} failed (exit code {proc.returncode}){killed}:\n{tail}")
+            continue
         rows.append(json.loads(lines[-1]))
-    return rows
+    return rows, failures
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -391,8 +394,10 @@ def main(argv=None) -> int:
         print(json.dumps(run_worker(args.worker, args)), flush=True)
         return 0
     load_before = os.getloadavg()
-    rows = benchmark(args)
+    rows, failures = benchmark(args)
     load_after = os.getloadavg()
+    if not rows:
+        raise RuntimeError("\n\n".join(failures))
     sizes = SIZES[args.size]
     describe = lambda s: f"{s['num_layers']} layers x {s['hidden_size']} hidden, {s['num_heads']} heads"  # noqa: E731
     print(f"Prior sampling throughput, size '{args.size}' (MaskGIT {describe(sizes['maskgit'])}; "
@@ -409,6 +414,8 @@ def main(argv=None) -> int:
         print("\nWhere the time goes (one profiled call: wall seconds of each op's self time; the floors and the last "
               "column: CPU time):\n")
         print(profile_table(rows))
+    if failures:  # the finished configurations' table is printed above, then the run fails naming the others
+        raise RuntimeError("\n\n".join(failures))
     return 0
 
 

@@ -199,7 +199,7 @@ def test_sampling_benchmark_compiles_both_samplers(capsys, tmp_path):
     assert "full-batch (compiling) warm-up" in table
 
 
-def test_a_failing_peer_is_reported_with_its_traceback(tmp_path):
+def test_a_failing_peer_is_reported_with_its_traceback(tmp_path, capsys):
     """A worker that fails names the configuration, its exit code and the error itself (the last lines of its
     stderr), not the last log line a library printed after it."""
     broken = FAKE_LLAMAGEN_GENERATE.replace("    tokens = []", "    raise ValueError('peer generate broke')")
@@ -207,7 +207,9 @@ def test_a_failing_peer_is_reported_with_its_traceback(tmp_path):
                                                        "autoregressive/models/generate.py": broken})
     with pytest.raises(RuntimeError, match=r"(?s)llamagen-gpt failed \(exit code 1\).*ValueError: peer generate broke"):
         bench_sampling.main(["--batch-size", "2", "--grid", "2", "--codebook-size", "16", "--num-classes", "3",
-                             "--repeats", "1", "--configurations", "llamagen-gpt", "--llamagen", llamagen])
+                             "--repeats", "1", "--configurations", "gpt-cache", "llamagen-gpt", "--llamagen", llamagen])
+    # the configurations that finished are still measured and printed before the run fails
+    assert re.search(r"^\| gpt \| static KV cache \| 4 \|", capsys.readouterr().out, flags=re.M)
 
 
 FAKE_LLAMAGEN_VQ_MODEL = """
@@ -267,7 +269,8 @@ def test_data_benchmark_times_every_source_and_worker_count_and_a_tokenizer_step
 def test_sampling_profile_splits_the_call_into_matrix_products_attention_and_the_rest(capsys):
     args = bench_sampling.parse_args(["--batch-size", "2", "--grid", "2", "--codebook-size", "16", "--num-classes", "3",
                                       "--repeats", "1", "--configurations", "maskgit-8", "gpt-cache", "--profile"])
-    rows = bench_sampling.benchmark(args)  # each configuration in a fresh worker process
+    rows, failures = bench_sampling.benchmark(args)  # each configuration in a fresh worker process
+    assert failures == []
     assert [row["prior"] for row in rows] == ["maskgit", "gpt"]
     for row in rows:
         p = row["profile"]
