@@ -66,8 +66,9 @@ def uniform_box_avoiding(rng: np.random.Generator, height: int, width: int, side
         patterns = np.zeros(tops.size, dtype=np.int64)
         for bit, (sq_top, _, sq_side) in enumerate(squares):
             patterns |= (((tops < sq_top + sq_side) & (tops + side > sq_top)).astype(np.int64) << bit)
-        runs: dict[int, list[tuple[int, int]]] = {}  # pattern -> allowed [lo, hi] intervals of lefts
-        for pattern in np.unique(patterns).tolist():
+        unique_patterns, pattern_of_row = np.unique(patterns, return_inverse=True)
+        runs: list[list[tuple[int, int]]] = []  # per unique pattern: the allowed [lo, hi] intervals of lefts
+        for pattern in unique_patterns.tolist():
             blocked = sorted((max(0, sq_left - side + 1), min(last_left, sq_left + sq_side - 1))
                              for bit, (_, sq_left, sq_side) in enumerate(squares) if pattern >> bit & 1)
             free, start = [], 0
@@ -79,15 +80,15 @@ def uniform_box_avoiding(rng: np.random.Generator, height: int, width: int, side
                 start = max(start, hi + 1)
             if start <= last_left:
                 free.append((start, last_left))
-            runs[pattern] = free
-        counts = np.array([sum(hi - lo + 1 for lo, hi in runs[p]) for p in patterns.tolist()], dtype=np.int64)
+            runs.append(free)
+        counts = np.array([sum(hi - lo + 1 for lo, hi in free) for free in runs], dtype=np.int64)[pattern_of_row]
         total = int(counts.sum())
         if total > 0:
             pick = int(rng.integers(0, total))
             cumulative = np.cumsum(counts)
             top = int(np.searchsorted(cumulative, pick, side="right"))
             offset = pick - (int(cumulative[top - 1]) if top else 0)
-            for lo, hi in runs[int(patterns[top])]:
+            for lo, hi in runs[int(pattern_of_row[top])]:
                 if offset <= hi - lo:
                     return top, lo + offset, side
                 offset -= hi - lo + 1
