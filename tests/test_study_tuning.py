@@ -64,6 +64,15 @@ def test_every_trial_is_trained_on_the_tuning_split_and_the_best_becomes_every_s
         return {r["run"]: r["config"]["model"]["quantizer_options"] for r in rows}
     assert options(again) == options(results)
 
+    # --use-trials with the same choice plans exactly these runs (no trial trained, every run reused)
+    best = {q: max((r for r in rows if r["quantizer"] == q), key=lambda r: (r["metric"], -r["trial"]))["trial"]
+            for q in ("vq", "fsq")}
+    given = study.main(["--config", str(tuned_study(tmp_path)), "--output-dir", str(out), "--use-trials",
+                        *(f"{q}:{i}" for q, i in best.items())])
+    printed = capsys.readouterr().out
+    assert "tuning not trained" in printed and "[study] training" not in printed and "tuning trial" not in printed
+    assert options(given) == options(results)
+
 
 def test_the_budget_is_equal_and_the_tuning_split_is_not_the_reported_one(tmp_path):
     spec = study.load_study_config(tuned_study(tmp_path))
@@ -137,6 +146,31 @@ def test_no_tuning_trains_the_recipe_as_it_is_and_a_dry_run_lists_the_trials(tmp
     study.main(["--config", str(config), "--output-dir", str(out), "--dry-run", "--no-tuning"])
     assert "[study] tuning" not in capsys.readouterr().out
     assert not (out / "tuning").exists()
+
+
+def test_use_trials_names_one_configured_trial_per_planned_quantizer(tmp_path, capsys):
+    settings = tuning.tuning_settings({"split": "tune", "seed": 0, "metric": "psnr", "trials": TRIALS}, "val")
+    chosen = tuning.given_choices(settings, ["vq:1", "fsq:1"], ["vq", "fsq"], [1024])
+    assert chosen == {("vq", 1024): ["model.quantizer_options.beta=0.5"],
+                      ("fsq", 1024): ["model.quantizer_options.levels=[4,4,4,4,4]"]}
+    chosen = tuning.given_choices(settings, ["vq:1", "fsq:0"], ["vq", "fsq"], [256, 1024])
+    assert chosen == {("vq", 256): ["model.quantizer_options.beta=0.5"],
+                      ("vq", 1024): ["model.quantizer_options.beta=0.5"], ("fsq", 256): [], ("fsq", 1024): []}
+    with pytest.raises(ValueError, match="gives no overrides for K=256"):  # fsq's trial 1 exists at K = 1024 only
+        tuning.given_choices(settings, ["vq:0", "fsq:1"], ["vq", "fsq"], [256, 1024])
+    for given, message in ((["vq:2", "fsq:0"], r"vq has 2 trial\(s\), indices 0..1"),
+                           (["vq:one"], r"quantizer:trial_index"), (["lfq:0"], r"no trials for 'lfq'"),
+                           (["vq:0"], r"names no trial for \['fsq'\]")):
+        with pytest.raises(ValueError, match=message):
+            tuning.given_choices(settings, given, ["vq", "fsq"], [1024])
+    config, out = tuned_study(tmp_path), tmp_path / "out"
+    with pytest.raises(ValueError, match="use one"):
+        study.main(["--config", str(config), "--output-dir", str(out), "--dry-run", "--no-tuning",
+                    "--use-trials", "vq:0", "fsq:0"])
+    study.main(["--config", str(config), "--output-dir", str(out), "--dry-run", "--use-trials", "vq:1", "fsq:0"])
+    printed = capsys.readouterr().out
+    assert "vq K=1024: model.quantizer_options.beta=0.5; fsq K=1024: the recipe" in printed
+    assert "tuning trial" not in printed and not (out / "tuning").exists()
 
 
 def test_curves_need_no_finished_tuning_and_finished_only_names_the_missing_one(tmp_path):

@@ -16,7 +16,7 @@ from experiments.study.history import LAST_QUARTER_FIELDS, convergence_report, d
 from experiments.study.plan import plan_runs
 from experiments.study.plots import make_plots, plot_curves
 from experiments.study.runs import run_one
-from experiments.study.tuning import load_tuned, run_tuning, tuning_settings
+from experiments.study.tuning import given_choices, load_tuned, run_tuning, tuning_settings
 from experiments.study.tables import (
     HEADLINE_TABLE,
     aggregate_runs,
@@ -53,6 +53,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tuning", action="store_true",
                         help="skip the config's tuning section: every quantizer trains its recipe as it is (e.g. "
                              "the budget curves, which come before the tuning)")
+    parser.add_argument("--use-trials", nargs="+", default=None, metavar="QUANTIZER:INDEX",
+                        help="train no tuning trials: use these trials of the config's tuning section as chosen "
+                             "(e.g. lgq:2 fsq:0 from a tuning table whose folder is gone); the sweep's runs are "
+                             "the ones the tuning would have planned with that choice")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for in-process runs (default: torch's choice); 1 is much faster "
                              "than 2 on a machine whose cores are busy with other work")
@@ -75,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if study.generation is not None and quick.get("generation"):  # the quick slice's smaller second stage
         study.generation = generation_settings({**study.generation, **quick["generation"]})
     if args.no_tuning:
+        if args.use_trials:
+            raise ValueError("--use-trials states the tuning's choice and --no-tuning drops the tuning: use one")
         study.tuning = None
+    elif args.use_trials and study.tuning is None:
+        raise ValueError(f"--use-trials: {args.config} has no tuning section whose trials it could name")
     if study.tuning is not None and quick.get("tuning"):  # the quick slice's smaller tuning (e.g. fewer trials)
         study.tuning = tuning_settings({**study.tuning, **quick["tuning"]}, study.evaluation.get("split", "val"))
     if args.threads is not None:
@@ -85,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     tuned = None  # --curves reads histories only: the run folders do not depend on the tuning's choice
     if study.tuning is not None and not args.curves:  # the tuning first: its choices are part of every recipe
-        if args.finished_only:
+        if args.use_trials:
+            tuned = given_choices(study.tuning, args.use_trials, quantizers, codebook_sizes)
+            print(f"[study] tuning not trained: the given choice {' '.join(args.use_trials)} -> "
+                  + "; ".join(f"{q} K={K}: {' '.join(o) or 'the recipe'}" for (q, K), o in tuned.items()), flush=True)
+        elif args.finished_only:
             tuned = load_tuned(output_dir, study.tuning, quantizers, codebook_sizes)
         else:
             tuned = run_tuning(study, study.tuning, output_dir, quantizers, codebook_sizes, launcher, extra,

@@ -211,6 +211,31 @@ def load_tuned(output_dir: Path, settings: dict[str, Any], quantizers: Sequence[
     return {(q, K): trial_overrides(settings["trials"][q][index], K) for (q, K), index in chosen.items()}
 
 
+def given_choices(settings: dict[str, Any], given: Sequence[str], quantizers: Sequence[str],
+                  codebook_sizes: Sequence[int]) -> dict[tuple[str, int], list[str]]:
+    """``--use-trials lgq:2 fsq:0``: the tuning's choice stated instead of trained (e.g. a tuning whose folder was
+    lost, its table kept): every planned quantizer names the index of one of its configured trials, whose
+    overrides become its recipe at every K, exactly as if ``run_tuning`` had chosen it. ValueError naming a
+    malformed entry, an unknown quantizer, an index out of range or a planned quantizer without a choice."""
+    chosen: dict[str, int] = {}
+    for entry in given:
+        name, sep, index = entry.partition(":")
+        if not sep or not index.strip().isdigit():
+            raise ValueError(f"--use-trials entries are quantizer:trial_index (e.g. lgq:2), got {entry!r}")
+        if name not in settings["trials"]:
+            raise ValueError(f"--use-trials {entry!r}: the tuning section has no trials for {name!r} "
+                             f"(it has {sorted(settings['trials'])})")
+        if int(index) >= len(settings["trials"][name]):
+            raise ValueError(f"--use-trials {entry!r}: {name} has {len(settings['trials'][name])} trial(s), "
+                             f"indices 0..{len(settings['trials'][name]) - 1}")
+        chosen[name] = int(index)
+    missing = [q for q in quantizers if q not in chosen]
+    if missing:
+        raise ValueError(f"--use-trials names no trial for {missing}: every planned quantizer needs one")
+    return {(q, int(K)): trial_overrides(settings["trials"][q][chosen[q]], int(K))
+            for q in quantizers for K in codebook_sizes}
+
+
 def _still_configured(row: dict, settings: dict[str, Any]) -> bool:
     """Whether a stored trial row is still trial ``row['trial']`` of its quantizer in ``settings`` (with the same
     overrides of every trial)."""
