@@ -2,7 +2,7 @@
 
     python -m experiments.demo [--output-dir outputs/demo] [--data glyphs|builtin] [--quick] [--device auto]
                                [--inception-weights PATH] [--steps-scale F] [--threads N] [--force]
-                               [--guidance-scale G] [--temperature T] [--seed S]
+                               [--guidance-scale G] [--temperature T] [--seed S] [--train-seed N]
 
 Stages (a line per stage; the training/extraction stages show their own tqdm bars), all written to ONE
 output folder ``OUT``:
@@ -25,7 +25,8 @@ output folder ``OUT``:
 FID needs torch-fidelity's Inception weights (``eval.fid``). When they cannot be found or downloaded the
 FID/IS figures are ``null`` in metrics.json and the report says why - no other network is substituted.
 
-Resuming: a stage whose export already exists in ``OUT`` is reused (printed), unless ``--force``; an
+Resuming: a stage whose export already exists in ``OUT`` is reused (printed), unless ``--force``; a training run
+made with another ``--train-seed`` or ``--mixed-precision`` than asked is refused, naming both; an
 interrupted tokenizer / prior training resumes from its latest checkpoint, an interrupted extraction
 from its finished chunks. Samples and evaluation always run (they are quick).
 
@@ -256,9 +257,25 @@ class Demo:
     def data_overrides(self) -> list[str]:
         return list(self.preset["data"].get(self.args.data, []))
 
-    def precision_overrides(self) -> list[str]:
-        """``--mixed-precision`` for both training stages (the recipes' own ``train.mixed_precision`` otherwise)."""
-        return [] if self.args.mixed_precision is None else [f"train.mixed_precision={self.args.mixed_precision}"]
+    def stage_overrides(self) -> list[str]:
+        """What ``--mixed-precision`` and ``--train-seed`` set in both training stages (the recipes' own
+        ``train.mixed_precision`` / ``train.seed`` where not given)."""
+        overrides = [] if self.args.mixed_precision is None else [f"train.mixed_precision={self.args.mixed_precision}"]
+        return overrides + ([] if self.args.train_seed is None else [f"train.seed={self.args.train_seed}"])
+
+    def check_reusable(self, run_dir: Path) -> None:
+        """A training export is reused only if it was trained with what this call asks of it: ValueError naming
+        each ``--train-seed`` / ``--mixed-precision`` that differs from the run's saved ``config.yaml``."""
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        trained = OmegaConf.load(saved).get("train", {})
+        asked = {"seed": self.args.train_seed, "mixed_precision": self.args.mixed_precision}
+        differ = [f"train.{key} {trained.get(key)!r} (asked: {value!r})" for key, value in asked.items()
+                  if value is not None and trained.get(key) != value]
+        if differ:
+            raise ValueError(f"{run_dir} holds a run trained with {', '.join(differ)}: pass --force to retrain, or "
+                             f"another --output-dir")
 
     def data_config(self):
         recipe = OmegaConf.load(resolve_config_path(self.tokenizer_config)).get("data", {})
@@ -267,7 +284,7 @@ class Demo:
 
     # -- stages --------------------------------------------------------------------------------
     def train_tokenizer(self) -> Path:
-        overrides = [*self.data_overrides(), *self.preset["tokenizer"], *self.precision_overrides(),
+        overrides = [*self.data_overrides(), *self.preset["tokenizer"], *self.stage_overrides(),
                      f"train.output_dir={self.tokenizer_dir}"]
         overrides = scaled_steps(resolve_config_path(self.tokenizer_config), overrides, self.args.steps_scale)
         if has_checkpoints(self.tokenizer_dir):
@@ -280,6 +297,7 @@ class Demo:
             "final_loss": last_logged(trainer.history, "loss"),
             "final_val_psnr_during_training": last_logged(trainer.history, "val/psnr"),
             "mixed_precision": trainer.mixed_precision,  # as resolved: "no" = fp32
+            "seed": trainer.cfg.seed,
         }
         return trainer.output_dir / "tokenizer"
 
@@ -299,7 +317,7 @@ class Demo:
         config = resolve_config_path(self.prior_config)
         if not config.is_file():
             raise FileNotFoundError(f"prior config {config} does not exist")
-        overrides = [*self.preset["prior"], *self.precision_overrides(), f"data.tokens={self.tokens_dir}",
+        overrides = [*self.preset["prior"], *self.stage_overrides(), f"data.tokens={self.tokens_dir}",
                      f"data.tokenizer={tokenizer_path}",
                      f"train.output_dir={self.prior_dir}"]
         overrides = scaled_steps(config, overrides, self.args.steps_scale)
@@ -309,7 +327,7 @@ class Demo:
         self.results["prior_overrides"] = overrides
         trainer = train_prior(["--config", str(config), *overrides])
         self.results["prior_training"] = {"steps": trainer.step, "final_loss": last_logged(trainer.history, "loss"),
-                                          "mixed_precision": trainer.mixed_precision}
+                                          "mixed_precision": trainer.mixed_precision, "seed": trainer.cfg.seed}
         export = find_export(self.prior_dir, ("MaskGITPrior", "GPTPrior"))
         if export is None:
             raise FileNotFoundError(f"prior.train finished but no prior export was found in {self.prior_dir}")
@@ -436,6 +454,8 @@ class Demo:
         print(f"LGQ demo ({self.size}) -> {self.out.resolve()} on {self.device}, {threads} torch threads, "
               f"steps x{self.args.steps_scale}", flush=True)
 
+        for run_dir in (self.tokenizer_dir, self.prior_dir):
+            self.check_reusable(run_dir)
         tokenizer_export = find_export(self.tokenizer_dir, ("LGQTokenizer",))
         tokenizer_path = self.stage(1, "tokenizer", f"train the LGQ tokenizer on {self.args.data}",
                                     self.train_tokenizer if tokenizer_export is None else lambda: tokenizer_export,
@@ -658,6 +678,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="softmax temperature of token sampling (0.7: more samples keep their digit than at 1.0, "
                              "README demo section)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="train.seed of both training stages (default: the recipes' own, 0); a demo per training "
+                             "seed is what separates a change from the spread of training runs")
     parser.add_argument("--force", action="store_true", help="retrain every stage instead of reusing exports")
     parser.add_argument("--no-classifier", action="store_true",
                         help="skip the classifier metric (accuracy / FD / KID of samples and reconstructions)")

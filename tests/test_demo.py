@@ -97,7 +97,7 @@ def test_tiny_demo_end_to_end_then_reuses_exports(tmp_path, offline_cpu, capsys)
 def test_tiny_demo_on_glyphs_the_default_data(tmp_path, offline_cpu, monkeypatch):
     """The default demo data: glyphs (class = digit), no flips, generation scored against glyphs' train split;
     the sampling temperature reaches the sampler that makes the scored samples and is recorded; --mixed-precision
-    bf16 reaches both trainers (their saved run configs and the resolved precision)."""
+    bf16 and --train-seed reach both trainers (their saved run configs, the resolved precision and seed)."""
     out = tmp_path / "demo"
     seen = {}
     real_generate_samples = demo.generate_samples
@@ -108,12 +108,16 @@ def test_tiny_demo_on_glyphs_the_default_data(tmp_path, offline_cpu, monkeypatch
 
     monkeypatch.setattr(demo, "generate_samples", spy)
     demo.main(["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1", "--temperature", "0.6",
-               "--mixed-precision", "bf16"])
+               "--mixed-precision", "bf16", "--train-seed", "3"])
     saved = json.loads((out / "metrics.json").read_text())
     assert seen["temperature"] == 0.6
     assert saved["tokenizer_training"]["mixed_precision"] == saved["prior_training"]["mixed_precision"] == "bf16"
+    assert saved["tokenizer_training"]["seed"] == saved["prior_training"]["seed"] == 3
     for run in ("tokenizer_run", "prior_run"):
         assert OmegaConf.load(out / run / "config.yaml").train.mixed_precision == "bf16"
+        assert OmegaConf.load(out / run / "config.yaml").train.seed == 3
+    with pytest.raises(ValueError, match=r"tokenizer_run holds a run trained with train.seed 3 \(asked: 4\)"):
+        demo.main(["--tiny", "--output-dir", str(out), "--device", "cpu", "--threads", "1", "--train-seed", "4"])
     assert saved["generation"]["protocol"]["temperature"] == saved["samples"]["temperature"] == 0.6
     assert saved["settings"]["data"] == "glyphs" and saved["settings"]["tokenizer_config"].endswith("glyphs.yaml")
     assert saved["samples"]["rows"] == [str(digit) for digit in range(10)]
