@@ -40,6 +40,11 @@ TUNING_KEYS = {"split", "seed", "metric", "trials", "overrides"}
 TUNING_METRICS = ("psnr", "ssim", "classifier_accuracy", "psnr_lead_over_equal_bits_db")
 
 
+def is_dotlist(value: Any) -> bool:
+    """Whether ``value`` is a list of ``key=value`` override strings."""
+    return isinstance(value, list) and all(isinstance(item, str) and "=" in item for item in value)
+
+
 def tuning_settings(raw: dict[str, Any] | None, evaluation_split: str) -> dict[str, Any] | None:
     """The validated ``tuning`` section (None = no tuning): ValueError naming a bad key or value."""
     if raw is None:
@@ -51,7 +56,7 @@ def tuning_settings(raw: dict[str, Any] | None, evaluation_split: str) -> dict[s
         raise ValueError(f"unknown tuning keys {sorted(unknown)} (allowed: {sorted(TUNING_KEYS)})")
     settings = {"split": "tune", "seed": 0, "metric": "psnr", "overrides": [], **raw}
     extra = settings["overrides"]
-    if not isinstance(extra, list) or not all(isinstance(item, str) and "=" in item for item in extra):
+    if not is_dotlist(extra):
         raise ValueError(f"tuning.overrides must be a list of key=value strings (applied to every trial), got {extra!r}")
     if settings["split"] == evaluation_split:
         raise ValueError(f"tuning.split must differ from the split the study reports (evaluation.split = "
@@ -72,7 +77,7 @@ def tuning_settings(raw: dict[str, Any] | None, evaluation_split: str) -> dict[s
                 trial = entries[position] = {int(k): v for k, v in trial.items()}
             per_k = trial.values() if isinstance(trial, dict) else [trial]
             if (isinstance(trial, dict) and not all(isinstance(k, int) for k in trial)) or not all(
-                    isinstance(t, list) and all(isinstance(item, str) and "=" in item for item in t) for t in per_k):
+                    is_dotlist(t) for t in per_k):
                 raise ValueError(f"tuning.trials.{quantizer}: every trial is a list of key=value strings, or a "
                                  f"mapping from K to such a list, got {trial!r}")
     return settings
