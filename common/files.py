@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -69,6 +69,21 @@ def file_lock(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(f"{path.name}.lock"))):
         yield
+
+
+def lock_is_held(path: str | os.PathLike) -> bool:
+    """True when another process holds ``file_lock(path)`` at this moment (a probe: the lock is taken without
+    waiting and released at once, so the answer may be stale the next moment; callers still take ``file_lock``
+    before they touch what it guards). Never call it on a lock this process holds: the probe would see it held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = FileLock(str(path.with_name(f"{path.name}.lock")))
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return True
+    probe.release()
+    return False
 
 
 def publish_folder(temporary: str | os.PathLike, final: str | os.PathLike, replace: bool = False) -> bool:

@@ -66,3 +66,19 @@ def test_publish_folder_first_writer_wins_or_replaces(tmp_path):
     assert (tmp_path / "a" / "f").read_text() == "first" and not (tmp_path / "a.tmp2").exists()
     assert publish_folder(folder("a.tmp3", "third"), tmp_path / "a", replace=True)
     assert (tmp_path / "a" / "f").read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_lock_is_held_sees_another_processes_lock_and_its_release(tmp_path):
+    from common.files import lock_is_held
+
+    target = tmp_path / "runs" / "run"
+    assert not lock_is_held(target)  # nobody holds it (the probe takes and releases it)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom common.files import file_lock\n"
+                               f"with file_lock({str(target)!r}):\n    print('held', flush=True)\n    sys.stdin.read()"],
+                              cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lock_is_held(target) and lock_is_held(target)  # probing does not take it over
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and not lock_is_held(target)

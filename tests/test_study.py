@@ -4,7 +4,9 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +144,58 @@ def test_sweep_over_seeds_writes_runs_rows_table_plots_and_reuses_finished_runs(
     # the pre-quantizer LayerNorm's learnt scale is logged for every quantizer; the latent spread by LGQ only
     assert all(c["final_pre_norm_gamma_rms"] > 0 and c["final_latent_spread"] is None for c in curves)
     assert [c["final_pre_norm_gamma_rms"] for c in curves] == [r["final_pre_norm_gamma_rms"] for r in results]
+
+
+@pytest.mark.slow
+def test_study_processes_on_one_grid_share_it_and_never_run_one_run_twice_at_once(tmp_path):
+    """A run another process holds (its run-folder lock) is put last, then waited for: the study trains the free run
+    first and touches the held one only once the lock is released; --finished-only lists a held run as running."""
+    from common.files import file_lock
+
+    config, out = write_study(tmp_path), tmp_path / "out"
+    held, free = out / "runs" / "vq_K1024_s0", out / "runs" / "fsq_K1024_s0"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with file_lock(held):  # this test process stands for a second study process running vq_K1024_s0
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.study", "--config", str(config), "--output-dir",
+                                 str(out), "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not (free / "result.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        time.sleep(2)
+        assert proc.poll() is None and not held.exists()  # waiting for the held run, not training into it
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert "[study] vq_K1024_s0 is running in another process: coming back to it after the others" in log
+    assert log.index("[study] training fsq_K1024_s0") < log.index("[study] training vq_K1024_s0")
+    assert log.count("[study] training") == 2
+    assert [r["run"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["vq_K1024_s0", "fsq_K1024_s0"]
+
+    with file_lock(free):  # finished, but held by another process (e.g. in its second stage): not merged
+        partial = study.main(["--config", str(config), "--output-dir", str(out), "--finished-only"])
+    assert [r["run"] for r in partial] == ["vq_K1024_s0"]
+
+
+@pytest.mark.parametrize("active", [[890.0], [206.0, 928.0]])
+def test_log2_axes_label_their_ticks_even_for_one_codebook_size(active):
+    """One K puts every point between two powers of two: the axis still shows plain-number labels inside the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"quantizer": "lgq", "K": 2 ** (2 * i + 8), "active_codes_mean": a, "active_codes_std": 60.0,
+             "psnr_mean": 30.0 + i, "psnr_std": 0.1} for i, a in enumerate(active)]
+    fig, ax = plt.subplots()
+    study.errorbars(ax, rows, {"lgq": "C0"}, "active_codes", "psnr", log_x=True)
+    fig.canvas.draw()
+    low, high = ax.get_xlim()
+    labels = [tick.label1.get_text() for tick in ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+              if low <= tick.get_loc() <= high and tick.label1.get_visible() and tick.label1.get_text()]
+    plt.close(fig)
+    assert len(labels) >= 2 and all(label.replace(".", "").isdigit() for label in labels), labels
 
 
 def test_collapse_is_detected_from_history_with_its_step():

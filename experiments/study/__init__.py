@@ -26,7 +26,9 @@ crop boxes, synthetic images) stays that of the recipe, so every run sees the sa
 Per run ``<output-dir>/runs/<quantizer>_K<K>_s<seed>/``: the trainer's folder (checkpoints, config.yaml,
 ``tokenizer/`` export, ``history.jsonl``: the logged values, written by the trainer under either launcher),
 ``train_record.json`` (training wall time, resumed or not), ``code_counts.json`` (evaluation bincount) and
-``result.json``. A run whose export and result.json exist is reused; a run with checkpoints but no export
+``result.json``. A run holds ``<run>.lock`` beside its folder while it trains, is evaluated and runs its second
+stage, so study processes started on one grid (one per core) share it out: a run another process holds is put
+last, then waited for and reused, never trained twice at once. A run whose export and result.json exist is reused; a run with checkpoints but no export
 is resumed with ``--resume latest``. Invalid combinations (FSQ without a levels table entry for K, LFQ
 with K not a power of two) are skipped with the reason printed.
 
@@ -115,6 +117,7 @@ from experiments.study.plots import (
 )
 from experiments.study.runs import (
     accelerate_command,
+    busy_ones_last,
     check_same_recipe,
     evaluate_run,
     export_config_format,
@@ -155,7 +158,7 @@ from experiments.study.tuning import (
 __all__ = ["BASELINE_COLUMNS", "CONVERGENCE_GAIN_DB", "DEFAULT_CONFIG", "EVALUATION_KEYS", "GENERATION_DEFAULTS",
            "GENERATION_KEYS", "HEADLINE_TABLE",
            "LAUNCHERS", "NOT_AGGREGATED", "PAPER_CLAIMS", "ROW_TABLE", "RUN_IDENTITY_KEYS", "RunSpec", "SHARPNESS_KEYS", "STUDY_KEYS",
-           "StudyConfig", "TABLE_COLUMNS", "accelerate_command", "aggregate_runs", "check_same_recipe", "claims_markdown",
+           "StudyConfig", "TABLE_COLUMNS", "accelerate_command", "busy_ones_last", "aggregate_runs", "check_same_recipe", "claims_markdown",
            "combination_problem", "config_files_for", "convergence_report", "data_dotlist", "generation_settings", "run_generation", "with_generation", "detect_collapse", "errorbars",
            "evaluate_run", "export_config_format", "first_label", "geometry_plots", "load_run_config",
            "load_study_config", "main", "make_plots", "markdown_summary", "markdown_table", "numeric_fields", "paper_claims",

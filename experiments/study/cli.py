@@ -15,7 +15,8 @@ from experiments.study.generation import generation_settings
 from experiments.study.history import LAST_QUARTER_FIELDS, convergence_report, detect_collapse, training_summary
 from experiments.study.plan import plan_runs
 from experiments.study.plots import make_plots, plot_curves
-from experiments.study.runs import run_one
+from common.files import lock_is_held
+from experiments.study.runs import busy_ones_last, run_one
 from experiments.study.tuning import given_choices, load_tuned, run_tuning, tuning_settings
 from experiments.study.tables import (
     HEADLINE_TABLE,
@@ -115,12 +116,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return report_curves(runs, output_dir)
     if args.finished_only:
         missing = [spec.name for spec in runs if not (spec.run_dir / "result.json").is_file()]
-        runs = [spec for spec in runs if spec.name not in missing]
-        print(f"[study] --finished-only: {len(runs)} finished run(s); not finished: {', '.join(missing) or 'none'}",
-              flush=True)
+        # a run another study process holds may be in its second stage: not finished, and never run twice at once
+        running = [spec.name for spec in runs if spec.name not in missing and lock_is_held(spec.run_dir)]
+        runs = [spec for spec in runs if spec.name not in missing + running]
+        print(f"[study] --finished-only: {len(runs)} finished run(s); not finished: {', '.join(missing) or 'none'}"
+              + (f"; running in another process: {', '.join(running)}" if running else ""), flush=True)
         if not runs:
             raise ValueError(f"--finished-only: no finished run in {output_dir}")
-    for spec in runs:
+    for spec in (runs if args.dry_run else busy_ones_last(runs, lambda spec: spec.run_dir)):
         result = run_one(spec, study, launcher, study.measure_memory and not args.no_memory, dry_run=args.dry_run)
         if result is not None:
             result["run_dir"] = str(spec.run_dir)
@@ -129,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             results.append(result)
     if args.dry_run:
         return []
+    planned_order = {spec.name: index for index, spec in enumerate(runs)}
+    results.sort(key=lambda result: planned_order[result["run"]])  # a run deferred by busy_ones_last back in place
     paths = write_merged(results, output_dir, skipped, study.collapse_fraction)
     plots = make_plots(results, output_dir)
     print(markdown_summary(aggregate_runs(results), study.collapse_fraction, HEADLINE_TABLE))

@@ -81,8 +81,23 @@ def errorbars(ax, rows: Sequence[dict], colours: dict, x_key: str, y_key: str, l
         for row, x, y in zip(points, xs, ys):
             ax.annotate(f"K{row['K']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if log_x:
-        ax.set_xscale("log", base=2)
+        log2_axis(ax)
     ax.grid(alpha=0.3)
+
+
+def log2_axis(ax) -> None:
+    """A log2 x axis whose ticks read as plain numbers (256, 1024, not 2^8); where the data span less than two
+    octaves (one K: every point between two powers of two, which would leave no labelled tick) the ticks at 1.25,
+    1.5 and 1.75 times each power of two are labelled too."""
+    from matplotlib import ticker
+
+    ax.set_xscale("log", base=2)
+    plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain)
+    low, high = ax.get_xlim()
+    if low > 0 and high / low < 4:
+        ax.xaxis.set_minor_locator(ticker.LogLocator(base=2, subs=(1.25, 1.5, 1.75)))
+        ax.xaxis.set_minor_formatter(plain)
 
 
 def plot_rate_distortion(plt, results: Sequence[dict], rows: Sequence[dict], colours: dict, path: Path) -> Path:

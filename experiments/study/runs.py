@@ -8,14 +8,14 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from omegaconf import OmegaConf
 
 from common.config import with_later_defaults
 from common.data import build_image_dataset
-from common.files import write_json
+from common.files import file_lock, lock_is_held, write_json
 from common.training import has_checkpoints, read_history
 from eval.classifier import classifier_dir, classifier_report, load_or_train_classifier
 from eval.fid import inception_weights_available
@@ -168,8 +168,36 @@ def check_same_recipe(spec: RunSpec, run_cfg) -> None:
                          f"choose another --output-dir or delete that folder")
 
 
+Item = TypeVar("Item")
+
+
+def busy_ones_last(items: Sequence[Item], run_dir_of: Callable[[Item], Path]) -> Iterator[Item]:
+    """``items`` in order, except that one whose run folder another process holds (``lock_is_held``, e.g. a second
+    study process given the same grid) goes back to the end of the queue, once: two processes started on one grid
+    share its runs out instead of queueing behind each other. A run still held when its turn comes again is waited
+    for (``run_one`` takes its lock) and then reused."""
+    queue, deferred = list(items), set()
+    while queue:
+        item = queue.pop(0)
+        run_dir = run_dir_of(item)
+        if queue and run_dir not in deferred and lock_is_held(run_dir):
+            deferred.add(run_dir)
+            print(f"[study] {run_dir.name} is running in another process: coming back to it after the others",
+                  flush=True)
+            queue.append(item)
+            continue
+        yield item
+
+
 def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bool, dry_run: bool = False) -> dict | None:
-    """Reuse, resume or train one run, then evaluate it; returns its result dict (None on a dry run)."""
+    """Reuse, resume or train one run, then evaluate it and run its second stage; returns its result dict (None on a
+    dry run). The whole of it holds ``file_lock(run_dir)``: a second process given the same run waits for it, then
+    reuses it, instead of training into the same folder at once."""
+    with file_lock(spec.run_dir, enabled=not dry_run):
+        return _run_one(spec, study, launcher, measure_memory, dry_run)
+
+
+def _run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bool, dry_run: bool) -> dict | None:
     result_path = spec.run_dir / "result.json"
     export = spec.run_dir / "tokenizer"
     run_cfg = load_run_config(spec)

@@ -141,7 +141,7 @@ def run_tuning(study: StudyConfig, settings: dict[str, Any], output_dir: Path, q
                dry_run: bool = False) -> dict[tuple[str, int], list[str]]:
     """Train / reuse every trial, score it on ``settings['split']``, write the trial tables; returns the chosen
     overrides per (quantizer, K)."""
-    from experiments.study.runs import run_one
+    from experiments.study.runs import busy_ones_last, run_one
 
     trial_study = copy.deepcopy(study)
     trial_study.generation = None  # a trial is scored on its reconstructions only
@@ -151,7 +151,7 @@ def run_tuning(study: StudyConfig, settings: dict[str, Any], output_dir: Path, q
     planned = plan_trials(study, settings, output_dir, quantizers, codebook_sizes, extra_overrides)
     print(f"[study] tuning: {len(planned)} trial(s) into {output_dir / 'tuning'}, seed {settings['seed']}, scored by "
           f"{metric} on split {settings['split']!r}", flush=True)
-    for spec, index, trial in planned:
+    for spec, index, trial in (planned if dry_run else busy_ones_last(planned, lambda item: item[0].run_dir)):
         print(f"[study] tuning trial {spec.run_dir.name}: {' '.join(trial) or 'the recipe'}", flush=True)
         record = {"quantizer": spec.quantizer, "K": spec.codebook_size, "trial": index, "overrides": trial,
                   "trial_overrides": settings["overrides"], "seed": settings["seed"], "split": settings["split"],
