@@ -64,7 +64,7 @@ from common.config import MIXED_PRECISION, load_config
 from common.data import DATASET_DEFAULTS, DataConfig, build_image_dataset
 from common.files import write_json
 from common.metrics import image_grid, to_uint8
-from common.training import has_checkpoints
+from common.training import has_checkpoints, resolve_mixed_precision
 from eval.classifier import ClassifierTrainConfig, classifier_dir, classifier_report, load_or_train_classifier
 from eval.fid import InceptionFeatureExtractor, InceptionWeightsUnavailable, resolve_inception_weights
 from eval.gen_fid import evaluate_generation, generate_samples
@@ -265,14 +265,18 @@ class Demo:
 
     def check_reusable(self, run_dir: Path) -> None:
         """A training export is reused only if it was trained with what this call asks of it: ValueError naming
-        each ``--train-seed`` / ``--mixed-precision`` that differs from the run's saved ``config.yaml``."""
+        each ``--train-seed`` / ``--mixed-precision`` that differs from the run's saved ``config.yaml``. Precisions
+        are compared as resolved on this machine (``resolve_mixed_precision``: "auto" is "no" without a bf16 CUDA
+        device), so a run trained with the recipe's auto is reused when fp32 is asked for and auto meant fp32."""
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             return
         trained = OmegaConf.load(saved).get("train", {})
         asked = {"seed": self.args.train_seed, "mixed_precision": self.args.mixed_precision}
+        same = {"seed": lambda a, b: a == b,
+                "mixed_precision": lambda a, b: a is not None and resolve_mixed_precision(a) == resolve_mixed_precision(b)}
         differ = [f"train.{key} {trained.get(key)!r} (asked: {value!r})" for key, value in asked.items()
-                  if value is not None and trained.get(key) != value]
+                  if value is not None and not same[key](trained.get(key), value)]
         if differ:
             raise ValueError(f"{run_dir} holds a run trained with {', '.join(differ)}: pass --force to retrain, or "
                              f"another --output-dir")

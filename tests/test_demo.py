@@ -158,3 +158,25 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     assert demo.default_threads() == 1
     monkeypatch.setattr(demo.os, "getloadavg", lambda: (11.0, 0.0, 0.0))
     assert demo.default_threads() == 1
+
+
+def test_a_reused_run_is_checked_by_the_precision_it_resolves_to(tmp_path, monkeypatch):
+    """A run trained with the recipe's "auto" is the fp32 run on a machine without a bf16 CUDA device: reused when
+    --mixed-precision no is asked, refused for bf16 (and refused for no where auto meant bf16)."""
+    from types import SimpleNamespace
+
+    OmegaConf.save(OmegaConf.create({"train": {"seed": 0, "mixed_precision": "auto"}}), tmp_path / "config.yaml")
+
+    def check(mixed_precision, train_seed=None):
+        demo.Demo.check_reusable(SimpleNamespace(args=SimpleNamespace(train_seed=train_seed,
+                                                                      mixed_precision=mixed_precision)), tmp_path)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check("no"), check("auto"), check(None, train_seed=0)
+    with pytest.raises(ValueError, match=r"train.mixed_precision 'auto' \(asked: 'bf16'\)"):
+        check("bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    check("bf16")
+    with pytest.raises(ValueError, match=r"train.mixed_precision 'auto' \(asked: 'no'\)"):
+        check("no")
