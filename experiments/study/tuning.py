@@ -173,7 +173,7 @@ def run_tuning(study: StudyConfig, settings: dict[str, Any], output_dir: Path, q
         return {}
     write_trials(output_dir, settings, records)  # failed trials too, before a pair whose trials all failed stops
     chosen = choose_trials(records, metric)
-    return {(q, K): trial_overrides(settings["trials"][q][index], K) for (q, K), index in chosen.items()}
+    return chosen_overrides(settings, chosen)
 
 
 def write_trials(output_dir: Path, settings: dict[str, Any], records: Sequence[dict]) -> list[dict]:
@@ -213,7 +213,7 @@ def load_tuned(output_dir: Path, settings: dict[str, Any], quantizers: Sequence[
         raise ValueError(f"{path} has no tuning trials for {missing} with the config's trials: run the study to "
                          f"tune them first")
     chosen = choose_trials(rows, settings["metric"])
-    return {(q, K): trial_overrides(settings["trials"][q][index], K) for (q, K), index in chosen.items()}
+    return chosen_overrides(settings, chosen)
 
 
 def given_choices(settings: dict[str, Any], given: Sequence[str], quantizers: Sequence[str],
@@ -237,8 +237,12 @@ def given_choices(settings: dict[str, Any], given: Sequence[str], quantizers: Se
     missing = [q for q in quantizers if q not in chosen]
     if missing:
         raise ValueError(f"--use-trials names no trial for {missing}: every planned quantizer needs one")
-    return {(q, int(K)): trial_overrides(settings["trials"][q][chosen[q]], int(K))
-            for q in quantizers for K in codebook_sizes}
+    return chosen_overrides(settings, {(q, int(K)): chosen[q] for q in quantizers for K in codebook_sizes})
+
+
+def chosen_overrides(settings: dict[str, Any], chosen: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]:
+    """{(quantizer, K): the overrides of its chosen trial index at that K} (``trial_overrides``)."""
+    return {(q, K): trial_overrides(settings["trials"][q][index], K) for (q, K), index in chosen.items()}
 
 
 def _still_configured(row: dict, settings: dict[str, Any]) -> bool:
