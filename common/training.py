@@ -110,6 +110,15 @@ def resolve_mixed_precision(value: str) -> str:
     return "no"
 
 
+def cpu_supports_bf16() -> bool:
+    """True when this CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX, oneDNN's own check), where
+    bf16 autocast makes convolutions faster instead of emulating them; False when it cannot be told."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "cosine", min_lr_ratio: float = 0.0) -> float:
     """Multiplier of the base LR at optimisation step s (0-based), W = warmup_steps, S = max_steps, r = min_lr_ratio:
 

@@ -180,3 +180,22 @@ def test_a_reused_run_is_checked_by_the_precision_it_resolves_to(tmp_path, monke
     check("bf16")
     with pytest.raises(ValueError, match=r"train.mixed_precision 'auto' \(asked: 'no'\)"):
         check("no")
+
+
+def test_the_demo_trains_in_bf16_by_default_only_on_a_cpu_with_native_bf16(monkeypatch):
+    monkeypatch.setattr(demo, "cpu_supports_bf16", lambda: True)
+    assert demo.default_precision(torch.device("cpu")) == "bf16"
+    assert demo.default_precision(torch.device("cuda")) is None  # the recipes' auto decides on a GPU
+    monkeypatch.setattr(demo, "cpu_supports_bf16", lambda: False)
+    assert demo.default_precision(torch.device("cpu")) is None
+    assert demo.parse_args([]).mixed_precision is None  # an explicit --mixed-precision always wins
+
+
+def test_cpu_bf16_support_is_read_from_onednn(monkeypatch):
+    from common import training
+
+    assert isinstance(training.cpu_supports_bf16(), bool)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert training.cpu_supports_bf16() is False
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert training.cpu_supports_bf16() is False
