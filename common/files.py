@@ -65,19 +65,22 @@ def file_lock(path: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    with FileLock(lock_file(path)):
+        yield
+
+
+def lock_file(path: str | os.PathLike) -> str:
+    """``<path>.lock``, the file behind ``file_lock(path)`` (its folder created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_name(f"{path.name}.lock"))):
-        yield
+    return str(path.with_name(f"{path.name}.lock"))
 
 
 def lock_is_held(path: str | os.PathLike) -> bool:
     """True when another process holds ``file_lock(path)`` at this moment (a probe: the lock is taken without
     waiting and released at once, so the answer may be stale the next moment; callers still take ``file_lock``
     before they touch what it guards). Never call it on a lock this process holds: the probe would see it held."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    probe = FileLock(str(path.with_name(f"{path.name}.lock")))
+    probe = FileLock(lock_file(path))
     try:
         probe.acquire(timeout=0)
     except Timeout:

@@ -273,10 +273,9 @@ class Demo:
             return
         trained = OmegaConf.load(saved).get("train", {})
         asked = {"seed": self.args.train_seed, "mixed_precision": self.args.mixed_precision}
-        same = {"seed": lambda a, b: a == b,
-                "mixed_precision": lambda a, b: a is not None and resolve_mixed_precision(a) == resolve_mixed_precision(b)}
+        resolved = {"seed": lambda value: value, "mixed_precision": resolve_mixed_precision}
         differ = [f"train.{key} {trained.get(key)!r} (asked: {value!r})" for key, value in asked.items()
-                  if value is not None and not same[key](trained.get(key), value)]
+                  if value is not None and resolved[key](trained.get(key)) != resolved[key](value)]
         if differ:
             raise ValueError(f"{run_dir} holds a run trained with {', '.join(differ)}: pass --force to retrain, "
                              f"another --output-dir, or the run's own --mixed-precision / --train-seed to reuse it")

@@ -9,13 +9,13 @@ from typing import Sequence
 import torch
 
 from common.cli import config_help, parse_command_line
+from common.files import lock_is_held
 from common.training import read_history
 from experiments.study.config import DEFAULT_CONFIG, LAUNCHERS, load_study_config
 from experiments.study.generation import generation_settings
 from experiments.study.history import LAST_QUARTER_FIELDS, convergence_report, detect_collapse, training_summary
 from experiments.study.plan import plan_runs
 from experiments.study.plots import make_plots, plot_curves
-from common.files import lock_is_held
 from experiments.study.runs import busy_ones_last, run_one
 from experiments.study.tuning import given_choices, load_tuned, run_tuning, tuning_settings
 from experiments.study.tables import (
