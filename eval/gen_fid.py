@@ -105,6 +105,7 @@ def generate_samples(
     feature_extractor=None,
     keep_images: bool = True,
     progress: bool = False,
+    keep_tokens: bool = False,
 ) -> dict[str, Any]:
     """Generate this process's share of the N samples (module docstring for labels, seeds, sharding).
 
@@ -112,6 +113,7 @@ def generate_samples(
     "pool": float32 [n, 2048] or None, "logits": float32 [n, 1008] or None}`` for the global sample
     indices this process owns. With ``feature_extractor`` (``eval.fid.InceptionFeatureExtractor``)
     Inception features are computed batch by batch; ``keep_images=False`` then drops the pixels.
+    ``keep_tokens=True`` adds ``"tokens"``: the sampled token grids int64 [n, h, w] the images were decoded from.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -122,7 +124,15 @@ def generate_samples(
     labels_all = balanced_class_labels(num_samples, classes)
     num_batches = -(-int(num_samples) // batch_size)
     generator_device = torch.device(generator_device) if generator_device is not None else pipeline.device
-    indices, labels, images, pools, logits = [], [], [], [], []
+    indices, labels, images, pools, logits, tokens = [], [], [], [], [], []
+    step_tokens: dict[str, torch.Tensor] = {}
+
+    def record_tokens(pipe, step_index, timestep, callback_kwargs):  # the last step's are the sampled grids
+        step_tokens["tokens"] = callback_kwargs["tokens"].detach().clone()
+        return {}
+
+    callback = {"callback_on_step_end": record_tokens, "callback_on_step_end_tensor_inputs": ["tokens"]} \
+        if keep_tokens else {}
     my_batches = shard_batches(num_batches, rank, world_size)
     iterator = my_batches
     if progress:
@@ -132,8 +142,11 @@ def generate_samples(
         batch_labels = labels_all[start:stop]
         generator = torch.Generator(device=generator_device).manual_seed(batch_seed(seed, b))
         out = pipeline(batch_labels, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       temperature=temperature, generator=generator, output_type="pt", top_k=top_k, top_p=top_p)
+                       temperature=temperature, generator=generator, output_type="pt", top_k=top_k, top_p=top_p,
+                       **callback)
         batch_u8 = to_uint8(out.images * 2.0 - 1.0).cpu()  # [0, 1] -> [-1, 1] -> uint8 (one conversion rule)
+        if keep_tokens:
+            tokens.append(step_tokens.pop("tokens").view(len(batch_labels), *pipeline.grid_size).long().cpu())
         indices.append(torch.arange(start, stop))
         labels.append(batch_labels)
         if feature_extractor is not None:
@@ -149,6 +162,8 @@ def generate_samples(
         "images": torch.cat(images) if images else (torch.zeros(0, 3, h, w, dtype=torch.uint8) if keep_images else None),
         "pool": torch.cat(pools) if pools else None,
         "logits": torch.cat(logits) if logits else None,
+        **({"tokens": torch.cat(tokens) if tokens else torch.zeros(0, *pipeline.grid_size, dtype=torch.int64)}
+           if keep_tokens else {}),
     }
 
 

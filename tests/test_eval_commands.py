@@ -187,6 +187,16 @@ def test_sharded_generation_equals_single_process(pipeline_dir):
     other_seed = gen_fid.generate_samples(pipe, **{**kwargs, "seed": 5})
     assert not torch.equal(other_seed["images"], single["images"])
 
+    # keep_tokens: the grids the images were decoded from, with the same images and no undecided position
+    with_tokens = gen_fid.generate_samples(pipe, keep_tokens=True, **kwargs)
+    assert "tokens" not in single and torch.equal(with_tokens["images"], single["images"])
+    tokens = with_tokens["tokens"]
+    assert tokens.shape == (10, *pipe.grid_size) and tokens.dtype == torch.int64
+    assert 0 <= tokens.min() and tokens.max() < pipe.tokenizer.codebook_size
+    with torch.no_grad():
+        decoded = gen_fid.to_uint8(pipe.tokenizer.decode(tokens[:3]).clamp(-1, 1))
+    assert (decoded.int() - single["images"][:3].int()).abs().max() <= 1  # one rounding apart at most
+
 
 def test_gen_fid_command_references_and_outputs(tmp_path, pipeline_dir, inception_weights_path):
     common = ["--pipeline", pipeline_dir, "--num-samples", "8", "--batch-size", "4", "--num-inference-steps", "3",

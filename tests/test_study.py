@@ -419,6 +419,7 @@ def test_second_stage_trains_a_prior_per_run_scores_its_samples_and_reports_fail
         assert 0.0 <= stage["classifier_accuracy"] <= 1.0 and stage["classifier_fd"] >= 0.0
         assert math.isfinite(stage["prior_final_loss"]) and stage["prior_steps"] == 3
         assert stage["samples_per_second"] > 0
+        assert 0.0 <= stage["sampled_unused_code_share"] <= 1.0 and 1 <= stage["sampled_active_codes"] <= 256
         saved = json.loads((out / "runs" / name / "result.json").read_text())["generation"]
         assert saved["classifier_accuracy"] == stage["classifier_accuracy"]
         meta = json.loads((out / "runs" / name / "generation" / "tokens" / "meta.json").read_text())
@@ -455,6 +456,19 @@ def test_second_stage_trains_a_prior_per_run_scores_its_samples_and_reports_fail
     assert failed["generation"]["status"] == "failed" and "no_such_key" in failed["generation"]["error"]
     assert math.isfinite(failed["psnr"])
     assert "Second stage failed (see each run's result.json): fsq_K256_s0" in (other / "results.md").read_text()
+
+
+def test_unused_code_share_counts_sampled_tokens_of_codes_absent_from_the_train_tokens(tmp_path):
+    import torch
+
+    from experiments.study.generation import unused_code_share
+    from prior.tokens import save_token_directory
+
+    train = torch.tensor([[[0, 1], [1, 2]], [[2, 2], [0, 0]]])  # codes 0-2 used, 3-7 never
+    save_token_directory(tmp_path, train, torch.tensor([0, 1]), codebook_size=8)
+    sampled = torch.tensor([[[0, 3], [1, 7]], [[2, 2], [2, 0]]])  # 2 of 8 sampled tokens from unused codes
+    assert unused_code_share(sampled, tmp_path) == (0.25, 5)
+    assert unused_code_share(train, tmp_path) == (0.0, 3)
 
 
 def test_generation_settings_fill_defaults_and_name_bad_keys(tmp_path):

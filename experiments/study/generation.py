@@ -85,17 +85,57 @@ def real_images_u8(dataset) -> torch.Tensor:
     return to_uint8(torch.stack([dataset[i][0] for i in range(len(dataset))]))
 
 
+def stage_tokens(run_dir: Path, data_cfg, pruned: bool = False) -> tuple[Path, Path]:
+    """(tokenizer, tokens) of a run's stage, made where missing: the run's tokenizer (for ``pruned``, its codebook
+    cut to the codes it uses on the train split, ``tokenizer.prune``, saved in ``<run>/<stage>/tokenizer``) and its
+    train-split token grids (``prior.extract``, unflipped, in ``<run>/<stage>/tokens``)."""
+    from prior.extract import main as extract_main
+    from tokenizer.prune import main as prune_main
+
+    source_dir = stage_folder(run_dir, pruned)
+    source_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = run_dir / "tokenizer"
+    data_args = data_dotlist(data_cfg)
+    if pruned:
+        pruned_tokenizer = source_dir / "tokenizer"
+        if not (pruned_tokenizer / "config.json").is_file():
+            prune_main([f"tokenizer={tokenizer}", f"output={pruned_tokenizer}", "split=train", "overwrite=true",
+                        *data_args])
+        tokenizer = pruned_tokenizer
+    tokens = source_dir / "tokens"
+    if not (tokens / "meta.json").is_file():
+        extract_main([f"tokenizer={tokenizer}", f"output={tokens}", "split=train", "flip=false", *data_args])
+    return tokenizer, tokens
+
+
+def unused_code_share(sampled: torch.Tensor, tokens_dir: Path) -> tuple[float, int]:
+    """(share of the sampled tokens whose code never occurs in the prior's train tokens, distinct codes sampled):
+    share = (1 / N) sum_n [count_train(z_n) = 0] over the N sampled tokens z_n. A prior that learnt its data never
+    samples a code it was not shown; a large share points at dead codes reaching the samples."""
+    import numpy as np
+
+    from prior.tokens import read_meta
+
+    train_counts = np.bincount(np.load(Path(tokens_dir) / "tokens.npy").reshape(-1).astype(np.int64),
+                               minlength=int(read_meta(tokens_dir)["codebook_size"]))
+    codes = sampled.reshape(-1).numpy()
+    return float((train_counts[codes] == 0).mean()) if codes.size else 0.0, int(np.unique(codes).size)
+
+
 def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any], classifier, pruned: bool = False,
-                   device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The second stage of one run (module docstring); returns and writes ``<run>/<stage>/generation.json``."""
+                   device: str | torch.device = "cpu", stage_dir: Path | None = None) -> dict[str, Any]:
+    """The second stage of one run (module docstring); returns and writes ``<stage_dir>/generation.json``.
+
+    ``stage_dir`` (default ``<run>/<stage>``) holds the prior, its settings and its result; the tokens (and the
+    pruned tokenizer) always live in ``<run>/<stage>``: they depend on the tokenizer and the data only, so another
+    prior recipe on the same run (experiments.study.prior_budget) reuses them."""
     from eval.classifier import classifier_report
     from eval.gen_fid import generate_samples
     from pipelines.assemble import build_pipeline
-    from prior.extract import main as extract_main
     from prior.train import main as train_prior
-    from tokenizer.prune import main as prune_main
 
-    stage_dir = stage_folder(run_dir, pruned)
+    source_dir = stage_folder(run_dir, pruned)
+    stage_dir = source_dir if stage_dir is None else Path(stage_dir)
     result_path = stage_dir / RESULT_FILE
     if result_path.is_file():
         previous = json.loads(result_path.read_text())
@@ -103,17 +143,7 @@ def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any],
             return previous
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json(stage_dir / SETTINGS_FILE, settings)
-    tokenizer = run_dir / "tokenizer"
-    data_args = data_dotlist(data_cfg)
-    if pruned:
-        pruned_tokenizer = stage_dir / "tokenizer"
-        if not (pruned_tokenizer / "config.json").is_file():
-            prune_main([f"tokenizer={tokenizer}", f"output={pruned_tokenizer}", "split=train", "overwrite=true",
-                        *data_args])
-        tokenizer = pruned_tokenizer
-    tokens = stage_dir / "tokens"
-    if not (tokens / "meta.json").is_file():
-        extract_main([f"tokenizer={tokenizer}", f"output={tokens}", "split=train", "flip=false", *data_args])
+    tokenizer, tokens = stage_tokens(run_dir, data_cfg, pruned)
 
     prior_dir = stage_dir / "prior_run"
     prior_config = str(resolve_config_path(settings["prior_config"]))
@@ -131,8 +161,9 @@ def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any],
     samples = generate_samples(pipeline, settings["num_samples"], batch_size=settings["batch_size"],
                                num_inference_steps=settings["num_inference_steps"],
                                guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
-                               seed=settings["seed"], generator_device="cpu", keep_images=True)
+                               seed=settings["seed"], generator_device="cpu", keep_images=True, keep_tokens=True)
     seconds = time.perf_counter() - start
+    unused_share, sampled_codes = unused_code_share(samples["tokens"], tokens)
     real_val = real_images_u8(build_image_dataset(data_cfg, "val"))
     figures = classifier_report(*classifier, samples["images"], samples["labels"], real_val, device=device)
     result = {
@@ -142,6 +173,7 @@ def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any],
         "classifier_kid_mean": figures["classifier_kid_mean"], "classifier_fd_name": figures["classifier_fd_name"],
         "prior_final_loss": history[-1]["loss"] if history else None,
         "prior_steps": history[-1]["step"] if history else None,
+        "sampled_unused_code_share": unused_share, "sampled_active_codes": sampled_codes,
         "sampling_seconds": seconds, "samples_per_second": settings["num_samples"] / max(seconds, 1e-9),
         "num_samples": settings["num_samples"],
         "protocol": {"prior_config": settings["prior_config"], "prior_argv": argv, "tokens": str(tokens),

@@ -47,6 +47,7 @@ GENERATION_TABLE = (("generation/classifier_accuracy", "samples classified", "{:
                     ("generation/classifier_fd", "sample FD (classifier)", "{:.1f}"),
                     ("generation/prior_final_loss", "prior final loss", "{:.3f}"),
                     ("generation/samples_per_second", "samples/s", "{:.1f}"),
+                    ("generation/sampled_unused_code_share", "sampled tokens of unused codes", "{:.4f}"),
                     ("generation_pruned/codebook_size", "pruned K", "{:.0f}"),
                     ("generation_pruned/classifier_accuracy", "pruned: samples classified", "{:.3f}"),
                     ("generation_pruned/classifier_fd", "pruned: sample FD", "{:.1f}"),

@@ -1,0 +1,206 @@
+"""How many steps does the study's second-stage prior need? (``python -m experiments.study.prior_budget``)
+
+The study's second stage (experiments.study.generation) trains the same prior recipe on every run's tokens. Its
+sample figures rank tokenizers only if that recipe has converged, so this command trains the recipe again on the
+tokens of finished study runs at more steps (``train.max_steps=N``, the cosine over the longer run; nothing else
+changes: same tokens, seed, sampler settings, classifier) and tabulates the samples against the budget:
+
+    python -m experiments.study.prior_budget --study-dir outputs/study_6000 \\
+        --runs vq_K1024_s0 lgq_K1024_s0 --steps 1100 2200 4400 [--pruned] [--threads 1]
+
+Each (run, codebook, N) is one folder ``<study-dir>/prior_budget/<run>/<full|pruned>_steps<N>/`` with the prior
+run and its ``generation.json`` (resumable: an interrupted prior resumes, a finished one is reused); the budget the
+run's own second stage used is not trained again but read from the run's ``result.json``. The tokens (and the pruned
+tokenizer) are the run's own (``<run>/generation*/tokens``), made there if missing.
+
+Converged (the criterion the table states): a budget N is converged when doubling it changes the share of samples
+classified as their class by less than ``ACCURACY_TOLERANCE`` and lowers the samples' FD by less than
+``FD_TOLERANCE`` (absolute; the spread of FD-glyphs over tokenizer seeds at one budget is ~1.4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from common.config import load_config
+from common.files import file_lock, write_bytes_atomic, write_json
+from experiments.study.generation import run_generation, stage_tokens
+from experiments.study.runs import study_classifier
+from tokenizer.config import TokenizerRunConfig
+
+ACCURACY_TOLERANCE = 0.01  # share of samples classified as their class
+FD_TOLERANCE = 1.0  # FD of the samples' classifier features against real val
+BUDGET_FOLDER = "prior_budget"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.study.prior_budget", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study-dir", required=True, type=Path, help="a study's --output-dir (holds runs/)")
+    parser.add_argument("--runs", nargs="+", required=True, help="run names under <study-dir>/runs, e.g. vq_K1024_s0")
+    parser.add_argument("--steps", nargs="+", required=True, type=int, help="prior budgets (train.max_steps)")
+    parser.add_argument("--pruned", action="store_true", help="the prior on the codebook pruned to its used codes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 per process on a shared CPU)")
+    return parser.parse_args(argv)
+
+
+def budget_folder(study_dir: Path, run: str, pruned: bool, steps: int) -> Path:
+    return study_dir / BUDGET_FOLDER / run / f"{'pruned' if pruned else 'full'}_steps{steps}"
+
+
+def recipe_steps(settings: dict[str, Any]) -> int:
+    """train.max_steps of the second stage's prior: its config file, then its overrides (the last one wins)."""
+    from common.cli import resolve_config_path
+
+    steps = OmegaConf.load(resolve_config_path(settings["prior_config"])).train.max_steps
+    for item in settings["overrides"]:
+        key, _, value = str(item).partition("=")
+        if key == "train.max_steps":
+            steps = int(value)
+    return int(steps)
+
+
+def with_steps(settings: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The second stage's settings with the prior trained for ``steps`` (any earlier max_steps override dropped)."""
+    overrides = [item for item in settings["overrides"] if not str(item).startswith("train.max_steps=")]
+    return {**settings, "overrides": [*overrides, f"train.max_steps={steps}"]}
+
+
+def check_prior_steps(stage_dir: Path, steps: int) -> None:
+    """Refuse a prior folder trained (or being trained) for another number of steps."""
+    config = stage_dir / "prior_run" / "config.yaml"
+    if config.is_file():
+        found = OmegaConf.load(config).train.max_steps
+        if int(found) != steps:
+            raise ValueError(f"{config.parent} is a prior of train.max_steps={found}, not {steps}; delete it or "
+                             f"choose another --study-dir")
+
+
+def load_run(study_dir: Path, run: str) -> tuple[Path, dict[str, Any], Any]:
+    """(run folder, its result.json, its tokenizer run config); a clear error for a missing or unfinished run."""
+    run_dir = study_dir / "runs" / run
+    result_path = run_dir / "result.json"
+    if not result_path.is_file() or not (run_dir / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a finished study run (no result.json or tokenizer/); run the "
+                                f"study first")
+    return run_dir, json.loads(result_path.read_text()), load_config(TokenizerRunConfig, [run_dir / "config.yaml"], [])
+
+
+def budget_row(run: str, pruned: bool, steps: int, generation: dict[str, Any], source: str) -> dict[str, Any]:
+    return {"run": run, "codebook": "pruned" if pruned else "full", "prior_steps": steps,
+            "status": generation.get("status"), "error": generation.get("error"),
+            "codebook_size": generation.get("codebook_size"),
+            "classifier_accuracy": generation.get("classifier_accuracy"),
+            "classifier_fd": generation.get("classifier_fd"),
+            "prior_final_loss": generation.get("prior_final_loss"),
+            "sampled_unused_code_share": generation.get("sampled_unused_code_share"),
+            "sampling_seconds": generation.get("sampling_seconds"), "source": source}
+
+
+def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str], int | None]:
+    """Per (run, codebook): the smallest measured N whose doubling 2N (also measured) gains less than the
+    tolerances (module docstring); None when no measured pair shows it."""
+    found: dict[tuple[str, str], int | None] = {}
+    for key in sorted({(row["run"], row["codebook"]) for row in rows}):
+        by_steps = {row["prior_steps"]: row for row in rows
+                    if (row["run"], row["codebook"]) == key and row["status"] == "ok"}
+        found[key] = None
+        for steps in sorted(by_steps):
+            longer = by_steps.get(2 * steps)
+            if longer is None:
+                continue
+            accuracy_gain = longer["classifier_accuracy"] - by_steps[steps]["classifier_accuracy"]
+            fd_drop = by_steps[steps]["classifier_fd"] - longer["classifier_fd"]
+            if abs(accuracy_gain) < ACCURACY_TOLERANCE and fd_drop < FD_TOLERANCE:
+                found[key] = steps
+                break
+    return found
+
+
+def budget_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of every (run, codebook, N) with the converged budget per (run, codebook)."""
+    converged = converged_budgets(rows)
+    lines = ["| run | codebook | prior steps | K | samples classified | sample FD | prior final loss | "
+             "sampled tokens of unused codes | sampling s | converged at |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["run"], r["codebook"], r["prior_steps"])):
+        if row["status"] != "ok":
+            lines.append(f"| {row['run']} | {row['codebook']} | {row['prior_steps']} | - | failed: {row['error']} "
+                         f"| - | - | - | - | - |")
+            continue
+        budget = converged[(row["run"], row["codebook"])]
+        share = row.get("sampled_unused_code_share")
+        unused = "n/a" if share is None else f"{share:.4f}"  # n/a: a stage made before the share was recorded
+        lines.append(f"| {row['run']} | {row['codebook']} | {row['prior_steps']} | {row['codebook_size']} | "
+                     f"{row['classifier_accuracy']:.3f} | {row['classifier_fd']:.1f} | "
+                     f"{row['prior_final_loss']:.2f} | {unused} | {row['sampling_seconds']:.0f} | "
+                     f"{budget if budget is not None else 'not shown'} |")
+    lines.append("")
+    lines.append(f"Converged at N: doubling N changes the share classified by < {ACCURACY_TOLERANCE} and lowers the "
+                 f"sample FD by < {FD_TOLERANCE}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    bad = [steps for steps in args.steps if steps < 1]
+    if bad:
+        raise ValueError(f"--steps must be >= 1, got {bad}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for run in args.runs:
+        run_dir, result, run_cfg = load_run(args.study_dir, run)
+        key = "generation_pruned" if args.pruned else "generation"
+        recorded = result.get(key) or {}
+        if "settings" not in recorded:
+            raise ValueError(f"{run} has no {key} stage in its result.json: the budgets are measured against the "
+                             f"study's own second stage, so run the study (with its generation settings) first")
+        settings = recorded["settings"]
+        classifier = study_classifier(args.study_dir, run_cfg.data, device)
+        if classifier is None:
+            raise ValueError(f"{run}: the samples are scored by the data set's classifier, and "
+                             f"{run_cfg.data.name!r} has fewer than 2 classes")
+        with file_lock(run_dir):  # the tokens are the run's: made once, whoever asks first
+            stage_tokens(run_dir, run_cfg.data, args.pruned)
+        for steps in args.steps:
+            if recorded.get("status") == "ok" and recipe_steps(settings) == steps:
+                rows.append(budget_row(run, args.pruned, steps, recorded, f"{run}/result.json ({key})"))
+                continue
+            stage_dir = budget_folder(args.study_dir, run, args.pruned, steps)
+            with file_lock(stage_dir):
+                check_prior_steps(stage_dir, steps)
+                print(f"[prior_budget] {run} ({'pruned' if args.pruned else 'full'} codebook): prior of {steps} "
+                      f"steps", flush=True)
+                try:
+                    generation = run_generation(run_dir, int(result["seed"]), run_cfg.data, with_steps(settings, steps),
+                                                classifier, pruned=args.pruned, device=device, stage_dir=stage_dir)
+                except Exception as err:  # reported as failed in the table, never dropped
+                    import traceback
+
+                    traceback.print_exc()
+                    generation = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+            rows.append(budget_row(run, args.pruned, steps, generation, str(stage_dir / "generation.json")))
+    print(budget_table(rows))
+    results = args.study_dir / BUDGET_FOLDER / "results.json"
+    with file_lock(results):  # two processes on other runs or budgets share the table
+        everything = merged_rows(results, rows)
+        write_json(results, everything)
+        write_bytes_atomic(results.with_suffix(".md"), budget_table(everything).encode())
+    return rows
+
+
+def merged_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This call's rows over the rows an earlier call wrote to ``path`` (keyed by run, codebook and steps)."""
+    earlier = json.loads(path.read_text()) if path.is_file() else []
+    merged = {(row["run"], row["codebook"], row["prior_steps"]): row for row in [*earlier, *rows]}
+    return [merged[key] for key in sorted(merged)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""experiments.study.prior_budget: the study's second-stage prior again at other budgets, on a tiny finished study."""
+import json
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+from common.training import read_history
+from experiments import study
+from experiments.study import prior_budget
+from test_study import PRIOR_OVERRIDES, TINY_PRIOR, write_study  # tests/test_study.py
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """One LGQ run (K = 256) with its second stage, full and pruned: a prior of 3 steps (the recipe)."""
+    tmp_path = tmp_path_factory.mktemp("budget")
+    generation = {"prior_config": str(TINY_PRIOR), "overrides": PRIOR_OVERRIDES, "num_samples": 8, "batch_size": 4,
+                  "num_inference_steps": 2, "guidance_scale": 2.0, "prune": ["lgq"]}
+    config = write_study(tmp_path, quantizers=["lgq"], codebook_sizes=[256], generation=generation)
+    out = tmp_path / "out"
+    (result,) = study.main(["--config", str(config), "--output-dir", str(out), "--no-memory"])
+    return out, result
+
+
+@pytest.mark.slow
+def test_budgets_reuse_the_recipes_stage_and_the_runs_tokens_train_longer_priors_and_resume(finished_study, capsys):
+    out, result = finished_study
+    run_dir = out / "runs" / "lgq_K256_s0"
+    tokens_meta = run_dir / "generation" / "tokens" / "meta.json"
+    tokens_stamp = tokens_meta.stat().st_mtime_ns
+
+    rows = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "3", "6"])
+    by_steps = {row["prior_steps"]: row for row in rows}
+    # the recipe's budget (3 steps) is the run's own second stage, read back and not trained again
+    assert by_steps[3]["classifier_accuracy"] == result["generation"]["classifier_accuracy"]
+    assert by_steps[3]["source"].endswith("result.json (generation)")
+    assert not prior_budget.budget_folder(out, "lgq_K256_s0", False, 3).exists()
+    # the longer budget: a prior of 6 steps on the run's own tokens (not extracted again), same sampler settings
+    stage = prior_budget.budget_folder(out, "lgq_K256_s0", False, 6)
+    assert by_steps[6]["status"] == "ok" and 0.0 <= by_steps[6]["classifier_accuracy"] <= 1.0
+    assert 0.0 <= json.loads((stage / "generation.json").read_text())["sampled_unused_code_share"] <= 1.0
+    assert [row["step"] for row in read_history(stage / "prior_run") if "loss" in row][-1] == 6
+    assert OmegaConf.load(stage / "prior_run" / "config.yaml").train.max_steps == 6
+    assert OmegaConf.load(stage / "prior_run" / "config.yaml").data.tokens == str(tokens_meta.parent)
+    assert tokens_meta.stat().st_mtime_ns == tokens_stamp and not (stage / "tokens").exists()
+    generation = json.loads((stage / "generation.json").read_text())
+    assert generation["prior_steps"] == 6 and generation["settings"]["overrides"][-1] == "train.max_steps=6"
+    assert {k: v for k, v in generation["settings"].items() if k != "overrides"} == \
+        {k: v for k, v in result["generation"]["settings"].items() if k != "overrides"}
+    table = (out / "prior_budget" / "results.md").read_text()
+    assert "| lgq_K256_s0 | full | 6 | 256 |" in table and "Converged at N" in table
+
+    # the pruned codebook in another call: its rows join the table, the full ones stay
+    pruned = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "6", "--pruned"])
+    assert pruned[0]["codebook_size"] == result["generation_pruned"]["codebook_size"]
+    saved = json.loads((out / "prior_budget" / "results.json").read_text())
+    assert {(row["codebook"], row["prior_steps"]) for row in saved} == {("full", 3), ("full", 6), ("pruned", 6)}
+
+    # a second call reuses the finished prior: nothing trained again, same figures
+    stamps = {p: p.stat().st_mtime_ns for p in (stage / "prior_run" / "prior").iterdir()}
+    capsys.readouterr()
+    again = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "6"])
+    assert again[0]["classifier_accuracy"] == by_steps[6]["classifier_accuracy"]
+    assert {p: p.stat().st_mtime_ns for p in (stage / "prior_run" / "prior").iterdir()} == stamps
+
+    # a prior folder trained for another budget is refused with both budgets named
+    wrong = prior_budget.budget_folder(out, "lgq_K256_s0", False, 9)
+    shutil.copytree(stage, wrong)
+    (wrong / "generation.json").unlink()
+    with pytest.raises(ValueError, match=r"prior of train.max_steps=6, not 9"):
+        prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "9"])
+
+
+def test_a_missing_run_or_a_run_without_its_second_stage_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a finished study run"):
+        prior_budget.main(["--study-dir", str(tmp_path), "--runs", "vq_K1024_s0", "--steps", "100"])
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        prior_budget.main(["--study-dir", str(tmp_path), "--runs", "vq_K1024_s0", "--steps", "0"])
+
+
+def test_the_budget_of_the_recipe_and_the_longer_budgets_overrides():
+    settings = {"prior_config": str(TINY_PRIOR), "overrides": ["train.tracker=none", "train.max_steps=3"]}
+    assert prior_budget.recipe_steps(settings) == 3
+    assert prior_budget.recipe_steps({**settings, "overrides": []}) == OmegaConf.load(TINY_PRIOR).train.max_steps
+    longer = prior_budget.with_steps(settings, 12)
+    assert longer["overrides"] == ["train.tracker=none", "train.max_steps=12"]
+    assert prior_budget.recipe_steps(longer) == 12
+
+
+def row(steps, accuracy, fd, run="vq_K1024_s0", status="ok"):
+    return {"run": run, "codebook": "full", "prior_steps": steps, "status": status, "classifier_accuracy": accuracy,
+            "classifier_fd": fd, "prior_final_loss": 4.0, "sampling_seconds": 1.0, "codebook_size": 1024,
+            "error": None if status == "ok" else "RuntimeError: x"}
+
+
+def test_converged_is_the_smallest_budget_whose_doubling_no_longer_helps():
+    """VQ's measured case: 1100 -> 2200 gains 0.51 (not converged); 2200 -> 4400 within the tolerances."""
+    rows = [row(1100, 0.473, 50.7), row(2200, 0.986, 1.7), row(4400, 0.989, 1.5)]
+    assert prior_budget.converged_budgets(rows) == {("vq_K1024_s0", "full"): 2200}
+    # the sample FD still falling by more than its tolerance: not converged, whatever the accuracy
+    assert prior_budget.converged_budgets([row(2200, 0.986, 4.0), row(4400, 0.989, 1.5)]) == \
+        {("vq_K1024_s0", "full"): None}
+    # no doubling measured, or the longer one failed: not shown
+    assert prior_budget.converged_budgets([row(1100, 0.9, 2.0), row(3000, 0.9, 2.0)])[("vq_K1024_s0", "full")] is None
+    failed = [row(2200, 0.986, 1.7), row(4400, None, None, status="failed")]
+    assert prior_budget.converged_budgets(failed)[("vq_K1024_s0", "full")] is None
+    table = prior_budget.budget_table(failed)
+    assert "| vq_K1024_s0 | full | 4400 | - | failed: RuntimeError: x |" in table and "not shown" in table
+    assert "| vq_K1024_s0 | full | 2200 | 1024 | 0.986 | 1.7 | 4.00 | n/a |" in table  # a share not recorded
