@@ -110,3 +110,17 @@ def test_converged_is_the_smallest_budget_whose_doubling_no_longer_helps():
     table = prior_budget.budget_table(failed)
     assert "| vq_K1024_s0 | full | 4400 | - | failed: RuntimeError: x |" in table and "not shown" in table
     assert "| vq_K1024_s0 | full | 2200 | 1024 | 0.986 | 1.7 | 4.00 | n/a |" in table  # a share not recorded
+
+
+@pytest.mark.slow
+def test_a_budget_that_fails_is_reported_as_failed_not_dropped(finished_study, monkeypatch):
+    out, _ = finished_study
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("prior diverged")
+
+    monkeypatch.setattr(prior_budget, "run_generation", broken)
+    (failed,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "5"])
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: prior diverged"
+    assert "| lgq_K256_s0 | full | 5 | - | failed: RuntimeError: prior diverged |" in \
+        (out / "prior_budget" / "results.md").read_text()

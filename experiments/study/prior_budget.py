@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +30,7 @@ from omegaconf import OmegaConf
 
 from common.config import load_config
 from common.files import file_lock, write_bytes_atomic, write_json
-from experiments.study.generation import run_generation, stage_tokens
+from experiments.study.generation import failed_generation, run_generation, stage_tokens
 from experiments.study.runs import study_classifier
 from tokenizer.config import TokenizerRunConfig
 
@@ -177,14 +178,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 check_prior_steps(stage_dir, steps)
                 print(f"[prior_budget] {run} ({'pruned' if args.pruned else 'full'} codebook): prior of {steps} "
                       f"steps", flush=True)
+                budget_settings = with_steps(settings, steps)
                 try:
-                    generation = run_generation(run_dir, int(result["seed"]), run_cfg.data, with_steps(settings, steps),
+                    generation = run_generation(run_dir, int(result["seed"]), run_cfg.data, budget_settings,
                                                 classifier, pruned=args.pruned, device=device, stage_dir=stage_dir)
                 except Exception as err:  # reported as failed in the table, never dropped
-                    import traceback
-
                     traceback.print_exc()
-                    generation = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+                    generation = failed_generation(err, budget_settings, args.pruned)
             rows.append(budget_row(run, args.pruned, steps, generation, str(stage_dir / "generation.json")))
     print(budget_table(rows))
     results = args.study_dir / BUDGET_FOLDER / "results.json"
