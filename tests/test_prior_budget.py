@@ -51,13 +51,24 @@ def test_budgets_reuse_the_recipes_stage_and_the_runs_tokens_train_longer_priors
     assert {k: v for k, v in generation["settings"].items() if k != "overrides"} == \
         {k: v for k, v in result["generation"]["settings"].items() if k != "overrides"}
     table = (out / "prior_budget" / "results.md").read_text()
-    assert "| lgq_K256_s0 | full | 6 | 256 |" in table and "Converged at N" in table
+    assert "| lgq_K256_s0 | full | 0 | 6 | 256 |" in table and "Converged at N" in table
 
     # the pruned codebook in another call: its rows join the table, the full ones stay
     pruned = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "6", "--pruned"])
     assert pruned[0]["codebook_size"] == result["generation_pruned"]["codebook_size"]
     saved = json.loads((out / "prior_budget" / "results.json").read_text())
-    assert {(row["codebook"], row["prior_steps"]) for row in saved} == {("full", 3), ("full", 6), ("pruned", 6)}
+    assert {(row["codebook"], row["prior_seed"], row["prior_steps"]) for row in saved} == \
+        {("full", 0, 3), ("full", 0, 6), ("pruned", 0, 6)}
+
+    # another prior seed: its own folder and prior, even at the recipe's budget, and its own rows
+    (seeded,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "3",
+                                   "--prior-seed", "7"])
+    seeded_stage = prior_budget.budget_folder(out, "lgq_K256_s0", False, 3, prior_seed=7)
+    assert seeded["prior_seed"] == 7 and seeded["source"] == str(seeded_stage / "generation.json")
+    assert OmegaConf.load(seeded_stage / "prior_run" / "config.yaml").train.seed == 7
+    saved = json.loads((out / "prior_budget" / "results.json").read_text())
+    assert {(row["codebook"], row["prior_seed"], row["prior_steps"]) for row in saved} == \
+        {("full", 0, 3), ("full", 0, 6), ("pruned", 0, 6), ("full", 7, 3)}
 
     # a second call reuses the finished prior: nothing trained again, same figures
     stamps = {p: p.stat().st_mtime_ns for p in (stage / "prior_run" / "prior").iterdir()}
@@ -90,8 +101,8 @@ def test_the_budget_of_the_recipe_and_the_longer_budgets_overrides():
     assert prior_budget.recipe_steps(longer) == 12
 
 
-def row(steps, accuracy, fd, run="vq_K1024_s0", status="ok"):
-    return {"run": run, "codebook": "full", "prior_steps": steps, "status": status, "classifier_accuracy": accuracy,
+def row(steps, accuracy, fd, run="vq_K1024_s0", status="ok", prior_seed=0):
+    return {"run": run, "codebook": "full", "prior_steps": steps, "prior_seed": prior_seed, "status": status, "classifier_accuracy": accuracy,
             "classifier_fd": fd, "prior_final_loss": 4.0, "sampling_seconds": 1.0, "codebook_size": 1024,
             "error": None if status == "ok" else "RuntimeError: x"}
 
@@ -99,17 +110,21 @@ def row(steps, accuracy, fd, run="vq_K1024_s0", status="ok"):
 def test_converged_is_the_smallest_budget_whose_doubling_no_longer_helps():
     """VQ's measured case: 1100 -> 2200 gains 0.51 (not converged); 2200 -> 4400 within the tolerances."""
     rows = [row(1100, 0.473, 50.7), row(2200, 0.986, 1.7), row(4400, 0.989, 1.5)]
-    assert prior_budget.converged_budgets(rows) == {("vq_K1024_s0", "full"): 2200}
+    assert prior_budget.converged_budgets(rows) == {("vq_K1024_s0", "full", 0): 2200}
+    # another prior seed is its own curve: never paired with seed 0's budgets
+    other_seed = [row(1100, 0.9, 2.0), row(2200, 0.9, 2.0, prior_seed=1)]
+    assert prior_budget.converged_budgets(other_seed) == {("vq_K1024_s0", "full", 0): None,
+                                                          ("vq_K1024_s0", "full", 1): None}
     # the sample FD still falling by more than its tolerance: not converged, whatever the accuracy
     assert prior_budget.converged_budgets([row(2200, 0.986, 4.0), row(4400, 0.989, 1.5)]) == \
-        {("vq_K1024_s0", "full"): None}
+        {("vq_K1024_s0", "full", 0): None}
     # no doubling measured, or the longer one failed: not shown
-    assert prior_budget.converged_budgets([row(1100, 0.9, 2.0), row(3000, 0.9, 2.0)])[("vq_K1024_s0", "full")] is None
+    assert prior_budget.converged_budgets([row(1100, 0.9, 2.0), row(3000, 0.9, 2.0)])[("vq_K1024_s0", "full", 0)] is None
     failed = [row(2200, 0.986, 1.7), row(4400, None, None, status="failed")]
-    assert prior_budget.converged_budgets(failed)[("vq_K1024_s0", "full")] is None
+    assert prior_budget.converged_budgets(failed)[("vq_K1024_s0", "full", 0)] is None
     table = prior_budget.budget_table(failed)
-    assert "| vq_K1024_s0 | full | 4400 | - | failed: RuntimeError: x |" in table and "not shown" in table
-    assert "| vq_K1024_s0 | full | 2200 | 1024 | 0.986 | 1.7 | 4.00 | n/a |" in table  # a share not recorded
+    assert "| vq_K1024_s0 | full | 0 | 4400 | - | failed: RuntimeError: x |" in table and "not shown" in table
+    assert "| vq_K1024_s0 | full | 0 | 2200 | 1024 | 0.986 | 1.7 | 4.00 | n/a |" in table  # a share not recorded
 
 
 @pytest.mark.slow
@@ -122,5 +137,5 @@ def test_a_budget_that_fails_is_reported_as_failed_not_dropped(finished_study, m
     monkeypatch.setattr(prior_budget, "run_generation", broken)
     (failed,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "5"])
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: prior diverged"
-    assert "| lgq_K256_s0 | full | 5 | - | failed: RuntimeError: prior diverged |" in \
+    assert "| lgq_K256_s0 | full | 0 | 5 | - | failed: RuntimeError: prior diverged |" in \
         (out / "prior_budget" / "results.md").read_text()

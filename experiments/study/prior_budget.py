@@ -6,9 +6,10 @@ tokens of finished study runs at more steps (``train.max_steps=N``, the cosine o
 changes: same tokens, seed, sampler settings, classifier) and tabulates the samples against the budget:
 
     python -m experiments.study.prior_budget --study-dir outputs/study_6000 \\
-        --runs vq_K1024_s0 lgq_K1024_s0 --steps 1100 2200 4400 [--pruned] [--threads 1]
+        --runs vq_K1024_s0 lgq_K1024_s0 --steps 1100 2200 4400 [--pruned] [--prior-seed S] [--threads 1]
 
-Each (run, codebook, N) is one folder ``<study-dir>/prior_budget/<run>/<full|pruned>_steps<N>/`` with the prior
+Each (run, codebook, N) is one folder ``<study-dir>/prior_budget/<run>/<full|pruned>_steps<N>/`` (``_seed<S>``
+appended for a ``--prior-seed`` other than the run's seed, which the study's second stage uses) with the prior
 run and its ``generation.json`` (resumable: an interrupted prior resumes, a finished one is reused); the budget the
 run's own second stage used is not trained again but read from the run's ``result.json``. The tokens (and the pruned
 tokenizer) are the run's own (``<run>/generation*/tokens``), made there if missing.
@@ -46,12 +47,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", nargs="+", required=True, help="run names under <study-dir>/runs, e.g. vq_K1024_s0")
     parser.add_argument("--steps", nargs="+", required=True, type=int, help="prior budgets (train.max_steps)")
     parser.add_argument("--pruned", action="store_true", help="the prior on the codebook pruned to its used codes")
+    parser.add_argument("--prior-seed", type=int, default=None,
+                        help="the prior's train.seed (default: the run's seed, as in the study's second stage); "
+                             "another seed measures the spread a prior's own randomness adds")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 per process on a shared CPU)")
     return parser.parse_args(argv)
 
 
-def budget_folder(study_dir: Path, run: str, pruned: bool, steps: int) -> Path:
-    return study_dir / BUDGET_FOLDER / run / f"{'pruned' if pruned else 'full'}_steps{steps}"
+def budget_folder(study_dir: Path, run: str, pruned: bool, steps: int, prior_seed: int | None = None) -> Path:
+    """``<study>/prior_budget/<run>/<full|pruned>_steps<N>[_seed<S>]`` (the suffix for a prior seed other than the
+    run's)."""
+    suffix = "" if prior_seed is None else f"_seed{prior_seed}"
+    return study_dir / BUDGET_FOLDER / run / f"{'pruned' if pruned else 'full'}_steps{steps}{suffix}"
 
 
 def recipe_steps(settings: dict[str, Any]) -> int:
@@ -92,8 +99,9 @@ def load_run(study_dir: Path, run: str) -> tuple[Path, dict[str, Any], Any]:
     return run_dir, json.loads(result_path.read_text()), load_config(TokenizerRunConfig, [run_dir / "config.yaml"], [])
 
 
-def budget_row(run: str, pruned: bool, steps: int, generation: dict[str, Any], source: str) -> dict[str, Any]:
-    return {"run": run, "codebook": "pruned" if pruned else "full", "prior_steps": steps,
+def budget_row(run: str, pruned: bool, steps: int, prior_seed: int, generation: dict[str, Any],
+               source: str) -> dict[str, Any]:
+    return {"run": run, "codebook": "pruned" if pruned else "full", "prior_steps": steps, "prior_seed": prior_seed,
             "status": generation.get("status"), "error": generation.get("error"),
             "codebook_size": generation.get("codebook_size"),
             "classifier_accuracy": generation.get("classifier_accuracy"),
@@ -103,13 +111,17 @@ def budget_row(run: str, pruned: bool, steps: int, generation: dict[str, Any], s
             "sampling_seconds": generation.get("sampling_seconds"), "source": source}
 
 
+def series(row: dict[str, Any]) -> tuple[str, str, int]:
+    """The rows one budget curve is made of: one run, codebook and prior seed."""
+    return row["run"], row["codebook"], row["prior_seed"]
+
+
 def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str], int | None]:
-    """Per (run, codebook): the smallest measured N whose doubling 2N (also measured) gains less than the
-    tolerances (module docstring); None when no measured pair shows it."""
-    found: dict[tuple[str, str], int | None] = {}
-    for key in sorted({(row["run"], row["codebook"]) for row in rows}):
-        by_steps = {row["prior_steps"]: row for row in rows
-                    if (row["run"], row["codebook"]) == key and row["status"] == "ok"}
+    """Per (run, codebook, prior seed): the smallest measured N whose doubling 2N (also measured) gains less than
+    the tolerances (module docstring); None when no measured pair shows it."""
+    found: dict[tuple[str, str, int], int | None] = {}
+    for key in sorted({series(row) for row in rows}):
+        by_steps = {row["prior_steps"]: row for row in rows if series(row) == key and row["status"] == "ok"}
         found[key] = None
         for steps in sorted(by_steps):
             longer = by_steps.get(2 * steps)
@@ -126,17 +138,18 @@ def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str], int |
 def budget_table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of every (run, codebook, N) with the converged budget per (run, codebook)."""
     converged = converged_budgets(rows)
-    lines = ["| run | codebook | prior steps | K | samples classified | sample FD | prior final loss | "
-             "sampled tokens of unused codes | sampling s | converged at |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(rows, key=lambda r: (r["run"], r["codebook"], r["prior_steps"])):
+    lines = ["| run | codebook | prior seed | prior steps | K | samples classified | sample FD | prior final loss | "
+             "sampled tokens of unused codes | sampling s | converged at |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (*series(r), r["prior_steps"])):
         if row["status"] != "ok":
-            lines.append(f"| {row['run']} | {row['codebook']} | {row['prior_steps']} | - | failed: {row['error']} "
-                         f"| - | - | - | - | - |")
+            lines.append(f"| {row['run']} | {row['codebook']} | {row['prior_seed']} | {row['prior_steps']} | - | "
+                         f"failed: {row['error']} | - | - | - | - | - |")
             continue
-        budget = converged[(row["run"], row["codebook"])]
+        budget = converged[series(row)]
         share = row.get("sampled_unused_code_share")
         unused = "n/a" if share is None else f"{share:.4f}"  # n/a: a stage made before the share was recorded
-        lines.append(f"| {row['run']} | {row['codebook']} | {row['prior_steps']} | {row['codebook_size']} | "
+        lines.append(f"| {row['run']} | {row['codebook']} | {row['prior_seed']} | {row['prior_steps']} | "
+                     f"{row['codebook_size']} | "
                      f"{row['classifier_accuracy']:.3f} | {row['classifier_fd']:.1f} | "
                      f"{row['prior_final_loss']:.2f} | {unused} | {row['sampling_seconds']:.0f} | "
                      f"{budget if budget is not None else 'not shown'} |")
@@ -169,23 +182,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                              f"{run_cfg.data.name!r} has fewer than 2 classes")
         with file_lock(run_dir):  # the tokens are the run's: made once, whoever asks first
             stage_tokens(run_dir, run_cfg.data, args.pruned)
+        run_seed = int(result["seed"])
+        prior_seed = run_seed if args.prior_seed is None else args.prior_seed
         for steps in args.steps:
-            if recorded.get("status") == "ok" and recipe_steps(settings) == steps:
-                rows.append(budget_row(run, args.pruned, steps, recorded, f"{run}/result.json ({key})"))
+            if recorded.get("status") == "ok" and recipe_steps(settings) == steps and prior_seed == run_seed:
+                rows.append(budget_row(run, args.pruned, steps, prior_seed, recorded, f"{run}/result.json ({key})"))
                 continue
-            stage_dir = budget_folder(args.study_dir, run, args.pruned, steps)
+            stage_dir = budget_folder(args.study_dir, run, args.pruned, steps,
+                                      None if prior_seed == run_seed else prior_seed)
             with file_lock(stage_dir):
                 check_prior_steps(stage_dir, steps)
                 print(f"[prior_budget] {run} ({'pruned' if args.pruned else 'full'} codebook): prior of {steps} "
                       f"steps", flush=True)
                 budget_settings = with_steps(settings, steps)
                 try:
-                    generation = run_generation(run_dir, int(result["seed"]), run_cfg.data, budget_settings,
+                    generation = run_generation(run_dir, prior_seed, run_cfg.data, budget_settings,
                                                 classifier, pruned=args.pruned, device=device, stage_dir=stage_dir)
                 except Exception as err:  # reported as failed in the table, never dropped
                     traceback.print_exc()
                     generation = failed_generation(err, budget_settings, args.pruned)
-            rows.append(budget_row(run, args.pruned, steps, generation, str(stage_dir / "generation.json")))
+            rows.append(budget_row(run, args.pruned, steps, prior_seed, generation,
+                                   str(stage_dir / "generation.json")))
     print(budget_table(rows))
     results = args.study_dir / BUDGET_FOLDER / "results.json"
     with file_lock(results):  # two processes on other runs or budgets share the table
@@ -196,9 +213,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 def merged_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This call's rows over the rows an earlier call wrote to ``path`` (keyed by run, codebook and steps)."""
+    """This call's rows over the rows an earlier call wrote to ``path`` (keyed by run, codebook, seed, steps)."""
     earlier = json.loads(path.read_text()) if path.is_file() else []
-    merged = {(row["run"], row["codebook"], row["prior_steps"]): row for row in [*earlier, *rows]}
+    merged = {(*series(row), row["prior_steps"]): row for row in [*earlier, *rows]}
     return [merged[key] for key in sorted(merged)]
 
 
