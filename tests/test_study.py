@@ -198,6 +198,34 @@ def test_log2_axes_label_their_ticks_even_for_one_codebook_size(active):
     assert len(labels) >= 2 and all(label.replace(".", "").isdigit() for label in labels), labels
 
 
+def test_generation_plot_shows_every_runs_full_and_pruned_figures_beside_the_seed_mean(tmp_path, monkeypatch):
+    """A bimodal outcome (SimVQ at K = 1024: 0.937, 0.114, 0.091 classified) is drawn run by run, not only as its
+    mean: one filled point per run's full-codebook stage, one hollow point per pruned stage."""
+    from matplotlib.collections import PathCollection
+
+    from experiments.study import plots
+
+    def result(seed, accuracy, pruned):
+        return {"quantizer": "simvq", "K": 1024, "seed": seed, "run": f"simvq_K1024_s{seed}", "psnr": 29.5,
+                "active_codes": 500.0 + seed, "bits_per_token": 8.5,
+                "generation": {"status": "ok", "classifier_accuracy": accuracy, "classifier_fd": 10.0},
+                **({"generation_pruned": {"status": "ok", "classifier_accuracy": 0.95, "classifier_fd": 3.0}}
+                   if pruned else {})}
+
+    results = [result(0, 0.937, True), result(1, 0.114, True), result(2, 0.091, False)]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plt, _, colours = plots._plotting(results, tmp_path)
+    plots.plot_generation(plt, results, study.aggregate_runs(results), colours, tmp_path / "generation.png")
+    top_left = figures[0].axes[0]
+    points = [c for c in top_left.collections if isinstance(c, PathCollection)]  # scatter points, not error bars
+    full = [tuple(xy) for c in points if len(c.get_facecolors()) for xy in c.get_offsets()]
+    hollow = [tuple(xy) for c in points if not len(c.get_facecolors()) for xy in c.get_offsets()]
+    plt.close(figures[0])
+    assert sorted(full) == [(500.0, 0.937), (501.0, 0.114), (502.0, 0.091)]
+    assert sorted(hollow) == [(500.0, 0.95), (501.0, 0.95)]
+
+
 def test_collapse_is_detected_from_history_with_its_step():
     K = 1000  # threshold 1% = 10 codes
     history = [{"step": 10, "codebook/perplexity": 200.0, "codebook/active_codes": 600},

@@ -34,7 +34,7 @@ def make_plots(results: Sequence[dict], output_dir: Path) -> list[Path]:
             plot_utilisation(plt, rows, colours, plot_dir / "utilisation_vs_K.png"),
             plot_code_usage(plt, results, colours, plot_dir / "code_usage.png"),
             plot_training_curves(plt, results, colours, plot_dir / "training_curves.png"),
-            *([plot_generation(plt, rows, colours, plot_dir / "generation.png")]
+            *([plot_generation(plt, results, rows, colours, plot_dir / "generation.png")]
               if any(row.get("generation/classifier_accuracy_mean") is not None for row in rows) else []),
             *geometry_plots(results, plot_dir / "geometry")]
 
@@ -45,9 +45,11 @@ def plot_curves(results: Sequence[dict], output_dir: Path) -> Path:
     return plot_training_curves(plt, results, colours, plot_dir / "training_curves.png")
 
 
-def plot_generation(plt, rows: Sequence[dict], colours: dict, path: Path) -> Path:
+def plot_generation(plt, results: Sequence[dict], rows: Sequence[dict], colours: dict, path: Path) -> Path:
     """The second stage: sample quality (classified as their class; FD of classifier features, lower is better)
-    against active codes, bits per token and reconstruction PSNR, mean ± std over seeds."""
+    against active codes, bits per token and reconstruction PSNR, mean ± std over seeds, and every run's own
+    figures as points (filled: the full codebook; hollow: pruned to its used codes), so an outcome that differs
+    between seeds is seen, not averaged away."""
     qualities = (("generation/classifier_accuracy", "samples classified as their class"),
                  ("generation/classifier_fd", "sample FD (classifier features)"))
     axes_x = (("active_codes", "active codes (log2 axis)", True), ("bits_per_token", "bits per token", False),
@@ -56,12 +58,25 @@ def plot_generation(plt, rows: Sequence[dict], colours: dict, path: Path) -> Pat
     for i, (y_key, y_label) in enumerate(qualities):
         for j, (x_key, x_label, log_x) in enumerate(axes_x):
             errorbars(axes[i][j], rows, colours, x_key, y_key, log_x=log_x)
+            stage_points(axes[i][j], results, colours, x_key, y_key.split("/", 1)[1])
             axes[i][j].set_xlabel(x_label)
             axes[i][j].set_ylabel(y_label)
     axes[0][0].legend()
     fig.suptitle("Generation quality of a prior trained on each tokenizer's tokens (mean ± std over seeds)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def stage_points(ax, results: Sequence[dict], colours: dict, x_key: str, figure: str) -> None:
+    """One point per run and second stage: filled for ``generation``, hollow for ``generation_pruned``."""
+    for stage, filled in (("generation", True), ("generation_pruned", False)):
+        for q in colours:
+            points = [(r[x_key], r[stage][figure]) for r in results if r["quantizer"] == q
+                      and r.get(x_key) is not None and (r.get(stage) or {}).get(figure) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.scatter(xs, ys, s=18, alpha=0.6, edgecolors=colours[q], linewidths=1.0,
+                           facecolors=colours[q] if filled else "none", zorder=3)
 
 
 def errorbars(ax, rows: Sequence[dict], colours: dict, x_key: str, y_key: str, log_x: bool = False) -> None:
