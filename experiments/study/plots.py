@@ -62,7 +62,8 @@ def plot_generation(plt, results: Sequence[dict], rows: Sequence[dict], colours:
             axes[i][j].set_xlabel(x_label)
             axes[i][j].set_ylabel(y_label)
     axes[0][0].legend()
-    fig.suptitle("Generation quality of a prior trained on each tokenizer's tokens (mean ± std over seeds)")
+    fig.suptitle("Generation quality of a prior trained on each tokenizer's tokens (bars: mean ± std over seeds; "
+                 "points: each run, hollow = codebook pruned to its used codes)")
     fig.tight_layout()
     return _save(fig, path)
 
