@@ -102,8 +102,8 @@ def test_the_budget_of_the_recipe_and_the_longer_budgets_overrides():
 
 
 def row(steps, accuracy, fd, run="vq_K1024_s0", status="ok", prior_seed=0):
-    return {"run": run, "codebook": "full", "prior_steps": steps, "prior_seed": prior_seed, "status": status, "classifier_accuracy": accuracy,
-            "classifier_fd": fd, "prior_final_loss": 4.0, "sampling_seconds": 1.0, "codebook_size": 1024,
+    return {"run": run, "codebook": "full", "prior_steps": steps, "prior_seed": prior_seed, "status": status,
+            "classifier_accuracy": accuracy, "classifier_fd": fd, "prior_final_loss": 4.0, "sampling_seconds": 1.0, "codebook_size": 1024,
             "error": None if status == "ok" else "RuntimeError: x"}
 
 

@@ -114,10 +114,11 @@ def unused_code_share(sampled: torch.Tensor, tokens_dir: Path) -> tuple[float, i
     samples a code it was not shown; a large share points at dead codes reaching the samples."""
     import numpy as np
 
-    from prior.tokens import read_meta
+    from prior.tokens import TOKENS_FILE, validate_token_directory
 
-    train_counts = np.bincount(np.load(Path(tokens_dir) / "tokens.npy").reshape(-1).astype(np.int64),
-                               minlength=int(read_meta(tokens_dir)["codebook_size"]))
+    meta = validate_token_directory(tokens_dir)  # a truncated or mismatched tokens.npy is named, not miscounted
+    train_counts = np.bincount(np.load(Path(tokens_dir) / TOKENS_FILE).reshape(-1).astype(np.int64),
+                               minlength=int(meta["codebook_size"]))
     codes = sampled.reshape(-1).numpy()
     return float((train_counts[codes] == 0).mean()) if codes.size else 0.0, int(np.unique(codes).size)
 
@@ -134,8 +135,7 @@ def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any],
     from pipelines.assemble import build_pipeline
     from prior.train import main as train_prior
 
-    source_dir = stage_folder(run_dir, pruned)
-    stage_dir = source_dir if stage_dir is None else Path(stage_dir)
+    stage_dir = stage_folder(run_dir, pruned) if stage_dir is None else Path(stage_dir)
     result_path = stage_dir / RESULT_FILE
     if result_path.is_file():
         previous = json.loads(result_path.read_text())

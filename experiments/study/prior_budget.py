@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from common.cli import resolve_config_path
 from common.config import load_config
 from common.files import file_lock, write_bytes_atomic, write_json
 from experiments.study.generation import failed_generation, run_generation, stage_tokens
@@ -62,15 +63,11 @@ def budget_folder(study_dir: Path, run: str, pruned: bool, steps: int, prior_see
 
 
 def recipe_steps(settings: dict[str, Any]) -> int:
-    """train.max_steps of the second stage's prior: its config file, then its overrides (the last one wins)."""
-    from common.cli import resolve_config_path
-
-    steps = OmegaConf.load(resolve_config_path(settings["prior_config"])).train.max_steps
-    for item in settings["overrides"]:
-        key, _, value = str(item).partition("=")
-        if key == "train.max_steps":
-            steps = int(value)
-    return int(steps)
+    """train.max_steps of the second stage's prior: its config file with its ``key=value`` overrides merged over it
+    (OmegaConf's dotlist, as the prior's own config loading reads them)."""
+    merged = OmegaConf.merge(OmegaConf.load(resolve_config_path(settings["prior_config"])),
+                             OmegaConf.from_dotlist([str(item) for item in settings["overrides"]]))
+    return int(merged.train.max_steps)
 
 
 def with_steps(settings: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -116,7 +113,7 @@ def series(row: dict[str, Any]) -> tuple[str, str, int]:
     return row["run"], row["codebook"], row["prior_seed"]
 
 
-def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str], int | None]:
+def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], int | None]:
     """Per (run, codebook, prior seed): the smallest measured N whose doubling 2N (also measured) gains less than
     the tolerances (module docstring); None when no measured pair shows it."""
     found: dict[tuple[str, str, int], int | None] = {}
