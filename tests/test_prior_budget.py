@@ -51,7 +51,7 @@ def test_budgets_reuse_the_recipes_stage_and_the_runs_tokens_train_longer_priors
     assert {k: v for k, v in generation["settings"].items() if k != "overrides"} == \
         {k: v for k, v in result["generation"]["settings"].items() if k != "overrides"}
     table = (out / "prior_budget" / "results.md").read_text()
-    assert "| lgq_K256_s0 | full | 0 | 6 | 256 |" in table and "Converged at N" in table
+    assert "| lgq_K256_s0 | full | recipe | 0 | 6 | 256 |" in table and "Converged at N" in table
 
     # the pruned codebook in another call: its rows join the table, the full ones stay
     pruned = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "6", "--pruned"])
@@ -70,6 +70,19 @@ def test_budgets_reuse_the_recipes_stage_and_the_runs_tokens_train_longer_priors
     assert {(row["codebook"], row["prior_seed"], row["prior_steps"]) for row in saved} == \
         {("full", 0, 3), ("full", 0, 6), ("pruned", 0, 6), ("full", 7, 3)}
 
+    # a changed recipe at the recipe's budget and seed: its own folder, prior and rows, the change in its config
+    (changed,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "3",
+                                    "--prior-set", "train.lr=5e-4"])
+    changed_stage = prior_budget.budget_folder(out, "lgq_K256_s0", False, 3, changes=["train.lr=5e-4"])
+    assert changed_stage.name == "full_steps3_train.lr-5e-4"
+    assert changed["recipe"] == "train.lr=5e-4" and changed["source"] == str(changed_stage / "generation.json")
+    assert OmegaConf.load(changed_stage / "prior_run" / "config.yaml").train.lr == 5e-4
+    assert "| lgq_K256_s0 | full | train.lr=5e-4 | 0 | 3 |" in (out / "prior_budget" / "results.md").read_text()
+    assert len(json.loads((out / "prior_budget" / "results.json").read_text())) == 5
+    # a folder whose prior has another value of a changed key is refused with both named
+    with pytest.raises(ValueError, match=r"prior of train.lr=0.0005, not train.lr=1e-4"):
+        prior_budget.check_prior_recipe(changed_stage, 3, ["train.lr=1e-4"])
+
     # a second call reuses the finished prior: nothing trained again, same figures
     stamps = {p: p.stat().st_mtime_ns for p in (stage / "prior_run" / "prior").iterdir()}
     capsys.readouterr()
@@ -83,6 +96,22 @@ def test_budgets_reuse_the_recipes_stage_and_the_runs_tokens_train_longer_priors
     (wrong / "generation.json").unlink()
     with pytest.raises(ValueError, match=r"prior of train.max_steps=6, not 9"):
         prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "9"])
+
+
+def test_a_recipe_change_must_be_a_known_key_and_not_one_with_its_own_option():
+    settings = {"prior_config": str(TINY_PRIOR), "overrides": ["train.tracker=none"]}
+    assert prior_budget.check_recipe_changes(["train.lr=1e-3", "model.dropout=0.1"], settings, "tokens") == \
+        ["train.lr=1e-3", "model.dropout=0.1"]
+    with pytest.raises(ValueError, match="train.lrr"):
+        prior_budget.check_recipe_changes(["train.lrr=1e-3"], settings, "tokens")
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        prior_budget.check_recipe_changes(["train.lr"], settings, "tokens")
+    for reserved in ("train.max_steps=5", "train.seed=3", "data.tokens=x", "train.output_dir=y"):
+        with pytest.raises(ValueError, match="is not a recipe change"):
+            prior_budget.check_recipe_changes([reserved], settings, "tokens")
+    assert prior_budget.recipe_label([]) == "recipe"
+    assert prior_budget.with_steps(settings, 9, ["train.lr=1e-3"])["overrides"] == \
+        ["train.tracker=none", "train.max_steps=9", "train.lr=1e-3"]
 
 
 def test_a_missing_run_or_a_run_without_its_second_stage_is_named(tmp_path):
@@ -110,21 +139,24 @@ def row(steps, accuracy, fd, run="vq_K1024_s0", status="ok", prior_seed=0):
 def test_converged_is_the_smallest_budget_whose_doubling_no_longer_helps():
     """VQ's measured case: 1100 -> 2200 gains 0.51 (not converged); 2200 -> 4400 within the tolerances."""
     rows = [row(1100, 0.473, 50.7), row(2200, 0.986, 1.7), row(4400, 0.989, 1.5)]
-    assert prior_budget.converged_budgets(rows) == {("vq_K1024_s0", "full", 0): 2200}
-    # another prior seed is its own curve: never paired with seed 0's budgets
+    assert prior_budget.converged_budgets(rows) == {("vq_K1024_s0", "full", "recipe", 0): 2200}
+    # another prior seed, or another recipe, is its own curve: never paired with seed 0's budgets of the recipe
     other_seed = [row(1100, 0.9, 2.0), row(2200, 0.9, 2.0, prior_seed=1)]
-    assert prior_budget.converged_budgets(other_seed) == {("vq_K1024_s0", "full", 0): None,
-                                                          ("vq_K1024_s0", "full", 1): None}
+    assert prior_budget.converged_budgets(other_seed) == {("vq_K1024_s0", "full", "recipe", 0): None,
+                                                          ("vq_K1024_s0", "full", "recipe", 1): None}
+    other_recipe = [row(1100, 0.9, 2.0), {**row(2200, 0.9, 2.0), "recipe": "train.lr=1e-3"}]
+    assert set(prior_budget.converged_budgets(other_recipe).values()) == {None}
     # the sample FD still falling by more than its tolerance: not converged, whatever the accuracy
     assert prior_budget.converged_budgets([row(2200, 0.986, 4.0), row(4400, 0.989, 1.5)]) == \
-        {("vq_K1024_s0", "full", 0): None}
+        {("vq_K1024_s0", "full", "recipe", 0): None}
     # no doubling measured, or the longer one failed: not shown
-    assert prior_budget.converged_budgets([row(1100, 0.9, 2.0), row(3000, 0.9, 2.0)])[("vq_K1024_s0", "full", 0)] is None
+    assert prior_budget.converged_budgets([row(1100, 0.9, 2.0), row(3000, 0.9, 2.0)])[
+        ("vq_K1024_s0", "full", "recipe", 0)] is None
     failed = [row(2200, 0.986, 1.7), row(4400, None, None, status="failed")]
-    assert prior_budget.converged_budgets(failed)[("vq_K1024_s0", "full", 0)] is None
+    assert prior_budget.converged_budgets(failed)[("vq_K1024_s0", "full", "recipe", 0)] is None
     table = prior_budget.budget_table(failed)
-    assert "| vq_K1024_s0 | full | 0 | 4400 | - | failed: RuntimeError: x |" in table and "not shown" in table
-    assert "| vq_K1024_s0 | full | 0 | 2200 | 1024 | 0.986 | 1.7 | 4.00 | n/a |" in table  # a share not recorded
+    assert "| vq_K1024_s0 | full | recipe | 0 | 4400 | - | failed: RuntimeError: x |" in table and "not shown" in table
+    assert "| vq_K1024_s0 | full | recipe | 0 | 2200 | 1024 | 0.986 | 1.7 | 4.00 | n/a |" in table  # share not recorded
 
 
 @pytest.mark.slow
@@ -137,5 +169,5 @@ def test_a_budget_that_fails_is_reported_as_failed_not_dropped(finished_study, m
     monkeypatch.setattr(prior_budget, "run_generation", broken)
     (failed,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "5"])
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: prior diverged"
-    assert "| lgq_K256_s0 | full | 0 | 5 | - | failed: RuntimeError: prior diverged |" in \
+    assert "| lgq_K256_s0 | full | recipe | 0 | 5 | - | failed: RuntimeError: prior diverged |" in \
         (out / "prior_budget" / "results.md").read_text()

@@ -8,8 +8,13 @@ changes: same tokens, seed, sampler settings, classifier) and tabulates the samp
     python -m experiments.study.prior_budget --study-dir outputs/study_6000 \\
         --runs vq_K1024_s0 lgq_K1024_s0 --steps 1100 2200 4400 [--pruned] [--prior-seed S] [--threads 1]
 
+and, with ``--prior-set KEY=VALUE ...``, trains a changed recipe the same way (e.g. ``--prior-set train.lr=1e-3``
+to ask whether a lower learning rate leaves the unigram plateau more reliably); the changes are checked against the
+prior's config schema, and the budget, seed, data and output folder keep their own options.
+
 Each (run, codebook, N) is one folder ``<study-dir>/prior_budget/<run>/<full|pruned>_steps<N>/`` (``_seed<S>``
-appended for a ``--prior-seed`` other than the run's seed, which the study's second stage uses) with the prior
+appended for a ``--prior-seed`` other than the run's seed, which the study's second stage uses, and ``_<key>-<value>``
+per recipe change) with the prior
 run and its ``generation.json`` (resumable: an interrupted prior resumes, a finished one is reused); the budget the
 run's own second stage used is not trained again but read from the run's ``result.json``. The tokens (and the pruned
 tokenizer) are the run's own (``<run>/generation*/tokens``), made there if missing.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,15 +36,19 @@ import torch
 from omegaconf import OmegaConf
 
 from common.cli import resolve_config_path
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.files import file_lock, write_bytes_atomic, write_json
 from experiments.study.generation import failed_generation, run_generation, stage_tokens
 from experiments.study.runs import study_classifier
+from prior.config import PriorRunConfig
 from tokenizer.config import TokenizerRunConfig
 
 ACCURACY_TOLERANCE = 0.01  # share of samples classified as their class
 FD_TOLERANCE = 1.0  # FD of the samples' classifier features against real val
 BUDGET_FOLDER = "prior_budget"
+RECIPE = "recipe"  # the recipe column of an unchanged prior
+# keys a recipe change may not set: each has its own option (--steps, --prior-seed) or is the run's own
+RESERVED_KEYS = ("train.max_steps", "train.seed", "train.output_dir", "train.resume", "data.")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,14 +61,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prior-seed", type=int, default=None,
                         help="the prior's train.seed (default: the run's seed, as in the study's second stage); "
                              "another seed measures the spread a prior's own randomness adds")
+    parser.add_argument("--prior-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="changes to the prior recipe (prior config keys, e.g. train.lr=1e-3); each its own "
+                             "folder and table rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 per process on a shared CPU)")
     return parser.parse_args(argv)
 
 
-def budget_folder(study_dir: Path, run: str, pruned: bool, steps: int, prior_seed: int | None = None) -> Path:
-    """``<study>/prior_budget/<run>/<full|pruned>_steps<N>[_seed<S>]`` (the suffix for a prior seed other than the
-    run's)."""
+def check_recipe_changes(changes: Sequence[str], settings: dict[str, Any], tokens: str | Path) -> list[str]:
+    """The ``--prior-set`` changes, each ``key=value`` with a key of the prior's config schema (checked by loading
+    the recipe with them on the run's ``tokens``: an unknown key or a bad value named by common.config) and none of
+    ``RESERVED_KEYS``; returns them as given."""
+    for change in changes:
+        key, sep, _ = change.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--prior-set {change!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+        if key.startswith(RESERVED_KEYS):
+            raise ValueError(f"--prior-set {change!r}: {key} is not a recipe change (the budget is --steps, the seed "
+                             f"--prior-seed; the data and output folder are the run's)")
+    if changes:
+        try:
+            load_config(PriorRunConfig, [resolve_config_path(settings["prior_config"])],
+                        [*settings["overrides"], f"data.tokens={tokens}", *changes])
+        except ConfigError as err:
+            raise ValueError(f"--prior-set: {err}") from err
+    return list(changes)
+
+
+def recipe_label(changes: Sequence[str]) -> str:
+    """The table's name of a prior recipe: ``recipe``, or its changes joined by spaces."""
+    return " ".join(changes) if changes else RECIPE
+
+
+def budget_folder(study_dir: Path, run: str, pruned: bool, steps: int, prior_seed: int | None = None,
+                  changes: Sequence[str] = ()) -> Path:
+    """``<study>/prior_budget/<run>/<full|pruned>_steps<N>[_seed<S>][_<key>-<value>...]`` (the seed suffix for a
+    prior seed other than the run's; one suffix per recipe change, characters other than letters, digits, ``.``,
+    ``+`` and ``-`` replaced by ``-``)."""
     suffix = "" if prior_seed is None else f"_seed{prior_seed}"
+    for change in changes:
+        suffix += "_" + re.sub(r"[^A-Za-z0-9.+-]", "-", change)
     return study_dir / BUDGET_FOLDER / run / f"{'pruned' if pruned else 'full'}_steps{steps}{suffix}"
 
 
@@ -70,20 +112,29 @@ def recipe_steps(settings: dict[str, Any]) -> int:
     return int(merged.train.max_steps)
 
 
-def with_steps(settings: dict[str, Any], steps: int) -> dict[str, Any]:
-    """The second stage's settings with the prior trained for ``steps`` (any earlier max_steps override dropped)."""
+def with_steps(settings: dict[str, Any], steps: int, changes: Sequence[str] = ()) -> dict[str, Any]:
+    """The second stage's settings with the prior trained for ``steps`` (any earlier max_steps override dropped)
+    and the recipe ``changes`` appended (they win over the recipe's own overrides)."""
     overrides = [item for item in settings["overrides"] if not str(item).startswith("train.max_steps=")]
-    return {**settings, "overrides": [*overrides, f"train.max_steps={steps}"]}
+    return {**settings, "overrides": [*overrides, f"train.max_steps={steps}", *changes]}
 
 
-def check_prior_steps(stage_dir: Path, steps: int) -> None:
-    """Refuse a prior folder trained (or being trained) for another number of steps."""
+def check_prior_recipe(stage_dir: Path, steps: int, changes: Sequence[str] = ()) -> None:
+    """Refuse a prior folder trained (or being trained) for another number of steps or with other values of the
+    changed keys."""
     config = stage_dir / "prior_run" / "config.yaml"
-    if config.is_file():
-        found = OmegaConf.load(config).train.max_steps
-        if int(found) != steps:
-            raise ValueError(f"{config.parent} is a prior of train.max_steps={found}, not {steps}; delete it or "
-                             f"choose another --study-dir")
+    if not config.is_file():
+        return
+    found = OmegaConf.load(config)
+    if int(found.train.max_steps) != steps:
+        raise ValueError(f"{config.parent} is a prior of train.max_steps={found.train.max_steps}, not {steps}; "
+                         f"delete it or choose another --study-dir")
+    wanted = OmegaConf.from_dotlist(list(changes))
+    for change in changes:
+        key = change.partition("=")[0]
+        if OmegaConf.select(found, key) != OmegaConf.select(wanted, key):
+            raise ValueError(f"{config.parent} is a prior of {key}={OmegaConf.select(found, key)}, not {change}; "
+                             f"delete it or choose another --study-dir")
 
 
 def load_run(study_dir: Path, run: str) -> tuple[Path, dict[str, Any], Any]:
@@ -97,8 +148,9 @@ def load_run(study_dir: Path, run: str) -> tuple[Path, dict[str, Any], Any]:
 
 
 def budget_row(run: str, pruned: bool, steps: int, prior_seed: int, generation: dict[str, Any],
-               source: str) -> dict[str, Any]:
+               source: str, changes: Sequence[str] = ()) -> dict[str, Any]:
     return {"run": run, "codebook": "pruned" if pruned else "full", "prior_steps": steps, "prior_seed": prior_seed,
+            "recipe": recipe_label(changes),
             "status": generation.get("status"), "error": generation.get("error"),
             "codebook_size": generation.get("codebook_size"),
             "classifier_accuracy": generation.get("classifier_accuracy"),
@@ -108,13 +160,14 @@ def budget_row(run: str, pruned: bool, steps: int, prior_seed: int, generation: 
             "sampling_seconds": generation.get("sampling_seconds"), "source": source}
 
 
-def series(row: dict[str, Any]) -> tuple[str, str, int]:
-    """The rows one budget curve is made of: one run, codebook and prior seed."""
-    return row["run"], row["codebook"], row["prior_seed"]
+def series(row: dict[str, Any]) -> tuple[str, str, str, int]:
+    """The rows one budget curve is made of: one run, codebook, prior recipe and prior seed (rows written before
+    recipe changes existed are the recipe's)."""
+    return row["run"], row["codebook"], row.get("recipe", RECIPE), row["prior_seed"]
 
 
-def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], int | None]:
-    """Per (run, codebook, prior seed): the smallest measured N whose doubling 2N (also measured) gains less than
+def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], int | None]:
+    """Per (run, codebook, recipe, prior seed): the smallest measured N whose doubling 2N (also measured) gains less than
     the tolerances (module docstring); None when no measured pair shows it."""
     found: dict[tuple[str, str, int], int | None] = {}
     for key in sorted({series(row) for row in rows}):
@@ -135,17 +188,19 @@ def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], 
 def budget_table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of every (run, codebook, N) with the converged budget per (run, codebook)."""
     converged = converged_budgets(rows)
-    lines = ["| run | codebook | prior seed | prior steps | K | samples classified | sample FD | prior final loss | "
-             "sampled tokens of unused codes | sampling s | converged at |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | codebook | prior recipe | prior seed | prior steps | K | samples classified | sample FD | "
+             "prior final loss | sampled tokens of unused codes | sampling s | converged at |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (*series(r), r["prior_steps"])):
+        recipe = row.get("recipe", RECIPE)
         if row["status"] != "ok":
-            lines.append(f"| {row['run']} | {row['codebook']} | {row['prior_seed']} | {row['prior_steps']} | - | "
-                         f"failed: {row['error']} | - | - | - | - | - |")
+            lines.append(f"| {row['run']} | {row['codebook']} | {recipe} | {row['prior_seed']} | {row['prior_steps']} "
+                         f"| - | failed: {row['error']} | - | - | - | - | - |")
             continue
         budget = converged[series(row)]
         share = row.get("sampled_unused_code_share")
         unused = "n/a" if share is None else f"{share:.4f}"  # n/a: a stage made before the share was recorded
-        lines.append(f"| {row['run']} | {row['codebook']} | {row['prior_seed']} | {row['prior_steps']} | "
+        lines.append(f"| {row['run']} | {row['codebook']} | {recipe} | {row['prior_seed']} | {row['prior_steps']} | "
                      f"{row['codebook_size']} | "
                      f"{row['classifier_accuracy']:.3f} | {row['classifier_fd']:.1f} | "
                      f"{row['prior_final_loss']:.2f} | {unused} | {row['sampling_seconds']:.0f} | "
@@ -178,20 +233,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             raise ValueError(f"{run}: the samples are scored by the data set's classifier, and "
                              f"{run_cfg.data.name!r} has fewer than 2 classes")
         with file_lock(run_dir):  # the tokens are the run's: made once, whoever asks first
-            stage_tokens(run_dir, run_cfg.data, args.pruned)
+            _, tokens = stage_tokens(run_dir, run_cfg.data, args.pruned)
+        changes = check_recipe_changes(args.prior_set, settings, tokens)
         run_seed = int(result["seed"])
         prior_seed = run_seed if args.prior_seed is None else args.prior_seed
         for steps in args.steps:
-            if recorded.get("status") == "ok" and recipe_steps(settings) == steps and prior_seed == run_seed:
+            if (recorded.get("status") == "ok" and recipe_steps(settings) == steps and prior_seed == run_seed
+                    and not changes):
                 rows.append(budget_row(run, args.pruned, steps, prior_seed, recorded, f"{run}/result.json ({key})"))
                 continue
             stage_dir = budget_folder(args.study_dir, run, args.pruned, steps,
-                                      None if prior_seed == run_seed else prior_seed)
+                                      None if prior_seed == run_seed else prior_seed, changes)
             with file_lock(stage_dir):
-                check_prior_steps(stage_dir, steps)
-                print(f"[prior_budget] {run} ({'pruned' if args.pruned else 'full'} codebook): prior of {steps} "
-                      f"steps", flush=True)
-                budget_settings = with_steps(settings, steps)
+                check_prior_recipe(stage_dir, steps, changes)
+                print(f"[prior_budget] {run} ({'pruned' if args.pruned else 'full'} codebook, "
+                      f"{recipe_label(changes)}): prior of {steps} steps", flush=True)
+                budget_settings = with_steps(settings, steps, changes)
                 try:
                     generation = run_generation(run_dir, prior_seed, run_cfg.data, budget_settings,
                                                 classifier, pruned=args.pruned, device=device, stage_dir=stage_dir)
@@ -199,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     traceback.print_exc()
                     generation = failed_generation(err, budget_settings, args.pruned)
             rows.append(budget_row(run, args.pruned, steps, prior_seed, generation,
-                                   str(stage_dir / "generation.json")))
+                                   str(stage_dir / "generation.json"), changes))
     print(budget_table(rows))
     results = args.study_dir / BUDGET_FOLDER / "results.json"
     with file_lock(results):  # two processes on other runs or budgets share the table
@@ -210,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 def merged_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This call's rows over the rows an earlier call wrote to ``path`` (keyed by run, codebook, seed, steps)."""
+    """This call's rows over the rows an earlier call wrote to ``path`` (keyed by run, codebook, recipe, seed,
+    steps)."""
     earlier = json.loads(path.read_text()) if path.is_file() else []
     merged = {(*series(row), row["prior_steps"]): row for row in [*earlier, *rows]}
     return [merged[key] for key in sorted(merged)]
