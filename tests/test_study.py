@@ -463,6 +463,13 @@ def test_second_stage_trains_a_prior_per_run_scores_its_samples_and_reports_fail
     assert rows["lgq"]["generation_pruned/codebook_size_mean"] == pruned["codebook_size"]
     table = (out / "results.md").read_text()
     assert "Generation (a prior trained on each run's tokens)" in table and "pruned: samples classified" in table
+    # the headline leads with the pruned figures beside the full ones: a number for LGQ, n/a for FSQ (no codebook)
+    headline = table[table.index("Headline:"):table.index("Generation (a prior")]
+    header = next(line for line in headline.splitlines() if line.startswith("| quantizer |")).split(" | ")
+    column = header.index("pruned: samples classified")
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in headline.splitlines()
+             if line.startswith(("| lgq |", "| fsq |"))}
+    assert float(cells["lgq"][column]) == round(pruned["classifier_accuracy"], 3) and cells["fsq"][column] == "n/a"
     assert (out / "plots" / "generation.png").read_bytes()[:4] == b"\x89PNG"
 
     # reused: nothing retrained
