@@ -16,6 +16,7 @@ from common.config import ConfigError, TrainConfig
 from prior.tokens import normalize_grid_size
 
 PRIOR_TYPES = ("maskgit", "gpt")
+OUTPUT_BIAS_INITS = ("zero", "unigram")
 
 
 @dataclass
@@ -28,6 +29,9 @@ class PriorModelConfig:
     num_kv_heads: grouped-query heads of the GPT prior (null = num_heads); must stay null for MaskGIT.
     label_dropout: probability p of replacing a class label by the null class (classifier-free guidance).
     label_smoothing: epsilon of the smoothed cross-entropy, targets (1 - eps) one-hot + eps / K.
+    output_bias_init: "zero" (MaskGIT's) or "unigram" (MaskGIT prior only): the output bias starts at the
+        add-one smoothed log frequencies of the training tokens (MaskGITPrior.init_output_bias), so codes the
+        tokenizer never uses start improbable instead of holding (K - used) / K of the first steps' probability.
     codebook_size, grid_size, num_classes: read from the token data's meta.json; leave null, or set them
         to assert what the data must be (a mismatch is an error, never silently used).
         num_classes is required here only when the token data does not record it.
@@ -42,6 +46,7 @@ class PriorModelConfig:
     num_kv_heads: Optional[int] = None
     label_dropout: float = 0.1
     label_smoothing: float = 0.0
+    output_bias_init: str = "zero"
     codebook_size: Optional[int] = None
     grid_size: Optional[int] = None  # square grids; non-square data: leave null
     num_classes: Optional[int] = None
@@ -63,6 +68,11 @@ class PriorModelConfig:
             raise ValueError(f"model.label_dropout must lie in [0, 1), got {self.label_dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.output_bias_init not in OUTPUT_BIAS_INITS:
+            raise ValueError(f"model.output_bias_init must be one of {OUTPUT_BIAS_INITS}, got {self.output_bias_init!r}")
+        if self.output_bias_init != "zero" and self.prior_type != "maskgit":
+            raise ValueError(f"model.output_bias_init={self.output_bias_init} needs model.prior_type=maskgit (the GPT "
+                             f"prior's output head has no bias)")
         if self.num_kv_heads is not None:
             if self.prior_type != "gpt":
                 raise ValueError("model.num_kv_heads (grouped-query attention) exists only for model.prior_type=gpt")

@@ -106,6 +106,19 @@ class MaskGITPrior(TokenGridGenerator, ModelMixin, ConfigMixin):
         token_embedding = self.transformer.embeddings.word_embeddings.weight[: self.codebook_size]
         return F.linear(head_input, token_embedding, self.output_bias)
 
+    @torch.no_grad()
+    def init_output_bias(self, code_counts) -> None:
+        """b_k = log((c_k + 1) / (N + K)), N = sum_k c_k: the output bias set to the add-one smoothed log unigram
+        frequencies of the training tokens (``code_counts`` [K], e.g. TokenDataset.code_counts()), so training
+        starts at the unigram distribution with every code never seen at log(1 / (N + K)), instead of spreading
+        the first steps' probability over all K codes (model.output_bias_init=unigram)."""
+        counts = torch.as_tensor(code_counts, dtype=torch.float64).reshape(-1)
+        if counts.numel() != self.codebook_size or bool((counts < 0).any()):
+            raise ValueError(f"code_counts must be {self.codebook_size} non-negative counts (one per code), got "
+                             f"{counts.numel()} values")
+        log_frequency = torch.log((counts + 1.0) / (counts.sum() + self.codebook_size))
+        self.output_bias.copy_(log_frequency.to(self.output_bias))
+
     def head_input(self, tokens: torch.Tensor, class_labels: torch.Tensor,
                    positions: torch.Tensor | None = None) -> torch.Tensor:
         """h = LN(gelu(W_d x_L + b_d)) [B, L, D] (or [M, D] at ``positions``): the transformer's last hidden states

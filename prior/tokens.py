@@ -312,6 +312,15 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    def code_counts(self) -> np.ndarray:
+        """c_k = #{(n, i): t_{n,i} = k}, k = 0..K-1: how often each code occurs in the grids this data set yields
+        (the un-augmented rows only when use_augmentations is False) [K] int64."""
+        counts = np.zeros(self.codebook_size, dtype=np.int64)
+        for (tokens, _), stride in zip(self._open(), self._strides):
+            counts += np.bincount(np.asarray(tokens[::stride]).reshape(-1).astype(np.int64),
+                                  minlength=self.codebook_size)
+        return counts
+
     def __getitem__(self, index: int):
         n = len(self)
         if index < 0:

@@ -119,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer | None:
 
     # --- build: prior (behind its loss), optimizer, data ------------------------------------------------
     prior = build_prior(cfg.model, **shape, class_names=train_set.class_names)
+    if cfg.model.output_bias_init == "unigram":  # a resumed run loads its trained bias over this
+        prior.init_output_bias(train_set.code_counts())
     model = PriorTrainingLoss(prior, cfg.model.label_smoothing)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                                          num_workers=cfg.train.num_workers,

@@ -27,6 +27,22 @@ def gen(seed):
 
 
 # ----------------------------------------------------------------------------- training
+def test_unigram_output_bias_starts_the_prior_at_the_smoothed_token_frequencies():
+    """b_k = log((c_k + 1) / (N + K)): with an untrained head input near 0, softmax(b) is the add-one smoothed
+    unigram; codes never seen get 1 / (N + K)."""
+    prior = tiny()
+    counts = torch.zeros(K, dtype=torch.long)
+    counts[:4] = torch.tensor([60, 30, 9, 1])
+    prior.init_output_bias(counts.numpy())
+    expected = (counts.double() + 1) / (counts.sum() + K)
+    assert torch.allclose(prior.output_bias.double().softmax(0), expected, atol=1e-6)
+    assert math.isclose(float(prior.output_bias[10]), math.log(1 / (100 + K)), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="one per code"):
+        prior.init_output_bias(torch.ones(K + 1))
+    with pytest.raises(ValueError, match="non-negative"):
+        prior.init_output_bias(-torch.ones(K))
+
+
 def test_mask_fraction_follows_cosine_schedule():
     model = tiny(grid_size=8)
     L = 64

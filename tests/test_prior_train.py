@@ -2,6 +2,7 @@
 sample grids decoded through a tokenizer, and the data/config consistency errors."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from common.config import ConfigError, load_config
@@ -226,6 +228,27 @@ def test_matching_data_shape_in_the_config_is_accepted_and_num_classes_can_come_
     assert resolve_data_shape(cfg.model, meta, "x") == {"codebook_size": K, "grid_size": (GRID, GRID), "num_classes": 7}
 
 
+def test_unigram_output_bias_init_starts_training_at_the_token_frequencies(tmp_path):
+    """Tokens that use 4 of K = 16 codes: the prior with model.output_bias_init=unigram starts from their smoothed
+    frequencies (bias of the code never used ~ log(1 / (N + K))), so its first loss is below the zero-bias prior's
+    (which spreads 12/16 of its probability over unused codes)."""
+    tokens, labels = class_patterned_tokens()
+    tokens %= 4
+    directory = tmp_path / "tokens"
+    save_token_directory(directory, tokens, labels, codebook_size=K, num_classes=CLASSES)
+    first_loss = {}
+    for init in ("zero", "unigram"):
+        trainer = train(tmp_path / init, directory, f"model.output_bias_init={init}", "train.max_steps=1",
+                        "train.warmup_steps=0",
+                        "train.log_every=1", "train.checkpoint_every=0", "train.image_log_every=0", "train.seed=0")
+        first_loss[init] = trainer.history[0][1]["loss"]
+        bias = trainer.unwrap("model").prior.output_bias.detach()
+        if init == "unigram":
+            assert float(bias[4:].max()) < math.log(2 / (tokens.size + K))  # one step of lr 3e-3 moved it little
+    assert first_loss["unigram"] < first_loss["zero"] - 0.5, first_loss
+    assert OmegaConf.load(tmp_path / "unigram" / "config.yaml").model.output_bias_init == "unigram"
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="data.tokens"):
         load_config(PriorRunConfig, TINY)  # data.tokens is required (??? in tiny.yaml)
@@ -233,6 +256,10 @@ def test_config_errors_name_the_key():
         load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.prior_type=diffusion"])
     with pytest.raises(ValueError, match="num_kv_heads"):
         load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.num_kv_heads=1"])
+    with pytest.raises(ValueError, match="model.output_bias_init must be one of"):
+        load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.output_bias_init=ones"])
+    with pytest.raises(ValueError, match="needs model.prior_type=maskgit"):
+        load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.prior_type=gpt", "model.output_bias_init=unigram"])
     with pytest.raises(ConfigError, match="Did you mean 'model.label_dropout'"):
         load_config(PriorRunConfig, TINY, ["data.tokens=x", "model.label_dropuot=0.2"])
     cfg = load_config(PriorRunConfig, TINY, ["data.tokens=[a,b]"])

@@ -63,6 +63,17 @@ def test_several_directories_read_together_and_augmentation_stride(tmp_path):
     assert torch.equal(originals[1][0], torch.from_numpy(t1[2])) and torch.equal(originals[3][0], torch.from_numpy(t2[2]))
 
 
+def test_code_counts_count_the_grids_the_data_set_yields(tmp_path):
+    t1, _ = write(tmp_path / "a", n=4, K=50, augmentations=["none", "hflip"])
+    t2, _ = write(tmp_path / "b", n=6, K=50, augmentations=["none", "hflip"])
+    everything = TokenDataset([tmp_path / "a", tmp_path / "b"]).code_counts()
+    assert everything.shape == (50,) and everything.sum() == 10 * 6
+    assert np.array_equal(everything, np.bincount(np.concatenate([t1, t2]).reshape(-1), minlength=50))
+    originals = TokenDataset([tmp_path / "a", tmp_path / "b"], use_augmentations=False)
+    yielded = torch.stack([originals[i][0] for i in range(len(originals))]).reshape(-1).numpy()
+    assert np.array_equal(originals.code_counts(), np.bincount(yielded, minlength=50))
+
+
 def test_empty_truncated_and_incomplete_directories_are_reported(tmp_path):
     save_token_directory(tmp_path / "empty", np.zeros((0, 2, 2), np.int64), np.zeros(0, np.int64), codebook_size=8)
     with pytest.raises(ValueError, match="empty"):

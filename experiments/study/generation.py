@@ -114,11 +114,9 @@ def unused_code_share(sampled: torch.Tensor, tokens_dir: Path) -> tuple[float, i
     samples a code it was not shown; a large share points at dead codes reaching the samples."""
     import numpy as np
 
-    from prior.tokens import TOKENS_FILE, validate_token_directory
+    from prior.tokens import TokenDataset
 
-    meta = validate_token_directory(tokens_dir)  # a truncated or mismatched tokens.npy is named, not miscounted
-    train_counts = np.bincount(np.load(Path(tokens_dir) / TOKENS_FILE).reshape(-1).astype(np.int64),
-                               minlength=int(meta["codebook_size"]))
+    train_counts = TokenDataset(tokens_dir).code_counts()  # validated: a truncated tokens.npy is named, not miscounted
     codes = sampled.reshape(-1).numpy()
     return float((train_counts[codes] == 0).mean()) if codes.size else 0.0, int(np.unique(codes).size)
 
