@@ -200,7 +200,11 @@ def prior_card(cfg: PriorRunConfig, prior: nn.Module, shape: dict, trainer: Trai
                ("size", f"{cfg.model.num_layers} layers x {cfg.model.hidden_size} hidden, {cfg.model.num_heads} heads, "
                         f"{sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters"),
                ("tokenizer fingerprint", train_set.tokenizer_hash)],
-        training=[("data", f"token grids {cfg.data.token_paths} ({len(train_set)} grids)"), *training_rows(cfg, trainer)],
+        training=[("data", f"token grids {cfg.data.token_paths} ({len(train_set)} grids)"),
+                  *([("output bias at the start", "add-one smoothed log frequencies of the training tokens "
+                                                  "(model.output_bias_init=unigram)")]
+                    if cfg.model.output_bias_init == "unigram" else []),
+                  *training_rows(cfg, trainer)],
         metrics=metrics,
         metrics_protocol=(f"the last logged training batch at step {trainer.step} (cross-entropy "
                           f"{'on the masked tokens only' if maskgit else 'over all positions'}). No generation FID/IS "

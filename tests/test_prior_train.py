@@ -247,6 +247,8 @@ def test_unigram_output_bias_init_starts_training_at_the_token_frequencies(tmp_p
             assert float(bias[4:].max()) < math.log(2 / (tokens.size + K))  # one step of lr 3e-3 moved it little
     assert first_loss["unigram"] < first_loss["zero"] - 0.5, first_loss
     assert OmegaConf.load(tmp_path / "unigram" / "config.yaml").model.output_bias_init == "unigram"
+    assert "model.output_bias_init=unigram" in (tmp_path / "unigram" / "prior" / "README.md").read_text()
+    assert "output bias at the start" not in (tmp_path / "zero" / "prior" / "README.md").read_text()
 
 
 def test_config_errors_name_the_key():
