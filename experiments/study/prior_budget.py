@@ -167,9 +167,9 @@ def series(row: dict[str, Any]) -> tuple[str, str, str, int]:
 
 
 def converged_budgets(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], int | None]:
-    """Per (run, codebook, recipe, prior seed): the smallest measured N whose doubling 2N (also measured) gains less than
-    the tolerances (module docstring); None when no measured pair shows it."""
-    found: dict[tuple[str, str, int], int | None] = {}
+    """Per (run, codebook, recipe, prior seed): the smallest measured N whose doubling 2N (also measured) gains less
+    than the tolerances (module docstring); None when no measured pair shows it."""
+    found: dict[tuple[str, str, str, int], int | None] = {}
     for key in sorted({series(row) for row in rows}):
         by_steps = {row["prior_steps"]: row for row in rows if series(row) == key and row["status"] == "ok"}
         found[key] = None

@@ -35,7 +35,7 @@ ROW_TABLE = (("psnr", "PSNR dB"), ("psnr_equal_bits_thumbnail", "equal-bits PSNR
              ("images_per_sec", "img/s"), ("quantizer_peak_mib", "quant. peak MiB"), ("train_seconds", "train s"))
 # the headline table (README): quality, the equal-bits baseline, the classifier, the codebook and the second stage,
 # full and pruned (a learned codebook's pruned figures are the ones to read: on a vocabulary with many dead codes the
-# full prior's escape from the unigram plateau is chance, README "The prior's budget")
+# zero-bias MaskGIT prior's escape from the unigram plateau is chance, README "The second stage's budget, measured")
 # (figure, column label, number format of mean and std)
 HEADLINE_TABLE = (("psnr", "PSNR dB", "{:.2f}"), ("psnr_lead_over_equal_bits_db", "lead over equal-bits dB", "{:+.2f}"),
                   ("ssim", "SSIM", "{:.3f}"), ("classifier_accuracy", "recon. classified", "{:.3f}"),
