@@ -312,13 +312,16 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def code_counts(self) -> np.ndarray:
+    def code_counts(self, chunk_grids: int = 4096) -> np.ndarray:
         """c_k = #{(n, i): t_{n,i} = k}, k = 0..K-1: how often each code occurs in the grids this data set yields
-        (the un-augmented rows only when use_augmentations is False) [K] int64."""
+        (the un-augmented rows only when use_augmentations is False) [K] int64. Read ``chunk_grids`` grids at a time
+        from the memory-mapped files, so an ImageNet-sized token set is never held in memory whole."""
         counts = np.zeros(self.codebook_size, dtype=np.int64)
         for (tokens, _), stride in zip(self._open(), self._strides):
-            counts += np.bincount(np.asarray(tokens[::stride]).reshape(-1).astype(np.int64),
-                                  minlength=self.codebook_size)
+            rows = tokens[::stride]
+            for start in range(0, len(rows), chunk_grids):
+                counts += np.bincount(np.asarray(rows[start:start + chunk_grids]).reshape(-1),
+                                      minlength=self.codebook_size)
         return counts
 
     def __getitem__(self, index: int):

@@ -72,6 +72,9 @@ def test_code_counts_count_the_grids_the_data_set_yields(tmp_path):
     originals = TokenDataset([tmp_path / "a", tmp_path / "b"], use_augmentations=False)
     yielded = torch.stack([originals[i][0] for i in range(len(originals))]).reshape(-1).numpy()
     assert np.array_equal(originals.code_counts(), np.bincount(yielded, minlength=50))
+    # read in chunks that do not divide the rows: the same counts
+    assert np.array_equal(TokenDataset([tmp_path / "a", tmp_path / "b"]).code_counts(chunk_grids=3), everything)
+    assert np.array_equal(originals.code_counts(chunk_grids=2), originals.code_counts())
 
 
 def test_empty_truncated_and_incomplete_directories_are_reported(tmp_path):
