@@ -52,6 +52,7 @@ def test_budgets_reuse_the_recipes_stage_and_the_runs_tokens_train_longer_priors
         {k: v for k, v in result["generation"]["settings"].items() if k != "overrides"}
     table = (out / "prior_budget" / "results.md").read_text()
     assert "| lgq_K256_s0 | full | recipe | 0 | 6 | 256 |" in table and "Converged at N" in table
+    assert "| lgq | 256 | full | recipe | 6 | run | 1 | 0 |" in (out / "prior_budget" / "summary.md").read_text()
 
     # the pruned codebook in another call: its rows join the table, the full ones stay
     pruned = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "6", "--pruned"])
@@ -157,6 +158,39 @@ def test_converged_is_the_smallest_budget_whose_doubling_no_longer_helps():
     table = prior_budget.budget_table(failed)
     assert "| vq_K1024_s0 | full | recipe | 0 | 4400 | - | failed: RuntimeError: x |" in table and "not shown" in table
     assert "| vq_K1024_s0 | full | recipe | 0 | 2200 | 1024 | 0.986 | 1.7 | 4.00 | n/a |" in table  # share not recorded
+
+
+def test_the_summary_averages_over_tokenizer_seeds_per_quantizer_recipe_and_budget_and_counts_failures():
+    unigram = "model.output_bias_init=unigram"
+    rows = [{**row(2200, 0.9, 3.0, run="vq_K1024_s0"), "recipe": unigram},
+            {**row(2200, 0.5, 9.0, run="vq_K1024_s1", prior_seed=1), "recipe": unigram, "prior_final_loss": 5.0},
+            {**row(2200, None, None, run="vq_K1024_s2", prior_seed=2, status="failed"), "recipe": unigram},
+            row(1100, 0.1, 50.0, run="vq_K1024_s0"),  # the recipe itself: its own group
+            row(2200, 0.7, 4.0, run="vq_K1024_s1", prior_seed=0),  # a fixed prior seed: its own group
+            row(2200, 0.95, 2.0, run="fsq_K1024_s0")]
+    summary = {(e["quantizer"], e["recipe"], e["prior_steps"], e["prior_seed"]): e
+               for e in prior_budget.summary_rows(rows)}
+    assert set(summary) == {("vq", unigram, 2200, "run"), ("vq", "recipe", 1100, "run"), ("vq", "recipe", 2200, "0"),
+                            ("fsq", "recipe", 2200, "run")}
+    vq = summary[("vq", unigram, 2200, "run")]
+    assert vq["runs"] == ["vq_K1024_s0", "vq_K1024_s1", "vq_K1024_s2"] and vq["failed"] == ["vq_K1024_s2"]
+    assert vq["classifier_accuracy_mean"] == pytest.approx(0.7) and vq["classifier_accuracy_std"] == pytest.approx(
+        0.4 / 2 ** 0.5)
+    assert (vq["classifier_accuracy_min"], vq["classifier_accuracy_max"]) == (0.5, 0.9)
+    assert vq["prior_final_loss_mean"] == pytest.approx(4.5) and vq["classifier_fd_mean"] == pytest.approx(6.0)
+    assert summary[("fsq", "recipe", 2200, "run")]["classifier_accuracy_std"] is None  # one run: no spread
+    table = prior_budget.summary_table(rows)
+    assert f"| vq | 1024 | full | {unigram} | 2200 | run | 3 | 1 | 0.700 ± 0.283 | 0.500-0.900 | 6.0 ± 4.2 |" in table
+    assert "| fsq | 1024 | full | recipe | 2200 | run | 1 | 0 | 0.950 | 0.950-0.950 | 2.0 |" in table
+    every_run_failed = prior_budget.summary_table([row(2200, None, None, status="failed")])
+    assert "| vq | 1024 | full | recipe | 2200 | run | 1 | 1 | n/a | - | n/a | n/a | n/a |" in every_run_failed
+
+
+def test_a_run_name_is_parsed_back_and_any_other_name_is_named():
+    from experiments.study.plan import parse_run_name, run_name
+    assert parse_run_name(run_name("simvq", 1024, 2)) == ("simvq", 1024, 2)
+    with pytest.raises(ValueError, match="'vq_1024' is not a study run name"):
+        parse_run_name("vq_1024")
 
 
 @pytest.mark.slow

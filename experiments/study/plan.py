@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +40,14 @@ class RunSpec:
 
 def run_name(quantizer: str, codebook_size: int, seed: int) -> str:
     return f"{quantizer}_K{codebook_size}_s{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, int, int]:
+    """(quantizer, K, seed) of a ``run_name``; a ValueError naming the expected form for any other name."""
+    match = re.fullmatch(r"([a-z0-9]+)_K(\d+)_s(\d+)", name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a study run name (<quantizer>_K<codebook size>_s<seed>, e.g. lgq_K256_s0)")
+    return match.group(1), int(match.group(2)), int(match.group(3))
 
 
 def config_files_for(study: StudyConfig, quantizer: str, output_dir: Path | None = None) -> list[str]:

@@ -14,10 +14,12 @@ prior's config schema, and the budget, seed, data and output folder keep their o
 
 Each (run, codebook, N) is one folder ``<study-dir>/prior_budget/<run>/<full|pruned>_steps<N>/`` (``_seed<S>``
 appended for a ``--prior-seed`` other than the run's seed, which the study's second stage uses, and ``_<key>-<value>``
-per recipe change) with the prior
-run and its ``generation.json`` (resumable: an interrupted prior resumes, a finished one is reused); the budget the
-run's own second stage used is not trained again but read from the run's ``result.json``. The tokens (and the pruned
-tokenizer) are the run's own (``<run>/generation*/tokens``), made there if missing.
+per recipe change) with the prior run and its ``generation.json`` (resumable: an interrupted prior resumes, a finished
+one is reused); the budget the run's own second stage used is not trained again but read from the run's
+``result.json``. Every call rewrites ``<study-dir>/prior_budget/results.md`` (one row per run, codebook, recipe, seed
+and budget) and ``summary.md`` (``summary_table``: mean ± std over the runs' tokenizer seeds per quantizer, K,
+codebook, recipe and budget). The tokens (and the pruned tokenizer) are the run's own (``<run>/generation*/tokens``),
+made there if missing.
 
 Converged (the criterion the table states): a budget N is converged when doubling it changes the share of samples
 classified as their class by less than ``ACCURACY_TOLERANCE`` and lowers the samples' FD by less than
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +42,9 @@ from common.cli import resolve_config_path
 from common.config import ConfigError, load_config
 from common.files import file_lock, write_bytes_atomic, write_json
 from experiments.study.generation import failed_generation, run_generation, stage_tokens
+from experiments.study.plan import parse_run_name
 from experiments.study.runs import study_classifier
+from experiments.study.tables import mean_std_cell
 from prior.config import PriorRunConfig
 from tokenizer.config import TokenizerRunConfig
 
@@ -211,6 +216,58 @@ def budget_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_FIGURES = ("classifier_accuracy", "classifier_fd", "prior_final_loss", "sampling_seconds")
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (quantizer, K, codebook, prior recipe, prior steps, prior seed) over the study runs (tokenizer
+    seeds) measured with it: runs, failed (runs whose prior failed), and for each of ``SUMMARY_FIGURES`` over the
+    runs that did not fail its mean, sample std (n - 1; None for one run), min and max. The prior seed is "run" when
+    each prior used its run's seed (the study's second stage), else the fixed ``--prior-seed``."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        quantizer, K, seed = parse_run_name(row["run"])
+        prior_seed = "run" if row["prior_seed"] == seed else str(row["prior_seed"])
+        key = (quantizer, K, row["codebook"], row.get("recipe", RECIPE), row["prior_steps"], prior_seed)
+        groups.setdefault(key, []).append(row)
+    summary = []
+    for key in sorted(groups):
+        members = sorted(groups[key], key=lambda r: parse_run_name(r["run"])[2])
+        ok = [row for row in members if row["status"] == "ok"]
+        entry = dict(zip(("quantizer", "K", "codebook", "recipe", "prior_steps", "prior_seed"), key))
+        entry["runs"] = [row["run"] for row in members]
+        entry["failed"] = [row["run"] for row in members if row["status"] != "ok"]
+        for figure in SUMMARY_FIGURES:
+            values = [float(row[figure]) for row in ok]
+            entry[f"{figure}_mean"] = statistics.fmean(values) if values else None
+            entry[f"{figure}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            entry[f"{figure}_min"] = min(values) if values else None
+            entry[f"{figure}_max"] = max(values) if values else None
+        summary.append(entry)
+    return summary
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of ``summary_rows``: mean ± std over the runs, with the range of the share classified."""
+    lines = ["| quantizer | K | codebook | prior recipe | prior steps | prior seed | runs | failed | samples classified "
+             "| classified min-max | sample FD | prior final loss | sampling s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in summary_rows(rows):
+        accuracy_range = ("-" if entry["classifier_accuracy_min"] is None else
+                          f"{entry['classifier_accuracy_min']:.3f}-{entry['classifier_accuracy_max']:.3f}")
+        lines.append(f"| {entry['quantizer']} | {entry['K']} | {entry['codebook']} | {entry['recipe']} | "
+                     f"{entry['prior_steps']} | {entry['prior_seed']} | {len(entry['runs'])} | "
+                     f"{len(entry['failed'])} | {mean_std_cell(entry, 'classifier_accuracy', '{:.3f}')} | "
+                     f"{accuracy_range} | {mean_std_cell(entry, 'classifier_fd', '{:.1f}')} | "
+                     f"{mean_std_cell(entry, 'prior_final_loss', '{:.2f}')} | "
+                     f"{mean_std_cell(entry, 'sampling_seconds', '{:.0f}')} |")
+    lines.append("")
+    lines.append("Mean ± sample std over the study runs (tokenizer seeds) of each group; a failed prior is counted, "
+                 "not averaged. Prior seed \"run\": each prior trained with its run's seed, as the study's second "
+                 "stage does.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.threads is not None:
@@ -263,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         everything = merged_rows(results, rows)
         write_json(results, everything)
         write_bytes_atomic(results.with_suffix(".md"), budget_table(everything).encode())
+        write_bytes_atomic(results.with_name("summary.md"), summary_table(everything).encode())
     return rows
 
 

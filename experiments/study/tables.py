@@ -136,7 +136,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _mean_std(row: dict, key: str, number_format: str | None = None) -> str:
+def mean_std_cell(row: dict, key: str, number_format: str | None = None) -> str:
     """"mean ± std" of a row's figure (mean alone for one seed); ``number_format`` formats both, else 4/2
     significant digits."""
     mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
@@ -180,7 +180,7 @@ def markdown_summary(rows: Sequence[dict], fraction: float, columns: Sequence[tu
         known = row.get("convergence_known_seeds", 0)
         converged = f"{row.get('converged_seeds', 0)}/{known}" if known else "n/a"
         cells = [row["quantizer"], str(row["K"]), str(row["num_seeds"]), f"{row['collapsed_seeds']}/{row['num_seeds']}",
-                 converged, _fmt(row.get("steps")), *(_mean_std(row, column[0], *column[2:]) for column in columns)]
+                 converged, _fmt(row.get("steps")), *(mean_std_cell(row, column[0], *column[2:]) for column in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
