@@ -1,6 +1,7 @@
 """experiments.study.prior_budget: the study's second-stage prior again at other budgets, on a tiny finished study."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -13,16 +14,33 @@ from test_study import PRIOR_OVERRIDES, TINY_PRIOR, write_study  # tests/test_st
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
+def tiny_recipe(tmp_path):
+    """(prior config, overrides): the tests' tiny prior with its recipe keys written into the config file, so the
+    overrides only log and set the budget (their recipe is ``recipe``, the config file as it is)."""
+    recipe = [item for item in PRIOR_OVERRIDES
+              if prior_budget.override_key(item) not in prior_budget.NEUTRAL_KEYS]
+    config = tmp_path / "tiny_prior.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(TINY_PRIOR), OmegaConf.from_dotlist(recipe)), config)
+    return config, [item for item in PRIOR_OVERRIDES if item not in recipe]
+
+
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory):
     """One LGQ run (K = 256) with its second stage, full and pruned: a prior of 3 steps (the recipe)."""
-    tmp_path = tmp_path_factory.mktemp("budget")
-    generation = {"prior_config": str(TINY_PRIOR), "overrides": PRIOR_OVERRIDES, "num_samples": 8, "batch_size": 4,
+    out, _, result = tiny_study(tmp_path_factory.mktemp("budget"))
+    return out, result
+
+
+def tiny_study(tmp_path):
+    """(study folder, study config, result) of one finished LGQ run (K = 256) with its second stage, full and
+    pruned, of the tiny recipe (``tiny_recipe``) for 3 steps."""
+    prior_config, overrides = tiny_recipe(tmp_path)
+    generation = {"prior_config": str(prior_config), "overrides": overrides, "num_samples": 8, "batch_size": 4,
                   "num_inference_steps": 2, "guidance_scale": 2.0, "prune": ["lgq"]}
     config = write_study(tmp_path, quantizers=["lgq"], codebook_sizes=[256], generation=generation)
     out = tmp_path / "out"
     (result,) = study.main(["--config", str(config), "--output-dir", str(out), "--no-memory"])
-    return out, result
+    return out, config, result
 
 
 @pytest.mark.slow
@@ -115,6 +133,45 @@ def test_a_recipe_change_must_be_a_known_key_and_not_one_with_its_own_option():
         ["train.tracker=none", "train.max_steps=9", "train.lr=1e-3"]
 
 
+def test_a_recipe_is_named_by_its_changes_to_the_config_file_in_one_order_whatever_the_order_given():
+    unigram = "model.output_bias_init=unigram"
+    logging = ["train.tracker=none", "train.progress_bar=false", "train.image_log_every=0"]
+    old = {"prior_config": str(TINY_PRIOR), "overrides": logging}
+    assert prior_budget.recipe_changes(old) == []  # logging only: the config file's recipe
+    # the last value of a key wins (OmegaConf's dotlist), in the order of those last values; the budget is no change
+    assert prior_budget.recipe_changes({"overrides": ["train.lr=1e-3", "train.max_steps=5", unigram,
+                                                      "train.lr=5e-4"]}) == [unigram, "train.lr=5e-4"]
+    new = prior_budget.with_steps(old, 2200, [unigram])
+    assert new["overrides"] == [*logging, "train.max_steps=2200", unigram]
+    # the same recipe and budget reached from the changed recipe, or given in another order: equal settings
+    assert prior_budget.with_steps(new, 2200, [unigram]) == new
+    assert prior_budget.with_steps({**old, "overrides": [unigram, *reversed(logging)]}, 2200)["overrides"] == \
+        [*reversed(logging), "train.max_steps=2200", unigram]
+    assert prior_budget.with_steps(new, 4400)["overrides"] == [*logging, "train.max_steps=4400", unigram]
+    # a change overrides the recipe's own value of its key
+    assert prior_budget.with_steps(new, 2200, ["model.output_bias_init=zero"])["overrides"][-1] == \
+        "model.output_bias_init=zero"
+
+
+def test_the_study_default_second_stage_is_the_unigram_start_at_2200_steps_in_the_budgets_order():
+    """configs/study/glyphs.yaml: the prior recipe the stall measurements chose, written so that a prior_budget
+    folder of that recipe and budget has equal settings (and is recorded by the study, not trained again)."""
+    from experiments import study as study_package
+    from prior.config import PriorRunConfig
+    from common.config import load_config
+
+    settings = study_package.load_study_config("configs/study/glyphs.yaml").generation
+    assert prior_budget.recipe_changes(settings) == ["model.output_bias_init=unigram"]
+    assert prior_budget.recipe_steps(settings) == 2200
+    assert prior_budget.with_steps(settings, 2200) == settings
+    zero_start = {**settings, "overrides": ["train.tracker=none", "train.progress_bar=false",
+                                            "train.image_log_every=0"]}  # the study's recipe before the change
+    assert prior_budget.with_steps(zero_start, 2200, ["model.output_bias_init=unigram"]) == settings
+    loaded = load_config(PriorRunConfig, [prior_budget.resolve_config_path(settings["prior_config"])],
+                         [*settings["overrides"], "data.tokens=tokens"])
+    assert loaded.model.output_bias_init == "unigram" and loaded.train.max_steps == 2200
+
+
 def test_a_missing_run_or_a_run_without_its_second_stage_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a finished study run"):
         prior_budget.main(["--study-dir", str(tmp_path), "--runs", "vq_K1024_s0", "--steps", "100"])
@@ -205,3 +262,68 @@ def test_a_budget_that_fails_is_reported_as_failed_not_dropped(finished_study, m
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: prior diverged"
     assert "| lgq_K256_s0 | full | recipe | 0 | 5 | - | failed: RuntimeError: prior diverged |" in \
         (out / "prior_budget" / "results.md").read_text()
+
+
+def write_generation(folder, settings, seed, pruned=False, status="ok"):
+    folder.mkdir(parents=True)
+    record = {"status": status, "settings": settings, "pruned": pruned, "classifier_accuracy": 0.5,
+              "protocol": {"prior_argv": ["--config", "c.yaml", "data.tokens=t", f"train.seed={seed}"]}}
+    (folder / "generation.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_a_stage_made_elsewhere_is_found_only_with_the_same_settings_codebook_and_prior_seed(tmp_path):
+    from experiments.study.generation import finished_elsewhere
+
+    settings = {"prior_config": "c.yaml", "overrides": ["train.max_steps=4", "model.output_bias_init=unigram"]}
+    other = {**settings, "overrides": ["train.max_steps=8", "model.output_bias_init=unigram"]}
+    folders = [write_generation(tmp_path / "steps8", other, 0), write_generation(tmp_path / "seed7", settings, 7),
+               write_generation(tmp_path / "pruned", settings, 0, pruned=True),
+               write_generation(tmp_path / "failed", settings, 0, status="failed"), tmp_path / "no_such_folder",
+               write_generation(tmp_path / "same", settings, 0)]
+    found = finished_elsewhere(folders, settings, 0, pruned=False)
+    assert found["source"] == str(tmp_path / "same" / "generation.json") and found["classifier_accuracy"] == 0.5
+    assert finished_elsewhere(folders, settings, 0, pruned=True)["source"].endswith("pruned/generation.json")
+    assert finished_elsewhere(folders, settings, 7, pruned=False)["source"].endswith("seed7/generation.json")
+    assert finished_elsewhere(folders, settings, 3, pruned=False) is None
+    assert finished_elsewhere(folders[:1], settings, 0, pruned=False) is None
+
+
+@pytest.mark.slow
+def test_the_study_records_the_budgets_prior_of_its_changed_recipe_instead_of_training_it_again(tmp_path, capsys):
+    """A study whose second-stage recipe changed to one prior_budget already trained on its runs (full and pruned)
+    records those priors (their figures, the source named) and trains none; without them it refuses the folder."""
+    out, config, before = tiny_study(tmp_path)
+    change = "train.lr=5e-4"
+    changed = prior_budget.with_steps(before["generation"]["settings"], 4, [change])
+    changed_config = tmp_path / "changed" / "study.yaml"
+    changed_config.parent.mkdir()
+    payload = json.loads(config.read_text())
+    changed_config.write_text(json.dumps({**payload, "generation": {**payload["generation"],
+                                                                    "overrides": changed["overrides"]}}))
+    # the full codebook's prior of the changed recipe only: the pruned stage's folder has other settings -> refused
+    (full,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "4",
+                                 "--prior-set", change])
+    with pytest.raises(ValueError, match=r"generation_pruned was made with other generation settings"):
+        study.main(["--config", str(changed_config), "--output-dir", str(out), "--no-memory"])
+    (pruned,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "4",
+                                   "--prior-set", change, "--pruned"])
+    stage = out / "runs" / "lgq_K256_s0" / "generation"
+    stamps = {path: path.stat().st_mtime_ns for path in stage.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    (after,) = study.main(["--config", str(changed_config), "--output-dir", str(out), "--no-memory"])
+    printed = capsys.readouterr().out
+    assert printed.count("made with these settings in") == 2 and "M parameters" not in printed
+    assert {path: path.stat().st_mtime_ns for path in stage.rglob("*") if path.is_file()} == stamps  # nothing trained
+    for key, row in (("generation", full), ("generation_pruned", pruned)):
+        assert after[key]["settings"] == changed and after[key]["source"] == row["source"]
+        assert after[key]["classifier_accuracy"] == row["classifier_accuracy"]
+        assert OmegaConf.load(Path(row["source"]).parent / "prior_run" / "config.yaml").train.lr == 5e-4
+    saved = json.loads((out / "runs" / "lgq_K256_s0" / "result.json").read_text())
+    assert saved["generation"]["source"] == full["source"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[0]["generation/classifier_accuracy_mean"] == full["classifier_accuracy"]
+    # the budget table names the recipe by its change, whether it was given as one or is the study's own now
+    (again,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "4"])
+    assert again["recipe"] == change and again["source"].endswith("result.json (generation)")
+    assert again["classifier_accuracy"] == full["classifier_accuracy"]

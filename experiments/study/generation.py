@@ -15,6 +15,11 @@ the codes it uses on the training split, ``tokenizer.prune``'s default rule):
 with a meta.json are reused, an interrupted prior resumes from its latest checkpoint, a finished stage keeps its
 ``generation.json`` and is reused while the study's generation settings are unchanged. The prior recipe is the same
 for every run, so only the tokenizer differs.
+
+A stage already made elsewhere with exactly the study's settings, codebook and prior seed (a prior of
+experiments.study.prior_budget, ``<study>/prior_budget/<run>/*/generation.json``) is recorded instead of training
+the same prior again (``finished_elsewhere``); its ``source`` names the file. Otherwise a stage folder started with
+other settings is refused (``check_same_settings``), never mixed.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -39,6 +44,7 @@ GENERATION_DEFAULTS: dict[str, Any] = {"prior_config": "configs/prior/glyphs.yam
                                        "guidance_scale": 3.0, "temperature": 0.7, "seed": 0, "prune": []}
 RESULT_FILE = "generation.json"
 SETTINGS_FILE = "settings.json"  # written when a stage starts: its tokens / prior belong to these settings
+BUDGET_FOLDER = "prior_budget"  # <study>/prior_budget/<run>/<stage>: priors of other budgets and recipes
 
 
 def stage_folder(run_dir: Path, pruned: bool) -> Path:
@@ -56,6 +62,29 @@ def check_same_settings(run_dir: Path, pruned: bool, settings: dict[str, Any]) -
         changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
         raise ValueError(f"{stage_folder(run_dir, pruned)} was made with other generation settings (changed: "
                          f"{changed}); choose another --output-dir or delete that folder")
+
+
+def prior_seed_of(generation: dict[str, Any]) -> int | None:
+    """The ``train.seed`` a recorded stage's prior was trained with (from its ``protocol.prior_argv``)."""
+    seeds = [item.partition("=")[2] for item in (generation.get("protocol") or {}).get("prior_argv", [])
+             if str(item).startswith("train.seed=")]
+    return int(seeds[-1]) if seeds else None
+
+
+def finished_elsewhere(folders: Sequence[Path], settings: dict[str, Any], seed: int,
+                       pruned: bool) -> dict[str, Any] | None:
+    """The first finished stage among ``folders`` (each a folder with a ``generation.json``) made with exactly
+    ``settings``, the same codebook (full or ``pruned``) and a prior of train.seed = ``seed``: the same prior on
+    the same tokens, so it is recorded (with ``source``, its file) instead of being trained again; None if none."""
+    for folder in folders:
+        path = Path(folder) / RESULT_FILE
+        if not path.is_file():
+            continue
+        found = json.loads(path.read_text())
+        if (found.get("status") == "ok" and found.get("settings") == settings
+                and found.get("pruned") == pruned and prior_seed_of(found) == seed):
+            return {**found, "source": str(path)}
+    return None
 
 
 def generation_settings(raw: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -190,10 +219,12 @@ def failed_generation(error: BaseException, settings: dict[str, Any], pruned: bo
 
 
 def with_generation(result: dict[str, Any], run_dir: Path, quantizer: str, seed: int, data_cfg,
-                    settings: dict[str, Any], classifier, device: str | torch.device = "cpu") -> bool:
+                    settings: dict[str, Any], classifier, device: str | torch.device = "cpu",
+                    elsewhere: Sequence[Path] = ()) -> bool:
     """Add ``result["generation"]`` (and ``result["generation_pruned"]`` for quantizers in ``settings["prune"]``)
-    where missing, failed or made with other settings; True if anything changed. A stage that raises is recorded
-    as failed (``failed_generation``) with its traceback printed, and the study goes on."""
+    where missing, failed or made with other settings; True if anything changed. A stage finished in one of the
+    ``elsewhere`` folders with these settings and seed is recorded as it is (``finished_elsewhere``). A stage that
+    raises is recorded as failed (``failed_generation``) with its traceback printed, and the study goes on."""
     import traceback
 
     changed = False
@@ -203,6 +234,13 @@ def with_generation(result: dict[str, Any], run_dir: Path, quantizer: str, seed:
         key = "generation_pruned" if pruned else "generation"
         previous = result.get(key) or {}
         if previous.get("status") == "ok" and previous.get("settings") == settings:
+            continue
+        found = finished_elsewhere(elsewhere, settings, seed, pruned)
+        if found is not None:
+            print(f"[study] {run_dir.name}: second stage{' (pruned codebook)' if pruned else ''} made with these "
+                  f"settings in {found['source']}", flush=True)
+            result[key] = found
+            changed = True
             continue
         check_same_settings(run_dir, pruned, settings)  # raises: never mixed, never recorded as a failed stage
         print(f"[study] {run_dir.name}: second stage{' (pruned codebook)' if pruned else ''}", flush=True)

@@ -12,11 +12,14 @@ and, with ``--prior-set KEY=VALUE ...``, trains a changed recipe the same way (e
 to ask whether a lower learning rate leaves the unigram plateau more reliably); the changes are checked against the
 prior's config schema, and the budget, seed, data and output folder keep their own options.
 
-Each (run, codebook, N) is one folder ``<study-dir>/prior_budget/<run>/<full|pruned>_steps<N>/`` (``_seed<S>``
-appended for a ``--prior-seed`` other than the run's seed, which the study's second stage uses, and ``_<key>-<value>``
-per recipe change) with the prior run and its ``generation.json`` (resumable: an interrupted prior resumes, a finished
-one is reused); the budget the run's own second stage used is not trained again but read from the run's
-``result.json``. Every call rewrites ``<study-dir>/prior_budget/results.md`` (one row per run, codebook, recipe, seed
+A recipe is named by its changes to the prior's config file (``recipe_changes``: the overrides of the study's
+``generation`` settings and ``--prior-set`` together, last value per key, without the keys that only change logging
+or the budget); ``recipe`` is the config file as it is. Each (run, codebook, recipe, N) is one folder
+``<study-dir>/prior_budget/<run>/<full|pruned>_steps<N>/`` (``_seed<S>`` appended for a ``--prior-seed`` other than
+the run's seed, which the study's second stage uses, and ``_<key>-<value>`` per recipe change) with the prior run and
+its ``generation.json`` (resumable: an interrupted prior resumes, a finished one is reused); the recipe and budget the
+run's own second stage used are not trained again but read from the run's ``result.json``, and the study's second
+stage in turn records a prior of this folder made with exactly its settings instead of training it again. Every call rewrites ``<study-dir>/prior_budget/results.md`` (one row per run, codebook, recipe, seed
 and budget) and ``summary.md`` (``summary_table``: mean ± std over the runs' tokenizer seeds per quantizer, K,
 codebook, recipe and budget). The tokens (and the pruned tokenizer) are the run's own (``<run>/generation*/tokens``),
 made there if missing.
@@ -41,7 +44,7 @@ from omegaconf import OmegaConf
 from common.cli import resolve_config_path
 from common.config import ConfigError, load_config
 from common.files import file_lock, write_bytes_atomic, write_json
-from experiments.study.generation import failed_generation, run_generation, stage_tokens
+from experiments.study.generation import BUDGET_FOLDER, failed_generation, run_generation, stage_tokens
 from experiments.study.plan import parse_run_name
 from experiments.study.runs import study_classifier
 from experiments.study.tables import mean_std_cell
@@ -50,8 +53,10 @@ from tokenizer.config import TokenizerRunConfig
 
 ACCURACY_TOLERANCE = 0.01  # share of samples classified as their class
 FD_TOLERANCE = 1.0  # FD of the samples' classifier features against real val
-BUDGET_FOLDER = "prior_budget"
-RECIPE = "recipe"  # the recipe column of an unchanged prior
+RECIPE = "recipe"  # the recipe column of the prior's config file as it is
+# override keys that change what a prior logs or how long it trains (its own column), not its recipe
+NEUTRAL_KEYS = ("train.tracker", "train.progress_bar", "train.image_log_every", "train.log_every",
+                "train.checkpoint_every", "train.max_steps")
 # keys a recipe change may not set: each has its own option (--steps, --prior-seed) or is the run's own
 RESERVED_KEYS = ("train.max_steps", "train.seed", "train.output_dir", "train.resume", "data.")
 
@@ -93,8 +98,22 @@ def check_recipe_changes(changes: Sequence[str], settings: dict[str, Any], token
     return list(changes)
 
 
+def override_key(item: Any) -> str:
+    return str(item).partition("=")[0]
+
+
+def recipe_changes(settings: dict[str, Any]) -> list[str]:
+    """A second stage's changes to its prior config file: its ``key=value`` overrides, the last one per key (the
+    one OmegaConf's dotlist merge keeps) in the order of those last ones, without ``NEUTRAL_KEYS``."""
+    overrides = [str(item) for item in settings["overrides"]]
+    last = {override_key(item): index for index, item in enumerate(overrides)}
+    return [item for index, item in enumerate(overrides)
+            if last[override_key(item)] == index and override_key(item) not in NEUTRAL_KEYS]
+
+
 def recipe_label(changes: Sequence[str]) -> str:
-    """The table's name of a prior recipe: ``recipe``, or its changes joined by spaces."""
+    """The table's name of a prior recipe: ``recipe`` (the config file as it is), or its changes joined by
+    spaces."""
     return " ".join(changes) if changes else RECIPE
 
 
@@ -118,15 +137,19 @@ def recipe_steps(settings: dict[str, Any]) -> int:
 
 
 def with_steps(settings: dict[str, Any], steps: int, changes: Sequence[str] = ()) -> dict[str, Any]:
-    """The second stage's settings with the prior trained for ``steps`` (any earlier max_steps override dropped)
-    and the recipe ``changes`` appended (they win over the recipe's own overrides)."""
-    overrides = [item for item in settings["overrides"] if not str(item).startswith("train.max_steps=")]
-    return {**settings, "overrides": [*overrides, f"train.max_steps={steps}", *changes]}
+    """The second stage's settings with the prior trained for ``steps`` and the recipe ``changes`` (they win over
+    the settings' own values of their keys), in one order whatever the settings' order was: the logging overrides,
+    ``train.max_steps=steps``, then ``recipe_changes``. The same recipe and budget so always give equal settings
+    (the study's second stage records a budget folder's prior only when they are equal)."""
+    combined = {**settings, "overrides": [*map(str, settings["overrides"]), *changes]}
+    logging = [item for item in combined["overrides"]
+               if override_key(item) in NEUTRAL_KEYS and override_key(item) != "train.max_steps"]
+    return {**settings, "overrides": [*logging, f"train.max_steps={steps}", *recipe_changes(combined)]}
 
 
 def check_prior_recipe(stage_dir: Path, steps: int, changes: Sequence[str] = ()) -> None:
     """Refuse a prior folder trained (or being trained) for another number of steps or with other values of the
-    changed keys."""
+    recipe's changed keys (``recipe_changes``)."""
     config = stage_dir / "prior_run" / "config.yaml"
     if not config.is_file():
         return
@@ -295,17 +318,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         run_seed = int(result["seed"])
         prior_seed = run_seed if args.prior_seed is None else args.prior_seed
         for steps in args.steps:
+            budget_settings = with_steps(settings, steps, changes)
+            recipe = recipe_changes(budget_settings)
             if (recorded.get("status") == "ok" and recipe_steps(settings) == steps and prior_seed == run_seed
-                    and not changes):
-                rows.append(budget_row(run, args.pruned, steps, prior_seed, recorded, f"{run}/result.json ({key})"))
+                    and recipe == recipe_changes(settings)):
+                rows.append(budget_row(run, args.pruned, steps, prior_seed, recorded, f"{run}/result.json ({key})",
+                                       recipe))
                 continue
             stage_dir = budget_folder(args.study_dir, run, args.pruned, steps,
-                                      None if prior_seed == run_seed else prior_seed, changes)
+                                      None if prior_seed == run_seed else prior_seed, recipe)
             with file_lock(stage_dir):
-                check_prior_recipe(stage_dir, steps, changes)
+                check_prior_recipe(stage_dir, steps, recipe)
                 print(f"[prior_budget] {run} ({'pruned' if args.pruned else 'full'} codebook, "
-                      f"{recipe_label(changes)}): prior of {steps} steps", flush=True)
-                budget_settings = with_steps(settings, steps, changes)
+                      f"{recipe_label(recipe)}): prior of {steps} steps", flush=True)
                 try:
                     generation = run_generation(run_dir, prior_seed, run_cfg.data, budget_settings,
                                                 classifier, pruned=args.pruned, device=device, stage_dir=stage_dir)
@@ -313,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     traceback.print_exc()
                     generation = failed_generation(err, budget_settings, args.pruned)
             rows.append(budget_row(run, args.pruned, steps, prior_seed, generation,
-                                   str(stage_dir / "generation.json"), changes))
+                                   str(stage_dir / "generation.json"), recipe))
     print(budget_table(rows))
     results = args.study_dir / BUDGET_FOLDER / "results.json"
     with file_lock(results):  # two processes on other runs or budgets share the table

@@ -22,7 +22,7 @@ from eval.fid import inception_weights_available
 from eval.reconstruction import evaluate_reconstruction
 from experiments.bench_quantizers import run_configuration
 from experiments.study.config import StudyConfig
-from experiments.study.generation import with_generation
+from experiments.study.generation import BUDGET_FOLDER, with_generation
 from experiments.study.history import LAST_QUARTER_FIELDS, training_summary
 from experiments.study.plan import RunSpec, load_run_config
 from tokenizer.config import TokenizerRunConfig
@@ -267,7 +267,9 @@ def _run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: b
 
 def second_stage(result: dict, spec: RunSpec, run_cfg, study: StudyConfig, dry_run: bool = False) -> dict:
     """The study's ``generation`` stage for a finished run (experiments.study.generation), saved into its
-    result.json; the result unchanged when the study has no generation settings."""
+    result.json; the result unchanged when the study has no generation settings. A prior that
+    experiments.study.prior_budget already trained on this run with exactly these settings is recorded, not trained
+    again."""
     if study.generation is None or dry_run:
         return result
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -275,8 +277,10 @@ def second_stage(result: dict, spec: RunSpec, run_cfg, study: StudyConfig, dry_r
     if classifier is None:
         raise ValueError(f"the study's generation stage scores samples with the data set's classifier, and "
                          f"{run_cfg.data.name!r} has fewer than 2 classes")
+    budget_stages = sorted(path for path in (spec.run_dir.parent.parent / BUDGET_FOLDER / spec.name).glob("*")
+                           if path.is_dir())  # priors experiments.study.prior_budget trained on this run's tokens
     if with_generation(result, spec.run_dir, spec.quantizer, spec.seed, run_cfg.data, study.generation, classifier,
-                       device):
+                       device, elsewhere=budget_stages):
         write_json(spec.run_dir / "result.json", result)
     return result
 
