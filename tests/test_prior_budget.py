@@ -306,6 +306,19 @@ def test_the_study_records_the_budgets_prior_of_its_changed_recipe_instead_of_tr
                                  "--prior-set", change])
     with pytest.raises(ValueError, match=r"generation_pruned was made with other generation settings"):
         study.main(["--config", str(changed_config), "--output-dir", str(out), "--no-memory"])
+    # --finished-only trains nothing and refuses nothing: the full stage recorded, the pruned one pending (listed,
+    # no figures in the tables), its old record kept in the run's result.json
+    (tabulated,) = study.main(["--config", str(changed_config), "--output-dir", str(out), "--no-memory",
+                               "--finished-only"])
+    assert tabulated["generation"]["source"] == full["source"]
+    assert tabulated["generation_pruned"] == {"status": "pending", "settings": changed, "pruned": True}
+    saved = json.loads((out / "runs" / "lgq_K256_s0" / "result.json").read_text())
+    assert saved["generation_pruned"] == before["generation_pruned"] and saved["generation"]["source"] == full["source"]
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["generation/classifier_accuracy_mean"] == full["classifier_accuracy"]
+    assert "generation_pruned/classifier_accuracy_mean" not in row and row["generation_pending"] == [
+        "lgq_K256_s0 (pruned)"]
+    assert "Second stage not made with the study's generation settings" in (out / "results.md").read_text()
     (pruned,) = prior_budget.main(["--study-dir", str(out), "--runs", "lgq_K256_s0", "--steps", "4",
                                    "--prior-set", change, "--pruned"])
     stage = out / "runs" / "lgq_K256_s0" / "generation"
@@ -313,7 +326,7 @@ def test_the_study_records_the_budgets_prior_of_its_changed_recipe_instead_of_tr
     capsys.readouterr()
     (after,) = study.main(["--config", str(changed_config), "--output-dir", str(out), "--no-memory"])
     printed = capsys.readouterr().out
-    assert printed.count("made with these settings in") == 2 and "M parameters" not in printed
+    assert "(pruned codebook) made with these settings in" in printed and "M parameters" not in printed
     assert {path: path.stat().st_mtime_ns for path in stage.rglob("*") if path.is_file()} == stamps  # nothing trained
     for key, row in (("generation", full), ("generation_pruned", pruned)):
         assert after[key]["settings"] == changed and after[key]["source"] == row["source"]

@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "validation-PSNR convergence so far")
     parser.add_argument("--finished-only", action="store_true",
                         help="train nothing: merge the runs that have finished (result.json) into the tables and "
-                             "plots, e.g. while a long sweep is still running; the others are listed as missing")
+                             "plots, e.g. while a long sweep is still running; the others are listed as missing, "
+                             "and second stages not made with the study's generation settings as pending")
     parser.add_argument("--no-tuning", action="store_true",
                         help="skip the config's tuning section: every quantizer trains its recipe as it is (e.g. "
                              "the budget curves, which come before the tuning)")
@@ -124,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if not runs:
             raise ValueError(f"--finished-only: no finished run in {output_dir}")
     for spec in (runs if args.dry_run else busy_ones_last(runs, lambda spec: spec.run_dir)):
-        result = run_one(spec, study, launcher, study.measure_memory and not args.no_memory, dry_run=args.dry_run)
+        result = run_one(spec, study, launcher, study.measure_memory and not args.no_memory, dry_run=args.dry_run,
+                         train_second_stage=not args.finished_only)
         if result is not None:
             result["run_dir"] = str(spec.run_dir)
             result["collapse"] = detect_collapse(read_history(spec.run_dir), spec.codebook_size,

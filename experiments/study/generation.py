@@ -19,7 +19,8 @@ for every run, so only the tokenizer differs.
 A stage already made elsewhere with exactly the study's settings, codebook and prior seed (a prior of
 experiments.study.prior_budget, ``<study>/prior_budget/<run>/*/generation.json``) is recorded instead of training
 the same prior again (``finished_elsewhere``); its ``source`` names the file. Otherwise a stage folder started with
-other settings is refused (``check_same_settings``), never mixed.
+other settings is refused (``check_same_settings``), never mixed. A study that trains nothing (``--finished-only``)
+tabulates a stage not made with its settings as pending (``pending_stages``), never with another recipe's figures.
 """
 from __future__ import annotations
 
@@ -213,6 +214,23 @@ def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any],
     return result
 
 
+PENDING = "pending"  # the status of a stage not made with the study's settings, when nothing may be trained
+
+
+def pending_stages(result: dict[str, Any], quantizer: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``result`` (a copy) with every second stage not made with ``settings`` (missing, or another recipe's) as
+    ``{"status": "pending", "settings": settings, "pruned": ...}``: what a study that trains nothing tabulates, so
+    the tables never put another recipe's figures beside this one's (the run's result.json keeps its record)."""
+    result = dict(result)
+    for pruned in (False, True):
+        if pruned and quantizer not in settings["prune"]:
+            continue
+        key = "generation_pruned" if pruned else "generation"
+        if (result.get(key) or {}).get("settings") != settings:
+            result[key] = {"status": PENDING, "settings": settings, "pruned": pruned}
+    return result
+
+
 def failed_generation(error: BaseException, settings: dict[str, Any], pruned: bool) -> dict[str, Any]:
     """The record of a second stage that raised: kept in the run's result (reported as failed, never dropped)."""
     return {"status": "failed", "error": f"{type(error).__name__}: {error}", "settings": settings, "pruned": pruned}
@@ -220,11 +238,12 @@ def failed_generation(error: BaseException, settings: dict[str, Any], pruned: bo
 
 def with_generation(result: dict[str, Any], run_dir: Path, quantizer: str, seed: int, data_cfg,
                     settings: dict[str, Any], classifier, device: str | torch.device = "cpu",
-                    elsewhere: Sequence[Path] = ()) -> bool:
+                    elsewhere: Sequence[Path] = (), train: bool = True) -> bool:
     """Add ``result["generation"]`` (and ``result["generation_pruned"]`` for quantizers in ``settings["prune"]``)
     where missing, failed or made with other settings; True if anything changed. A stage finished in one of the
-    ``elsewhere`` folders with these settings and seed is recorded as it is (``finished_elsewhere``). A stage that
-    raises is recorded as failed (``failed_generation``) with its traceback printed, and the study goes on."""
+    ``elsewhere`` folders with these settings and seed is recorded as it is (``finished_elsewhere``); with ``train``
+    False nothing else is done (no prior trained, no folder checked). A stage that raises is recorded as failed
+    (``failed_generation``) with its traceback printed, and the study goes on."""
     import traceback
 
     changed = False
@@ -241,6 +260,8 @@ def with_generation(result: dict[str, Any], run_dir: Path, quantizer: str, seed:
                   f"settings in {found['source']}", flush=True)
             result[key] = found
             changed = True
+            continue
+        if not train:
             continue
         check_same_settings(run_dir, pruned, settings)  # raises: never mixed, never recorded as a failed stage
         print(f"[study] {run_dir.name}: second stage{' (pruned codebook)' if pruned else ''}", flush=True)

@@ -22,7 +22,7 @@ from eval.fid import inception_weights_available
 from eval.reconstruction import evaluate_reconstruction
 from experiments.bench_quantizers import run_configuration
 from experiments.study.config import StudyConfig
-from experiments.study.generation import BUDGET_FOLDER, with_generation
+from experiments.study.generation import BUDGET_FOLDER, pending_stages, with_generation
 from experiments.study.history import LAST_QUARTER_FIELDS, training_summary
 from experiments.study.plan import RunSpec, load_run_config
 from tokenizer.config import TokenizerRunConfig
@@ -189,22 +189,25 @@ def busy_ones_last(items: Sequence[Item], run_dir_of: Callable[[Item], Path]) ->
         yield item
 
 
-def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bool, dry_run: bool = False) -> dict | None:
-    """Reuse, resume or train one run, then evaluate it and run its second stage; returns its result dict (None on a
-    dry run). The whole of it holds ``file_lock(run_dir)``: a second process given the same run waits for it, then
-    reuses it, instead of training into the same folder at once."""
+def run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bool, dry_run: bool = False,
+            train_second_stage: bool = True) -> dict | None:
+    """Reuse, resume or train one run, then evaluate it and run its second stage (with ``train_second_stage`` False,
+    a finished run's second stage is only read: ``second_stage``); returns its result dict (None on a dry run). The
+    whole of it holds ``file_lock(run_dir)``: a second process given the same run waits for it, then reuses it,
+    instead of training into the same folder at once."""
     with file_lock(spec.run_dir, enabled=not dry_run):
-        return _run_one(spec, study, launcher, measure_memory, dry_run)
+        return _run_one(spec, study, launcher, measure_memory, dry_run, train_second_stage)
 
 
-def _run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bool, dry_run: bool) -> dict | None:
+def _run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: bool, dry_run: bool,
+             train_second_stage: bool = True) -> dict | None:
     result_path = spec.run_dir / "result.json"
     export = spec.run_dir / "tokenizer"
     run_cfg = load_run_config(spec)
     check_same_recipe(spec, run_cfg)
     if result_path.is_file() and export.is_dir():
         print(f"[study] reusing finished run {spec.name} ({result_path})", flush=True)
-        return second_stage(json.loads(result_path.read_text()), spec, run_cfg, study, dry_run)
+        return second_stage(json.loads(result_path.read_text()), spec, run_cfg, study, dry_run, train_second_stage)
     record_path = spec.run_dir / "train_record.json"
     if export.is_dir() and record_path.is_file():
         print(f"[study] {spec.name}: export exists, evaluating only", flush=True)
@@ -265,11 +268,13 @@ def _run_one(spec: RunSpec, study: StudyConfig, launcher: str, measure_memory: b
     return second_stage(result, spec, run_cfg, study, dry_run)
 
 
-def second_stage(result: dict, spec: RunSpec, run_cfg, study: StudyConfig, dry_run: bool = False) -> dict:
+def second_stage(result: dict, spec: RunSpec, run_cfg, study: StudyConfig, dry_run: bool = False,
+                 train: bool = True) -> dict:
     """The study's ``generation`` stage for a finished run (experiments.study.generation), saved into its
     result.json; the result unchanged when the study has no generation settings. A prior that
     experiments.study.prior_budget already trained on this run with exactly these settings is recorded, not trained
-    again."""
+    again. With ``train`` False no prior is trained: what is not made with the study's settings is returned as
+    pending (``pending_stages``; result.json keeps its record)."""
     if study.generation is None or dry_run:
         return result
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -280,9 +285,9 @@ def second_stage(result: dict, spec: RunSpec, run_cfg, study: StudyConfig, dry_r
     budget_stages = sorted(path for path in (spec.run_dir.parent.parent / BUDGET_FOLDER / spec.name).glob("*")
                            if path.is_dir())  # priors experiments.study.prior_budget trained on this run's tokens
     if with_generation(result, spec.run_dir, spec.quantizer, spec.seed, run_cfg.data, study.generation, classifier,
-                       device, elsewhere=budget_stages):
+                       device, elsewhere=budget_stages, train=train):
         write_json(spec.run_dir / "result.json", result)
-    return result
+    return result if train else pending_stages(result, spec.quantizer, study.generation)
 
 
 def _torch_threads() -> int:

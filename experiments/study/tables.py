@@ -107,9 +107,10 @@ def aggregate_runs(results: Sequence[dict]) -> list[dict]:
         row["collapsed_seeds"] = sum(1 for c in collapses if c.get("collapsed"))
         row["collapse_steps"] = {str(r["seed"]): c.get("collapse_step") for r, c in zip(runs, collapses)
                                  if c.get("collapsed")}
-        row["generation_failed"] = [f"{r['run']}{'' if key == 'generation' else ' (pruned)'}" for r in runs
-                                    for key in ("generation", "generation_pruned")
-                                    if (r.get(key) or {}).get("status") == "failed"]
+        for status in ("failed", "pending"):
+            row[f"generation_{status}"] = [f"{r['run']}{'' if key == 'generation' else ' (pruned)'}" for r in runs
+                                           for key in ("generation", "generation_pruned")
+                                           if (r.get(key) or {}).get("status") == status]
         row["converged_seeds"] = sum(1 for r in runs if r.get("converged") is True)
         row["convergence_known_seeds"] = sum(1 for r in runs if r.get("converged") is not None)
         rows.append(row)
@@ -199,7 +200,7 @@ def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tu
                                 {"rows": rows, "runs": list(results), "collapse_rule": rule, "claims": claims,
                                  "skipped": [{"run": n, "reason": r} for n, r in skipped]})}
     columns = list(dict.fromkeys(key for row in rows for key in row
-                                 if key not in ("runs", "collapse_steps", "generation_failed")))
+                                 if key not in ("runs", "collapse_steps", "generation_failed", "generation_pending")))
     paths["csv"] = _write_csv(output_dir / "results.csv", columns, rows)
     paths["runs_csv"] = _write_csv(output_dir / "runs.csv", list(TABLE_COLUMNS), table_rows(results))
     text = ("Headline:\n\n" + markdown_summary(rows, collapse_fraction, HEADLINE_TABLE)
@@ -214,6 +215,10 @@ def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tu
     failed = [name for row in rows for name in row["generation_failed"]]
     if failed:
         text += "\n\nSecond stage failed (see each run's result.json): " + ", ".join(failed)
+    pending = [name for row in rows for name in row.get("generation_pending", [])]
+    if pending:
+        text += ("\n\nSecond stage not made with the study's generation settings (--finished-only trains none: run "
+                 "the study, or experiments.study.prior_budget with that recipe): " + ", ".join(pending))
     if skipped:
         text += "\n\nSkipped:\n" + "\n".join(f"- {name}: {reason}" for name, reason in skipped)
     md_path = output_dir / "results.md"
