@@ -493,6 +493,18 @@ def test_second_stage_trains_a_prior_per_run_scores_its_samples_and_reports_fail
     assert "Second stage failed (see each run's result.json): fsq_K256_s0" in (other / "results.md").read_text()
 
 
+def test_a_table_cell_averaged_over_fewer_than_the_rows_seeds_says_how_many():
+    from experiments.study.tables import mean_std_cell
+
+    row = {"num_seeds": 3, "psnr_mean": 29.25, "psnr_std": 0.06, "psnr_n": 3,
+           "generation/classifier_accuracy_mean": 0.99, "generation/classifier_accuracy_std": None,
+           "generation/classifier_accuracy_n": 1}
+    assert mean_std_cell(row, "psnr", "{:.2f}") == "29.25 ± 0.06"
+    assert mean_std_cell(row, "generation/classifier_accuracy", "{:.3f}") == "0.990 (1 of 3 seeds)"
+    assert mean_std_cell(row, "generation/classifier_fd", "{:.1f}") == "n/a"
+    assert mean_std_cell({"x_mean": 1.0, "x_std": None}, "x", "{:.1f}") == "1.0"  # no seed count: as it is
+
+
 def test_unused_code_share_counts_sampled_tokens_of_codes_absent_from_the_train_tokens(tmp_path):
     import torch
 

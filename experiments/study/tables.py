@@ -139,14 +139,18 @@ def _fmt(value: Any) -> str:
 
 def mean_std_cell(row: dict, key: str, number_format: str | None = None) -> str:
     """"mean ± std" of a row's figure (mean alone for one seed); ``number_format`` formats both, else 4/2
-    significant digits."""
+    significant digits. A figure that fewer of the row's seeds have (``<key>_n`` < ``num_seeds``, e.g. second
+    stages still pending) says so: "(n of N seeds)"."""
     mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
     if mean is None:
         return "n/a"
     if number_format is not None:
         text = number_format.format(mean)
-        return text if std is None else f"{text} ± {number_format.format(std).lstrip('+')}"
-    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {std:.2g}"
+        text = text if std is None else f"{text} ± {number_format.format(std).lstrip('+')}"
+    else:
+        text = _fmt(mean) if std is None else f"{_fmt(mean)} ± {std:.2g}"
+    count, seeds = row.get(f"{key}_n"), row.get("num_seeds")
+    return text if count is None or seeds is None or count >= seeds else f"{text} ({count} of {seeds} seeds)"
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
