@@ -19,9 +19,10 @@ or the budget); ``recipe`` is the config file as it is. Each (run, codebook, rec
 the run's seed, which the study's second stage uses, and ``_<key>-<value>`` per recipe change) with the prior run and
 its ``generation.json`` (resumable: an interrupted prior resumes, a finished one is reused); the recipe and budget the
 run's own second stage used are not trained again but read from the run's ``result.json``, and the study's second
-stage in turn records a prior of this folder made with exactly its settings instead of training it again. Every call rewrites ``<study-dir>/prior_budget/results.md`` (one row per run, codebook, recipe, seed
-and budget) and ``summary.md`` (``summary_table``: mean ± std over the runs' tokenizer seeds per quantizer, K,
-codebook, recipe and budget). The tokens (and the pruned tokenizer) are the run's own (``<run>/generation*/tokens``),
+stage in turn records a prior of this folder made with exactly its settings instead of training it again. Every
+call rewrites ``<study-dir>/prior_budget/results.md`` (one row per run, codebook, recipe, seed and budget) and
+``summary.md`` (``summary_table``: mean ± std over the runs' tokenizer seeds per quantizer, K, codebook, recipe and
+budget). The tokens (and the pruned tokenizer) are the run's own (``<run>/generation*/tokens``),
 made there if missing.
 
 Converged (the criterion the table states): a budget N is converged when doubling it changes the share of samples
@@ -99,6 +100,7 @@ def check_recipe_changes(changes: Sequence[str], settings: dict[str, Any], token
 
 
 def override_key(item: Any) -> str:
+    """The key of a ``key=value`` override."""
     return str(item).partition("=")[0]
 
 
