@@ -214,6 +214,12 @@ def run_generation(run_dir: Path, seed: int, data_cfg, settings: dict[str, Any],
     return result
 
 
+def stage_keys(quantizer: str, settings: dict[str, Any]) -> list[tuple[bool, str]]:
+    """(pruned, result key) of every second stage of a run: the full codebook, and the pruned one for the quantizers
+    in ``settings["prune"]``."""
+    return [(False, "generation"), *([(True, "generation_pruned")] if quantizer in settings["prune"] else [])]
+
+
 PENDING = "pending"  # the status of a stage not made with the study's settings, when nothing may be trained
 
 
@@ -222,10 +228,7 @@ def pending_stages(result: dict[str, Any], quantizer: str, settings: dict[str, A
     ``{"status": "pending", "settings": settings, "pruned": ...}``: what a study that trains nothing tabulates, so
     the tables never put another recipe's figures beside this one's (the run's result.json keeps its record)."""
     result = dict(result)
-    for pruned in (False, True):
-        if pruned and quantizer not in settings["prune"]:
-            continue
-        key = "generation_pruned" if pruned else "generation"
+    for pruned, key in stage_keys(quantizer, settings):
         if (result.get(key) or {}).get("settings") != settings:
             result[key] = {"status": PENDING, "settings": settings, "pruned": pruned}
     return result
@@ -247,10 +250,7 @@ def with_generation(result: dict[str, Any], run_dir: Path, quantizer: str, seed:
     import traceback
 
     changed = False
-    for pruned in (False, True):
-        if pruned and quantizer not in settings["prune"]:
-            continue
-        key = "generation_pruned" if pruned else "generation"
+    for pruned, key in stage_keys(quantizer, settings):
         previous = result.get(key) or {}
         if previous.get("status") == "ok" and previous.get("settings") == settings:
             continue

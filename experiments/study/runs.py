@@ -278,10 +278,12 @@ def second_stage(result: dict, spec: RunSpec, run_cfg, study: StudyConfig, dry_r
     if study.generation is None or dry_run:
         return result
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    classifier = study_classifier(spec.run_dir.parent.parent, run_cfg.data, device)
-    if classifier is None:
-        raise ValueError(f"the study's generation stage scores samples with the data set's classifier, and "
-                         f"{run_cfg.data.name!r} has fewer than 2 classes")
+    classifier = None  # only a stage that is trained scores samples: nothing to load (or train) otherwise
+    if train:
+        classifier = study_classifier(spec.run_dir.parent.parent, run_cfg.data, device)
+        if classifier is None:
+            raise ValueError(f"the study's generation stage scores samples with the data set's classifier, and "
+                             f"{run_cfg.data.name!r} has fewer than 2 classes")
     budget_stages = sorted(path for path in (spec.run_dir.parent.parent / BUDGET_FOLDER / spec.name).glob("*")
                            if path.is_dir())  # priors experiments.study.prior_budget trained on this run's tokens
     if with_generation(result, spec.run_dir, spec.quantizer, spec.seed, run_cfg.data, study.generation, classifier,

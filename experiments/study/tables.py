@@ -219,7 +219,7 @@ def write_merged(results: Sequence[dict], output_dir: Path, skipped: Sequence[tu
     failed = [name for row in rows for name in row["generation_failed"]]
     if failed:
         text += "\n\nSecond stage failed (see each run's result.json): " + ", ".join(failed)
-    pending = [name for row in rows for name in row.get("generation_pending", [])]
+    pending = [name for row in rows for name in row["generation_pending"]]
     if pending:
         text += ("\n\nSecond stage not made with the study's generation settings (--finished-only trains none: run "
                  "the study, or experiments.study.prior_budget with that recipe): " + ", ".join(pending))
